@@ -1,0 +1,104 @@
+//! The Portcullis connector as a library. It runs on a private host, dials the relay over
+//! QUIC (it never listens), registers its ingress rules, and serves each stream the relay
+//! opens by proxying one HTTP exchange to the origin.
+
+mod origin;
+mod tunnel;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portcullis_shared::config::{ConfigError, ConnectorConfig};
+use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::telemetry::LogFormat;
+
+/// The Portcullis connector: publishes private services through the relay over an
+/// outbound QUIC tunnel.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis-connector", version)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "PORTCULLIS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Connector commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the connector.
+    Run {
+        /// The connector's configuration file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// Runs the command line's command to completion.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run_from_file(&config))
+        }
+    }
+}
+
+/// The process exit status for an error: 64 (EX_USAGE) for bad configuration, else 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|e| e.is::<ConfigError>()) {
+        64
+    } else {
+        1
+    }
+}
+
+/// Loads the config and runs until SIGTERM or SIGINT.
+pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
+    let config = ConnectorConfig::load(path)?;
+    let shutdown = Shutdown::new();
+    shutdown
+        .trigger_on_signals()
+        .context("installing signal handlers")?;
+    run(config, shutdown).await
+}
+
+/// Runs the connector until `shutdown` fires, then drains: tells the relay to route no
+/// new streams here, lets in-flight ones finish within `drain_grace`, and closes.
+pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let origins = Arc::new(origin::Origins::new(&config)?);
+    let client = tunnel::client_config(&config)?;
+    let addrs = tunnel::resolve_relay(&config, &shutdown).await?;
+    let mut tasks = Vec::new();
+    for addr in addrs {
+        let endpoint = tunnel::endpoint_for(addr)?;
+        tasks.push(tokio::spawn(tunnel::supervise(
+            endpoint,
+            addr,
+            client.clone(),
+            config.clone(),
+            origins.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    if !shutdown.drain(config.drain_grace).await {
+        tracing::warn!(grace = ?config.drain_grace, "drain grace expired with streams in flight");
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    tracing::info!("connector stopped");
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! `portcullis-connector`: see the crate library for everything but argument parsing.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = portcullis_connector::Cli::parse();
+    portcullis_shared::telemetry::init(cli.log_format);
+    match portcullis_connector::main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis-connector: {e:#}");
+            ExitCode::from(portcullis_connector::exit_code(&e))
+        }
+    }
+}

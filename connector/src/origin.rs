@@ -1,0 +1,187 @@
+//! Serving one tunnel stream: HTTP/1.1 from the relay on the stream, proxied to the
+//! ingress rule's origin through a pooled client, bodies streamed both ways.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_shared::config::{ConnectorConfig, IngressRule, Scheme};
+use portcullis_shared::identity::{HostPattern, Hostname};
+use portcullis_shared::pki;
+use portcullis_shared::proto::StreamHeader;
+use quinn::{RecvStream, SendStream};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type OriginClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+/// One origin: where to send requests and the pooled client to send them with.
+struct Origin {
+    rule: IngressRule,
+    client: OriginClient,
+}
+
+/// The connector's origins, by ingress hostname pattern.
+pub(crate) struct Origins {
+    by_pattern: HashMap<HostPattern, Arc<Origin>>,
+    config: ConnectorConfig,
+}
+
+fn tls_for(rule: &IngressRule) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &rule.origin_ca {
+        Some(path) => {
+            for cert in pki::load_certs(path)? {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("{}: not a usable CA certificate", path.display()))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs();
+            roots.add_parsable_certificates(native);
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
+/// The system's CA bundle, read from the usual Linux locations.
+fn rustls_native_certs() -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]
+    .iter()
+    .find_map(|p| pki::load_certs(std::path::Path::new(p)).ok())
+    .unwrap_or_default()
+}
+
+impl Origins {
+    pub(crate) fn new(config: &ConnectorConfig) -> anyhow::Result<Self> {
+        let mut by_pattern = HashMap::new();
+        for rule in &config.ingress {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(Duration::from_secs(10)));
+            let connector = HttpsConnectorBuilder::new()
+                .with_tls_config(tls_for(rule)?)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(64)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(connector);
+            by_pattern.insert(
+                rule.hostname.clone(),
+                Arc::new(Origin {
+                    rule: rule.clone(),
+                    client,
+                }),
+            );
+        }
+        Ok(Self {
+            by_pattern,
+            config: config.clone(),
+        })
+    }
+
+    fn origin_for(&self, hostname: &str) -> Option<Arc<Origin>> {
+        let host = Hostname::parse(hostname).ok()?;
+        let rule = self.config.rule_for(&host)?;
+        self.by_pattern.get(&rule.hostname).cloned()
+    }
+
+    /// Serves the one HTTP/1.1 exchange on a tunnel stream.
+    pub(crate) async fn serve_http(
+        &self,
+        header: StreamHeader,
+        send: SendStream,
+        recv: RecvStream,
+    ) {
+        let origin = self.origin_for(&header.hostname);
+        let service = hyper::service::service_fn(move |req| {
+            let origin = origin.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy(origin, req).await) }
+        });
+        let io = TokioIo::new(tokio::io::join(recv, send));
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(io, service)
+            .await
+        {
+            tracing::debug!(error = %e, "tunnel stream ended with an error");
+        }
+    }
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<BoxBody<Bytes, BoxError>> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert("portcullis-error", HeaderValue::from_static("connector"));
+    resp
+}
+
+async fn proxy(
+    origin: Option<Arc<Origin>>,
+    req: Request<Incoming>,
+) -> Response<BoxBody<Bytes, BoxError>> {
+    let Some(origin) = origin else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this connector does not publish that hostname",
+        );
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = match origin.rule.service.scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
+    };
+    let uri = format!("{scheme}://{}{path}", origin.rule.service.authority());
+    parts.uri = match uri.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
+    };
+    let method = parts.method.clone();
+    match origin
+        .client
+        .request(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
+        Err(e) => {
+            tracing::warn!(origin = %origin.rule.service, %method, error = %e, "origin request failed");
+            error(StatusCode::BAD_GATEWAY, "the origin did not answer")
+        }
+    }
+}

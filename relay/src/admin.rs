@@ -1,0 +1,236 @@
+//! Offline admin commands run on the relay host: CA creation, direct issuance,
+//! revocation and listing. They share the state directory (and its SQLite store) with a
+//! running relay, which picks their changes up within a second.
+
+#![allow(clippy::print_stdout)] // these commands' output is their product
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use portcullis_shared::identity::{HostPattern, Identity, Role};
+use portcullis_shared::pki::{self, Ca};
+use portcullis_shared::store::{AuditEvent, IdentityRecord, STORE_FILE, SqliteStore, Store};
+
+pub(crate) fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Opens the store of an initialised state directory.
+pub fn open_store(state: &Path) -> anyhow::Result<SqliteStore> {
+    if !state.join(pki::CA_KEY_FILE).exists() {
+        bail!(
+            "{} holds no CA: run `portcullis-relay ca init --state {}` first",
+            state.display(),
+            state.display()
+        );
+    }
+    SqliteStore::open(&state.join(STORE_FILE))
+        .with_context(|| format!("opening the store in {}", state.display()))
+}
+
+fn audit(store: &dyn Store, action: &str, subject: &str, detail: String) -> anyhow::Result<()> {
+    store
+        .audit(&AuditEvent {
+            at: now(),
+            action: action.into(),
+            subject: subject.into(),
+            detail,
+        })
+        .context("writing the audit log")
+}
+
+/// `ca init`.
+pub fn ca_init(state: &Path, org: &str) -> anyhow::Result<()> {
+    let ca = Ca::init(state, org)?;
+    let store = open_store(state)?;
+    audit(&store, "ca.init", "ca", format!("organisation {org}"))?;
+    let _ = ca;
+    println!(
+        "created the {org} CA in {}; clients and connectors trust {}",
+        state.display(),
+        state.join(pki::CA_CERT_FILE).display()
+    );
+    Ok(())
+}
+
+fn issue(
+    state: &Path,
+    identity: &Identity,
+    ttl: Duration,
+    out: &Path,
+    record: impl FnOnce(&pki::Issued) -> IdentityRecord,
+) -> anyhow::Result<pki::Issued> {
+    let ca = Ca::load(state)?;
+    let store = open_store(state)?;
+    if let Some(existing) = store
+        .identities()?
+        .into_iter()
+        .find(|r| &r.identity == identity)
+        && existing.revoked_at.is_some()
+    {
+        bail!("{identity} is revoked; issue a certificate under a new id");
+    }
+    let issued = ca.issue_client(identity, ttl)?;
+    let id = identity.id();
+    pki::write_public_file(&out.join(format!("{id}.crt")), issued.cert_pem.as_bytes())?;
+    pki::write_private_file(&out.join(format!("{id}.key")), issued.key_pem.as_bytes())?;
+    pki::write_public_file(&out.join(pki::CA_CERT_FILE), ca.cert_pem().as_bytes())?;
+    store.put_identity(&record(&issued))?;
+    audit(
+        &store,
+        "issue",
+        &identity.to_string(),
+        format!("serial {} valid until {}", issued.serial, issued.not_after),
+    )?;
+    if identity.role() == Role::Device {
+        let p12 = pki::pkcs12(id, &issued.cert_der, &issued.key_der, ca.cert_der())?;
+        pki::write_private_file(&out.join(format!("{id}.p12")), &p12)?;
+    }
+    Ok(issued)
+}
+
+/// `issue connector`.
+pub fn issue_connector(
+    state: &Path,
+    name: &str,
+    hostnames: &[String],
+    ttl: Duration,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let identity = Identity::new(Role::Connector, name)?;
+    let patterns = hostnames
+        .iter()
+        .map(|h| HostPattern::parse(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    issue(state, &identity, ttl, out, |i| IdentityRecord {
+        identity: identity.clone(),
+        user: None,
+        groups: vec![],
+        hostnames: patterns.clone(),
+        serial: i.serial.clone(),
+        not_after: i.not_after,
+        issued_at: now(),
+        revoked_at: None,
+    })?;
+    println!(
+        "issued connector {name} for {}: {}",
+        hostnames.join(", "),
+        out.join(format!("{name}.crt")).display()
+    );
+    Ok(())
+}
+
+/// `issue device`.
+pub fn issue_device(
+    state: &Path,
+    id: &str,
+    user: &str,
+    groups: &[String],
+    ttl: Duration,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let identity = Identity::new(Role::Device, id)?;
+    if user.is_empty() {
+        bail!("--user must not be empty");
+    }
+    issue(state, &identity, ttl, out, |i| IdentityRecord {
+        identity: identity.clone(),
+        user: Some(user.to_owned()),
+        groups: groups.to_vec(),
+        hostnames: vec![],
+        serial: i.serial.clone(),
+        not_after: i.not_after,
+        issued_at: now(),
+        revoked_at: None,
+    })?;
+    println!(
+        "issued device {id} for user {user}: {} (browser bundle {})",
+        out.join(format!("{id}.crt")).display(),
+        out.join(format!("{id}.p12")).display()
+    );
+    Ok(())
+}
+
+/// `revoke device|connector`.
+pub fn revoke(state: &Path, role: Role, id: &str) -> anyhow::Result<()> {
+    let identity = Identity::new(role, id)?;
+    let store = open_store(state)?;
+    store.revoke(&identity, now())?;
+    audit(&store, "revoke", &identity.to_string(), String::new())?;
+    println!("revoked {identity}; a running relay drops its connections within a second");
+    Ok(())
+}
+
+/// `list`.
+pub fn list(state: &Path, json: bool) -> anyhow::Result<()> {
+    let store = open_store(state)?;
+    let records = store.identities()?;
+    if json {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "role": r.identity.role().as_str(),
+                    "id": r.identity.id(),
+                    "user": r.user,
+                    "groups": r.groups,
+                    "hostnames": r.hostnames,
+                    "serial": r.serial,
+                    "not_after": r.not_after,
+                    "revoked_at": r.revoked_at,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<24} {:<32} {:<20} STATUS",
+        "ROLE", "ID", "USER/GROUPS OR HOSTNAMES", "EXPIRES (UTC)"
+    );
+    for r in &records {
+        let who = match r.identity.role() {
+            Role::Device => format!(
+                "{} [{}]",
+                r.user.as_deref().unwrap_or("-"),
+                r.groups.join(",")
+            ),
+            Role::Connector => r
+                .hostnames
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let expires = time::OffsetDateTime::from_unix_timestamp(r.not_after)
+            .map(|t| {
+                format!(
+                    "{:04}-{:02}-{:02} {:02}:{:02}",
+                    t.year(),
+                    t.month() as u8,
+                    t.day(),
+                    t.hour(),
+                    t.minute()
+                )
+            })
+            .unwrap_or_else(|_| r.not_after.to_string());
+        let status = if r.revoked_at.is_some() {
+            "revoked"
+        } else if r.not_after < now() {
+            "expired"
+        } else {
+            "active"
+        };
+        println!(
+            "{:<10} {:<24} {:<32} {:<20} {status}",
+            r.identity.role().as_str(),
+            r.identity.id(),
+            who,
+            expires
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Command-line interface of `portcullis-relay`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use portcullis_shared::telemetry::LogFormat;
+
+/// The Portcullis relay: the only public piece. Holds the organisation CA, authenticates
+/// every device, applies policy and carries requests down connectors' tunnels.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis-relay", version)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "PORTCULLIS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the CA, the store and the logs live.
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// The relay's state directory (the one given to `ca init`).
+    #[arg(long, env = "PORTCULLIS_STATE")]
+    pub state: PathBuf,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the organisation CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue a certificate directly (bootstrapping; no token needed).
+    #[command(subcommand)]
+    Issue(IssueCommand),
+    /// Revoke an identity: new handshakes fail and its live connections close.
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
+    /// List identities with their user, groups or hostnames, expiry and revocation.
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the relay.
+    Run {
+        /// The relay's configuration file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// Write the bound addresses here as JSON once listening (for tests and scripts).
+        #[arg(long, hide = true)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+/// `ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the CA in the state directory; refuses to overwrite an existing one.
+    Init {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Organisation name written into the CA certificate.
+        #[arg(long, default_value = "Portcullis")]
+        org: String,
+    },
+}
+
+/// `issue` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IssueCommand {
+    /// Issue a connector certificate allowed to publish the given hostnames.
+    Connector {
+        /// The connector's name.
+        name: String,
+        /// A hostname (exact, or *.suffix) the connector may publish. Repeat for more.
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+        /// Validity.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        state: StateArgs,
+        /// Directory to write NAME.crt, NAME.key and ca.crt into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a device certificate for a user.
+    Device {
+        /// The device's id.
+        id: String,
+        /// The user the device belongs to.
+        #[arg(long)]
+        user: String,
+        /// A group of the user. Repeat for more.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Validity.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        state: StateArgs,
+        /// Directory to write ID.crt, ID.key, ID.p12 and ca.crt into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `revoke` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// Revoke a device.
+    Device {
+        /// The device's id.
+        id: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Revoke a connector.
+    Connector {
+        /// The connector's name.
+        name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}

@@ -1,0 +1,63 @@
+//! The Portcullis relay as a library: the offline admin commands ([`admin`]) and the
+//! daemon ([`server`]). `main.rs` only parses arguments and prints errors.
+
+pub mod admin;
+pub mod cli;
+pub mod server;
+
+mod access_log;
+mod http_admin;
+mod https;
+mod jwt;
+mod metrics;
+mod registry;
+mod tls;
+mod tunnel;
+
+use cli::{CaCommand, Cli, Command, IssueCommand, RevokeCommand};
+use portcullis_shared::Role;
+use portcullis_shared::config::ConfigError;
+
+/// Runs the command line's command to completion.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ca(CaCommand::Init { state, org }) => admin::ca_init(&state.state, &org),
+        Command::Issue(IssueCommand::Connector {
+            name,
+            hostnames,
+            ttl,
+            state,
+            out,
+        }) => admin::issue_connector(&state.state, &name, &hostnames, ttl, &out),
+        Command::Issue(IssueCommand::Device {
+            id,
+            user,
+            groups,
+            ttl,
+            state,
+            out,
+        }) => admin::issue_device(&state.state, &id, &user, &groups, ttl, &out),
+        Command::Revoke(RevokeCommand::Device { id, state }) => {
+            admin::revoke(&state.state, Role::Device, &id)
+        }
+        Command::Revoke(RevokeCommand::Connector { name, state }) => {
+            admin::revoke(&state.state, Role::Connector, &name)
+        }
+        Command::List { state, json } => admin::list(&state.state, json),
+        Command::Run { config, ready_file } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(server::run_from_file(&config, ready_file.as_deref()))
+        }
+    }
+}
+
+/// The process exit status for an error: 64 (EX_USAGE) for bad configuration, else 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|e| e.is::<ConfigError>()) {
+        64
+    } else {
+        1
+    }
+}

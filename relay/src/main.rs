@@ -1,0 +1,17 @@
+//! `portcullis-relay`: see the crate library for everything but argument parsing.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = portcullis_relay::cli::Cli::parse();
+    portcullis_shared::telemetry::init(cli.log_format);
+    match portcullis_relay::main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis-relay: {e:#}");
+            ExitCode::from(portcullis_relay::exit_code(&e))
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Prometheus counters and gauges of the relay, rendered as text on `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::registry::Registry;
+
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    /// Responses by status class: index 1..=5 for 1xx..5xx.
+    responses: [AtomicU64; 6],
+    pub(crate) https_connections: AtomicI64,
+    pub(crate) tls_handshake_failures: AtomicU64,
+    pub(crate) connectors: AtomicI64,
+    pub(crate) tunnel_streams: AtomicI64,
+    pub(crate) denied: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn response(&self, status: u16) {
+        let class = usize::from(status / 100).min(5);
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, registry: &Registry) -> String {
+        let mut out = String::new();
+        let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        out.push_str("# HELP portcullis_relay_responses_total HTTP responses sent to clients, by status class.\n");
+        out.push_str("# TYPE portcullis_relay_responses_total counter\n");
+        for class in 1..=5 {
+            let _ = writeln!(
+                out,
+                "portcullis_relay_responses_total{{class=\"{class}xx\"}} {}",
+                c(&self.responses[class])
+            );
+        }
+        let mut one = |name: &str, kind: &str, help: &str, value: i64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        one(
+            "portcullis_relay_https_connections",
+            "gauge",
+            "Open client TLS connections.",
+            g(&self.https_connections),
+        );
+        one(
+            "portcullis_relay_tls_handshake_failures_total",
+            "counter",
+            "Client TLS handshakes refused or failed.",
+            c(&self.tls_handshake_failures) as i64,
+        );
+        one(
+            "portcullis_relay_connectors",
+            "gauge",
+            "Connected connector tunnels.",
+            g(&self.connectors),
+        );
+        one(
+            "portcullis_relay_tunnel_streams",
+            "gauge",
+            "Open tunnel streams.",
+            g(&self.tunnel_streams),
+        );
+        one(
+            "portcullis_relay_policy_denials_total",
+            "counter",
+            "Requests denied by policy.",
+            c(&self.denied) as i64,
+        );
+        out.push_str("# HELP portcullis_certificate_expiry_timestamp_seconds Expiry of each active issued certificate.\n");
+        out.push_str("# TYPE portcullis_certificate_expiry_timestamp_seconds gauge\n");
+        let snapshot = registry.snapshot();
+        let mut records: Vec<_> = snapshot
+            .records()
+            .filter(|r| r.revoked_at.is_none())
+            .collect();
+        records.sort_by(|a, b| a.identity.cmp(&b.identity));
+        for r in records {
+            let _ = writeln!(
+                out,
+                "portcullis_certificate_expiry_timestamp_seconds{{role=\"{}\",id=\"{}\"}} {}",
+                r.identity.role(),
+                r.identity.id(),
+                r.not_after
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,186 @@
+//! The relay's live view of the store's identities: consulted on every handshake and
+//! request, refreshed within a quarter second of any change, and the place that closes
+//! live connections of revoked identities.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use portcullis_shared::identity::{Hostname, Identity, Role};
+use portcullis_shared::pki::IdentityCheck;
+use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::store::{IdentityRecord, Store};
+use tokio_util::sync::CancellationToken;
+
+/// How often the store's generation counter is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// An immutable copy of the identities table.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    by_identity: HashMap<Identity, IdentityRecord>,
+}
+
+impl Snapshot {
+    fn new(records: Vec<IdentityRecord>) -> Self {
+        Self {
+            by_identity: records
+                .into_iter()
+                .map(|r| (r.identity.clone(), r))
+                .collect(),
+        }
+    }
+
+    /// The record of an unrevoked identity.
+    pub(crate) fn active(&self, identity: &Identity) -> Option<&IdentityRecord> {
+        self.by_identity
+            .get(identity)
+            .filter(|r| r.revoked_at.is_none())
+    }
+
+    /// Whether some unrevoked connector may publish `host`: only such names get a TLS
+    /// certificate and a route.
+    pub(crate) fn is_published_name(&self, host: &Hostname) -> bool {
+        self.by_identity.values().any(|r| {
+            r.identity.role() == Role::Connector
+                && r.revoked_at.is_none()
+                && r.hostnames.iter().any(|p| p.matches(host))
+        })
+    }
+
+    pub(crate) fn records(&self) -> impl Iterator<Item = &IdentityRecord> {
+        self.by_identity.values()
+    }
+}
+
+/// The registry: current snapshot plus the live connections to cut on revocation.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    snapshot: RwLock<Arc<Snapshot>>,
+    live: Mutex<HashMap<Identity, HashMap<u64, CancellationToken>>>,
+    next: AtomicU64,
+}
+
+/// Held by a live connection; cancelled when its identity is revoked, deregistered on drop.
+pub(crate) struct LiveGuard {
+    registry: Arc<Registry>,
+    identity: Identity,
+    key: u64,
+    token: CancellationToken,
+}
+
+impl LiveGuard {
+    pub(crate) fn revoked(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut live = self.registry.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conns) = live.get_mut(&self.identity) {
+            conns.remove(&self.key);
+            if conns.is_empty() {
+                live.remove(&self.identity);
+            }
+        }
+    }
+}
+
+impl Registry {
+    pub(crate) fn load(store: &dyn Store) -> anyhow::Result<Arc<Self>> {
+        let registry = Arc::new(Self::default());
+        registry.replace(Snapshot::new(store.identities()?));
+        Ok(registry)
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs a new snapshot and cancels live connections of identities no longer active.
+    fn replace(&self, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot.clone();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for (identity, conns) in live.iter() {
+            if snapshot.active(identity).is_none() {
+                tracing::info!(%identity, connections = conns.len(), "identity revoked: closing its live connections");
+                conns.values().for_each(CancellationToken::cancel);
+            }
+        }
+    }
+
+    /// Registers a live connection of `identity`.
+    pub(crate) fn track(self: &Arc<Self>, identity: &Identity) -> LiveGuard {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(identity.clone())
+            .or_default()
+            .insert(key, token.clone());
+        // Revoked between handshake and now: cut at once.
+        if self.snapshot().active(identity).is_none() {
+            token.cancel();
+        }
+        LiveGuard {
+            registry: self.clone(),
+            identity: identity.clone(),
+            key,
+            token,
+        }
+    }
+
+    /// Polls the store and applies changes until shutdown.
+    pub(crate) async fn watch(self: Arc<Self>, store: Arc<dyn Store>, shutdown: Shutdown) {
+        let mut seen = None;
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.wait() => return,
+            }
+            let store = store.clone();
+            let result = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let generation = store.generation()?;
+                if Some(generation) == seen {
+                    return Ok(None);
+                }
+                Ok(Some((generation, store.identities()?)))
+            })
+            .await;
+            match result {
+                Ok(Ok(Some((generation, records)))) => {
+                    seen = Some(generation);
+                    self.replace(Snapshot::new(records));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the store; keeping the last identities")
+                }
+                Err(e) => tracing::warn!(error = %e, "store poll task failed"),
+            }
+        }
+    }
+}
+
+impl IdentityCheck for Registry {
+    fn check(&self, identity: &Identity, serial: &str) -> Result<(), String> {
+        let snapshot = self.snapshot();
+        match snapshot.by_identity.get(identity) {
+            None => Err(format!("{identity} is not registered")),
+            Some(r) if r.revoked_at.is_some() => Err(format!("{identity} is revoked")),
+            Some(r) if r.serial.trim_start_matches('0') != serial.trim_start_matches('0') => Err(
+                format!("{identity} presented a superseded certificate (serial {serial})"),
+            ),
+            Some(_) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The relay daemon: binds its listeners, serves until shutdown, then drains.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use portcullis_shared::config::RelayConfig;
+use portcullis_shared::pki::Ca;
+use portcullis_shared::proto::CloseCode;
+use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::store::{STORE_FILE, SqliteStore, Store};
+use quinn::crypto::rustls::QuicServerConfig;
+use tokio::net::TcpListener;
+
+use crate::access_log::AccessLog;
+use crate::http_admin::{self, AdminState};
+use crate::https;
+use crate::jwt::JwtSigner;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::tls::{self, CertResolver};
+use crate::tunnel::{self, Router};
+
+/// Shared by every task of a running relay.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) config: RelayConfig,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) router: Router,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) jwt: JwtSigner,
+    pub(crate) access_log: AccessLog,
+}
+
+/// Addresses the relay bound, as written to the ready file.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Bound {
+    /// UDP, QUIC.
+    pub quic_listen: SocketAddr,
+    /// TCP, HTTPS.
+    pub https_listen: SocketAddr,
+    /// TCP, admin HTTP.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Loads the config file and runs until SIGTERM or SIGINT.
+pub async fn run_from_file(config: &Path, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let config = RelayConfig::load(config)?;
+    let shutdown = Shutdown::new();
+    shutdown
+        .trigger_on_signals()
+        .context("installing signal handlers")?;
+    run(config, shutdown, |bound| {
+        if let Some(path) = ready_file {
+            write_ready_file(path, &bound)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+fn write_ready_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(bound)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(30))
+            .unwrap_or(quinn::VarInt::from_u32(30_000).into()),
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    // Connectors open only their control stream; the relay opens the request streams.
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((1u32 << 20).into());
+    t.receive_window((8u32 << 20).into());
+    t.send_window(8 << 20);
+    t
+}
+
+/// Runs the relay with `config` until `shutdown` fires, then drains: stops accepting,
+/// lets in-flight requests finish within `drain_grace`, closes connector tunnels.
+/// `on_ready` is called once every listener is bound.
+pub async fn run(
+    config: RelayConfig,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(Bound) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let ca = Arc::new(Ca::load(&config.state_dir)?);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.state_dir.join(STORE_FILE))
+            .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
+    );
+    let registry = Registry::load(&*store)?;
+    let static_files = config.tls_cert.clone().zip(config.tls_key.clone());
+    let resolver = CertResolver::new(
+        ca.clone(),
+        config.server_name.clone(),
+        registry.clone(),
+        static_files,
+    )?;
+    let https_tls = tls::https_config(&ca, &registry, resolver.clone())?;
+    let quic_tls = tls::quic_config(&ca, &registry, resolver.clone())?;
+
+    let https_listener = TcpListener::bind(config.https_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding HTTPS on {}: is the port in use?",
+                config.https_listen
+            )
+        })?;
+    let mut quic_server = quinn::ServerConfig::with_crypto(Arc::new(
+        QuicServerConfig::try_from(quic_tls).context("QUIC TLS config")?,
+    ));
+    quic_server.transport_config(Arc::new(transport()));
+    let endpoint = quinn::Endpoint::server(quic_server, config.quic_listen).with_context(|| {
+        format!(
+            "binding QUIC on {}: is the port in use?",
+            config.quic_listen
+        )
+    })?;
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin on {addr}: is the port in use?"))?,
+        ),
+        None => None,
+    };
+    let bound = Bound {
+        quic_listen: endpoint.local_addr()?,
+        https_listen: https_listener.local_addr()?,
+        admin_listen: admin_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?,
+    };
+
+    let access_log = AccessLog::open(&config.access_log_path())?;
+    let jwt =
+        JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
+    let metrics = Arc::new(Metrics::default());
+    let grace = config.drain_grace;
+    let state = Arc::new(State {
+        config,
+        registry: registry.clone(),
+        router: Router::default(),
+        metrics: metrics.clone(),
+        jwt,
+        access_log,
+    });
+
+    tokio::spawn(registry.clone().watch(store.clone(), shutdown.clone()));
+    {
+        let resolver = resolver.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = resolver.reload_static() {
+                            tracing::warn!(error = %format!("{e:#}"), "keeping the previous tls_cert");
+                        }
+                    }
+                    () = shutdown.wait() => return,
+                }
+            }
+        });
+    }
+    let admin = Arc::new(AdminState {
+        ready: false.into(),
+        metrics,
+        registry,
+    });
+    if let Some(listener) = admin_listener {
+        tokio::spawn(http_admin::serve(listener, admin.clone(), shutdown.clone()));
+    }
+    let https_task = tokio::spawn(https::accept_loop(
+        https_listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(https_tls)),
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let quic_task = tokio::spawn(tunnel::accept_loop(
+        endpoint.clone(),
+        state.clone(),
+        shutdown.clone(),
+    ));
+
+    on_ready(bound)?;
+    admin.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        quic = %bound.quic_listen,
+        https = %bound.https_listen,
+        admin = ?bound.admin_listen,
+        "relay up"
+    );
+
+    shutdown.wait().await;
+    admin.ready.store(false, Ordering::Relaxed);
+    let _ = https_task.await;
+    let _ = quic_task.await;
+    if !shutdown.drain(grace).await {
+        tracing::warn!(?grace, "drain grace expired with requests in flight");
+    }
+    state.router.close_all(CloseCode::Shutdown);
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!("relay stopped");
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! Connector tunnels on the relay: accepting QUIC connections with the tunnel ALPN,
+//! registration on the control stream, the routing table, and opening one stream per
+//! request down a connector's connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use portcullis_shared::identity::{HostPattern, Hostname, Identity};
+use portcullis_shared::pki;
+use portcullis_shared::proto::{
+    CloseCode, ControlFrame, FrameDecoder, Rejection, StreamHeader, StreamKind, encode_frame,
+};
+use portcullis_shared::shutdown::Shutdown;
+use quinn::{RecvStream, SendStream, VarInt};
+use rustls_pki_types::CertificateDer;
+use tracing::Instrument;
+
+use crate::server::State;
+
+/// Time a connector has to register after its handshake.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connected connector.
+#[derive(Debug)]
+pub(crate) struct ConnectorHandle {
+    id: u64,
+    pub(crate) name: String,
+    conn: quinn::Connection,
+    draining: AtomicBool,
+}
+
+impl ConnectorHandle {
+    /// Opens a tunnel stream for one HTTP exchange to `host` and writes its header.
+    pub(crate) async fn open_http(
+        &self,
+        host: &Hostname,
+    ) -> anyhow::Result<tokio::io::Join<RecvStream, SendStream>> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .context("opening a tunnel stream")?;
+        let header = StreamHeader {
+            kind: StreamKind::Http,
+            hostname: host.to_string(),
+        };
+        send.write_all(&header.encode())
+            .await
+            .context("writing the stream header")?;
+        Ok(tokio::io::join(recv, send))
+    }
+}
+
+/// Hostname → connectors serving it, round-robin among them.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    routes: RwLock<HashMap<HostPattern, Vec<Arc<ConnectorHandle>>>>,
+    next: AtomicUsize,
+    ids: AtomicU64,
+}
+
+impl Router {
+    /// A live, non-draining connector for `host`: exact routes first, then the most
+    /// specific wildcard.
+    pub(crate) fn pick(&self, host: &Hostname) -> Option<Arc<ConnectorHandle>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut candidates = routes.get(&HostPattern::Exact(host.clone()));
+        if candidates.is_none_or(|c| c.is_empty()) {
+            let name = host.as_str();
+            candidates = name
+                .match_indices('.')
+                .filter_map(|(i, _)| Hostname::parse(&name[i + 1..]).ok())
+                .find_map(|suffix| {
+                    routes
+                        .get(&HostPattern::Wildcard(suffix))
+                        .filter(|c| !c.is_empty())
+                });
+        }
+        let list: Vec<_> = candidates?
+            .iter()
+            .filter(|c| !c.draining.load(Ordering::Relaxed))
+            .collect();
+        if list.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % list.len();
+        Some(list[i].clone())
+    }
+
+    fn add(&self, handle: &Arc<ConnectorHandle>, patterns: &[HostPattern]) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        for p in patterns {
+            routes.entry(p.clone()).or_default().push(handle.clone());
+        }
+    }
+
+    fn remove(&self, handle: &ConnectorHandle) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.retain(|_, list| {
+            list.retain(|c| c.id != handle.id);
+            !list.is_empty()
+        });
+    }
+
+    /// Closes every connector connection (relay shutdown).
+    pub(crate) fn close_all(&self, code: CloseCode) {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        for c in routes.values().flatten() {
+            c.conn
+                .close(VarInt::from_u32(code.code()), b"relay shutting down");
+        }
+    }
+}
+
+/// Accepts connector connections until shutdown.
+pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, shutdown: Shutdown) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            () = shutdown.wait() => return,
+        };
+        let state = state.clone();
+        let span = tracing::info_span!("connector", client.addr = %incoming.remote_address(), connector.name = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                if let Err(e) = serve_connector(incoming, state).await {
+                    tracing::info!(error = %format!("{e:#}"), "connector session ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<Identity> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .context("connector presented no certificate")?;
+    let leaf = certs
+        .first()
+        .context("connector presented no certificate")?;
+    pki::inspect(leaf)?
+        .identity
+        .context("connector certificate names no identity")
+}
+
+async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow::Result<()> {
+    let conn = incoming.await.context("handshake")?;
+    let identity = peer_identity(&conn)?;
+    tracing::Span::current().record("connector.name", identity.id());
+    let live = state.registry.track(&identity);
+
+    let (mut send, mut recv) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no registration within 10 s")?
+        .context("waiting for the control stream")?;
+    let mut decoder = FrameDecoder::default();
+    let Some(ControlFrame::Register { hostnames, agent }) =
+        tokio::time::timeout(REGISTER_TIMEOUT, read_frame(&mut recv, &mut decoder))
+            .await
+            .context("no registration within 10 s")??
+    else {
+        conn.close(
+            VarInt::from_u32(CloseCode::Protocol.code()),
+            b"expected Register",
+        );
+        bail!("first control frame was not Register");
+    };
+
+    let allowed = state
+        .registry
+        .snapshot()
+        .active(&identity)
+        .map(|r| r.hostnames.clone())
+        .unwrap_or_default();
+    let mut accepted = Vec::new();
+    let mut patterns = Vec::new();
+    let mut rejected = Vec::new();
+    for name in hostnames {
+        match HostPattern::parse(&name) {
+            Ok(p) if allowed.iter().any(|a| a.covers(&p)) => {
+                patterns.push(p);
+                accepted.push(name);
+            }
+            Ok(_) => rejected.push(Rejection {
+                reason: format!("connector {} may not publish {name}", identity.id()),
+                hostname: name,
+            }),
+            Err(e) => rejected.push(Rejection {
+                hostname: name,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    for r in &rejected {
+        tracing::warn!(hostname = %r.hostname, reason = %r.reason, "refused a connector's hostname");
+    }
+    let reply = ControlFrame::Registered {
+        accepted: accepted.clone(),
+        rejected,
+    };
+    send.write_all(&encode_frame(&reply)?).await?;
+
+    let handle = Arc::new(ConnectorHandle {
+        id: state.router.ids.fetch_add(1, Ordering::Relaxed),
+        name: identity.id().to_owned(),
+        conn: conn.clone(),
+        draining: AtomicBool::new(false),
+    });
+    state.router.add(&handle, &patterns);
+    state.metrics.connectors.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(hostnames = accepted.len(), %agent, "connector up");
+
+    let result = loop {
+        tokio::select! {
+            frame = read_frame(&mut recv, &mut decoder) => match frame {
+                Ok(Some(ControlFrame::Drain)) => {
+                    tracing::info!("connector draining");
+                    handle.draining.store(true, Ordering::Relaxed);
+                    state.router.remove(&handle);
+                }
+                Ok(Some(other)) => {
+                    conn.close(VarInt::from_u32(CloseCode::Protocol.code()), b"unexpected control frame");
+                    break Err(anyhow::anyhow!("unexpected control frame {other:?}"));
+                }
+                // The control stream ended: wait for the connection itself to go.
+                Ok(None) => break Ok(conn.closed().await),
+                Err(e) => break Err(e),
+            },
+            () = live.revoked() => {
+                conn.close(VarInt::from_u32(CloseCode::Revoked.code()), b"certificate revoked");
+                break Err(anyhow::anyhow!("connector revoked"));
+            }
+        }
+    };
+    state.router.remove(&handle);
+    state.metrics.connectors.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!("connector down");
+    result.map(|_| ())
+}
+
+/// Reads the next control frame; `Ok(None)` when the stream ends cleanly.
+async fn read_frame(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> anyhow::Result<Option<ControlFrame>> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(frame) = decoder.next_frame()? {
+            return Ok(Some(frame));
+        }
+        match recv.read(&mut buf).await? {
+            Some(n) => decoder.push(&buf[..n]),
+            None => return Ok(None),
+        }
+    }
+}

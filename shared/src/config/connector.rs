@@ -1,0 +1,287 @@
+//! `connector.toml`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, defaults, parse_file, resolve};
+use crate::identity::{HostPattern, Hostname};
+
+/// The connector's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// The relay as `host:port`; every address the host resolves to is dialled.
+    pub relay: String,
+    /// The relay's TLS name, when `relay` is an IP address or another name.
+    #[serde(default)]
+    pub server_name: Option<Hostname>,
+    /// The organisation CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This connector's certificate (PEM).
+    pub cert: PathBuf,
+    /// This connector's private key (PEM).
+    pub key: PathBuf,
+    /// How long in-flight streams may take to finish after SIGTERM.
+    #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
+    /// The services this connector publishes.
+    pub ingress: Vec<IngressRule>,
+}
+
+/// One `[[ingress]]` table: a published hostname and the origin behind it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressRule {
+    /// The published hostname (exact or `*.suffix`).
+    pub hostname: HostPattern,
+    /// The origin: `http://host:port` or `https://host:port`.
+    pub service: ServiceUrl,
+    /// For `https://` origins: a CA file (PEM) to trust instead of the system roots.
+    #[serde(default)]
+    pub origin_ca: Option<PathBuf>,
+}
+
+/// Origin URL scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS, verified.
+    Https,
+}
+
+/// A parsed origin URL: scheme, host and port, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceUrl {
+    /// http or https.
+    pub scheme: Scheme,
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// Port, defaulted from the scheme.
+    pub port: u16,
+}
+
+impl ServiceUrl {
+    /// `host:port`, with brackets around IPv6 literals.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        write!(f, "{scheme}://{}", self.authority())
+    }
+}
+
+impl FromStr for ServiceUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid service {s:?}: use http://host:port or https://host:port");
+        let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (Scheme::Http, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (Scheme::Https, r)
+        } else {
+            return Err(bad());
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad());
+        }
+        let default_port = if scheme == Scheme::Http { 80 } else { 443 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad())?,
+                None if after.is_empty() => default_port,
+                None => return Err(bad()),
+            };
+            (host.to_owned(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| bad())?),
+                None => (authority.to_owned(), default_port),
+            }
+        };
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self { scheme, host, port })
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl ConnectorConfig {
+    /// Reads, parses and validates `path`; relative paths become relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = parse_file(path)?;
+        for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
+            *p = resolve(path, p);
+        }
+        for rule in &mut cfg.ingress {
+            if let Some(p) = &mut rule.origin_ca {
+                *p = resolve(path, p);
+            }
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The relay's host and port, split.
+    pub fn relay_host_port(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.relay.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = port.parse().ok().filter(|p| *p != 0)?;
+        (!host.is_empty()).then_some((host, port))
+    }
+
+    /// The TLS name to verify the relay against.
+    pub fn relay_server_name(&self) -> Option<String> {
+        if let Some(name) = &self.server_name {
+            return Some(name.to_string());
+        }
+        let (host, _) = self.relay_host_port()?;
+        Hostname::parse(host).ok().map(|h| h.to_string())
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if self.relay_host_port().is_none() {
+            return Err(invalid(format!(
+                "relay {:?} is not host:port (for example relay.example.com:4433)",
+                self.relay
+            )));
+        }
+        if self.relay_server_name().is_none() {
+            return Err(invalid(
+                "relay is an IP address: set server_name to the relay's TLS name".into(),
+            ));
+        }
+        if self.ingress.is_empty() {
+            return Err(invalid("no [[ingress]] rules: nothing to publish".into()));
+        }
+        for (i, rule) in self.ingress.iter().enumerate() {
+            if self.ingress[..i]
+                .iter()
+                .any(|r| r.hostname == rule.hostname)
+            {
+                return Err(invalid(format!(
+                    "hostname {} appears in two [[ingress]] rules",
+                    rule.hostname
+                )));
+            }
+            if rule.service.scheme == Scheme::Http && rule.origin_ca.is_some() {
+                return Err(invalid(format!(
+                    "ingress {}: origin_ca applies to https:// services only",
+                    rule.hostname
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ingress rule serving `host`: an exact rule first, then the most specific wildcard.
+    pub fn rule_for(&self, host: &Hostname) -> Option<&IngressRule> {
+        self.ingress
+            .iter()
+            .filter(|r| r.hostname.matches(host))
+            .max_by_key(|r| match &r.hostname {
+                HostPattern::Exact(_) => usize::MAX,
+                HostPattern::Wildcard(s) => s.as_str().len(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    const GOOD: &str = r#"
+relay = "relay.example.com:4433"
+ca = "ca.crt"
+cert = "db-host.crt"
+key = "db-host.key"
+[[ingress]]
+hostname = "grafana.internal"
+service = "http://127.0.0.1:3000"
+[[ingress]]
+hostname = "*.eng.internal"
+service = "https://[::1]"
+"#;
+
+    fn parse(text: &str) -> Result<ConnectorConfig, ConfigError> {
+        let cfg: ConnectorConfig = parse_str(Path::new("c.toml"), text)?;
+        cfg.validate(Path::new("c.toml"))?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let cfg = parse(GOOD).unwrap();
+        assert_eq!(
+            cfg.relay_server_name().as_deref(),
+            Some("relay.example.com")
+        );
+        assert_eq!(cfg.ingress[1].service.authority(), "[::1]:443");
+        let host = Hostname::parse("ci.eng.internal").unwrap();
+        assert_eq!(cfg.rule_for(&host).unwrap().service.port, 443);
+    }
+
+    #[test]
+    fn ip_relay_needs_server_name() {
+        let text = GOOD.replace("relay.example.com:4433", "127.0.0.1:4433");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("server_name"), "{err}");
+        let text = format!("server_name = \"relay.example.com\"\n{text}");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn service_urls_are_checked() {
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http://x:0",
+            "http://x/path",
+            "http://x:99999",
+        ] {
+            assert!(bad.parse::<ServiceUrl>().is_err(), "{bad}");
+        }
+        let u: ServiceUrl = "http://db:5432/".parse().unwrap();
+        assert_eq!(u.to_string(), "http://db:5432");
+    }
+
+    #[test]
+    fn unknown_keys_and_duplicate_hostnames_are_refused() {
+        let err = parse(&GOOD.replace("service =", "servce =")).unwrap_err();
+        assert!(err.to_string().contains("c.toml:8"), "{err}");
+        let dup = GOOD.replace("*.eng.internal", "grafana.internal");
+        assert!(parse(&dup).unwrap_err().to_string().contains("two"));
+    }
+}

@@ -1,0 +1,88 @@
+//! Configuration files of the relay and the connector: serde structs, then `validate()`.
+//!
+//! Unknown keys are errors (a typo must not silently drop a policy rule), and every error
+//! names the file and, where it can, the line. Relative paths in a file are relative to
+//! that file's directory. Reading the files is the only IO here.
+
+mod connector;
+mod relay;
+
+use std::path::{Path, PathBuf};
+
+pub use connector::{ConnectorConfig, IngressRule, Scheme, ServiceUrl};
+pub use relay::{LimitsConfig, RelayConfig};
+
+/// Why a configuration file was refused. Binaries exit with status 64 on these.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this config, e.g. an unknown key or a wrong type.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// What is wrong, from the TOML parser.
+        message: String,
+    },
+    /// The file parsed but its values do not make sense together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Reads and parses a TOML file into `T`, mapping errors to one line with file and line.
+pub(crate) fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_str(path, &text)
+}
+
+pub(crate) fn parse_str<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |span| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        });
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            message: e.message().trim().replace('\n', " "),
+        }
+    })
+}
+
+/// Resolves `p` against the directory of the config file it came from.
+pub(crate) fn resolve(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        config_path
+            .parent()
+            .map_or_else(|| p.to_owned(), |dir| dir.join(p))
+    }
+}
+
+pub(crate) mod defaults {
+    use std::time::Duration;
+
+    pub(crate) fn drain_grace() -> Duration {
+        Duration::from_secs(10)
+    }
+}

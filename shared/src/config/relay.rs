@@ -1,0 +1,181 @@
+//! `relay.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, defaults, parse_file, resolve};
+use crate::identity::Hostname;
+use crate::policy::PolicyRule;
+
+/// The relay's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The directory given to `ca init`: CA, store, JWT key, access log.
+    pub state_dir: PathBuf,
+    /// The relay's own TLS name, which connectors verify.
+    pub server_name: Hostname,
+    /// UDP address for QUIC (connectors).
+    pub quic_listen: SocketAddr,
+    /// TCP address for HTTPS clients (HTTP/1.1 and HTTP/2).
+    pub https_listen: SocketAddr,
+    /// TCP address for `/healthz`, `/readyz` and `/metrics`; off when absent.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// A certificate (PEM chain) to serve for published hostnames instead of leaves
+    /// minted from the org CA; reloaded when the file changes.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key for `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Where to append the access log (JSON lines); default `state_dir/access.log`.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Allow rules; anything not allowed is denied.
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
+}
+
+/// Explicit resource limits, each with a safe default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Time allowed for a TLS handshake on the HTTPS listener.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time allowed for a client to send a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request header section accepted from clients, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Reads, parses and validates `path`; relative paths become relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = parse_file(path)?;
+        cfg.state_dir = resolve(path, &cfg.state_dir);
+        for p in [&mut cfg.tls_cert, &mut cfg.tls_key, &mut cfg.access_log]
+            .into_iter()
+            .flatten()
+        {
+            *p = resolve(path, p);
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks values that serde cannot: paired options and required files.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid("set both tls_cert and tls_key, or neither".into()));
+        }
+        if !self.state_dir.join(crate::pki::CA_KEY_FILE).exists() {
+            return Err(invalid(format!(
+                "state_dir {} holds no CA: run `portcullis-relay ca init --state {}` first",
+                self.state_dir.display(),
+                self.state_dir.display()
+            )));
+        }
+        for (i, rule) in self.policy.iter().enumerate() {
+            if rule.hostnames.is_empty() {
+                return Err(invalid(format!("policy rule {} lists no hostnames", i + 1)));
+            }
+            if rule.users.is_empty() && rule.groups.is_empty() && rule.devices.is_empty() {
+                return Err(invalid(format!(
+                    "policy rule {} names no users, groups or devices",
+                    i + 1
+                )));
+            }
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_header_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The access log's path.
+    pub fn access_log_path(&self) -> PathBuf {
+        self.access_log
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("access.log"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    const GOOD: &str = r#"
+state_dir = "/var/lib/portcullis"
+server_name = "relay.example.com"
+quic_listen = "0.0.0.0:4433"
+https_listen = "0.0.0.0:8443"
+admin_listen = "127.0.0.1:9090"
+[[policy]]
+hostnames = ["grafana.internal", "*.eng.internal"]
+groups = ["eng"]
+"#;
+
+    #[test]
+    fn documented_example_parses() {
+        let cfg: RelayConfig = parse_str(Path::new("relay.toml"), GOOD).unwrap();
+        assert_eq!(cfg.policy.len(), 1);
+        assert_eq!(cfg.drain_grace, Duration::from_secs(10));
+        assert_eq!(cfg.limits.max_header_bytes, 16 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("admin_listen", "admin_lissen");
+        let err = parse_str::<RelayConfig>(Path::new("relay.toml"), &text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("relay.toml:6:"), "{msg}");
+        assert!(msg.contains("admin_lissen"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let text = GOOD.replace("0.0.0.0:4433", "nowhere");
+        let err = parse_str::<RelayConfig>(Path::new("r.toml"), &text).unwrap_err();
+        assert!(err.to_string().starts_with("r.toml:4:"), "{err}");
+        let text = GOOD.replace("*.eng.internal", "a.*.internal");
+        assert!(parse_str::<RelayConfig>(Path::new("r.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn missing_state_dir_ca_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, GOOD.replace("/var/lib/portcullis", "state")).unwrap();
+        let err = RelayConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("ca init"), "{err}");
+    }
+}

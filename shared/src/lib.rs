@@ -1,0 +1,20 @@
+//! Shared building blocks of Portcullis.
+//!
+//! This crate owns everything the relay, the connector and the agent must agree on:
+//! identities and hostname patterns ([`identity`]), the organisation PKI ([`pki`]), the
+//! tunnel wire format ([`proto`]), configuration files ([`config`]), policy evaluation
+//! ([`policy`]) and the relay's embedded store ([`store`]). It leaves sockets, QUIC and
+//! HTTP to the binaries: [`proto`] and [`policy`] never do IO.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod identity;
+pub mod pki;
+pub mod policy;
+pub mod proto;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use identity::{HostPattern, Hostname, Identity, IdentityError, Role};

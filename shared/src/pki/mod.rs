@@ -1,0 +1,389 @@
+//! The organisation CA and everything made from it: device and connector certificates,
+//! the relay's server leaves, PKCS#12 bundles, and the rustls verifier that checks a
+//! client certificate's role.
+//!
+//! The CA key lives in the relay's state directory (`ca.key`, mode 0600) and never leaves
+//! it. Certificates name their holder in a SAN URI (see [`crate::identity`]). Storage of
+//! who holds what is [`crate::store`]'s job, not this module's.
+
+mod files;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::SecureRandom;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::identity::{Identity, IdentityError};
+
+pub use files::{load_certs, load_key, write_private_file, write_public_file};
+pub use verify::{IdentityCheck, RoleVerifier};
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// `ca init` found a CA already in the state directory.
+    #[error("a CA already exists in {0}; refusing to overwrite it")]
+    CaExists(PathBuf),
+    /// No CA in the state directory.
+    #[error("no CA in {0}: run `portcullis-relay ca init --state {0}` first")]
+    NoCa(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A file holds no usable certificate or key.
+    #[error("{path}: {what}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// rcgen refused to build a certificate or key.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A certificate could not be parsed.
+    #[error("unparseable certificate: {0}")]
+    Parse(String),
+    /// Building the PKCS#12 bundle failed.
+    #[error("PKCS#12 bundle: {0}")]
+    Pkcs12(String),
+    /// An id or hostname is not valid.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// File names inside the state directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+/// The CA's private key, mode 0600.
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// A freshly issued certificate with its private key, both PEM.
+#[derive(Debug)]
+pub struct Issued {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    /// The private key, PKCS#8 PEM. Write it with [`write_private_file`].
+    pub key_pem: String,
+    /// The private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+}
+
+/// The organisation CA, loaded from the state directory.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Creates a new CA in `state_dir` (made 0700 if missing). Refuses if one exists.
+    pub fn init(state_dir: &Path, org: &str) -> Result<Self, PkiError> {
+        let key_path = state_dir.join(CA_KEY_FILE);
+        if key_path.exists() || state_dir.join(CA_CERT_FILE).exists() {
+            return Err(PkiError::CaExists(state_dir.to_owned()));
+        }
+        files::create_private_dir(state_dir)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{org} Portcullis CA"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, org);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        params.serial_number = Some(random_serial().0);
+        let cert = params.self_signed(&key)?;
+        write_private_file(&key_path, key.serialize_pem().as_bytes())?;
+        write_public_file(&state_dir.join(CA_CERT_FILE), cert.pem().as_bytes())?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads the CA from `state_dir`.
+    pub fn load(state_dir: &Path) -> Result<Self, PkiError> {
+        let key_path = state_dir.join(CA_KEY_FILE);
+        let cert_path = state_dir.join(CA_CERT_FILE);
+        if !key_path.exists() {
+            return Err(PkiError::NoCa(state_dir.to_owned()));
+        }
+        let key_pem = files::read_to_string(&key_path)?;
+        let cert_pem = files::read_to_string(&cert_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {
+            path: key_path.clone(),
+            what: format!("not a usable private key ({e})"),
+        })?;
+        let cert_der =
+            load_certs(&cert_path)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| PkiError::BadFile {
+                    path: cert_path.clone(),
+                    what: "no certificate in file".into(),
+                })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadFile {
+            path: cert_path,
+            what: format!("not a usable CA certificate ({e})"),
+        })?;
+        Ok(Self {
+            issuer,
+            cert_pem,
+            cert_der,
+        })
+    }
+
+    /// The CA certificate, PEM, as clients and connectors trust it.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Issues a client certificate for `identity`, valid for `ttl`, with a new P-256 key.
+    /// Its SAN URI names the identity and its EKU is client authentication only.
+    pub fn issue_client(&self, identity: &Identity, ttl: Duration) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.id());
+        params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, key, ttl)
+    }
+
+    /// Mints a server certificate for `hostnames` (the relay's own name and the published
+    /// names it terminates TLS for).
+    pub fn issue_server(&self, hostnames: &[String], ttl: Duration) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(hostnames.to_vec())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(first) = hostnames.first() {
+            params.distinguished_name.push(DnType::CommonName, first);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, key, ttl)
+    }
+
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        key: KeyPair,
+        ttl: Duration,
+    ) -> Result<Issued, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + ttl;
+        params.use_authority_key_identifier_extension = true;
+        let (serial, serial_hex) = random_serial();
+        params.serial_number = Some(serial);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+            serial: serial_hex,
+            not_after: params.not_after.unix_timestamp(),
+        })
+    }
+}
+
+fn random_serial() -> (SerialNumber, String) {
+    let mut bytes = [0u8; 16];
+    // SystemRandom only fails if the OS has no entropy source; a zero serial is then still
+    // unique enough combined with the key, and never a panic.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x40;
+    (SerialNumber::from_slice(&bytes), hex(&bytes))
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the relay needs to know about a presented certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The identity named by the certificate's SAN URI, if it has exactly one valid one.
+    pub identity: Option<Identity>,
+    /// Whether the EKU extension is present and includes client authentication.
+    pub client_auth: bool,
+    /// Serial number, lower-case hex without leading zero bytes.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+}
+
+/// Parses the fields of a certificate that decide what it may be used for.
+pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                uris.push(*uri);
+            }
+        }
+    }
+    let identity = match uris.as_slice() {
+        [one] => Identity::from_uri(one).ok(),
+        _ => None,
+    };
+    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
+    let raw = cert.raw_serial();
+    let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    Ok(CertInfo {
+        identity,
+        client_auth,
+        serial: hex(&raw[first..]),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Builds a PKCS#12 bundle (empty password, PBES2/AES-256, HMAC-SHA256) holding the key,
+/// its certificate and the CA, for importing into a browser or keychain.
+pub fn pkcs12(
+    alias: &str,
+    cert: &CertificateDer<'_>,
+    key_der: &[u8],
+    ca: &CertificateDer<'_>,
+) -> Result<Vec<u8>, PkiError> {
+    let err = |e: p12_keystore::error::Error| PkiError::Pkcs12(e.to_string());
+    let key = p12_keystore::PrivateKey::from_der(key_der).map_err(err)?;
+    let leaf = p12_keystore::Certificate::from_der(cert).map_err(err)?;
+    let root = p12_keystore::Certificate::from_der(ca).map_err(err)?;
+    let chain = p12_keystore::PrivateKeyChain::new(alias, key, [leaf, root]);
+    let mut store = p12_keystore::KeyStore::new();
+    store.add_entry(alias, p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+    store.writer("").write().map_err(err)
+}
+
+/// Wraps a PKCS#8 DER key for rustls.
+pub fn pkcs8(der: Vec<u8>) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Role;
+
+    #[test]
+    fn issued_client_certs_carry_role_and_client_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(&dir.path().join("state"), "Acme").unwrap();
+        let id = Identity::new(Role::Device, "alice").unwrap();
+        let issued = ca.issue_client(&id, Duration::from_secs(3600)).unwrap();
+        let info = inspect(&issued.cert_der).unwrap();
+        assert_eq!(info.identity, Some(id));
+        assert!(info.client_auth);
+        assert_eq!(info.serial, issued.serial.trim_start_matches("00"));
+    }
+
+    #[test]
+    fn server_certs_have_no_identity_and_no_client_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "Acme").unwrap();
+        let issued = ca
+            .issue_server(&["relay.acme.test".into()], Duration::from_secs(60))
+            .unwrap();
+        let info = inspect(&issued.cert_der).unwrap();
+        assert_eq!(info.identity, None);
+        assert!(!info.client_auth);
+    }
+
+    #[test]
+    fn ca_init_refuses_to_overwrite_and_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "Acme").unwrap();
+        assert!(matches!(
+            Ca::init(dir.path(), "Acme"),
+            Err(PkiError::CaExists(_))
+        ));
+        let loaded = Ca::load(dir.path()).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        let id = Identity::new(Role::Connector, "c1").unwrap();
+        assert!(loaded.issue_client(&id, Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn load_without_ca_says_how_to_make_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Ca::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("ca init"), "{err}");
+    }
+
+    #[test]
+    fn private_files_are_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        Ca::init(dir.path(), "Acme").unwrap();
+        let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn pkcs12_bundle_is_produced() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "Acme").unwrap();
+        let id = Identity::new(Role::Device, "alice").unwrap();
+        let issued = ca.issue_client(&id, Duration::from_secs(60)).unwrap();
+        let p12 = pkcs12("alice", &issued.cert_der, &issued.key_der, ca.cert_der()).unwrap();
+        let back = p12_keystore::KeyStore::from_pkcs12(
+            &p12,
+            "",
+            p12_keystore::Pkcs12ImportPolicy::default(),
+        )
+        .unwrap();
+        assert!(back.private_key_chain().is_some());
+    }
+}

@@ -1,0 +1,71 @@
+//! One shutdown handle per process: a cancellation token every task watches, and a task
+//! tracker the process waits on before it exits.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Cloned into every task; cancelled once on SIGTERM/SIGINT (or by a test).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Shutdown {
+    /// A fresh, uncancelled handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the shutdown.
+    pub fn trigger(&self) {
+        self.token.cancel();
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_triggered(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes when shutdown starts; use in `select!`.
+    pub async fn wait(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// The underlying token, for child tokens.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// The tracker that tasks which must finish before exit are spawned on.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Closes the tracker and waits up to `grace` for tracked tasks. Returns whether they
+    /// all finished in time.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.tracker.close();
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Triggers this handle on the first SIGTERM or SIGINT. Call from `main`.
+    pub fn trigger_on_signals(&self) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            this.trigger();
+        });
+        Ok(())
+    }
+}

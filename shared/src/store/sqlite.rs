@@ -1,0 +1,283 @@
+//! SQLite implementation of [`Store`].
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{AuditEvent, IdentityRecord, Store, StoreError};
+use crate::identity::{HostPattern, Identity, Role};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS identities (
+    role       TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    user       TEXT,
+    groups     TEXT NOT NULL,
+    hostnames  TEXT NOT NULL,
+    serial     TEXT NOT NULL,
+    not_after  INTEGER NOT NULL,
+    issued_at  INTEGER NOT NULL,
+    revoked_at INTEGER,
+    PRIMARY KEY (role, id)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    action  TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+";
+
+/// A [`Store`] in one SQLite file (WAL mode, 5 s busy timeout).
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::setup(Connection::open(path)?)
+    }
+
+    /// A private in-memory store, for tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A poisoned lock means a panic elsewhere mid-call; SQLite's own transaction has
+        // rolled back, so the connection is still consistent and safe to reuse.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+}
+
+fn bump(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'generation'",
+        [],
+    )?;
+    Ok(())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+impl Store for SqliteStore {
+    fn put_identity(&self, r: &IdentityRecord) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let revoked: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT revoked_at FROM identities WHERE role = ?1 AND id = ?2",
+                    params![r.identity.role().as_str(), r.identity.id()],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(Some(_)) = revoked {
+                return Err(StoreError::Revoked(r.identity.clone()));
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO identities
+                 (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+                params![
+                    r.identity.role().as_str(),
+                    r.identity.id(),
+                    r.user,
+                    json(&r.groups),
+                    json(&r.hostnames),
+                    r.serial,
+                    r.not_after,
+                    r.issued_at,
+                ],
+            )?;
+            bump(&tx)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at
+                 FROM identities ORDER BY role, id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, String>(5)?,
+                    row.get::<_, i64>(6)?,
+                    row.get::<_, i64>(7)?,
+                    row.get::<_, Option<i64>>(8)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at) =
+                    row?;
+                let what = format!("{role}:{id}");
+                let corrupt = |why: String| StoreError::Corrupt {
+                    what: what.clone(),
+                    why,
+                };
+                let role = Role::parse(&role).ok_or_else(|| corrupt("unknown role".into()))?;
+                let identity = Identity::new(role, &id).map_err(|e| corrupt(e.to_string()))?;
+                let groups: Vec<String> =
+                    serde_json::from_str(&groups).map_err(|e| corrupt(e.to_string()))?;
+                let hostnames: Vec<HostPattern> =
+                    serde_json::from_str(&hostnames).map_err(|e| corrupt(e.to_string()))?;
+                out.push(IdentityRecord {
+                    identity,
+                    user,
+                    groups,
+                    hostnames,
+                    serial,
+                    not_after,
+                    issued_at,
+                    revoked_at,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn revoke(&self, identity: &Identity, at: i64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "UPDATE identities SET revoked_at = COALESCE(revoked_at, ?3)
+                 WHERE role = ?1 AND id = ?2",
+                params![identity.role().as_str(), identity.id(), at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(identity.clone()));
+            }
+            bump(&tx)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO audit (at, action, subject, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![e.at, e.action, e.subject, e.detail],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn audit_log(&self) -> Result<Vec<AuditEvent>, StoreError> {
+        self.with(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT at, action, subject, detail FROM audit ORDER BY seq")?;
+            let rows = stmt.query_map([], |row| {
+                Ok(AuditEvent {
+                    at: row.get(0)?,
+                    action: row.get(1)?,
+                    subject: row.get(2)?,
+                    detail: row.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn generation(&self) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            let v: i64 = conn.query_row(
+                "SELECT value FROM meta WHERE key = 'generation'",
+                [],
+                |row| row.get(0),
+            )?;
+            Ok(v as u64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> IdentityRecord {
+        IdentityRecord {
+            identity: Identity::new(Role::Device, id).unwrap(),
+            user: Some("alice".into()),
+            groups: vec!["eng".into()],
+            hostnames: vec![],
+            serial: "abc".into(),
+            not_after: 100,
+            issued_at: 1,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn identities_round_trip_and_bump_generation() {
+        let store = SqliteStore::in_memory().unwrap();
+        let g0 = store.generation().unwrap();
+        store.put_identity(&record("alice")).unwrap();
+        assert_eq!(store.identities().unwrap(), vec![record("alice")]);
+        assert!(store.generation().unwrap() > g0);
+    }
+
+    #[test]
+    fn revoked_identities_stay_revoked() {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = record("alice");
+        store.put_identity(&r).unwrap();
+        store.revoke(&r.identity, 50).unwrap();
+        store.revoke(&r.identity, 60).unwrap();
+        assert_eq!(store.identities().unwrap()[0].revoked_at, Some(50));
+        assert!(matches!(
+            store.put_identity(&r),
+            Err(StoreError::Revoked(_))
+        ));
+    }
+
+    #[test]
+    fn revoking_an_unknown_identity_is_not_found() {
+        let store = SqliteStore::in_memory().unwrap();
+        let id = Identity::new(Role::Connector, "ghost").unwrap();
+        assert!(matches!(store.revoke(&id, 1), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn two_handles_on_one_file_see_each_others_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let relay = SqliteStore::open(&path).unwrap();
+        let admin = SqliteStore::open(&path).unwrap();
+        let g = relay.generation().unwrap();
+        admin.put_identity(&record("bob")).unwrap();
+        assert!(relay.generation().unwrap() > g);
+        assert_eq!(relay.identities().unwrap().len(), 1);
+    }
+}
