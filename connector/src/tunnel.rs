@@ -52,8 +52,10 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     tls.enable_early_data = false;
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(20_000))));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // Frequent keep-alives make a restarted relay answer with a stateless reset within a
+    // second of coming back (it keeps its reset key), and a dead one noticed in 10 s.
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(10_000))));
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     // The relay opens one stream per request; these bound how many run at once.
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());

@@ -69,6 +69,36 @@ fn write_ready_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The QUIC endpoint config, with the stateless-reset key kept in the state directory.
+/// A restarted relay then answers connectors' packets for connections it no longer has
+/// with a valid stateless reset, so they reconnect at once instead of waiting for their
+/// idle timeout.
+fn endpoint_config(state_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
+    let path = state_dir.join("quic-reset.key");
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        _ => {
+            let mut bytes = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| anyhow::anyhow!("no randomness for the QUIC reset key"))?;
+            portcullis_shared::pki::write_private_file(&path, &bytes)?;
+            bytes
+        }
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    // Connection IDs must also validate across restarts, or the new process drops the
+    // connectors' packets as garbage instead of resetting them.
+    let tag = ring::hmac::sign(&key, b"portcullis connection-id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
@@ -121,12 +151,19 @@ pub async fn run(
         QuicServerConfig::try_from(quic_tls).context("QUIC TLS config")?,
     ));
     quic_server.transport_config(Arc::new(transport()));
-    let endpoint = quinn::Endpoint::server(quic_server, config.quic_listen).with_context(|| {
+    let socket = std::net::UdpSocket::bind(config.quic_listen).with_context(|| {
         format!(
             "binding QUIC on {}: is the port in use?",
             config.quic_listen
         )
     })?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config(&config.state_dir)?,
+        Some(quic_server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("starting QUIC on {}", config.quic_listen))?;
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)

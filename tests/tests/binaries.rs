@@ -1,0 +1,578 @@
+//! End-to-end tests: real relay, connector, origin and curl as separate processes on
+//! loopback, with real certificates and real QUIC.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{
+    Daemon, RelayAddrs, World, curl, curl_cmd, curl_until, relay_cli, relay_ok, run_curl,
+};
+
+const APP: &str = "app.internal";
+const POLICY: &str =
+    "[[policy]]\nhostnames = [\"app.internal\", \"*.eng.internal\"]\ngroups = [\"eng\"]\n";
+
+/// A running relay, connector `c1` publishing app.internal, an origin, and devices alice
+/// (group eng) and bob (group sales).
+struct Stack {
+    w: World,
+    relay: Daemon,
+    addrs: RelayAddrs,
+    connector: Daemon,
+    _origin: Daemon,
+    origin_addr: String,
+}
+
+impl Stack {
+    async fn up() -> Self {
+        let w = World::new();
+        w.issue_connector("c1", &[APP, "*.eng.internal"]);
+        w.issue_device("alice", "alice", &["eng"], None);
+        w.issue_device("bob", "bob", &["sales"], None);
+        let (origin, origin_addr) = w.start_origin().await;
+        w.write_relay_config("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", POLICY);
+        let (relay, addrs) = w.start_relay().await;
+        let service = format!("http://{origin_addr}");
+        let connector = w.start_connector(
+            "c1",
+            &addrs.quic.to_string(),
+            &[(APP, &service), ("*.eng.internal", &service)],
+        );
+        curl_until(&w, &addrs, APP, "alice", 200).await;
+        Self {
+            w,
+            relay,
+            addrs,
+            connector,
+            _origin: origin,
+            origin_addr,
+        }
+    }
+
+    async fn get(
+        &self,
+        host: &str,
+        path: &str,
+        device: Option<&str>,
+    ) -> portcullis_e2e::CurlResult {
+        curl(&self.w, &self.addrs, host, path, device).await
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test]
+async fn curl_over_http1_and_http2_reaches_the_origin_with_identity_headers() {
+    let s = Stack::up().await;
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let mut cmd = curl_cmd(&s.w, &s.addrs, APP, "/hello?x=1", Some("alice"));
+        cmd.arg(flag).args([
+            "-H",
+            "portcullis-user: mallory",
+            "-H",
+            "Portcullis-Groups: admin",
+        ]);
+        let r = run_curl(cmd).await;
+        assert_eq!(
+            (r.status, r.version.as_str()),
+            (200, version),
+            "{}",
+            r.stderr
+        );
+        let v = json(&r.body);
+        assert_eq!(v["origin"], "pc-origin");
+        assert_eq!(v["path"], "/hello");
+        let h = &v["headers"];
+        assert_eq!(
+            h["portcullis-user"], "alice",
+            "client-supplied identity must be replaced"
+        );
+        assert_eq!(h["portcullis-device"], "alice");
+        assert_eq!(h["portcullis-groups"], "eng");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert!(h["host"].as_str().unwrap().starts_with(APP));
+        let jwt = h["portcullis-jwt-assertion"].as_str().unwrap();
+        assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+    }
+    // Wildcard-published names route too.
+    let r = s.get("ci.eng.internal", "/", Some("alice")).await;
+    assert_eq!(r.status, 200, "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn access_log_records_each_request_with_identity() {
+    let s = Stack::up().await;
+    s.get(APP, "/logged", Some("alice")).await;
+    s.get(APP, "/denied", Some("bob")).await;
+    let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(json).collect();
+    let ok = lines
+        .iter()
+        .find(|l| l["path"] == "/logged")
+        .expect("line for /logged");
+    assert_eq!(ok["device"], "alice");
+    assert_eq!(ok["user"], "alice");
+    assert_eq!(ok["hostname"], APP);
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["status"], 200);
+    assert!(ok["bytes"].as_u64().unwrap() > 0);
+    assert!(ok["duration_ms"].is_number() && ok["time"].is_string());
+    let denied = lines
+        .iter()
+        .find(|l| l["path"] == "/denied")
+        .expect("line for /denied");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["user"], "bob");
+}
+
+#[tokio::test]
+async fn policy_and_routing_refusals_get_the_right_status() {
+    let s = Stack::up().await;
+    // Default deny: bob's group has no rule.
+    let r = s.get(APP, "/", Some("bob")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // No device certificate.
+    assert_eq!(s.get(APP, "/", None).await.status, 403);
+    // An unknown hostname is refused at the TLS handshake, naming nothing internal.
+    let r = s.get("nope.internal", "/", Some("alice")).await;
+    assert_eq!(
+        r.status, 0,
+        "unknown name must not get a response: {}",
+        r.body
+    );
+    // SNI and Host disagree: 421.
+    let mut cmd = curl_cmd(&s.w, &s.addrs, APP, "/", Some("alice"));
+    cmd.args(["-H", "Host: ci.eng.internal"]);
+    assert_eq!(run_curl(cmd).await.status, 421);
+}
+
+#[tokio::test]
+async fn a_published_name_without_a_connector_up_gets_502() {
+    let mut s = Stack::up().await;
+    s.connector.signal("KILL");
+    s.connector.wait(Duration::from_secs(5)).await;
+    // A killed connector sends no close: the relay answers 502 while its tunnel times
+    // out, then "no connector" once QUIC's idle timeout has removed it.
+    let r = portcullis_e2e::eventually(Duration::from_secs(40), || async {
+        let r = s.get(APP, "/", Some("alice")).await;
+        assert!(
+            r.status == 502 || r.status == 200,
+            "{} {}",
+            r.status,
+            r.body
+        );
+        r.body.contains("no connector is online").then_some(r)
+    })
+    .await
+    .expect("502 naming the missing connector once the tunnel is gone");
+    assert_eq!(r.status, 502);
+}
+
+#[tokio::test]
+async fn bad_certificates_are_refused_at_the_handshake() {
+    let s = Stack::up().await;
+    // A connector certificate used as a device.
+    let r = s.get(APP, "/", Some("c1")).await;
+    assert_eq!(
+        r.status, 0,
+        "connector cert must not work as a device: {}",
+        r.body
+    );
+    // A device from another organisation's CA.
+    let other = World::new();
+    other.issue_device("eve", "eve", &["eng"], None);
+    std::fs::copy(other.path("out/eve.crt"), s.w.path("out/eve.crt")).unwrap();
+    std::fs::copy(other.path("out/eve.key"), s.w.path("out/eve.key")).unwrap();
+    assert_eq!(s.get(APP, "/", Some("eve")).await.status, 0);
+    // An expired certificate.
+    s.w.issue_device("old", "alice", &["eng"], Some("1s"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.get(APP, "/", Some("old")).await.status, 0);
+    // A superseded certificate: re-issuing alice invalidates the first one.
+    std::fs::copy(s.w.path("out/alice.crt"), s.w.path("out/alice-v1.crt")).unwrap();
+    std::fs::copy(s.w.path("out/alice.key"), s.w.path("out/alice-v1.key")).unwrap();
+    s.w.issue_device("alice", "alice", &["eng"], None);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(s.get(APP, "/", Some("alice-v1")).await.status, 0);
+    assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+    let log = s.relay.log_text();
+    assert!(log.contains("client certificate refused"), "{log}");
+    assert!(
+        log.contains("a connector certificate cannot be used here"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_device_closes_its_live_connection_and_refuses_new_ones() {
+    let s = Stack::up().await;
+    // A response that streams for 20 s.
+    let live = curl_cmd(&s.w, &s.addrs, APP, "/stream?n=200&ms=100", Some("alice"));
+    let started = Instant::now();
+    let handle = tokio::spawn(run_curl(live));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay_ok(&["revoke", "device", "alice", "--state", s.w.state()]);
+    let revoked_at = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("live connection must be cut")
+        .unwrap();
+    assert_ne!(r.exit, 0, "the transfer must fail, not complete");
+    assert!(
+        r.body.contains("chunk 0"),
+        "the stream had started: {}",
+        r.body
+    );
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "cut {:?} after revocation",
+        revoked_at.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(s.get(APP, "/", Some("alice")).await.status, 0);
+    // Listing shows it.
+    let list = relay_ok(&["list", "--state", s.w.state()]);
+    let line = list.lines().find(|l| l.contains("alice")).unwrap();
+    assert!(line.contains("revoked"), "{list}");
+}
+
+#[tokio::test]
+async fn revoking_a_connector_disconnects_it() {
+    let s = Stack::up().await;
+    relay_ok(&["revoke", "connector", "c1", "--state", s.w.state()]);
+    let r = portcullis_e2e::eventually(Duration::from_secs(5), || async {
+        let r = s.get(APP, "/", Some("alice")).await;
+        (r.status != 200).then_some(r)
+    })
+    .await
+    .expect("requests must stop reaching the revoked connector");
+    assert_eq!(
+        r.status, 0,
+        "a revoked connector's names are no longer served"
+    );
+    let log = portcullis_e2e::eventually(Duration::from_secs(5), || async {
+        let log = s.connector.log_text();
+        log.contains("revoked").then_some(log)
+    })
+    .await;
+    assert!(
+        log.is_some(),
+        "connector must log that it was revoked: {}",
+        s.connector.log_text()
+    );
+}
+
+#[tokio::test]
+async fn a_connector_cannot_publish_a_name_it_was_not_issued() {
+    let s = Stack::up().await;
+    s.w.issue_connector("c2", &["other.internal"]);
+    let service = format!("http://{}", s.origin_addr);
+    let c2 = s.w.start_connector(
+        "c2",
+        &s.addrs.quic.to_string(),
+        &[("other.internal", &service), (APP, &service)],
+    );
+    let log = portcullis_e2e::eventually(Duration::from_secs(10), || async {
+        let log = c2.log_text();
+        log.contains("refused to publish").then_some(log)
+    })
+    .await
+    .expect("connector must log the refused hostname");
+    assert!(log.contains(APP), "{log}");
+    // app.internal still goes to c1 only; requests keep working.
+    for _ in 0..4 {
+        assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn relay_restart_keeps_identities_revocations_and_logs_and_connector_reconnects() {
+    let mut s = Stack::up().await;
+    relay_ok(&["revoke", "device", "bob", "--state", s.w.state()]);
+    s.get(APP, "/before-restart", Some("alice")).await;
+    s.relay.signal("KILL");
+    s.relay.wait(Duration::from_secs(5)).await;
+    let a = s.addrs;
+    s.w.write_relay_config(
+        &a.quic.to_string(),
+        &a.https.to_string(),
+        &a.admin.to_string(),
+        POLICY,
+    );
+    let (relay, addrs) = s.w.start_relay().await;
+    s.relay = relay;
+    let back = Instant::now();
+    curl_until(&s.w, &addrs, APP, "alice", 200).await;
+    // Generous bound (catches hangs); the 2 s target is measured in the bench script.
+    assert!(
+        back.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        back.elapsed()
+    );
+    assert_eq!(
+        s.get(APP, "/", Some("bob")).await.status,
+        0,
+        "bob stays revoked"
+    );
+    let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap();
+    assert!(log.contains("/before-restart"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let mut s = Stack::up().await;
+    let slow = tokio::spawn(run_curl(curl_cmd(
+        &s.w,
+        &s.addrs,
+        APP,
+        "/slow?ms=1500",
+        Some("alice"),
+    )));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.relay.signal("TERM");
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.stderr);
+    assert_eq!(r.body.trim(), "slow done");
+    let status = s.relay.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "relay exit: {status:?}");
+
+    // The connector drains the same way.
+    let (relay, addrs) = s.w.start_relay().await;
+    s.relay = relay;
+    s.addrs = addrs;
+    let service = format!("http://{}", s.origin_addr);
+    let mut c =
+        s.w.start_connector("c1", &addrs.quic.to_string(), &[(APP, &service)]);
+    curl_until(&s.w, &addrs, APP, "alice", 200).await;
+    // Stop the first connector so the slow request goes through `c`.
+    s.connector.signal("TERM");
+    assert!(s.connector.wait(Duration::from_secs(10)).await.success());
+    let slow = tokio::spawn(run_curl(curl_cmd(
+        &s.w,
+        &addrs,
+        APP,
+        "/slow?ms=1500",
+        Some("alice"),
+    )));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    c.signal("TERM");
+    let r = slow.await.unwrap();
+    assert_eq!(
+        (r.status, r.body.trim()),
+        (200, "slow done"),
+        "{}",
+        r.stderr
+    );
+    assert!(c.wait(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_and_metrics() {
+    let s = Stack::up().await;
+    let admin = s.addrs.admin;
+    let get = |path: &'static str| async move {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{admin}{path}"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(get("/healthz").await.ends_with("\n200"));
+    assert!(get("/readyz").await.ends_with("\n200"));
+    let m = get("/metrics").await;
+    assert!(m.contains("portcullis_relay_connectors 1"), "{m}");
+    assert!(
+        m.contains("portcullis_relay_responses_total{class=\"2xx\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("portcullis_certificate_expiry_timestamp_seconds{role=\"device\",id=\"alice\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn jwks_is_served_and_pkcs12_bundle_works_with_curl() {
+    let s = Stack::up().await;
+    let r = s
+        .get("relay.acme.test", "/.well-known/jwks.json", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.stderr);
+    let v = json(&r.body);
+    assert_eq!(v["keys"][0]["alg"], "ES256");
+    // The browser bundle is a working PKCS#12 (empty password).
+    let out = s.w.out();
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code} %{http_version}"])
+        .args(["--cacert", &format!("{out}/ca.crt")])
+        .args(["--cert-type", "P12", "--cert", &format!("{out}/alice.p12:")])
+        .args([
+            "--resolve",
+            &format!("{APP}:{}:127.0.0.1", s.addrs.https.port()),
+        ])
+        .arg(format!("https://{APP}:{}/", s.addrs.https.port()));
+    let r = run_curl(cmd).await;
+    assert_eq!(r.status, 200, "{}", r.stderr);
+}
+
+#[test]
+fn admin_commands_refuse_bad_input_with_one_clear_line() {
+    let w = World::new();
+    // An existing CA is never overwritten.
+    let out = relay_cli(&["ca", "init", "--state", w.state()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Commands on a directory with no CA say how to make one.
+    let empty = w.path("empty");
+    let out = relay_cli(&["list", "--state", empty.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca init"));
+    // Bad ids and patterns.
+    let out = relay_cli(&[
+        "issue",
+        "device",
+        "a/b",
+        "--user",
+        "u",
+        "--state",
+        w.state(),
+        "--out",
+        w.out(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid id"));
+    let out = relay_cli(&[
+        "issue",
+        "connector",
+        "c",
+        "--hostname",
+        "a.*.b",
+        "--state",
+        w.state(),
+        "--out",
+        w.out(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid hostname pattern"));
+    // Revoking someone unknown.
+    let out = relay_cli(&["revoke", "device", "ghost", "--state", w.state()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no device:ghost is registered"));
+    // Issued key files are private.
+    w.issue_device("alice", "alice", &["eng"], None);
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["alice.key", "alice.p12"] {
+        let mode = std::fs::metadata(w.path("out").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    // A revoked id cannot be re-issued.
+    relay_ok(&["revoke", "device", "alice", "--state", w.state()]);
+    let out = relay_cli(&[
+        "issue",
+        "device",
+        "alice",
+        "--user",
+        "alice",
+        "--state",
+        w.state(),
+        "--out",
+        w.out(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+}
+
+#[test]
+fn bad_relay_config_exits_64_naming_file_and_line() {
+    let w = World::new();
+    let run = |path: &std::path::Path| {
+        let out = std::process::Command::new(portcullis_e2e::bin("portcullis-relay"))
+            .arg("run")
+            .arg("--config")
+            .arg(path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cfg = w.write_relay_config("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+
+    std::fs::write(&cfg, format!("{good}bogus_key = 1\n")).unwrap();
+    let (code, err) = run(&cfg);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("relay.toml:7") && err.contains("bogus_key"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    std::fs::write(&cfg, "state_dir = \n").unwrap();
+    let (code, err) = run(&cfg);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("relay.toml:1"), "{err}");
+
+    let (code, err) = run(&w.path("missing.toml"));
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_reported() {
+    let w = World::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    w.write_relay_config("127.0.0.1:0", &port, "127.0.0.1:0", "");
+    let out = tokio::process::Command::new(portcullis_e2e::bin("portcullis-relay"))
+        .arg("run")
+        .arg("--config")
+        .arg(w.path("relay.toml"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&port) && err.contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_connector_config_and_missing_files_are_clear() {
+    let w = World::new();
+    w.issue_connector("c1", &[APP]);
+    let path = w.write_connector_config("c1", "127.0.0.1:9", &[(APP, "http://127.0.0.1:9")]);
+    let run = |path: std::path::PathBuf| async move {
+        let out = tokio::process::Command::new(portcullis_e2e::bin("portcullis-connector"))
+            .arg("run")
+            .arg("--config")
+            .arg(path)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("service =", "servic =")).unwrap();
+    let (code, err) = run(path.clone()).await;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("servic"), "{err}");
+    std::fs::write(&path, good.replace("c1.key", "nope.key")).unwrap();
+    let (code, err) = run(path.clone()).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("nope.key"), "{err}");
+}
