@@ -12,6 +12,7 @@ use portcullis_shared::proto::{
     CloseCode, ControlFrame, FrameDecoder, StreamHeader, TUNNEL_ALPN, encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::tunnel_io::read_frame;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio_util::task::TaskTracker;
@@ -290,22 +291,6 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, origins: Arc<Origi
         Err(_) => return,
     };
     origins.serve_http(header, send, recv).await;
-}
-
-async fn read_frame(
-    recv: &mut RecvStream,
-    decoder: &mut FrameDecoder,
-) -> anyhow::Result<Option<ControlFrame>> {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(frame) = decoder.next_frame()? {
-            return Ok(Some(frame));
-        }
-        match recv.read(&mut buf).await? {
-            Some(n) => decoder.push(&buf[..n]),
-            None => return Ok(None),
-        }
-    }
 }
 
 #[cfg(test)]

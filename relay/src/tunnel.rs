@@ -14,6 +14,7 @@ use portcullis_shared::proto::{
     CloseCode, ControlFrame, FrameDecoder, Rejection, StreamHeader, StreamKind, encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::tunnel_io::read_frame;
 use quinn::{RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
 use tracing::Instrument;
@@ -232,7 +233,7 @@ async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow
                 }
                 // The control stream ended: wait for the connection itself to go.
                 Ok(None) => break Ok(conn.closed().await),
-                Err(e) => break Err(e),
+                Err(e) => break Err(e.into()),
             },
             () = live.revoked() => {
                 conn.close(VarInt::from_u32(CloseCode::Revoked.code()), b"certificate revoked");
@@ -244,21 +245,4 @@ async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow
     state.metrics.connectors.fetch_sub(1, Ordering::Relaxed);
     tracing::info!("connector down");
     result.map(|_| ())
-}
-
-/// Reads the next control frame; `Ok(None)` when the stream ends cleanly.
-async fn read_frame(
-    recv: &mut RecvStream,
-    decoder: &mut FrameDecoder,
-) -> anyhow::Result<Option<ControlFrame>> {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(frame) = decoder.next_frame()? {
-            return Ok(Some(frame));
-        }
-        match recv.read(&mut buf).await? {
-            Some(n) => decoder.push(&buf[..n]),
-            None => return Ok(None),
-        }
-    }
 }

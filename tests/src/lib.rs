@@ -257,8 +257,19 @@ impl World {
     /// Writes a connector config for `name` dialling `relay`, publishing `ingress`
     /// (hostname, service URL) pairs, and starts the connector.
     pub fn start_connector(&self, name: &str, relay: &str, ingress: &[(&str, &str)]) -> Daemon {
+        self.start_connector_in(None, name, relay, ingress)
+    }
+
+    /// Like [`World::start_connector`], inside network namespace `netns` if given.
+    pub fn start_connector_in(
+        &self,
+        netns: Option<&str>,
+        name: &str,
+        relay: &str,
+        ingress: &[(&str, &str)],
+    ) -> Daemon {
         let path = self.write_connector_config(name, relay, ingress);
-        let mut cmd = Command::new(bin("portcullis-connector"));
+        let mut cmd = in_netns(netns, &bin("portcullis-connector"));
         cmd.args(["run", "--config"]).arg(&path);
         Daemon::spawn(cmd, self.path(&format!("{name}.log")))
     }
@@ -287,13 +298,29 @@ impl World {
 
     /// Starts the test origin on loopback and returns it with its address.
     pub async fn start_origin(&self) -> (Daemon, String) {
+        self.start_origin_in(None, "127.0.0.1:0").await
+    }
+
+    /// Starts the test origin listening on `listen`, inside `netns` if given.
+    pub async fn start_origin_in(&self, netns: Option<&str>, listen: &str) -> (Daemon, String) {
         let ready = self.path("origin.ready");
-        let mut cmd = Command::new(bin("pc-origin"));
-        cmd.args(["--listen", "127.0.0.1:0", "--ready-file"])
-            .arg(&ready);
+        let mut cmd = in_netns(netns, &bin("pc-origin"));
+        cmd.args(["--listen", listen, "--ready-file"]).arg(&ready);
         let mut d = Daemon::spawn(cmd, self.path("origin.log"));
         let addr = read_ready(&ready, &mut d.child, "origin").await;
         (d, addr)
+    }
+}
+
+/// A command for `program`, run inside network namespace `netns` if given.
+pub fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
     }
 }
 

@@ -86,3 +86,24 @@ pub(crate) mod defaults {
         Duration::from_secs(10)
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// Every example config shipped in `deploy/examples` parses and validates (file
+    /// existence aside, which depends on the host).
+    #[test]
+    fn shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let relay = dir.join("relay.toml");
+        let text = std::fs::read_to_string(&relay).unwrap();
+        let cfg: RelayConfig = parse_str(&relay, &text).unwrap();
+        assert_eq!(cfg.policy.len(), 2);
+        let connector = dir.join("connector.toml");
+        let text = std::fs::read_to_string(&connector).unwrap();
+        let cfg: ConnectorConfig = parse_str(&connector, &text).unwrap();
+        cfg.validate(&connector).unwrap();
+        assert_eq!(cfg.ingress.len(), 2);
+    }
+}
