@@ -21,8 +21,10 @@ use tracing::Instrument;
 use crate::origin::Origins;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The cap is short so that a relay back from a long outage (beyond the stateless-reset
+/// fast path) is found again within about two seconds; a dial is one small UDP packet.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The QUIC client config: org CA as the only root, this connector's certificate, the
@@ -57,6 +59,9 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     // second of coming back (it keeps its reset key), and a dead one noticed in 10 s.
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(10_000))));
     t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Retransmit a lost Initial after ~300 ms rather than ~1 s, so a relay that comes back
+    // during a dial is reached quickly.
+    t.initial_rtt(Duration::from_millis(100));
     // The relay opens one stream per request; these bound how many run at once.
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -161,8 +166,7 @@ pub(crate) async fn supervise(
             };
             match attempt {
                 Ok(Ok(conn)) => {
-                    backoff.reset();
-                    match session(&conn, &config, &origins, &shutdown).await {
+                    match session(&conn, &config, &origins, &shutdown, &mut backoff).await {
                         Ok(()) => {}
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "tunnel lost"),
                     }
@@ -193,6 +197,7 @@ async fn session(
     config: &ConnectorConfig,
     origins: &Arc<Origins>,
     shutdown: &Shutdown,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let (mut control, mut control_recv) =
         conn.open_bi().await.context("opening the control stream")?;
@@ -215,6 +220,9 @@ async fn session(
                 tracing::error!(hostname = %r.hostname, reason = %r.reason, "the relay refused to publish this hostname; check the connector's certificate (issue connector --hostname)");
             }
             tracing::info!(published = ?accepted, "tunnel up");
+            // Only a registration the relay answered counts as success: a refused
+            // certificate fails after the QUIC handshake and must keep backing off.
+            backoff.reset();
         }
         other => bail!("unexpected registration reply {other:?}"),
     }

@@ -133,8 +133,18 @@ pub fn issue_device(
     out: &Path,
 ) -> anyhow::Result<()> {
     let identity = Identity::new(Role::Device, id)?;
-    if user.is_empty() {
-        bail!("--user must not be empty");
+    // Users and groups travel in headers (groups comma-separated): keep them plain.
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b))
+    };
+    if !plain(user) {
+        bail!("invalid --user {user:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ @ + -");
+    }
+    if let Some(g) = groups.iter().find(|g| !plain(g)) {
+        bail!("invalid --group {g:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ @ + -");
     }
     issue(state, &identity, ttl, out, |i| IdentityRecord {
         identity: identity.clone(),

@@ -59,6 +59,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdow
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },

@@ -113,10 +113,12 @@ async fn serve_connection(
         }
     };
     let (_, session) = tls.get_ref();
-    let device = session
+    let cert = session
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|leaf| pki::inspect(leaf).ok())
+        .and_then(|leaf| pki::inspect(leaf).ok());
+    let serial = cert.as_ref().map(|c| c.serial.clone()).unwrap_or_default();
+    let device = cert
         .and_then(|info| info.identity)
         .filter(|id| id.role() == Role::Device);
     if let Some(d) = &device {
@@ -127,7 +129,7 @@ async fn serve_connection(
         sni: session.server_name().map(str::to_owned),
         device: device.clone(),
     });
-    let live = device.as_ref().map(|d| state.registry.track(d));
+    let live = device.as_ref().map(|d| state.registry.track(d, &serial));
     state
         .metrics
         .https_connections
@@ -178,15 +180,20 @@ async fn serve_connection(
         .fetch_sub(1, Ordering::Relaxed);
 }
 
-/// The name the request is for: `:authority` (HTTP/2) or `Host` (HTTP/1.1), port removed.
+/// The name the request is for: the URI's authority (`:authority` in HTTP/2, absolute-form
+/// in HTTP/1.1) or else `Host`, port removed. `None` when it is missing, malformed, or when
+/// an authority and a `Host` header disagree (a smuggling attempt: the origin might route
+/// by the one that was not checked).
 fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host().to_owned(),
-        None => {
-            let host = req.headers().get(header::HOST)?.to_str().ok()?;
-            let authority: http::uri::Authority = host.parse().ok()?;
-            authority.host().to_owned()
-        }
+    let host_header = match req.headers().get(header::HOST) {
+        Some(v) => Some(v.to_str().ok()?.parse::<http::uri::Authority>().ok()?),
+        None => None,
+    };
+    let raw = match (req.uri().authority(), host_header) {
+        (Some(a), Some(h)) if !a.host().eq_ignore_ascii_case(h.host()) => return None,
+        (Some(a), _) => a.host().to_owned(),
+        (None, Some(h)) => h.host().to_owned(),
+        (None, None) => return None,
     };
     Some(raw.trim_end_matches('.').to_ascii_lowercase())
 }
@@ -448,19 +455,19 @@ fn rewrite_request(
     jwt: Option<&str>,
 ) -> Result<Request<Incoming>, http::Error> {
     let (mut parts, body) = req.into_parts();
-    let host_header = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        })
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(host.as_str()).unwrap_or(HeaderValue::from_static(""))
-        });
+    // The origin sees exactly the name that was checked (and the client's port, if any).
+    let port = parts.uri.port_u16().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .and_then(|a| a.port_u16())
+    });
+    let host_header = match port {
+        Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
+        None => HeaderValue::from_str(host.as_str()),
+    }?;
     let path = parts
         .uri
         .path_and_query()
@@ -469,10 +476,16 @@ fn rewrite_request(
     parts.uri = Uri::builder().path_and_query(path).build()?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    // Some origin frameworks (CGI, WSGI, Rack, PHP) read `portcullis_user` as
+    // `portcullis-user`, so both spellings are stripped, as are other client claims about
+    // who or where the caller is.
     let spoofed: Vec<HeaderName> = parts
         .headers
         .keys()
-        .filter(|k| k.as_str().starts_with("portcullis-"))
+        .filter(|k| {
+            let name = k.as_str().replace('_', "-");
+            name.starts_with("portcullis-") || name == "x-real-ip" || name == "forwarded"
+        })
         .cloned()
         .collect();
     for k in spoofed {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use portcullis_shared::identity::{Hostname, Identity, Role};
+use portcullis_shared::identity::{HostPattern, Hostname, Identity, Role};
 use portcullis_shared::pki::IdentityCheck;
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::store::{IdentityRecord, Store};
@@ -49,6 +49,35 @@ impl Snapshot {
         })
     }
 
+    /// The name to put in the TLS certificate served for `host`, or `None` if no
+    /// unrevoked connector may publish it. A name one label below a wildcard pattern
+    /// shares one `*.suffix` certificate, so random names under a wildcard cannot make the
+    /// relay mint a certificate each.
+    pub(crate) fn certificate_name(&self, host: &Hostname) -> Option<String> {
+        let mut found = None;
+        let patterns = self
+            .by_identity
+            .values()
+            .filter(|r| r.identity.role() == Role::Connector && r.revoked_at.is_none())
+            .flat_map(|r| r.hostnames.iter());
+        for p in patterns {
+            match p {
+                HostPattern::Exact(h) if h == host => return Some(host.to_string()),
+                HostPattern::Wildcard(suffix) if p.matches(host) => {
+                    let label = &host.as_str()[..host.as_str().len() - suffix.as_str().len() - 1];
+                    let name = if label.contains('.') {
+                        host.to_string()
+                    } else {
+                        format!("*.{suffix}")
+                    };
+                    found.get_or_insert(name);
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
     pub(crate) fn records(&self) -> impl Iterator<Item = &IdentityRecord> {
         self.by_identity.values()
     }
@@ -58,7 +87,8 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
-    live: Mutex<HashMap<Identity, HashMap<u64, CancellationToken>>>,
+    /// Live connections by identity: key → (certificate serial, token).
+    live: Mutex<HashMap<Identity, HashMap<u64, (String, CancellationToken)>>>,
     next: AtomicU64,
 }
 
@@ -102,21 +132,25 @@ impl Registry {
             .clone()
     }
 
-    /// Installs a new snapshot and cancels live connections of identities no longer active.
+    /// Installs a new snapshot and cancels live connections whose identity is no longer
+    /// active or whose certificate has been superseded by a re-issue.
     fn replace(&self, snapshot: Snapshot) {
         let snapshot = Arc::new(snapshot);
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot.clone();
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         for (identity, conns) in live.iter() {
-            if snapshot.active(identity).is_none() {
-                tracing::info!(%identity, connections = conns.len(), "identity revoked: closing its live connections");
-                conns.values().for_each(CancellationToken::cancel);
+            let current = snapshot.active(identity).map(|r| r.serial.as_str());
+            for (serial, token) in conns.values() {
+                if current.is_none_or(|c| !same_serial(c, serial)) {
+                    tracing::info!(%identity, "certificate revoked or superseded: closing its connection");
+                    token.cancel();
+                }
             }
         }
     }
 
-    /// Registers a live connection of `identity`.
-    pub(crate) fn track(self: &Arc<Self>, identity: &Identity) -> LiveGuard {
+    /// Registers a live connection of `identity` made with certificate `serial`.
+    pub(crate) fn track(self: &Arc<Self>, identity: &Identity, serial: &str) -> LiveGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
         self.live
@@ -124,9 +158,13 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .entry(identity.clone())
             .or_default()
-            .insert(key, token.clone());
-        // Revoked between handshake and now: cut at once.
-        if self.snapshot().active(identity).is_none() {
+            .insert(key, (serial.to_owned(), token.clone()));
+        // Revoked or re-issued between handshake and now: cut at once.
+        if self
+            .snapshot()
+            .active(identity)
+            .is_none_or(|r| !same_serial(&r.serial, serial))
+        {
             token.cancel();
         }
         LiveGuard {
@@ -171,15 +209,19 @@ impl Registry {
     }
 }
 
+fn same_serial(a: &str, b: &str) -> bool {
+    a.trim_start_matches('0') == b.trim_start_matches('0')
+}
+
 impl IdentityCheck for Registry {
     fn check(&self, identity: &Identity, serial: &str) -> Result<(), String> {
         let snapshot = self.snapshot();
         match snapshot.by_identity.get(identity) {
             None => Err(format!("{identity} is not registered")),
             Some(r) if r.revoked_at.is_some() => Err(format!("{identity} is revoked")),
-            Some(r) if r.serial.trim_start_matches('0') != serial.trim_start_matches('0') => Err(
-                format!("{identity} presented a superseded certificate (serial {serial})"),
-            ),
+            Some(r) if !same_serial(&r.serial, serial) => Err(format!(
+                "{identity} presented a superseded certificate (serial {serial})"
+            )),
             Some(_) => Ok(()),
         }
     }

@@ -107,12 +107,17 @@ impl CertResolver {
 
     fn minted(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let now = now();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((not_after, ck)) = cache.get(name)
+        if let Some((not_after, ck)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
             && *not_after - now > (LEAF_TTL.as_secs() / 3) as i64
         {
             return Some(ck.clone());
         }
+        // Signing happens outside the lock; two handshakes racing for a new name may both
+        // mint, and the last one is kept.
         let issued = match self.ca.issue_server(&[name.to_owned()], LEAF_TTL) {
             Ok(i) => i,
             Err(e) => {
@@ -126,8 +131,17 @@ impl CertResolver {
         )
         .inspect_err(|e| tracing::warn!(error = %e, "cannot load a minted certificate"))
         .ok()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
-            cache.clear();
+            // Names are bounded by the published patterns (see `certificate_name`), so this
+            // only trims names deep under wildcards; drop the oldest.
+            if let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone())
+            {
+                cache.remove(&oldest);
+            }
         }
         cache.insert(name.to_owned(), (issued.not_after, ck.clone()));
         Some(ck)
@@ -145,16 +159,16 @@ impl ResolvesServerCert for CertResolver {
         if host == self.server_name {
             return self.minted(host.as_str());
         }
-        if !self.registry.snapshot().is_published_name(&host) {
+        let Some(cert_name) = self.registry.snapshot().certificate_name(&host) else {
             tracing::debug!(sni, "refusing TLS for an unknown name");
             return None;
-        }
+        };
         if let Some(s) = &self.static_cert
             && let Some((_, ck)) = &*s.loaded.read().unwrap_or_else(|p| p.into_inner())
         {
             return Some(ck.clone());
         }
-        self.minted(host.as_str())
+        self.minted(&cert_name)
     }
 }
 

@@ -61,6 +61,8 @@ pub(crate) struct Router {
     routes: RwLock<HashMap<HostPattern, Vec<Arc<ConnectorHandle>>>>,
     next: AtomicUsize,
     ids: AtomicU64,
+    /// Every connected connector, routed or draining, for closing at shutdown.
+    all: std::sync::Mutex<HashMap<u64, Arc<ConnectorHandle>>>,
 }
 
 impl Router {
@@ -92,6 +94,10 @@ impl Router {
     }
 
     fn add(&self, handle: &Arc<ConnectorHandle>, patterns: &[HostPattern]) {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id, handle.clone());
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         for p in patterns {
             routes.entry(p.clone()).or_default().push(handle.clone());
@@ -108,8 +114,8 @@ impl Router {
 
     /// Closes every connector connection (relay shutdown).
     pub(crate) fn close_all(&self, code: CloseCode) {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        for c in routes.values().flatten() {
+        let all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        for c in all.values() {
             c.conn
                 .close(VarInt::from_u32(code.code()), b"relay shutting down");
         }
@@ -139,7 +145,7 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, sh
     }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<Identity> {
+fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<(Identity, String)> {
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -147,16 +153,18 @@ fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<Identity> {
     let leaf = certs
         .first()
         .context("connector presented no certificate")?;
-    pki::inspect(leaf)?
+    let info = pki::inspect(leaf)?;
+    let identity = info
         .identity
-        .context("connector certificate names no identity")
+        .context("connector certificate names no identity")?;
+    Ok((identity, info.serial))
 }
 
 async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow::Result<()> {
     let conn = incoming.await.context("handshake")?;
-    let identity = peer_identity(&conn)?;
+    let (identity, serial) = peer_identity(&conn)?;
     tracing::Span::current().record("connector.name", identity.id());
-    let live = state.registry.track(&identity);
+    let live = state.registry.track(&identity, &serial);
 
     let (mut send, mut recv) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
         .await
@@ -231,8 +239,12 @@ async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow
                     conn.close(VarInt::from_u32(CloseCode::Protocol.code()), b"unexpected control frame");
                     break Err(anyhow::anyhow!("unexpected control frame {other:?}"));
                 }
-                // The control stream ended: wait for the connection itself to go.
-                Ok(None) => break Ok(conn.closed().await),
+                // A connector keeps its control stream open for the tunnel's life; one that
+                // ends it is closed, so it cannot linger outside revocation's reach.
+                Ok(None) => {
+                    conn.close(VarInt::from_u32(CloseCode::Protocol.code()), b"control stream closed");
+                    break Ok(conn.closed().await);
+                }
                 Err(e) => break Err(e.into()),
             },
             () = live.revoked() => {
@@ -242,6 +254,12 @@ async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow
         }
     };
     state.router.remove(&handle);
+    state
+        .router
+        .all
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&handle.id);
     state.metrics.connectors.fetch_sub(1, Ordering::Relaxed);
     tracing::info!("connector down");
     result.map(|_| ())

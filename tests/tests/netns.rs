@@ -139,7 +139,7 @@ async fn origin_behind_a_firewall_that_drops_all_inbound_is_reachable_only_throu
         "[[policy]]\nhostnames = [\"app.internal\"]\ngroups = [\"eng\"]\n",
     );
     let (_relay, addrs) = w.start_relay().await;
-    let _connector = w.start_connector_in(
+    let connector = w.start_connector_in(
         Some(&ns.name),
         "c1",
         &addrs.quic.to_string(),
@@ -149,6 +149,24 @@ async fn origin_behind_a_firewall_that_drops_all_inbound_is_reachable_only_throu
     // Through the relay and the connector's outbound tunnel: works.
     let r = curl_until(&w, &addrs, "app.internal", "alice", 200).await;
     assert!(r.body.contains("pc-origin"), "{}", r.body);
+
+    // The connector itself listens on no TCP port (its one UDP socket is a QUIC client's).
+    let pid = connector.child.id().unwrap();
+    let ss = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-ltnpH"])
+        .output()
+        .await
+        .unwrap();
+    let listeners = String::from_utf8_lossy(&ss.stdout);
+    assert!(ss.status.success());
+    assert!(
+        !listeners.contains(&format!("pid={pid},")),
+        "connector must not listen: {listeners}"
+    );
+    assert!(
+        listeners.contains(&origin_port),
+        "ss must see the origin: {listeners}"
+    );
 
     // Directly from outside to the origin's namespace address: dropped.
     let direct = tokio::process::Command::new("curl")

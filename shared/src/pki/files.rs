@@ -30,6 +30,15 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    write_with(path, bytes, mode, false)
+}
+
+/// Like [`write_private_file`], but fails with `AlreadyExists` instead of replacing a file.
+pub(crate) fn write_new_private_file(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    write_with(path, bytes, 0o600, true)
+}
+
+fn write_with(path: &Path, bytes: &[u8], mode: u32, create_new: bool) -> Result<(), PkiError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::DirBuilder::new()
             .recursive(true)
@@ -37,13 +46,14 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
             .create(parent)
             .map_err(io_err(parent))?;
     }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut options = OpenOptions::new();
+    options.write(true).mode(mode);
+    if create_new {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    let mut file = options.open(path).map_err(io_err(path))?;
     // The mode above only applies to new files; an existing file keeps its old mode.
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err(path))?;

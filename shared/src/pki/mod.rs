@@ -59,6 +59,9 @@ pub enum PkiError {
     /// Building the PKCS#12 bundle failed.
     #[error("PKCS#12 bundle: {0}")]
     Pkcs12(String),
+    /// The requested validity ends after the year 9999.
+    #[error("the requested lifetime is too long: choose a --ttl that ends before the year 9999")]
+    TtlTooLong,
     /// An id or hostname is not valid.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -127,7 +130,17 @@ impl Ca {
         params.not_after = now + time::Duration::days(3650);
         params.serial_number = Some(random_serial().0);
         let cert = params.self_signed(&key)?;
-        write_private_file(&key_path, key.serialize_pem().as_bytes())?;
+        // create_new: two concurrent `ca init` runs cannot overwrite each other's key.
+        files::write_new_private_file(&key_path, key.serialize_pem().as_bytes()).map_err(|e| {
+            match e {
+                PkiError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    PkiError::CaExists(state_dir.to_owned())
+                }
+                other => other,
+            }
+        })?;
         write_public_file(&state_dir.join(CA_CERT_FILE), cert.pem().as_bytes())?;
         Ok(Self {
             cert_pem: cert.pem(),
@@ -215,7 +228,11 @@ impl Ca {
     ) -> Result<Issued, PkiError> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + ttl;
+        params.not_after = time::Duration::try_from(ttl)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .filter(|t| t.year() <= 9999)
+            .ok_or(PkiError::TtlTooLong)?;
         params.use_authority_key_identifier_extension = true;
         let (serial, serial_hex) = random_serial();
         params.serial_number = Some(serial);
