@@ -83,12 +83,15 @@ impl Snapshot {
     }
 }
 
+/// One identity's live connections: key → (certificate serial, token).
+type LiveConnections = HashMap<u64, (String, CancellationToken)>;
+
 /// The registry: current snapshot plus the live connections to cut on revocation.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
     /// Live connections by identity: key → (certificate serial, token).
-    live: Mutex<HashMap<Identity, HashMap<u64, (String, CancellationToken)>>>,
+    live: Mutex<HashMap<Identity, LiveConnections>>,
     next: AtomicU64,
 }
 
