@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -27,7 +27,8 @@ type OriginClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 /// One origin: where to send requests and the pooled client to send them with.
 struct Origin {
     rule: IngressRule,
-    client: OriginClient,
+    /// `None` for `tcp://` rules, which are dialled per CONNECT.
+    client: Option<OriginClient>,
 }
 
 /// The connector's origins, by ingress hostname pattern.
@@ -75,6 +76,16 @@ impl Origins {
     pub(crate) fn new(config: &ConnectorConfig) -> anyhow::Result<Self> {
         let mut by_pattern = HashMap::new();
         for rule in &config.ingress {
+            if rule.service.scheme == Scheme::Tcp {
+                by_pattern.insert(
+                    rule.hostname.clone(),
+                    Arc::new(Origin {
+                        rule: rule.clone(),
+                        client: None,
+                    }),
+                );
+                continue;
+            }
             let mut http = HttpConnector::new();
             http.set_nodelay(true);
             http.enforce_http(false);
@@ -82,9 +93,10 @@ impl Origins {
             let connector = HttpsConnectorBuilder::new()
                 .with_tls_config(tls_for(rule)?)
                 .https_or_http()
-                .enable_http1()
+                .enable_all_versions()
                 .wrap_connector(http);
             let client = Client::builder(TokioExecutor::new())
+                .http2_only(rule.service.scheme == Scheme::H2c)
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(64)
                 .pool_timer(TokioTimer::new())
@@ -94,7 +106,7 @@ impl Origins {
                 rule.hostname.clone(),
                 Arc::new(Origin {
                     rule: rule.clone(),
-                    client,
+                    client: Some(client),
                 }),
             );
         }
@@ -128,6 +140,7 @@ impl Origins {
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(10))
             .serve_connection(io, service)
+            .with_upgrades()
             .await
         {
             tracing::debug!(error = %e, "tunnel stream ended with an error");
@@ -153,7 +166,7 @@ fn error(status: StatusCode, msg: &str) -> Response<BoxBody<Bytes, BoxError>> {
 
 async fn proxy(
     origin: Option<Arc<Origin>>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<BoxBody<Bytes, BoxError>> {
     let Some(origin) = origin else {
         return error(
@@ -161,27 +174,98 @@ async fn proxy(
             "this connector does not publish that hostname",
         );
     };
+    if req.method() == Method::CONNECT {
+        return connect(&origin, req).await;
+    }
+    let Some(client) = &origin.client else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "this hostname is a TCP service: use CONNECT hostname:port",
+        );
+    };
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let scheme = match origin.rule.service.scheme {
-        Scheme::Http => "http",
         Scheme::Https => "https",
+        _ => "http",
     };
     let uri = format!("{scheme}://{}{path}", origin.rule.service.authority());
     parts.uri = match uri.parse::<Uri>() {
         Ok(u) => u,
         Err(_) => return error(StatusCode::BAD_REQUEST, "malformed request target"),
     };
+    if origin.rule.service.scheme == Scheme::H2c {
+        parts.version = http::Version::HTTP_2;
+        // HTTP/2 carries the name in :authority; a Host header beside it is not allowed.
+        parts.headers.remove(header::HOST);
+    }
     let method = parts.method.clone();
-    match origin
-        .client
-        .request(Request::from_parts(parts, body))
-        .await
-    {
-        Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(mut resp) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_side) = client_side
+            {
+                let origin_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_side, origin_side) {
+                        Ok((c, o)) => {
+                            let _ = tokio::io::copy_bidirectional(
+                                &mut TokioIo::new(c),
+                                &mut TokioIo::new(o),
+                            )
+                            .await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+            resp.map(|b| b.map_err(BoxError::from).boxed())
+        }
         Err(e) => {
             tracing::warn!(origin = %origin.rule.service, %method, error = %e, "origin request failed");
             error(StatusCode::BAD_GATEWAY, "the origin did not answer")
         }
     }
+}
+
+/// `CONNECT host:port` to a `tcp://` rule: the port must be the rule's; the origin is
+/// dialled before answering, so a dead origin is a 502, not a tunnel that closes at once.
+async fn connect(
+    origin: &Origin,
+    mut req: Request<Incoming>,
+) -> Response<BoxBody<Bytes, BoxError>> {
+    let service = &origin.rule.service;
+    if service.scheme != Scheme::Tcp {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no TCP service is published under this hostname",
+        );
+    }
+    if req.uri().port_u16() != Some(service.port) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "that port is not published for this hostname",
+        );
+    }
+    let stream = match tokio::net::TcpStream::connect(service.authority()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(origin = %service, error = %e, "TCP origin unreachable");
+            return error(StatusCode::BAD_GATEWAY, "the origin did not answer");
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(tunnel) => {
+                let mut stream = stream;
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(tunnel), &mut stream).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(Empty::new().map_err(|never| match never {}).boxed())
 }

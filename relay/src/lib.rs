@@ -6,10 +6,12 @@ pub mod cli;
 pub mod server;
 
 mod access_log;
+mod http3;
 mod http_admin;
 mod https;
 mod jwt;
 mod metrics;
+mod proxy;
 mod registry;
 mod tls;
 mod tunnel;

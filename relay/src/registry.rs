@@ -107,6 +107,11 @@ impl LiveGuard {
     pub(crate) fn revoked(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.token.cancelled()
     }
+
+    /// A token cancelled on revocation, for tasks that outlive the request (tunnels).
+    pub(crate) fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
 }
 
 impl Drop for LiveGuard {

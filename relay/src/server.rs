@@ -33,6 +33,24 @@ pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) jwt: JwtSigner,
     pub(crate) access_log: AccessLog,
+    /// `alt-svc` advertising HTTP/3 on the QUIC port, added to HTTPS responses.
+    pub(crate) alt_svc: Option<http::HeaderValue>,
+    device_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl State {
+    /// The semaphore bounding one device's concurrent requests and tunnels.
+    pub(crate) fn device_slots(&self, device: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut slots = self.device_slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(device.to_owned())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    self.config.limits.max_streams_per_device,
+                ))
+            })
+            .clone()
+    }
 }
 
 /// Addresses the relay bound, as written to the ready file.
@@ -99,20 +117,21 @@ fn endpoint_config(state_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
     Ok(config)
 }
 
-fn transport() -> quinn::TransportConfig {
+fn transport(
+    limits: &portcullis_shared::config::LimitsConfig,
+) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(30))
-            .unwrap_or(quinn::VarInt::from_u32(30_000).into()),
-    ));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(limits.idle_timeout)?));
     t.keep_alive_interval(Some(Duration::from_secs(10)));
-    // Connectors open only their control stream; the relay opens the request streams.
-    t.max_concurrent_bidi_streams(4u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((1u32 << 20).into());
-    t.receive_window((8u32 << 20).into());
-    t.send_window(8 << 20);
-    t
+    // Devices open one bidirectional stream per HTTP/3 request (connectors open only their
+    // control stream); HTTP/3 needs three unidirectional control streams per side.
+    t.max_concurrent_bidi_streams(limits.max_concurrent_streams.into());
+    t.max_concurrent_uni_streams(8u32.into());
+    // Explicit windows: quinn's default connection window is effectively unbounded.
+    t.stream_receive_window(limits.quic_stream_window.into());
+    t.receive_window(limits.quic_connection_window.into());
+    t.send_window(u64::from(limits.quic_connection_window));
+    Ok(t)
 }
 
 /// Runs the relay with `config` until `shutdown` fires, then drains: stops accepting,
@@ -150,7 +169,7 @@ pub async fn run(
     let mut quic_server = quinn::ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(quic_tls).context("QUIC TLS config")?,
     ));
-    quic_server.transport_config(Arc::new(transport()));
+    quic_server.transport_config(Arc::new(transport(&config.limits)?));
     let socket = std::net::UdpSocket::bind(config.quic_listen).with_context(|| {
         format!(
             "binding QUIC on {}: is the port in use?",
@@ -193,6 +212,12 @@ pub async fn run(
         metrics: metrics.clone(),
         jwt,
         access_log,
+        alt_svc: http::HeaderValue::from_str(&format!(
+            "h3=\":{}\"; ma=86400",
+            bound.quic_listen.port()
+        ))
+        .ok(),
+        device_slots: std::sync::Mutex::default(),
     });
 
     tokio::spawn(registry.clone().watch(store.clone(), shutdown.clone()));

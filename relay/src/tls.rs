@@ -176,15 +176,11 @@ fn base_config(
     ca: &Ca,
     registry: &Arc<Registry>,
     resolver: Arc<CertResolver>,
-    role: Role,
+    roles: &[Role],
+    mandatory: bool,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> anyhow::Result<ServerConfig> {
-    let verifier = RoleVerifier::new(
-        ca.cert_der(),
-        &[role],
-        registry.clone(),
-        role == Role::Connector,
-    )?;
+    let verifier = RoleVerifier::new(ca.cert_der(), roles, registry.clone(), mandatory)?;
     let mut cfg =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(versions)?
@@ -209,14 +205,17 @@ pub(crate) fn https_config(
         ca,
         registry,
         resolver,
-        Role::Device,
+        &[Role::Device],
+        false,
         &[&rustls::version::TLS13, &rustls::version::TLS12],
     )?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
-/// TLS for the QUIC listener: connectors only, tunnel ALPN, TLS 1.3.
+/// TLS for the QUIC listener, TLS 1.3: connectors (tunnel ALPN) and devices (`h3`); a
+/// certificate is mandatory, and the role must match the ALPN (checked after the
+/// handshake, in `tunnel::accept_loop`).
 pub(crate) fn quic_config(
     ca: &Ca,
     registry: &Arc<Registry>,
@@ -226,9 +225,13 @@ pub(crate) fn quic_config(
         ca,
         registry,
         resolver,
-        Role::Connector,
+        &[Role::Device, Role::Connector],
+        true,
         &[&rustls::version::TLS13],
     )?;
-    cfg.alpn_protocols = vec![portcullis_shared::proto::TUNNEL_ALPN.to_vec()];
+    cfg.alpn_protocols = vec![
+        b"h3".to_vec(),
+        portcullis_shared::proto::TUNNEL_ALPN.to_vec(),
+    ];
     Ok(cfg)
 }

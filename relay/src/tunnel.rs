@@ -8,15 +8,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use portcullis_shared::identity::{HostPattern, Hostname, Identity};
+use portcullis_shared::identity::{HostPattern, Hostname, Identity, Role};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{
-    CloseCode, ControlFrame, FrameDecoder, Rejection, StreamHeader, StreamKind, encode_frame,
+    CloseCode, ControlFrame, FrameDecoder, Rejection, StreamHeader, StreamKind, TUNNEL_ALPN,
+    encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::tunnel_io::read_frame;
 use quinn::{RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::server::State;
@@ -31,6 +33,9 @@ pub(crate) struct ConnectorHandle {
     pub(crate) name: String,
     conn: quinn::Connection,
     draining: AtomicBool,
+    /// Concurrent requests and tunnels through this connector, at most
+    /// `limits.max_streams_per_connector`.
+    pub(crate) slots: Arc<Semaphore>,
 }
 
 impl ConnectorHandle {
@@ -122,7 +127,9 @@ impl Router {
     }
 }
 
-/// Accepts connector connections until shutdown.
+/// Accepts QUIC connections until shutdown and dispatches them by ALPN: connector tunnels
+/// (connector certificates) and HTTP/3 (device certificates). A certificate whose role
+/// does not match the protocol it asked for is closed with [`CloseCode::WrongRole`].
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, shutdown: Shutdown) {
     loop {
         let incoming = tokio::select! {
@@ -133,11 +140,12 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, sh
             () = shutdown.wait() => return,
         };
         let state = state.clone();
-        let span = tracing::info_span!("connector", client.addr = %incoming.remote_address(), connector.name = tracing::field::Empty);
+        let shutdown = shutdown.clone();
+        let span = tracing::info_span!("quic", client.addr = %incoming.remote_address(), connector.name = tracing::field::Empty, device.id = tracing::field::Empty);
         tokio::spawn(
             async move {
-                if let Err(e) = serve_connector(incoming, state).await {
-                    tracing::info!(error = %format!("{e:#}"), "connector session ended");
+                if let Err(e) = serve_quic(incoming, state, shutdown).await {
+                    tracing::info!(error = %format!("{e:#}"), "QUIC connection ended");
                 }
             }
             .instrument(span),
@@ -145,25 +153,55 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, sh
     }
 }
 
+async fn serve_quic(
+    incoming: quinn::Incoming,
+    state: Arc<State>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let conn = incoming.await.context("handshake")?;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    let (identity, serial) = peer_identity(&conn)?;
+    match (alpn.as_deref(), identity.role()) {
+        (Some(TUNNEL_ALPN), Role::Connector) => {
+            tracing::Span::current().record("connector.name", identity.id());
+            serve_connector(conn, identity, serial, state).await
+        }
+        (Some(b"h3"), Role::Device) => {
+            tracing::Span::current().record("device.id", identity.id());
+            crate::http3::serve(conn, identity, serial, state, shutdown).await
+        }
+        _ => {
+            conn.close(
+                VarInt::from_u32(CloseCode::WrongRole.code()),
+                b"certificate role does not match the protocol",
+            );
+            bail!("{identity} asked for a protocol its role may not use")
+        }
+    }
+}
+
 fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<(Identity, String)> {
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .context("connector presented no certificate")?;
-    let leaf = certs
-        .first()
-        .context("connector presented no certificate")?;
+        .context("no client certificate")?;
+    let leaf = certs.first().context("no client certificate")?;
     let info = pki::inspect(leaf)?;
     let identity = info
         .identity
-        .context("connector certificate names no identity")?;
+        .context("client certificate names no identity")?;
     Ok((identity, info.serial))
 }
 
-async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow::Result<()> {
-    let conn = incoming.await.context("handshake")?;
-    let (identity, serial) = peer_identity(&conn)?;
-    tracing::Span::current().record("connector.name", identity.id());
+async fn serve_connector(
+    conn: quinn::Connection,
+    identity: Identity,
+    serial: String,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
     let live = state.registry.track(&identity, &serial);
 
     let (mut send, mut recv) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
@@ -222,6 +260,9 @@ async fn serve_connector(incoming: quinn::Incoming, state: Arc<State>) -> anyhow
         name: identity.id().to_owned(),
         conn: conn.clone(),
         draining: AtomicBool::new(false),
+        slots: Arc::new(Semaphore::new(
+            state.config.limits.max_streams_per_connector,
+        )),
     });
     state.router.add(&handle, &patterns);
     state.metrics.connectors.fetch_add(1, Ordering::Relaxed);

@@ -48,10 +48,26 @@ pub struct IngressRule {
 /// Origin URL scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
-    /// Plain HTTP.
+    /// Plain HTTP/1.1.
     Http,
-    /// HTTP over TLS, verified.
+    /// HTTP over TLS, verified; HTTP/2 when the origin offers it (ALPN), else HTTP/1.1.
     Https,
+    /// HTTP/2 without TLS, prior knowledge (`h2c://`): gRPC servers.
+    H2c,
+    /// Raw TCP (`tcp://`), reached by clients with `CONNECT host:port`.
+    Tcp,
+}
+
+impl Scheme {
+    /// The URL scheme's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+            Self::H2c => "h2c",
+            Self::Tcp => "tcp",
+        }
+    }
 }
 
 /// A parsed origin URL: scheme, host and port, nothing else.
@@ -78,11 +94,7 @@ impl ServiceUrl {
 
 impl fmt::Display for ServiceUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.scheme {
-            Scheme::Http => "http",
-            Scheme::Https => "https",
-        };
-        write!(f, "{scheme}://{}", self.authority())
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority())
     }
 }
 
@@ -90,19 +102,32 @@ impl FromStr for ServiceUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid service {s:?}: use http://host:port or https://host:port");
-        let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
-            (Scheme::Http, r)
-        } else if let Some(r) = s.strip_prefix("https://") {
-            (Scheme::Https, r)
-        } else {
-            return Err(bad());
+        let bad = || {
+            format!(
+                "invalid service {s:?}: use http://host:port, https://host:port, h2c://host:port or tcp://host:port"
+            )
         };
+        let (scheme, rest) = [
+            ("http://", Scheme::Http),
+            ("https://", Scheme::Https),
+            ("h2c://", Scheme::H2c),
+            ("tcp://", Scheme::Tcp),
+        ]
+        .into_iter()
+        .find_map(|(prefix, scheme)| s.strip_prefix(prefix).map(|r| (scheme, r)))
+        .ok_or_else(bad)?;
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
             return Err(bad());
         }
-        let default_port = if scheme == Scheme::Http { 80 } else { 443 };
+        let default_port = match scheme {
+            Scheme::Http | Scheme::H2c => 80,
+            Scheme::Https => 443,
+            // A TCP service has no conventional port: it must be given.
+            Scheme::Tcp if !authority.ends_with(']') && authority.contains(':') => 0,
+            Scheme::Tcp if authority.contains("]:") => 0,
+            Scheme::Tcp => return Err(bad()),
+        };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(bad)?;
             let port = match after.strip_prefix(':') {
@@ -195,7 +220,7 @@ impl ConnectorConfig {
                     rule.hostname
                 )));
             }
-            if rule.service.scheme == Scheme::Http && rule.origin_ca.is_some() {
+            if rule.service.scheme != Scheme::Https && rule.origin_ca.is_some() {
                 return Err(invalid(format!(
                     "ingress {}: origin_ca applies to https:// services only",
                     rule.hostname
@@ -275,6 +300,17 @@ service = "https://[::1]"
         }
         let u: ServiceUrl = "http://db:5432/".parse().unwrap();
         assert_eq!(u.to_string(), "http://db:5432");
+        let u: ServiceUrl = "tcp://db:5432".parse().unwrap();
+        assert_eq!((u.scheme, u.port), (Scheme::Tcp, 5432));
+        assert!(
+            "tcp://db".parse::<ServiceUrl>().is_err(),
+            "tcp needs a port"
+        );
+        let u: ServiceUrl = "h2c://[::1]:50051".parse().unwrap();
+        assert_eq!(
+            (u.scheme, u.authority().as_str()),
+            (Scheme::H2c, "[::1]:50051")
+        );
     }
 
     #[test]

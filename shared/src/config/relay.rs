@@ -56,8 +56,21 @@ pub struct LimitsConfig {
     /// Time allowed for a client to send a request's headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Largest request header section accepted from clients, in bytes.
+    /// Largest request header section accepted from clients, in bytes (431 beyond).
     pub max_header_bytes: usize,
+    /// Concurrent request streams one client connection may open (HTTP/2 and HTTP/3).
+    pub max_concurrent_streams: u32,
+    /// Concurrent requests and tunnels one device may have in flight (429 beyond).
+    pub max_streams_per_device: usize,
+    /// Concurrent requests and tunnels through one connector (503 beyond).
+    pub max_streams_per_connector: usize,
+    /// QUIC flow-control window per stream, in bytes.
+    pub quic_stream_window: u32,
+    /// QUIC flow-control window per connection, in bytes.
+    pub quic_connection_window: u32,
+    /// Idle time after which a client or connector connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -66,6 +79,12 @@ impl Default for LimitsConfig {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
+            max_concurrent_streams: 100,
+            max_streams_per_device: 256,
+            max_streams_per_connector: 4096,
+            quic_stream_window: 1024 * 1024,
+            quic_connection_window: 8 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -112,10 +131,25 @@ impl RelayConfig {
                 )));
             }
         }
-        if self.limits.max_header_bytes < 1024 {
+        let l = &self.limits;
+        if l.max_header_bytes < 1024 {
             return Err(invalid(
                 "limits.max_header_bytes must be at least 1024".into(),
             ));
+        }
+        if l.max_concurrent_streams == 0
+            || l.max_streams_per_device == 0
+            || l.max_streams_per_connector == 0
+        {
+            return Err(invalid("limits: stream limits must be at least 1".into()));
+        }
+        if l.quic_stream_window < 16 * 1024 || l.quic_connection_window < l.quic_stream_window {
+            return Err(invalid(
+                "limits: quic_stream_window must be at least 16384 and quic_connection_window at least quic_stream_window".into(),
+            ));
+        }
+        if l.idle_timeout < Duration::from_secs(2) {
+            return Err(invalid("limits.idle_timeout must be at least 2s".into()));
         }
         Ok(())
     }

@@ -1,0 +1,242 @@
+//! HTTP/3 on the QUIC listener (ALPN `h3`, device certificates): the same request path as
+//! HTTPS ([`crate::proxy`]), with bodies and trailers carried as h3 frames, and CONNECT
+//! tunnels carried on the request stream itself.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame};
+use hyper_util::rt::TokioIo;
+use portcullis_shared::identity::Identity;
+use portcullis_shared::shutdown::Shutdown;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, ReqBody, Tunnel, TunnelParts};
+use crate::server::State;
+
+type Conn = h3_quinn::Connection;
+type SendHalf = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvHalf = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Serves one device's HTTP/3 connection until it closes, the device is revoked, or
+/// shutdown (then in-flight requests finish within the drain grace).
+pub(crate) async fn serve(
+    conn: quinn::Connection,
+    device: Identity,
+    serial: String,
+    state: Arc<State>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let sni = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.server_name);
+    let live = state.registry.track(&device, &serial);
+    let info = Arc::new(ConnInfo {
+        peer: conn.remote_address(),
+        sni,
+        device: Some(device),
+        revoked: live.token(),
+        protocol: "HTTP/3",
+    });
+    let limits = &state.config.limits;
+    let mut h3c = h3::server::builder()
+        .max_field_section_size(limits.max_header_bytes as u64)
+        .enable_extended_connect(true)
+        .build::<Conn, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        .await?;
+    let requests = tokio_util::task::TaskTracker::new();
+    loop {
+        tokio::select! {
+            r = h3c.accept() => match r {
+                Ok(Some(resolver)) => {
+                    let state = state.clone();
+                    let info = info.clone();
+                    let span = tracing::debug_span!("h3.request");
+                    shutdown.tracker().spawn(requests.track_future(async move {
+                        match resolver.resolve_request().await {
+                            Ok((req, stream)) => serve_request(state, info, req, stream).await,
+                            // h3 has already answered (431) or reset the stream (H3_MESSAGE_ERROR).
+                            Err(e) => tracing::debug!(error = %e, "malformed HTTP/3 request"),
+                        }
+                    }.instrument(span)));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !e.is_h3_no_error() {
+                        tracing::debug!(error = %e, "HTTP/3 connection ended");
+                    }
+                    break;
+                }
+            },
+            () = live.revoked() => {
+                tracing::info!("closing a revoked device's HTTP/3 connection");
+                conn.close(quinn::VarInt::from_u32(0x100), b"certificate revoked");
+                break;
+            }
+            () = shutdown.wait() => {
+                let _ = h3c.shutdown(0).await;
+                requests.close();
+                let _ = tokio::time::timeout(state.config.drain_grace, requests.wait()).await;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_request(
+    state: Arc<State>,
+    info: Arc<ConnInfo>,
+    req: Request<()>,
+    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+) {
+    let (mut tx, rx) = stream.split();
+    let (mut parts, ()) = req.into_parts();
+    if let Some(p) = parts.extensions.get::<h3::ext::Protocol>() {
+        let p = ExtendedConnect(p.as_str().to_owned());
+        parts.extensions.insert(p);
+    }
+    let connect = parts.method == Method::CONNECT;
+    let (body, kept_rx): (ReqBody, _) = if connect {
+        (
+            Empty::new().map_err(|never| match never {}).boxed(),
+            Some(rx),
+        )
+    } else {
+        (ChannelBody::spawn(rx).boxed(), None)
+    };
+    let resp = proxy::handle(state, info, Request::from_parts(parts, body)).await;
+    let tunnel = resp.extensions().get::<Tunnel>().and_then(Tunnel::take);
+    let (head, mut body) = resp.into_parts();
+    if let Err(e) = tx.send_response(Response::from_parts(head, ())).await {
+        tracing::debug!(error = %e, "sending the response head failed");
+        return;
+    }
+    if let (Some(tunnel), Some(rx)) = (tunnel, kept_rx) {
+        pump(tunnel, tx, rx).await;
+        return;
+    }
+    while let Some(frame) = body.frame().await {
+        let sent = match frame {
+            Ok(f) if f.is_data() => match f.into_data() {
+                Ok(data) => tx.send_data(data).await,
+                Err(_) => Ok(()),
+            },
+            Ok(f) => match f.into_trailers() {
+                Ok(trailers) => tx.send_trailers(trailers).await,
+                Err(_) => Ok(()),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream body failed; resetting the stream");
+                tx.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            }
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "client went away");
+            return;
+        }
+    }
+    let _ = tx.finish().await;
+}
+
+/// Joins a CONNECT request stream to the connector's tunnel: bytes both ways, FIN for FIN.
+async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
+    let TunnelParts {
+        upstream,
+        permits,
+        revoked,
+    } = tunnel;
+    let upstream = match upstream.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "tunnel upgrade failed");
+            return;
+        }
+    };
+    let (mut up_read, mut up_write) = tokio::io::split(TokioIo::new(upstream));
+    let client_to_origin = async {
+        while let Ok(Some(mut chunk)) = rx.recv_data().await {
+            while chunk.has_remaining() {
+                let n = chunk.chunk().len();
+                if up_write.write_all(chunk.chunk()).await.is_err() {
+                    return;
+                }
+                chunk.advance(n);
+            }
+        }
+        let _ = up_write.shutdown().await;
+    };
+    let origin_to_client = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            buf.reserve(16 * 1024);
+            match up_read.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send_data(buf.split().freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.finish().await;
+    };
+    tokio::select! {
+        _ = async { tokio::join!(client_to_origin, origin_to_client) } => {}
+        () = revoked.cancelled() => tracing::info!("closing a revoked device's tunnel"),
+    }
+    drop(permits);
+}
+
+/// An HTTP/3 request body as an `http_body::Body`: a task reads the h3 stream into a small
+/// channel, so backpressure reaches the client through QUIC flow control.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl ChannelBody {
+    fn spawn(mut stream: RecvHalf) -> Self {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                match stream.recv_data().await {
+                    Ok(Some(mut chunk)) => {
+                        let data = chunk.copy_to_bytes(chunk.remaining());
+                        if tx.send(Ok(Frame::data(data))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                        return;
+                    }
+                }
+            }
+            if let Ok(Some(trailers)) = stream.recv_trailers().await {
+                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+            }
+        });
+        Self { rx }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx)
+    }
+}
