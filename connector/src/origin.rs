@@ -18,11 +18,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_shared::config::{ConnectorConfig, IngressRule, Scheme};
 use portcullis_shared::identity::{HostPattern, Hostname};
 use portcullis_shared::pki;
-use portcullis_shared::proto::StreamHeader;
+use portcullis_shared::proto::{StreamHeader, TRAILERS_FIELD};
+use portcullis_shared::tunnel_body::{Fold, TunnelBody};
 use quinn::{RecvStream, SendStream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type OriginClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+type OriginClient = Client<HttpsConnector<HttpConnector>, TunnelBody<Incoming>>;
 
 /// One origin: where to send requests and the pooled client to send them with.
 struct Origin {
@@ -186,6 +187,9 @@ async fn proxy(
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // The tunnel's trailer field is ours: unfold it, and do not tell the origin about it.
+    parts.headers.remove(header::TRAILER);
+    let body = TunnelBody::new(body, Fold::Unfold);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let scheme = match origin.rule.service.scheme {
         Scheme::Https => "https",
@@ -221,7 +225,16 @@ async fn proxy(
                     }
                 });
             }
-            resp.map(|b| b.map_err(BoxError::from).boxed())
+            let (mut head, body) = resp.into_parts();
+            head.headers.remove(header::TRAILER);
+            if head.headers.contains_key(header::CONTENT_LENGTH) {
+                return Response::from_parts(head, body.map_err(BoxError::from).boxed());
+            }
+            // Streamed: declare the tunnel's trailer field and fold any trailers into it.
+            head.headers
+                .insert(header::TRAILER, HeaderValue::from_static(TRAILERS_FIELD));
+            let body = TunnelBody::new(body, Fold::Fold);
+            Response::from_parts(head, body.map_err(BoxError::from).boxed())
         }
         Err(e) => {
             tracing::warn!(origin = %origin.rule.service, %method, error = %e, "origin request failed");

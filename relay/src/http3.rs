@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, ReqBody, Tunnel, TunnelParts};
+use crate::proxy::{
+    self, BoxError, ConnInfo, ExtendedConnect, ReqBody, ResetFlood, Tunnel, TunnelParts,
+};
 use crate::server::State;
 
 type Conn = h3_quinn::Connection;
@@ -52,6 +54,7 @@ pub(crate) async fn serve(
         .build::<Conn, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await?;
     let requests = tokio_util::task::TaskTracker::new();
+    let flood = Arc::new(ResetFlood::default());
     loop {
         tokio::select! {
             r = h3c.accept() => match r {
@@ -59,9 +62,14 @@ pub(crate) async fn serve(
                     let state = state.clone();
                     let info = info.clone();
                     let span = tracing::debug_span!("h3.request");
+                    let guard = flood.guard();
                     shutdown.tracker().spawn(requests.track_future(async move {
                         match resolver.resolve_request().await {
-                            Ok((req, stream)) => serve_request(state, info, req, stream).await,
+                            Ok((req, stream)) => {
+                                if serve_request(state, info, req, stream).await {
+                                    guard.finish();
+                                }
+                            }
                             // h3 has already answered (431) or reset the stream (H3_MESSAGE_ERROR).
                             Err(e) => tracing::debug!(error = %e, "malformed HTTP/3 request"),
                         }
@@ -75,6 +83,10 @@ pub(crate) async fn serve(
                     break;
                 }
             },
+            () = flood.tripped.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(0x107), b"H3_EXCESSIVE_LOAD");
+                break;
+            }
             () = live.revoked() => {
                 tracing::info!("closing a revoked device's HTTP/3 connection");
                 conn.close(quinn::VarInt::from_u32(0x100), b"certificate revoked");
@@ -96,7 +108,7 @@ async fn serve_request(
     info: Arc<ConnInfo>,
     req: Request<()>,
     stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
-) {
+) -> bool {
     let (mut tx, rx) = stream.split();
     let (mut parts, ()) = req.into_parts();
     if let Some(p) = parts.extensions.get::<h3::ext::Protocol>() {
@@ -117,11 +129,11 @@ async fn serve_request(
     let (head, mut body) = resp.into_parts();
     if let Err(e) = tx.send_response(Response::from_parts(head, ())).await {
         tracing::debug!(error = %e, "sending the response head failed");
-        return;
+        return false;
     }
     if let (Some(tunnel), Some(rx)) = (tunnel, kept_rx) {
         pump(tunnel, tx, rx).await;
-        return;
+        return true;
     }
     while let Some(frame) = body.frame().await {
         let sent = match frame {
@@ -136,15 +148,15 @@ async fn serve_request(
             Err(e) => {
                 tracing::debug!(error = %e, "upstream body failed; resetting the stream");
                 tx.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
-                return;
+                return true;
             }
         };
         if let Err(e) = sent {
             tracing::debug!(error = %e, "client went away");
-            return;
+            return false;
         }
     }
-    let _ = tx.finish().await;
+    tx.finish().await.is_ok()
 }
 
 /// Joins a CONNECT request stream to the connector's tunnel: bytes both ways, FIN for FIN.

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, Tunnel};
+use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, ResetFlood, Tunnel};
 use crate::server::State;
 
 /// Accepts HTTPS connections until shutdown; each runs until done, revoked or drained.
@@ -106,11 +106,18 @@ async fn serve_connection(
         .https_connections
         .fetch_add(1, Ordering::Relaxed);
 
+    let flood = Arc::new(ResetFlood::default());
     let svc_state = state.clone();
+    let svc_flood = flood.clone();
     let service = hyper::service::service_fn(move |req| {
         let state = svc_state.clone();
         let info = info.clone();
-        serve_request(state, info, req)
+        let guard = svc_flood.guard();
+        async move {
+            let resp = serve_request(state, info, req).await;
+            guard.finish();
+            resp
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -143,6 +150,7 @@ async fn serve_connection(
         () = revoked => {
             tracing::info!(client.addr = %peer, "closing a revoked device's connection");
         }
+        () = flood.tripped.cancelled() => {}
         () = shutdown.wait() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(state.config.drain_grace, conn.as_mut()).await;

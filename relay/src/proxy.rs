@@ -25,6 +25,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use portcullis_shared::identity::{Hostname, Identity};
 use portcullis_shared::policy::{self, Subject};
+use portcullis_shared::proto::TRAILERS_FIELD;
+use portcullis_shared::tunnel_body::{Fold, TunnelBody};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -192,6 +194,66 @@ impl Access {
     }
 }
 
+/// Counts requests a client abandoned (reset) before their response finished. A client that
+/// abandons more than [`ResetFlood::LIMIT`] in [`ResetFlood::WINDOW`] is flooding (the
+/// HTTP/2 "rapid reset" attack, CVE-2023-44487, and its HTTP/3 twin): the listener closes
+/// its connection.
+#[derive(Debug, Default)]
+pub(crate) struct ResetFlood {
+    window: Mutex<Option<(Instant, u32)>>,
+    pub(crate) tripped: CancellationToken,
+}
+
+impl ResetFlood {
+    const LIMIT: u32 = 100;
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn abandoned(&self) {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (start, count) = w.get_or_insert((now, 0));
+        if now.duration_since(*start) > Self::WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        if *count > Self::LIMIT && !self.tripped.is_cancelled() {
+            tracing::warn!(
+                abandoned = *count,
+                "client is flooding request resets: closing its connection"
+            );
+            self.tripped.cancel();
+        }
+    }
+
+    /// A guard to hold while a request is served; dropping it unfinished counts a reset.
+    pub(crate) fn guard(self: &Arc<Self>) -> ResetGuard {
+        ResetGuard {
+            flood: self.clone(),
+            finished: false,
+        }
+    }
+}
+
+pub(crate) struct ResetGuard {
+    flood: Arc<ResetFlood>,
+    finished: bool,
+}
+
+impl ResetGuard {
+    pub(crate) fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for ResetGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.flood.abandoned();
+        }
+    }
+}
+
 /// Handles one request from any listener.
 pub(crate) async fn handle(
     state: Arc<State>,
@@ -218,6 +280,20 @@ pub(crate) async fn handle(
         reason: None,
         permits: Vec::new(),
     };
+    // RFC 9112 §6.1: a request with both is a smuggling vector; refuse it and close.
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        access.reason = Some("conflicting length");
+        let mut resp = text(
+            StatusCode::BAD_REQUEST,
+            "conflicting Content-Length and Transfer-Encoding",
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        access.write(&state, 400, 0);
+        return resp;
+    }
     let resp = match route(&state, &info, req, &mut access).await {
         Ok(resp) => resp,
         Err((status, reason, msg)) => {
@@ -393,6 +469,7 @@ async fn route(
         jwt: jwt.as_deref(),
         peer: info.peer,
     };
+    let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
     let outgoing = match kind {
         Kind::Connect => connect_request(req, &host, &identity)?,
         Kind::WebSocketConnect => websocket_request(req, &host, &identity)?,
@@ -451,6 +528,12 @@ async fn route(
             }
         } else if matches!(kind, Kind::Connect) {
             head.headers.clear();
+        } else {
+            head.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(proto) = &upgrade_protocol {
+                head.headers.insert(header::UPGRADE, proto.clone());
+            }
         }
         head.extensions
             .insert(Tunnel(Arc::new(Mutex::new(Some(parts)))));
@@ -461,6 +544,7 @@ async fn route(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    let body = TunnelBody::new(body, Fold::Unfold);
     Ok(Response::from_parts(
         parts,
         body.map_err(BoxError::from).boxed(),
@@ -568,6 +652,15 @@ fn rewrite_request(
         .headers
         .insert(header::TE, HeaderValue::from_static("trailers"));
     set_identity(&mut parts.headers, host, id);
+    if !upgrade && !parts.headers.contains_key(header::CONTENT_LENGTH) && !body.is_end_stream() {
+        // A streamed body may end in trailers (gRPC): declare the one tunnel field that
+        // carries them, which HTTP/1.1 requires before the body.
+        parts
+            .headers
+            .insert(header::TRAILER, HeaderValue::from_static(TRAILERS_FIELD));
+        let body = TunnelBody::new(body, Fold::Fold).boxed();
+        return Ok(Request::from_parts(parts, body));
+    }
     Ok(Request::from_parts(parts, body))
 }
 

@@ -301,11 +301,15 @@ impl World {
         self.start_origin_in(None, "127.0.0.1:0").await
     }
 
-    /// Starts the test origin listening on `listen`, inside `netns` if given.
+    /// Starts the test origin listening on `listen`, inside `netns` if given. Its raw TCP
+    /// echo server's address is then [`World::echo_addr`].
     pub async fn start_origin_in(&self, netns: Option<&str>, listen: &str) -> (Daemon, String) {
         let ready = self.path("origin.ready");
         let mut cmd = in_netns(netns, &bin("pc-origin"));
-        cmd.args(["--listen", listen, "--ready-file"]).arg(&ready);
+        cmd.args(["--listen", listen, "--ready-file"])
+            .arg(&ready)
+            .arg("--echo-ready-file")
+            .arg(self.path("echo.ready"));
         let mut d = Daemon::spawn(cmd, self.path("origin.log"));
         let addr = read_ready(&ready, &mut d.child, "origin").await;
         (d, addr)
@@ -321,6 +325,107 @@ pub fn in_netns(netns: Option<&str>, program: &Path) -> Command {
             cmd
         }
         None => Command::new(program),
+    }
+}
+
+impl World {
+    /// The test origin's raw TCP echo address.
+    pub fn echo_addr(&self) -> String {
+        std::fs::read_to_string(self.path("echo.ready")).unwrap()
+    }
+}
+
+/// The published web app in [`Stack`].
+pub const APP: &str = "app.internal";
+/// A raw TCP service (the origin's echo server) in [`Stack`].
+pub const DB: &str = "db.internal";
+/// An HTTP/2 cleartext (gRPC-style) service in [`Stack`].
+pub const GRPC: &str = "grpc.internal";
+/// The policy of [`Stack`]: group eng may reach everything published.
+pub const POLICY: &str = "[[policy]]\nhostnames = [\"app.internal\", \"db.internal\", \"grpc.internal\", \"*.eng.internal\"]\ngroups = [\"eng\"]\n";
+
+/// A running relay, connector `c1`, the test origin, and devices alice (group eng) and bob
+/// (group sales). c1 publishes [`APP`] and `*.eng.internal` (HTTP), [`DB`] (TCP echo) and
+/// [`GRPC`] (h2c), all served by the one test origin.
+pub struct Stack {
+    /// The test's world.
+    pub w: World,
+    /// The relay.
+    pub relay: Daemon,
+    /// Its addresses.
+    pub addrs: RelayAddrs,
+    /// The connector.
+    pub connector: Daemon,
+    /// The origin process.
+    pub origin: Daemon,
+    /// The origin's HTTP address.
+    pub origin_addr: String,
+}
+
+impl Stack {
+    /// Brings the stack up and waits until alice reaches [`APP`].
+    pub async fn up() -> Self {
+        Self::up_with("").await
+    }
+
+    /// Like [`Stack::up`], with `extra` TOML appended to relay.toml (e.g. `[limits]`).
+    pub async fn up_with(extra: &str) -> Self {
+        let w = World::new();
+        w.issue_connector("c1", &[APP, "*.eng.internal", DB, GRPC]);
+        w.issue_device("alice", "alice", &["eng"], None);
+        w.issue_device("bob", "bob", &["sales"], None);
+        let (origin, origin_addr) = w.start_origin().await;
+        w.write_relay_config(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &format!("{extra}\n{POLICY}"),
+        );
+        let (relay, addrs) = w.start_relay().await;
+        let service = format!("http://{origin_addr}");
+        let echo = format!("tcp://{}", w.echo_addr());
+        let h2c = format!("h2c://{origin_addr}");
+        let connector = w.start_connector(
+            "c1",
+            &addrs.quic.to_string(),
+            &[
+                (APP, &service),
+                ("*.eng.internal", &service),
+                (DB, &echo),
+                (GRPC, &h2c),
+            ],
+        );
+        curl_until(&w, &addrs, APP, "alice", 200).await;
+        Self {
+            w,
+            relay,
+            addrs,
+            connector,
+            origin,
+            origin_addr,
+        }
+    }
+
+    /// Kills the relay, waits `outage`, starts it again on the same ports, and returns how
+    /// long after it was back the first request succeeded.
+    pub async fn restart_relay(&mut self, outage: Duration) -> Duration {
+        self.relay.signal("KILL");
+        self.relay.wait(Duration::from_secs(5)).await;
+        let a = self.addrs;
+        let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
+        self.w.write_relay_config(&quic, &https, &admin, POLICY);
+        tokio::time::sleep(outage).await;
+        let (relay, addrs) = self.w.start_relay().await;
+        self.relay = relay;
+        self.addrs = addrs;
+        let back = Instant::now();
+        curl_until(&self.w, &addrs, APP, "alice", 200).await;
+        back.elapsed()
+    }
+
+    /// GET through the relay with curl.
+    pub async fn get(&self, host: &str, path: &str, device: Option<&str>) -> CurlResult {
+        curl(&self.w, &self.addrs, host, path, device).await
     }
 }
 
@@ -429,4 +534,224 @@ pub async fn curl_until(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A rustls client config trusting the org CA of `w`, presenting device `device`'s
+/// certificate, offering `alpn`.
+pub fn client_tls(w: &World, device: &str, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    use rustls_pki_types::pem::PemObject;
+    let out = w.path("out");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(out.join("ca.crt")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_file_iter(out.join(format!("{device}.crt")))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_file(out.join(format!("{device}.key"))).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    cfg
+}
+
+/// A TLS connection to the relay's HTTPS port with SNI `sni`, as device `device`.
+pub async fn tls_connect(
+    w: &World,
+    relay: &RelayAddrs,
+    sni: &str,
+    device: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(w, device, alpn)));
+    let tcp = tokio::net::TcpStream::connect(relay.https).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// What an HTTP/3 exchange returned.
+#[derive(Debug)]
+pub struct H3Response {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// Trailers, if any.
+    pub trailers: Option<http::HeaderMap>,
+}
+
+/// An HTTP/3 client connection to the relay's QUIC port as device `device`.
+pub struct H3Client {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>,
+    _driver: tokio::task::JoinHandle<()>,
+    /// The QUIC endpoint (its socket can be rebound to test migration).
+    pub endpoint: quinn::Endpoint,
+}
+
+impl H3Client {
+    /// Connects with TLS name `sni`; panics if the relay refuses.
+    pub async fn connect(w: &World, relay: &RelayAddrs, device: &str, sni: &str) -> Self {
+        Self::try_connect(w, relay, device, sni).await.unwrap()
+    }
+
+    /// Connects with TLS name `sni`.
+    pub async fn try_connect(
+        w: &World,
+        relay: &RelayAddrs,
+        device: &str,
+        sni: &str,
+    ) -> anyhow::Result<Self> {
+        let tls = client_tls(w, device, &[b"h3"]);
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        let conn = endpoint.connect(relay.quic, sni)?.await?;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+        let driver = tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(Self {
+            send,
+            _driver: driver,
+            endpoint,
+        })
+    }
+
+    /// Sends one request with an optional body and reads the whole response.
+    pub async fn request(&mut self, req: http::Request<()>, body: Option<Vec<u8>>) -> H3Response {
+        use bytes::Buf;
+        let mut stream = self.send.send_request(req).await.unwrap();
+        if let Some(body) = body {
+            for chunk in body.chunks(64 * 1024) {
+                stream
+                    .send_data(bytes::Bytes::copy_from_slice(chunk))
+                    .await
+                    .unwrap();
+            }
+        }
+        stream.finish().await.unwrap();
+        let resp = stream.recv_response().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+            out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        }
+        let trailers = stream.recv_trailers().await.unwrap();
+        H3Response {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: out,
+            trailers,
+        }
+    }
+
+    /// GET `https://HOST/PATH`.
+    pub async fn get(&mut self, host: &str, path: &str) -> H3Response {
+        let req = http::Request::get(format!("https://{host}{path}"))
+            .body(())
+            .unwrap();
+        self.request(req, None).await
+    }
+
+    /// `CONNECT target` (host:port); sends `data`, half-closes, returns status and
+    /// everything received until the other side closes.
+    pub async fn connect_tunnel(&mut self, target: &str, data: &[u8]) -> (u16, Vec<u8>) {
+        use bytes::Buf;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target)
+            .body(())
+            .unwrap();
+        let mut stream = self.send.send_request(req).await.unwrap();
+        let resp = stream.recv_response().await.unwrap();
+        if resp.status() != 200 {
+            return (resp.status().as_u16(), Vec::new());
+        }
+        stream
+            .send_data(bytes::Bytes::copy_from_slice(data))
+            .await
+            .unwrap();
+        stream.finish().await.unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(mut chunk)) = stream.recv_data().await {
+            out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        }
+        (200, out)
+    }
+}
+
+/// `CONNECT target` over HTTP/1.1 on a TLS connection to the relay (SNI: the relay's own
+/// name), then `data` is sent and the write side half-closed; returns the response status
+/// line and all bytes received until the far side closes.
+pub async fn h1_connect(
+    w: &World,
+    relay: &RelayAddrs,
+    device: &str,
+    target: &str,
+    data: &[u8],
+) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(w, relay, "relay.acme.test", device, &[b"http/1.1"]).await;
+    tls.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tls.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    if !status.contains(" 200") {
+        return (status, Vec::new());
+    }
+    tls.write_all(data).await.unwrap();
+    // Half-close: TLS close_notify ends our direction, the tunnel must carry that FIN.
+    tls.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest).await;
+    (status, rest)
+}
+
+/// An HTTP/2 connection to the relay (SNI `sni`) as device `device`.
+pub async fn h2_connect(
+    w: &World,
+    relay: &RelayAddrs,
+    device: &str,
+    sni: &str,
+) -> h2::client::SendRequest<bytes::Bytes> {
+    let tls = tls_connect(w, relay, sni, device, &[b"h2"]).await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// Reads an h2 body to the end.
+pub async fn h2_read_all(body: &mut h2::RecvStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    out
 }

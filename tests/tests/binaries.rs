@@ -5,60 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::{
-    Daemon, RelayAddrs, World, curl, curl_cmd, curl_until, relay_cli, relay_ok, run_curl,
-};
+use portcullis_e2e::{World, curl_cmd, curl_until, relay_cli, relay_ok, run_curl};
 
-const APP: &str = "app.internal";
-const POLICY: &str =
-    "[[policy]]\nhostnames = [\"app.internal\", \"*.eng.internal\"]\ngroups = [\"eng\"]\n";
-
-/// A running relay, connector `c1` publishing app.internal, an origin, and devices alice
-/// (group eng) and bob (group sales).
-struct Stack {
-    w: World,
-    relay: Daemon,
-    addrs: RelayAddrs,
-    connector: Daemon,
-    _origin: Daemon,
-    origin_addr: String,
-}
-
-impl Stack {
-    async fn up() -> Self {
-        let w = World::new();
-        w.issue_connector("c1", &[APP, "*.eng.internal"]);
-        w.issue_device("alice", "alice", &["eng"], None);
-        w.issue_device("bob", "bob", &["sales"], None);
-        let (origin, origin_addr) = w.start_origin().await;
-        w.write_relay_config("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", POLICY);
-        let (relay, addrs) = w.start_relay().await;
-        let service = format!("http://{origin_addr}");
-        let connector = w.start_connector(
-            "c1",
-            &addrs.quic.to_string(),
-            &[(APP, &service), ("*.eng.internal", &service)],
-        );
-        curl_until(&w, &addrs, APP, "alice", 200).await;
-        Self {
-            w,
-            relay,
-            addrs,
-            connector,
-            _origin: origin,
-            origin_addr,
-        }
-    }
-
-    async fn get(
-        &self,
-        host: &str,
-        path: &str,
-        device: Option<&str>,
-    ) -> portcullis_e2e::CurlResult {
-        curl(&self.w, &self.addrs, host, path, device).await
-    }
-}
+use portcullis_e2e::{APP, Stack};
 
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
@@ -326,25 +275,6 @@ async fn a_connector_cannot_publish_a_name_it_was_not_issued() {
     // app.internal still goes to c1 only; requests keep working.
     for _ in 0..4 {
         assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
-    }
-}
-
-impl Stack {
-    /// Kills the relay, waits `outage`, starts it again on the same ports, and returns how
-    /// long after it was back the first request succeeded.
-    async fn restart_relay(&mut self, outage: Duration) -> Duration {
-        self.relay.signal("KILL");
-        self.relay.wait(Duration::from_secs(5)).await;
-        let a = self.addrs;
-        let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
-        self.w.write_relay_config(&quic, &https, &admin, POLICY);
-        tokio::time::sleep(outage).await;
-        let (relay, addrs) = self.w.start_relay().await;
-        self.relay = relay;
-        self.addrs = addrs;
-        let back = Instant::now();
-        curl_until(&self.w, &addrs, APP, "alice", 200).await;
-        back.elapsed()
     }
 }
 

@@ -10,9 +10,11 @@
 
 mod control;
 mod stream;
+mod trailers;
 
 pub use control::{ControlFrame, FrameDecoder, Rejection, encode_frame};
 pub use stream::{StreamHeader, StreamKind};
+pub use trailers::{MAX_TRAILERS_LEN, TRAILERS_FIELD, decode_trailers, encode_trailers};
 
 /// ALPN protocol id a connector offers on its QUIC connection to the relay. The `1` is the
 /// tunnel protocol version; a relay that does not speak it fails the handshake.

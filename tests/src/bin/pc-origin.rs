@@ -1,5 +1,8 @@
-//! A small HTTP origin for the end-to-end tests: echoes requests as JSON, streams chunks
-//! on a timer, answers slowly, or sends N bytes. `--listen ADDR --ready-file PATH`.
+//! A small origin for the end-to-end tests: echoes requests as JSON, streams chunks or
+//! server-sent events on a timer, answers slowly, sends or checksums any number of bytes,
+//! sends trailers, and echoes WebSocket messages (`/ws`). With `--echo-ready-file PATH` it
+//! also runs a raw TCP echo server (echoing until EOF, then half-closing).
+//! `--listen ADDR --ready-file PATH`.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -33,6 +36,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                         .await
                         .is_err()
                     {
+                        eprintln!("client went away after {i} chunks");
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -46,9 +50,85 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             Response::new(full("slow done\n".into()))
         }
         "/bytes" => {
-            let n = query(&req, "n").unwrap_or(0) as usize;
-            Response::new(full("x".repeat(n)))
+            // Streamed in 64 KiB chunks of a repeating pattern, never held whole.
+            let n = query(&req, "n").unwrap_or(0);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(pattern(64 * 1024));
+                let mut left = n;
+                while left > 0 {
+                    let take = left.min(chunk.len() as u64) as usize;
+                    if tx.send(Ok(Frame::data(chunk.slice(..take)))).await.is_err() {
+                        return;
+                    }
+                    left -= take as u64;
+                }
+            });
+            let mut resp = Response::new(StreamBody::new(tokio_stream_from(rx)).boxed());
+            resp.headers_mut().insert("content-length", n.into());
+            resp
         }
+        "/sha256" => {
+            // Hashes the request body as it streams in; answers "<hex> <length>".
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut len = 0u64;
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return Ok(Response::new(full("body error\n".into())));
+                };
+                if let Some(data) = frame.data_ref() {
+                    ctx.update(data);
+                    len += data.len() as u64;
+                }
+            }
+            let hex: String = ctx
+                .finish()
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            Response::new(full(format!("{hex} {len}")))
+        }
+        "/sse" => {
+            let ms = query(&req, "ms").unwrap_or(1000);
+            let n = query(&req, "n").unwrap_or(3);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                for i in 0..n {
+                    let event = Bytes::from(format!("data: event {i}\n\n"));
+                    if tx.send(Ok(Frame::data(event))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            });
+            let mut resp = Response::new(StreamBody::new(tokio_stream_from(rx)).boxed());
+            resp.headers_mut().insert(
+                "content-type",
+                "text/event-stream"
+                    .parse()
+                    .unwrap_or(hyper::header::HeaderValue::from_static("text/plain")),
+            );
+            resp
+        }
+        "/trailers" => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"body-then-trailers\n"))))
+                    .await;
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                trailers.insert(
+                    "x-checksum",
+                    hyper::header::HeaderValue::from_static("abc123"),
+                );
+                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+            });
+            Response::new(StreamBody::new(tokio_stream_from(rx)).boxed())
+        }
+        "/ws" => websocket(req),
         "/echo" => {
             let body = req
                 .into_body()
@@ -81,6 +161,81 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     Ok(resp)
 }
 
+/// The repeating byte pattern `/bytes` sends (so a test can checksum it independently).
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Answers a WebSocket handshake and echoes every message until the client closes.
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        let mut resp =
+            Response::new(Full::new(Bytes::from_static(b"not a websocket request\n")).boxed());
+        *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
+        return resp;
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                let _ = ws.close(None).await;
+                return;
+            }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        "upgrade",
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = accept.parse() {
+        h.insert("sec-websocket-accept", v);
+    }
+    resp
+}
+
+async fn tcp_echo(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
 fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
 ) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> {
@@ -92,14 +247,24 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut listen = "127.0.0.1:0".to_owned();
     let mut ready = None;
+    let mut echo_ready = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().unwrap_or_default(),
             "--ready-file" => ready = args.next(),
+            "--echo-ready-file" => echo_ready = args.next(),
             _ => anyhow::bail!("usage: pc-origin --listen ADDR --ready-file PATH"),
         }
     }
     let listener = tokio::net::TcpListener::bind(&listen).await?;
+    if let Some(path) = echo_ready {
+        let ip = listener.local_addr()?.ip();
+        let echo = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let tmp = format!("{path}.tmp");
+        std::fs::write(&tmp, echo.local_addr()?.to_string())?;
+        std::fs::rename(tmp, path)?;
+        tokio::spawn(tcp_echo(echo));
+    }
     if let Some(path) = ready {
         let tmp = format!("{path}.tmp");
         std::fs::write(&tmp, listener.local_addr()?.to_string())?;
@@ -109,9 +274,13 @@ async fn main() -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle))
-                .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(handle),
+                    )
+                    .await;
         });
     }
 }

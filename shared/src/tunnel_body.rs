@@ -1,0 +1,120 @@
+//! Bodies on the tunnel's HTTP/1.1 hop: trailers are folded into the one declared field
+//! [`TRAILERS_FIELD`] on the way in and unfolded on the way out (see
+//! [`crate::proto::encode_trailers`]).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::proto::{TRAILERS_FIELD, decode_trailers, encode_trailers};
+
+/// Which way a [`TunnelBody`] converts trailers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// Entering the tunnel: all trailers become one [`TRAILERS_FIELD`].
+    Fold,
+    /// Leaving the tunnel: [`TRAILERS_FIELD`] becomes the original trailers.
+    Unfold,
+}
+
+/// Wraps a body, converting its trailers; data passes untouched.
+#[derive(Debug)]
+pub struct TunnelBody<B> {
+    inner: B,
+    fold: Fold,
+}
+
+impl<B> TunnelBody<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, fold: Fold) -> Self {
+        Self { inner, fold }
+    }
+}
+
+/// Folds `trailers` into a map with the single tunnel field.
+pub fn fold(trailers: &HeaderMap) -> HeaderMap {
+    let encoded = encode_trailers(trailers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+    let mut out = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        out.insert(HeaderName::from_static(TRAILERS_FIELD), v);
+    }
+    out
+}
+
+/// Unfolds the tunnel field back into trailers; other fields pass through. A malformed
+/// field is dropped (and logged): trailers are advisory to the hop, never a reason to fail
+/// a body that has already been delivered.
+pub fn unfold(mut trailers: HeaderMap) -> HeaderMap {
+    let Some(folded) = trailers.remove(TRAILERS_FIELD) else {
+        return trailers;
+    };
+    match decode_trailers(folded.as_bytes()) {
+        Ok(fields) => {
+            for (name, value) in fields {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_bytes(&value),
+                ) {
+                    trailers.append(n, v);
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "dropping malformed tunnel trailers"),
+    }
+    trailers
+}
+
+impl<B> Body for TunnelBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let fold_dir = self.fold;
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_trailers() {
+                    Ok(t) => Frame::trailers(match fold_dir {
+                        Fold::Fold => fold(&t),
+                        Fold::Unfold => unfold(t),
+                    }),
+                    Err(frame) => frame,
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_then_unfold_restores_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        t.append("x-multi", HeaderValue::from_static("a"));
+        t.append("x-multi", HeaderValue::from_static("b"));
+        let folded = fold(&t);
+        assert_eq!(folded.len(), 1);
+        assert_eq!(unfold(folded), t);
+    }
+}
