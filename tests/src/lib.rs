@@ -96,6 +96,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Spawns `cmd` (killed when the `Daemon` drops) with its output in `log`.
+    pub fn spawn_logged(cmd: Command, log: PathBuf) -> Self {
+        Self::spawn(cmd, log)
+    }
+
     fn spawn(mut cmd: Command, log: PathBuf) -> Self {
         let file = std::fs::OpenOptions::new()
             .create(true)
