@@ -661,6 +661,11 @@ impl H3Client {
         }
     }
 
+    /// Another handle on the same connection, for concurrent requests.
+    pub fn sender(&self) -> h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes> {
+        self.send.clone()
+    }
+
     /// GET `https://HOST/PATH`.
     pub async fn get(&mut self, host: &str, path: &str) -> H3Response {
         let req = http::Request::get(format!("https://{host}{path}"))
