@@ -76,7 +76,11 @@ fn issue(
     let issued = ca.issue_client(identity, ttl)?;
     let id = identity.id();
     pki::write_public_file(&out.join(format!("{id}.crt")), issued.cert_pem.as_bytes())?;
-    pki::write_private_file(&out.join(format!("{id}.key")), issued.key_pem.as_bytes())?;
+    let key = issued
+        .key
+        .as_ref()
+        .context("the CA generated no key for this certificate")?;
+    pki::write_private_file(&out.join(format!("{id}.key")), key.pem.as_bytes())?;
     pki::write_public_file(&out.join(pki::CA_CERT_FILE), ca.cert_pem().as_bytes())?;
     store.put_identity(&record(&issued))?;
     audit(
@@ -86,7 +90,7 @@ fn issue(
         format!("serial {} valid until {}", issued.serial, issued.not_after),
     )?;
     if identity.role() == Role::Device {
-        let p12 = pki::pkcs12(id, &issued.cert_der, &issued.key_der, ca.cert_der())?;
+        let p12 = pki::pkcs12(id, &issued.cert_der, &key.der, ca.cert_der())?;
         pki::write_private_file(&out.join(format!("{id}.p12")), &p12)?;
     }
     Ok(issued)
@@ -111,6 +115,7 @@ pub fn issue_connector(
         groups: vec![],
         hostnames: patterns.clone(),
         serial: i.serial.clone(),
+        key_sha256: i.key_sha256.clone(),
         not_after: i.not_after,
         issued_at: now(),
         revoked_at: None,
@@ -134,17 +139,9 @@ pub fn issue_device(
 ) -> anyhow::Result<()> {
     let identity = Identity::new(Role::Device, id)?;
     // Users and groups travel in headers (groups comma-separated): keep them plain.
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b))
-    };
-    if !plain(user) {
-        bail!("invalid --user {user:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ @ + -");
-    }
-    if let Some(g) = groups.iter().find(|g| !plain(g)) {
-        bail!("invalid --group {g:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ @ + -");
+    check_plain("--user", user)?;
+    for g in groups {
+        check_plain("--group", g)?;
     }
     issue(state, &identity, ttl, out, |i| IdentityRecord {
         identity: identity.clone(),
@@ -152,6 +149,7 @@ pub fn issue_device(
         groups: groups.to_vec(),
         hostnames: vec![],
         serial: i.serial.clone(),
+        key_sha256: i.key_sha256.clone(),
         not_after: i.not_after,
         issued_at: now(),
         revoked_at: None,
@@ -241,6 +239,226 @@ pub fn list(state: &Path, json: bool) -> anyhow::Result<()> {
             who,
             expires
         );
+    }
+    Ok(())
+}
+
+fn random_b64(len: usize) -> anyhow::Result<String> {
+    use base64::Engine;
+    let mut bytes = vec![0u8; len];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness available"))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+fn endpoint(state: &Path, args: &crate::cli::EndpointArgs) -> anyhow::Result<(String, String)> {
+    let recorded: Option<serde_json::Value> =
+        std::fs::read(state.join(crate::server::ENDPOINT_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let field = |k: &str| {
+        recorded
+            .as_ref()
+            .and_then(|v| v[k].as_str())
+            .map(str::to_owned)
+    };
+    let relay = args.relay.clone().or_else(|| field("relay")).context(
+        "no relay address known: pass --relay HOST:PORT (the relay's public QUIC address), \
+         or start the relay once so it records it",
+    )?;
+    let server_name = args
+        .server_name
+        .clone()
+        .or_else(|| field("server_name"))
+        .or_else(|| relay.rsplit_once(':').map(|(h, _)| h.to_owned()))
+        .context("pass --server-name")?;
+    Ok((relay, server_name))
+}
+
+/// `token ...`.
+pub fn token(cmd: crate::cli::TokenCommand) -> anyhow::Result<()> {
+    use crate::cli::{TokenCommand, TokenCreate};
+    use portcullis_shared::store::{TokenGrant, TokenRecord};
+    use portcullis_shared::token::{EnrollToken, sha256_hex};
+    match cmd {
+        TokenCommand::Create(create) => {
+            let (state, ttl, endpoint_args, grant) = match &create {
+                TokenCreate::Device {
+                    user,
+                    groups,
+                    ttl,
+                    cert_ttl,
+                    endpoint,
+                    state,
+                } => {
+                    check_plain("--user", user)?;
+                    for g in groups {
+                        check_plain("--group", g)?;
+                    }
+                    (
+                        state,
+                        ttl,
+                        endpoint,
+                        TokenGrant {
+                            role: Role::Device,
+                            user: Some(user.clone()),
+                            groups: groups.clone(),
+                            name: None,
+                            hostnames: vec![],
+                            cert_ttl_secs: cert_ttl.as_secs(),
+                        },
+                    )
+                }
+                TokenCreate::Connector {
+                    name,
+                    hostnames,
+                    ttl,
+                    cert_ttl,
+                    endpoint,
+                    state,
+                } => {
+                    Identity::new(Role::Connector, name)?;
+                    let patterns = hostnames
+                        .iter()
+                        .map(|h| HostPattern::parse(h))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (
+                        state,
+                        ttl,
+                        endpoint,
+                        TokenGrant {
+                            role: Role::Connector,
+                            user: None,
+                            groups: vec![],
+                            name: Some(name.clone()),
+                            hostnames: patterns,
+                            cert_ttl_secs: cert_ttl.as_secs(),
+                        },
+                    )
+                }
+            };
+            let state = &state.state;
+            let ca = Ca::load(state)?;
+            let store = open_store(state)?;
+            let (relay, server_name) = endpoint(state, endpoint_args)?;
+            let id = random_b64(6)?;
+            let secret = random_b64(32)?;
+            let created = now();
+            store.create_token(&TokenRecord {
+                id: id.clone(),
+                secret_sha256: sha256_hex(secret.as_bytes()),
+                grant: grant.clone(),
+                created_at: created,
+                expires_at: created + ttl.as_secs() as i64,
+                used_at: None,
+                revoked_at: None,
+            })?;
+            audit(
+                &store,
+                "token.create",
+                &format!("token:{id}"),
+                format!("{} token", grant.role),
+            )?;
+            let token = EnrollToken {
+                id: id.clone(),
+                secret,
+                relay: relay.clone(),
+                server_name,
+                ca_sha256: sha256_hex(ca.cert_der()),
+            };
+            eprintln!(
+                "token {id}: enrols one {} via {relay}, usable for {}; hand it over privately",
+                grant.role,
+                humantime::format_duration(*ttl)
+            );
+            println!("{}", token.encode());
+            Ok(())
+        }
+        TokenCommand::List { state, json } => {
+            let store = open_store(&state.state)?;
+            let tokens = store.tokens()?;
+            let now = now();
+            let status = |t: &TokenRecord| {
+                if t.revoked_at.is_some() {
+                    "revoked"
+                } else if t.used_at.is_some() {
+                    "used"
+                } else if t.expires_at <= now {
+                    "expired"
+                } else {
+                    "active"
+                }
+            };
+            if json {
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id, "role": t.grant.role, "user": t.grant.user,
+                            "groups": t.grant.groups, "name": t.grant.name,
+                            "hostnames": t.grant.hostnames, "expires_at": t.expires_at,
+                            "status": status(t),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<10} {:<10} {:<32} {:<20} STATUS",
+                "ID", "ROLE", "GRANTS", "EXPIRES (UNIX)"
+            );
+            for t in &tokens {
+                let grants = match t.grant.role {
+                    Role::Device => format!(
+                        "{} [{}]",
+                        t.grant.user.as_deref().unwrap_or("-"),
+                        t.grant.groups.join(",")
+                    ),
+                    Role::Connector => format!(
+                        "{} ({})",
+                        t.grant.name.as_deref().unwrap_or("-"),
+                        t.grant
+                            .hostnames
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                };
+                println!(
+                    "{:<10} {:<10} {:<32} {:<20} {}",
+                    t.id,
+                    t.grant.role,
+                    grants,
+                    t.expires_at,
+                    status(t)
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id, state } => {
+            let store = open_store(&state.state)?;
+            store.revoke_token(&id, now())?;
+            audit(
+                &store,
+                "token.revoke",
+                &format!("token:{id}"),
+                String::new(),
+            )?;
+            println!("revoked token {id}");
+            Ok(())
+        }
+    }
+}
+
+fn check_plain(flag: &str, s: &str) -> anyhow::Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b));
+    if !ok {
+        bail!("invalid {flag} {s:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ @ + -");
     }
     Ok(())
 }

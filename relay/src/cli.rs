@@ -43,6 +43,9 @@ pub enum Command {
     /// Revoke an identity: new handshakes fail and its live connections close.
     #[command(subcommand)]
     Revoke(RevokeCommand),
+    /// One-time enrolment tokens for devices and connectors.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// List identities with their user, groups or hostnames, expiry and revocation.
     List {
         #[command(flatten)]
@@ -129,6 +132,83 @@ pub enum RevokeCommand {
     Connector {
         /// The connector's name.
         name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+/// Where enrolled devices and connectors will find the relay (defaults to what the running
+/// relay recorded in the state directory: its `server_name` and QUIC port).
+#[derive(Debug, Args)]
+pub struct EndpointArgs {
+    /// The relay's public QUIC address, `host:port`.
+    #[arg(long)]
+    pub relay: Option<String>,
+    /// The relay's TLS name.
+    #[arg(long)]
+    pub server_name: Option<String>,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed as the last line of output.
+    #[command(subcommand)]
+    Create(TokenCreate),
+    /// List tokens: id, what they grant, expiry, used or revoked.
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an unused token.
+    Revoke {
+        /// The token's id (from `token list`).
+        id: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+/// `token create` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCreate {
+    /// A token that enrols one device for a user.
+    Device {
+        /// The user the device will belong to.
+        #[arg(long)]
+        user: String,
+        /// A group of the user. Repeat for more.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// How long the token stays usable.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Lifetime of the device certificate; the agent renews it at two thirds.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        cert_ttl: Duration,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// A token that enrols one connector.
+    Connector {
+        /// The connector's name.
+        name: String,
+        /// A hostname (exact, or *.suffix) the connector may publish. Repeat for more.
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+        /// How long the token stays usable.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Lifetime of the connector certificate.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        cert_ttl: Duration,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
         #[command(flatten)]
         state: StateArgs,
     },

@@ -31,7 +31,7 @@ type RecvHalf = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 pub(crate) async fn serve(
     conn: quinn::Connection,
     device: Identity,
-    serial: String,
+    key_sha256: String,
     state: Arc<State>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -39,7 +39,7 @@ pub(crate) async fn serve(
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.server_name);
-    let live = state.registry.track(&device, &serial);
+    let live = state.registry.track(&device, &key_sha256);
     let info = Arc::new(ConnInfo {
         peer: conn.remote_address(),
         sni,

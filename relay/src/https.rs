@@ -83,14 +83,19 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|leaf| pki::inspect(leaf).ok());
-    let serial = cert.as_ref().map(|c| c.serial.clone()).unwrap_or_default();
+    let key_sha256 = cert
+        .as_ref()
+        .map(|c| c.key_sha256.clone())
+        .unwrap_or_default();
     let device = cert
         .and_then(|info| info.identity)
         .filter(|id| id.role() == Role::Device);
     if let Some(d) = &device {
         tracing::Span::current().record("device.id", d.id());
     }
-    let live = device.as_ref().map(|d| state.registry.track(d, &serial));
+    let live = device
+        .as_ref()
+        .map(|d| state.registry.track(d, &key_sha256));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let info = Arc::new(ConnInfo {
         peer,

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod server;
 
 mod access_log;
+mod enroll;
 mod http3;
 mod http_admin;
 mod https;
@@ -46,6 +47,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             admin::revoke(&state.state, Role::Connector, &name)
         }
         Command::List { state, json } => admin::list(&state.state, json),
+        Command::Token(cmd) => admin::token(cmd),
         Command::Run { config, ready_file } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

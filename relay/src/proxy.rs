@@ -42,6 +42,48 @@ pub(crate) type ReqBody = BoxBody<Bytes, BoxError>;
 pub(crate) type RespBody = BoxBody<Bytes, BoxError>;
 
 const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// On the relay's own name: the published names this device may reach (JSON), for the
+/// agent's split tunnel, PAC file and DNS stub.
+const SERVICES_PATH: &str = "/.well-known/portcullis/services";
+
+fn services(state: &State, device: &Identity) -> Response<RespBody> {
+    let snapshot = state.registry.snapshot();
+    let Some(record) = snapshot.active(device) else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "this device is not (or no longer) enrolled",
+        );
+    };
+    let user = record.user.clone().unwrap_or_default();
+    let subject = Subject {
+        device: device.id(),
+        user: &user,
+        groups: &record.groups,
+    };
+    let mut names: Vec<String> = snapshot
+        .records()
+        .filter(|r| r.identity.role() == portcullis_shared::identity::Role::Connector)
+        .filter(|r| r.revoked_at.is_none())
+        .flat_map(|r| r.hostnames.iter())
+        .filter(|p| policy::allows_pattern(&state.config.policy, p, subject))
+        .map(ToString::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    let body = serde_json::json!({
+        "device": device.id(),
+        "user": user,
+        "groups": record.groups,
+        "not_after": record.not_after,
+        "services": names,
+    });
+    let mut resp = text(StatusCode::OK, &body.to_string());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -406,6 +448,9 @@ async fn route(
         "no device certificate",
         "a device certificate from your organisation is required",
     ))?;
+    if host == state.config.server_name && req.uri().path() == SERVICES_PATH {
+        return Ok(services(state, device));
+    }
     // The TLS name must be the requested one, or the relay's own name (a client that
     // connected to "the relay" may reach any name it is allowed on that one connection).
     let sni_ok = info

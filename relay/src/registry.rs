@@ -83,14 +83,14 @@ impl Snapshot {
     }
 }
 
-/// One identity's live connections: key → (certificate serial, token).
+/// One identity's live connections: key → (certificate key fingerprint, token).
 type LiveConnections = HashMap<u64, (String, CancellationToken)>;
 
 /// The registry: current snapshot plus the live connections to cut on revocation.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
-    /// Live connections by identity: key → (certificate serial, token).
+    /// Live connections by identity: key → (certificate key fingerprint, token).
     live: Mutex<HashMap<Identity, LiveConnections>>,
     next: AtomicU64,
 }
@@ -147,9 +147,10 @@ impl Registry {
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot.clone();
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         for (identity, conns) in live.iter() {
-            let current = snapshot.active(identity).map(|r| r.serial.as_str());
-            for (serial, token) in conns.values() {
-                if current.is_none_or(|c| !same_serial(c, serial)) {
+            // A renewal keeps the key (live connections carry on); a re-issue replaces it.
+            let current = snapshot.active(identity).map(|r| r.key_sha256.as_str());
+            for (key, token) in conns.values() {
+                if current.is_none_or(|c| c != key) {
                     tracing::info!(%identity, "certificate revoked or superseded: closing its connection");
                     token.cancel();
                 }
@@ -157,8 +158,9 @@ impl Registry {
         }
     }
 
-    /// Registers a live connection of `identity` made with certificate `serial`.
-    pub(crate) fn track(self: &Arc<Self>, identity: &Identity, serial: &str) -> LiveGuard {
+    /// Registers a live connection of `identity` made with a certificate for the key with
+    /// fingerprint `key_sha256`.
+    pub(crate) fn track(self: &Arc<Self>, identity: &Identity, key_sha256: &str) -> LiveGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
         self.live
@@ -166,12 +168,12 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .entry(identity.clone())
             .or_default()
-            .insert(key, (serial.to_owned(), token.clone()));
+            .insert(key, (key_sha256.to_owned(), token.clone()));
         // Revoked or re-issued between handshake and now: cut at once.
         if self
             .snapshot()
             .active(identity)
-            .is_none_or(|r| !same_serial(&r.serial, serial))
+            .is_none_or(|r| r.key_sha256 != key_sha256)
         {
             token.cancel();
         }

@@ -35,6 +35,9 @@ pub(crate) struct State {
     pub(crate) access_log: AccessLog,
     /// `alt-svc` advertising HTTP/3 on the QUIC port, added to HTTPS responses.
     pub(crate) alt_svc: Option<http::HeaderValue>,
+    pub(crate) ca: Arc<Ca>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) enroll_limit: crate::enroll::RateLimit,
     device_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
@@ -52,6 +55,10 @@ impl State {
             .clone()
     }
 }
+
+/// File in the state directory naming the relay's public QUIC endpoint, written at start
+/// and read by `token create` as its default `--relay`.
+pub const ENDPOINT_FILE: &str = "endpoint.json";
 
 /// Addresses the relay bound, as written to the ready file.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -218,6 +225,9 @@ pub async fn run(
         ))
         .ok(),
         device_slots: std::sync::Mutex::default(),
+        ca: ca.clone(),
+        store: store.clone(),
+        enroll_limit: crate::enroll::RateLimit::default(),
     });
 
     tokio::spawn(registry.clone().watch(store.clone(), shutdown.clone()));
@@ -258,6 +268,17 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    // Where tokens should send devices and connectors, unless an admin says otherwise.
+    let public_endpoint = serde_json::json!({
+        "relay": format!("{}:{}", state.config.server_name, bound.quic_listen.port()),
+        "server_name": state.config.server_name.to_string(),
+    });
+    if let Err(e) = std::fs::write(
+        state.config.state_dir.join(ENDPOINT_FILE),
+        public_endpoint.to_string(),
+    ) {
+        tracing::warn!(error = %e, "cannot record the relay's endpoint for tokens");
+    }
     on_ready(bound)?;
     admin.ready.store(true, Ordering::Relaxed);
     tracing::info!(

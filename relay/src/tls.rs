@@ -125,9 +125,10 @@ impl CertResolver {
                 return None;
             }
         };
+        let key = issued.key?;
         let ck = certified_key(
             vec![issued.cert_der, self.ca.cert_der().clone()],
-            &pki::pkcs8(issued.key_der),
+            &pki::pkcs8(key.der),
         )
         .inspect_err(|e| tracing::warn!(error = %e, "cannot load a minted certificate"))
         .ok()?;
@@ -221,17 +222,20 @@ pub(crate) fn quic_config(
     registry: &Arc<Registry>,
     resolver: Arc<CertResolver>,
 ) -> anyhow::Result<ServerConfig> {
+    // Optional at the handshake so enrolment (which has no certificate yet) can connect;
+    // the tunnel and HTTP/3 refuse a connection without one right after.
     let mut cfg = base_config(
         ca,
         registry,
         resolver,
         &[Role::Device, Role::Connector],
-        true,
+        false,
         &[&rustls::version::TLS13],
     )?;
     cfg.alpn_protocols = vec![
         b"h3".to_vec(),
         portcullis_shared::proto::TUNNEL_ALPN.to_vec(),
+        portcullis_shared::proto::ENROLL_ALPN.to_vec(),
     ];
     Ok(cfg)
 }

@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use portcullis_shared::identity::{HostPattern, Hostname, Identity, Role};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{
-    CloseCode, ControlFrame, FrameDecoder, Rejection, StreamHeader, StreamKind, TUNNEL_ALPN,
-    encode_frame,
+    CloseCode, ControlFrame, ENROLL_ALPN, FrameDecoder, Rejection, StreamHeader, StreamKind,
+    TUNNEL_ALPN, encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::tunnel_io::read_frame;
@@ -163,15 +163,29 @@ async fn serve_quic(
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
-    let (identity, serial) = peer_identity(&conn)?;
+    if alpn.as_deref() == Some(ENROLL_ALPN) {
+        // Enrolment needs no certificate (renewal presents one).
+        let caller = peer_identity(&conn).ok();
+        return crate::enroll::serve(conn, caller, state).await;
+    }
+    let (identity, key_sha256) = match peer_identity(&conn) {
+        Ok(found) => found,
+        Err(e) => {
+            conn.close(
+                VarInt::from_u32(CloseCode::WrongRole.code()),
+                b"a client certificate is required",
+            );
+            return Err(e);
+        }
+    };
     match (alpn.as_deref(), identity.role()) {
         (Some(TUNNEL_ALPN), Role::Connector) => {
             tracing::Span::current().record("connector.name", identity.id());
-            serve_connector(conn, identity, serial, state).await
+            serve_connector(conn, identity, key_sha256, state).await
         }
         (Some(b"h3"), Role::Device) => {
             tracing::Span::current().record("device.id", identity.id());
-            crate::http3::serve(conn, identity, serial, state, shutdown).await
+            crate::http3::serve(conn, identity, key_sha256, state, shutdown).await
         }
         _ => {
             conn.close(
@@ -193,16 +207,16 @@ fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<(Identity, String)>
     let identity = info
         .identity
         .context("client certificate names no identity")?;
-    Ok((identity, info.serial))
+    Ok((identity, info.key_sha256))
 }
 
 async fn serve_connector(
     conn: quinn::Connection,
     identity: Identity,
-    serial: String,
+    key_sha256: String,
     state: Arc<State>,
 ) -> anyhow::Result<()> {
-    let live = state.registry.track(&identity, &serial);
+    let live = state.registry.track(&identity, &key_sha256);
 
     let (mut send, mut recv) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
         .await

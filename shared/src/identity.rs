@@ -24,7 +24,10 @@ pub enum IdentityError {
 }
 
 /// The role a certificate grants. A certificate of one role is never accepted for another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// An employee's device: may call services.
     Device,

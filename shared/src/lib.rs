@@ -16,6 +16,7 @@ pub mod proto;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod token;
 pub mod tunnel_body;
 pub mod tunnel_io;
 

@@ -59,6 +59,9 @@ pub enum PkiError {
     /// Building the PKCS#12 bundle failed.
     #[error("PKCS#12 bundle: {0}")]
     Pkcs12(String),
+    /// A certificate signing request was refused.
+    #[error("certificate request refused: {0}")]
+    Csr(String),
     /// The requested validity ends after the year 9999.
     #[error("the requested lifetime is too long: choose a --ttl that ends before the year 9999")]
     TtlTooLong,
@@ -72,21 +75,30 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 /// The CA's private key, mode 0600.
 pub const CA_KEY_FILE: &str = "ca.key";
 
-/// A freshly issued certificate with its private key, both PEM.
+/// A freshly issued certificate.
 #[derive(Debug)]
 pub struct Issued {
     /// The certificate, PEM.
     pub cert_pem: String,
     /// The certificate, DER.
     pub cert_der: CertificateDer<'static>,
-    /// The private key, PKCS#8 PEM. Write it with [`write_private_file`].
-    pub key_pem: String,
-    /// The private key, PKCS#8 DER.
-    pub key_der: Vec<u8>,
+    /// The private key, when the CA generated it (not when it signed a CSR).
+    pub key: Option<GeneratedKey>,
     /// Serial number, lower-case hex.
     pub serial: String,
+    /// SHA-256 of the certificate's public key, hex.
+    pub key_sha256: String,
     /// Expiry, Unix seconds.
     pub not_after: i64,
+}
+
+/// A private key the CA generated for a certificate.
+#[derive(Debug)]
+pub struct GeneratedKey {
+    /// PKCS#8 PEM. Write it with [`write_private_file`].
+    pub pem: String,
+    /// PKCS#8 DER.
+    pub der: Vec<u8>,
 }
 
 /// The organisation CA, loaded from the state directory.
@@ -195,15 +207,36 @@ impl Ca {
     /// Its SAN URI names the identity and its EKU is client authentication only.
     pub fn issue_client(&self, identity: &Identity, ttl: Duration) -> Result<Issued, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, identity.id());
-        params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params, key, ttl)
+        let mut issued = self.sign(client_params(identity)?, &key, ttl)?;
+        issued.key = Some(GeneratedKey {
+            pem: key.serialize_pem(),
+            der: key.serialize_der(),
+        });
+        Ok(issued)
+    }
+
+    /// Issues a client certificate for `identity` to the key in a PEM certificate signing
+    /// request. The CSR's signature must verify (proof the requester holds the key) and
+    /// any names it asks for must be exactly `identity`'s URI; its other contents are
+    /// ignored: what the certificate says is decided here.
+    pub fn issue_for_csr(
+        &self,
+        identity: &Identity,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Issued, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(format!("not a valid, self-signed CSR ({e})")))?;
+        let wanted = identity.uri();
+        for san in &csr.params.subject_alt_names {
+            let ok = matches!(san, SanType::URI(uri) if uri.as_str() == wanted);
+            if !ok {
+                return Err(PkiError::Csr(format!(
+                    "the CSR asks for names other than {wanted}"
+                )));
+            }
+        }
+        self.sign(client_params(identity)?, &csr.public_key, ttl)
     }
 
     /// Mints a server certificate for `hostnames` (the relay's own name and the published
@@ -217,13 +250,18 @@ impl Ca {
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params, key, ttl)
+        let mut issued = self.sign(params, &key, ttl)?;
+        issued.key = Some(GeneratedKey {
+            pem: key.serialize_pem(),
+            der: key.serialize_der(),
+        });
+        Ok(issued)
     }
 
     fn sign(
         &self,
         mut params: CertificateParams,
-        key: KeyPair,
+        key: &impl rcgen::PublicKeyData,
         ttl: Duration,
     ) -> Result<Issued, PkiError> {
         let now = OffsetDateTime::now_utc();
@@ -236,16 +274,53 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let (serial, serial_hex) = random_serial();
         params.serial_number = Some(serial);
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(key, &self.issuer)?;
+        let info = inspect(cert.der())?;
         Ok(Issued {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
-            key_pem: key.serialize_pem(),
-            key_der: key.serialize_der(),
+            key: None,
             serial: serial_hex,
+            key_sha256: info.key_sha256,
             not_after: params.not_after.unix_timestamp(),
         })
     }
+}
+
+fn client_params(identity: &Identity) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.id());
+    params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
+}
+
+/// A new P-256 key and a CSR for `identity` signed with it: what a device or connector
+/// sends to enrol. Returns (key PKCS#8 DER, CSR PEM).
+pub fn generate_csr(identity: &Identity) -> Result<(Vec<u8>, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    csr_for_key(identity, &key).map(|csr| (key.serialize_der(), csr))
+}
+
+/// A CSR for `identity` signed with an existing PKCS#8 key (renewal keeps the key).
+pub fn csr_for_existing_key(identity: &Identity, key_der: &[u8]) -> Result<String, PkiError> {
+    let key = KeyPair::try_from(key_der)
+        .map_err(|e| PkiError::Csr(format!("unusable private key ({e})")))?;
+    csr_for_key(identity, &key)
+}
+
+fn csr_for_key(identity: &Identity, key: &KeyPair) -> Result<String, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.id());
+    params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+    Ok(params.serialize_request(key)?.pem()?)
 }
 
 fn random_serial() -> (SerialNumber, String) {
@@ -272,6 +347,8 @@ pub struct CertInfo {
     pub client_auth: bool,
     /// Serial number, lower-case hex without leading zero bytes.
     pub serial: String,
+    /// SHA-256 of the subject public key info, hex.
+    pub key_sha256: String,
     /// Expiry, Unix seconds.
     pub not_after: i64,
 }
@@ -299,6 +376,9 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
         identity,
         client_auth,
         serial: hex(&raw[first..]),
+        key_sha256: hex(
+            ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw).as_ref(),
+        ),
         not_after: cert.validity().not_after.timestamp(),
     })
 }
@@ -389,12 +469,44 @@ mod tests {
     }
 
     #[test]
+    fn csrs_get_certificates_for_the_granted_identity_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "Acme").unwrap();
+        let alice = Identity::new(Role::Device, "alice-laptop").unwrap();
+        let (key, csr) = generate_csr(&alice).unwrap();
+        let issued = ca
+            .issue_for_csr(&alice, &csr, Duration::from_secs(60))
+            .unwrap();
+        let info = inspect(&issued.cert_der).unwrap();
+        assert_eq!(info.identity, Some(alice.clone()));
+        assert!(issued.key.is_none());
+        // Renewal with the same key keeps the key fingerprint.
+        let again = csr_for_existing_key(&alice, &key).unwrap();
+        let renewed = ca
+            .issue_for_csr(&alice, &again, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(renewed.key_sha256, issued.key_sha256);
+        assert_ne!(renewed.serial, issued.serial);
+        // A CSR naming someone else is refused; garbage is refused.
+        let mallory = Identity::new(Role::Device, "mallory").unwrap();
+        assert!(matches!(
+            ca.issue_for_csr(&mallory, &csr, Duration::from_secs(60)),
+            Err(PkiError::Csr(_))
+        ));
+        assert!(
+            ca.issue_for_csr(&alice, "not a csr", Duration::from_secs(60))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn pkcs12_bundle_is_produced() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path(), "Acme").unwrap();
         let id = Identity::new(Role::Device, "alice").unwrap();
         let issued = ca.issue_client(&id, Duration::from_secs(60)).unwrap();
-        let p12 = pkcs12("alice", &issued.cert_der, &issued.key_der, ca.cert_der()).unwrap();
+        let key = issued.key.as_ref().unwrap();
+        let p12 = pkcs12("alice", &issued.cert_der, &key.der, ca.cert_der()).unwrap();
         let back = p12_keystore::KeyStore::from_pkcs12(
             &p12,
             "",

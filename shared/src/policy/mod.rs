@@ -67,6 +67,17 @@ pub fn evaluate(rules: &[PolicyRule], host: &Hostname, subject: Subject<'_>) -> 
         .map_or(Decision::Deny, |rule| Decision::Allow { rule })
 }
 
+/// Whether the rules allow the subject every name `pattern` stands for: for telling a
+/// device which published names it may use (the agent's split tunnel).
+pub fn allows_pattern(rules: &[PolicyRule], pattern: &HostPattern, subject: Subject<'_>) -> bool {
+    rules.iter().any(|rule| {
+        rule.hostnames.iter().any(|p| p.covers(pattern))
+            && (rule.users.iter().any(|u| u == subject.user)
+                || rule.devices.iter().any(|d| d == subject.device)
+                || rule.groups.iter().any(|g| subject.groups.contains(g)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,62 @@ pub use trailers::{MAX_TRAILERS_LEN, TRAILERS_FIELD, decode_trailers, encode_tra
 /// tunnel protocol version; a relay that does not speak it fails the handshake.
 pub const TUNNEL_ALPN: &[u8] = b"portcullis-tunnel/1";
 
+/// ALPN protocol id for enrolment and renewal: one request per QUIC stream, JSON, see
+/// [`EnrollRequest`].
+pub const ENROLL_ALPN: &[u8] = b"portcullis-enroll/1";
+
+/// Largest enrolment request or response, in bytes.
+pub const MAX_ENROLL_LEN: usize = 64 * 1024;
+
+/// A request on the enrolment ALPN.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EnrollRequest {
+    /// Redeem a token: the CA signs `csr` for the identity the token grants.
+    Enroll {
+        /// Token id.
+        token_id: String,
+        /// Token secret.
+        secret: String,
+        /// PEM certificate signing request (its names, if any, are ignored but must not
+        /// conflict).
+        csr: String,
+        /// For devices: a preferred device id (else one is made from the user's name).
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Renew the caller's own certificate (the connection presents it) for `csr`'s key.
+    Renew {
+        /// PEM certificate signing request.
+        csr: String,
+    },
+}
+
+/// The answer to an [`EnrollRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollResponse {
+    /// Issued.
+    Issued {
+        /// `device:<id>` or `connector:<name>`.
+        identity: String,
+        /// The certificate, PEM.
+        cert: String,
+        /// The organisation CA, PEM.
+        ca: String,
+        /// Expiry, Unix seconds.
+        not_after: i64,
+        /// Connectors: the hostnames they may publish.
+        #[serde(default)]
+        hostnames: Vec<String>,
+    },
+    /// Refused, with a sentence for the person.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
 /// The version byte at the start of every control frame and stream header.
 pub const VERSION: u8 = 1;
 

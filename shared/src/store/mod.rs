@@ -8,7 +8,9 @@
 
 mod sqlite;
 
-use crate::identity::{HostPattern, Identity};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{HostPattern, Identity, Role};
 
 pub use sqlite::SqliteStore;
 
@@ -27,6 +29,12 @@ pub enum StoreError {
     /// The identity was revoked; ids of revoked identities are not reused.
     #[error("{0} is revoked; issue a certificate under a new id")]
     Revoked(Identity),
+    /// An enrolment token was not accepted; the reason is safe to show the caller.
+    #[error("token refused: {0}")]
+    TokenRefused(String),
+    /// No token with that id.
+    #[error("no token {0}")]
+    NoSuchToken(String),
     /// A stored row could not be decoded (the file was edited by hand or is corrupt).
     #[error("store row for {what} is corrupt: {why}")]
     Corrupt {
@@ -49,12 +57,55 @@ pub struct IdentityRecord {
     /// For connectors: the hostnames it may publish.
     pub hostnames: Vec<HostPattern>,
     /// Serial of the current certificate (lower-case hex, no leading zeros). Older
-    /// certificates of the same identity are no longer accepted.
+    /// certificates of the same identity are no longer accepted for new connections.
     pub serial: String,
+    /// SHA-256 of the current certificate's public key (hex). A renewal keeps the key, so
+    /// live connections survive it; a re-issue with a new key cuts them.
+    pub key_sha256: String,
     /// Expiry of the current certificate, Unix seconds.
     pub not_after: i64,
     /// When the current certificate was issued, Unix seconds.
     pub issued_at: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
+}
+
+/// What an enrolment token entitles its holder to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrant {
+    /// Device or connector.
+    pub role: Role,
+    /// Devices: the user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Devices: the user's groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Connectors: the connector's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Connectors: hostnames it may publish.
+    #[serde(default)]
+    pub hostnames: Vec<HostPattern>,
+    /// Lifetime of the certificate issued on enrolment, seconds.
+    pub cert_ttl_secs: u64,
+}
+
+/// An enrolment token as the relay keeps it: the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 (hex) of the secret.
+    pub secret_sha256: String,
+    /// What it grants.
+    pub grant: TokenGrant,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; unusable from then on.
+    pub expires_at: i64,
+    /// When it was used, if it was (tokens are single-use).
+    pub used_at: Option<i64>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<i64>,
 }
@@ -73,7 +124,7 @@ pub struct AuditEvent {
 }
 
 /// Persistent state behind the relay and its admin commands.
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a newly issued certificate for an identity, replacing the identity's previous
     /// certificate. Fails with [`StoreError::Revoked`] if the identity was revoked.
     fn put_identity(&self, record: &IdentityRecord) -> Result<(), StoreError>;
@@ -93,4 +144,22 @@ pub trait Store: Send + Sync {
     /// A number that changes whenever identities change, from any process. The relay polls
     /// it to apply revocations within a second.
     fn generation(&self) -> Result<u64, StoreError>;
+
+    /// Stores a new enrolment token.
+    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    /// All tokens, newest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Revokes an unused token.
+    fn revoke_token(&self, id: &str, at: i64) -> Result<(), StoreError>;
+
+    /// Atomically checks and consumes a token: it must exist, match `secret_sha256`, be
+    /// unused, unrevoked and unexpired at `now`. Fails with [`StoreError::TokenRefused`].
+    fn redeem_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: i64,
+    ) -> Result<TokenRecord, StoreError>;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{AuditEvent, IdentityRecord, Store, StoreError};
+use super::{AuditEvent, IdentityRecord, Store, StoreError, TokenRecord};
 use crate::identity::{HostPattern, Identity, Role};
 
 const SCHEMA: &str = "
@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS identities (
     groups     TEXT NOT NULL,
     hostnames  TEXT NOT NULL,
     serial     TEXT NOT NULL,
+    key_sha256 TEXT NOT NULL DEFAULT '',
     not_after  INTEGER NOT NULL,
     issued_at  INTEGER NOT NULL,
     revoked_at INTEGER,
@@ -28,6 +29,15 @@ CREATE TABLE IF NOT EXISTS audit (
     action  TEXT NOT NULL,
     subject TEXT NOT NULL,
     detail  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id            TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    grant_json    TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    used_at       INTEGER,
+    revoked_at    INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
@@ -99,8 +109,8 @@ impl Store for SqliteStore {
             }
             tx.execute(
                 "INSERT OR REPLACE INTO identities
-                 (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+                 (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9)",
                 params![
                     r.identity.role().as_str(),
                     r.identity.id(),
@@ -110,6 +120,7 @@ impl Store for SqliteStore {
                     r.serial,
                     r.not_after,
                     r.issued_at,
+                    r.key_sha256,
                 ],
             )?;
             bump(&tx)?;
@@ -121,7 +132,7 @@ impl Store for SqliteStore {
     fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at
+                "SELECT role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256
                  FROM identities ORDER BY role, id",
             )?;
             let rows = stmt.query_map([], |row| {
@@ -135,12 +146,23 @@ impl Store for SqliteStore {
                     row.get::<_, i64>(6)?,
                     row.get::<_, i64>(7)?,
                     row.get::<_, Option<i64>>(8)?,
+                    row.get::<_, String>(9)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at) =
-                    row?;
+                let (
+                    role,
+                    id,
+                    user,
+                    groups,
+                    hostnames,
+                    serial,
+                    not_after,
+                    issued_at,
+                    revoked_at,
+                    key_sha256,
+                ) = row?;
                 let what = format!("{role}:{id}");
                 let corrupt = |why: String| StoreError::Corrupt {
                     what: what.clone(),
@@ -158,6 +180,7 @@ impl Store for SqliteStore {
                     groups,
                     hostnames,
                     serial,
+                    key_sha256,
                     not_after,
                     issued_at,
                     revoked_at,
@@ -210,6 +233,86 @@ impl Store for SqliteStore {
         })
     }
 
+    fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO tokens (id, secret_sha256, grant_json, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    t.id,
+                    t.secret_sha256,
+                    json(&t.grant),
+                    t.created_at,
+                    t.expires_at
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, secret_sha256, grant_json, created_at, expires_at, used_at, revoked_at
+                 FROM tokens ORDER BY created_at DESC, id",
+            )?;
+            let rows = stmt.query_map([], token_row)?;
+            rows.map(|r| r?).collect()
+        })
+    }
+
+    fn revoke_token(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let n = conn.execute(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NoSuchToken(id.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
+    fn redeem_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: i64,
+    ) -> Result<TokenRecord, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let found = tx
+                .query_row(
+                    "SELECT id, secret_sha256, grant_json, created_at, expires_at, used_at, revoked_at
+                     FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?;
+            let refused = |why: &str| StoreError::TokenRefused(why.to_owned());
+            let token = found.ok_or_else(|| refused("unknown token"))??;
+            if !constant_time_eq(token.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
+                return Err(refused("unknown token"));
+            }
+            if token.revoked_at.is_some() {
+                return Err(refused("the token was revoked"));
+            }
+            if token.used_at.is_some() {
+                return Err(refused("the token was already used"));
+            }
+            if token.expires_at <= now {
+                return Err(refused("the token has expired"));
+            }
+            tx.execute("UPDATE tokens SET used_at = ?2 WHERE id = ?1", params![id, now])?;
+            tx.commit()?;
+            Ok(TokenRecord {
+                used_at: Some(now),
+                ..token
+            })
+        })
+    }
+
     fn generation(&self) -> Result<u64, StoreError> {
         self.with(|conn| {
             let v: i64 = conn.query_row(
@@ -220,6 +323,33 @@ impl Store for SqliteStore {
             Ok(v as u64)
         })
     }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenRecord, StoreError>> {
+    let id: String = row.get(0)?;
+    let grant: String = row.get(2)?;
+    let grant = match serde_json::from_str(&grant) {
+        Ok(g) => g,
+        Err(e) => {
+            return Ok(Err(StoreError::Corrupt {
+                what: format!("token {id}"),
+                why: e.to_string(),
+            }));
+        }
+    };
+    Ok(Ok(TokenRecord {
+        id,
+        secret_sha256: row.get(1)?,
+        grant,
+        created_at: row.get(3)?,
+        expires_at: row.get(4)?,
+        used_at: row.get(5)?,
+        revoked_at: row.get(6)?,
+    }))
 }
 
 #[cfg(test)]
@@ -233,6 +363,7 @@ mod tests {
             groups: vec!["eng".into()],
             hostnames: vec![],
             serial: "abc".into(),
+            key_sha256: "k".into(),
             not_after: 100,
             issued_at: 1,
             revoked_at: None,
@@ -267,6 +398,59 @@ mod tests {
         let store = SqliteStore::in_memory().unwrap();
         let id = Identity::new(Role::Connector, "ghost").unwrap();
         assert!(matches!(store.revoke(&id, 1), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        use crate::store::TokenGrant;
+        let store = SqliteStore::in_memory().unwrap();
+        let grant = TokenGrant {
+            role: Role::Device,
+            user: Some("alice".into()),
+            groups: vec![],
+            name: None,
+            hostnames: vec![],
+            cert_ttl_secs: 60,
+        };
+        let token = |id: &str| TokenRecord {
+            id: id.into(),
+            secret_sha256: "s".repeat(64),
+            grant: grant.clone(),
+            created_at: 0,
+            expires_at: 100,
+            used_at: None,
+            revoked_at: None,
+        };
+        store.create_token(&token("a")).unwrap();
+        store.create_token(&token("b")).unwrap();
+        store.create_token(&token("c")).unwrap();
+        let refused = |r: Result<TokenRecord, StoreError>| match r {
+            Err(StoreError::TokenRefused(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(store.redeem_token("a", &"x".repeat(64), 1)),
+            "unknown token"
+        );
+        assert!(store.redeem_token("a", &"s".repeat(64), 1).is_ok());
+        assert_eq!(
+            refused(store.redeem_token("a", &"s".repeat(64), 2)),
+            "the token was already used"
+        );
+        assert_eq!(
+            refused(store.redeem_token("b", &"s".repeat(64), 100)),
+            "the token has expired"
+        );
+        store.revoke_token("c", 5).unwrap();
+        assert_eq!(
+            refused(store.redeem_token("c", &"s".repeat(64), 6)),
+            "the token was revoked"
+        );
+        assert_eq!(
+            refused(store.redeem_token("zz", &"s".repeat(64), 6)),
+            "unknown token"
+        );
+        assert_eq!(store.tokens().unwrap().len(), 3);
     }
 
     #[test]
