@@ -2,6 +2,7 @@
 //! QUIC (it never listens), registers its ingress rules, and serves each stream the relay
 //! opens by proxying one HTTP exchange to the origin.
 
+mod enroll;
 mod origin;
 mod tunnel;
 
@@ -41,16 +42,28 @@ pub enum Command {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+    /// Enrol with a one-time token: makes a key here, gets a certificate, and writes a
+    /// ready configuration into the state directory. The token comes from --token-file,
+    /// PORTCULLIS_TOKEN or standard input (never the command line).
+    Enroll {
+        /// File holding the token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Directory for the key, certificate and connector.toml.
+        #[arg(long, env = "PORTCULLIS_STATE")]
+        state: PathBuf,
+    },
 }
 
 /// Runs the command line's command to completion.
 pub fn main(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Run { config } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(run_from_file(&config))
+        Command::Run { config } => rt.block_on(run_from_file(&config)),
+        Command::Enroll { token_file, state } => {
+            rt.block_on(enroll::enroll(token_file.as_deref(), &state))
         }
     }
 }

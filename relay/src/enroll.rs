@@ -271,6 +271,7 @@ fn issue(
         .store
         .put_identity(&rec)
         .context("recording the identity")?;
+    state.registry.reload(&*state.store)?;
     Ok(EnrollResponse::Issued {
         identity: identity.to_string(),
         cert: issued.cert_pem,
@@ -285,7 +286,7 @@ fn renew(state: &State, ip: IpAddr, identity: &Identity, csr: &str) -> EnrollRes
         return refused("this device is revoked or unknown");
     };
     // Same lifetime as the certificate being renewed.
-    let ttl = Duration::from_secs((current.not_after - current.issued_at).max(60) as u64);
+    let ttl = Duration::from_secs((current.not_after - current.issued_at).max(5) as u64);
     let result = issue(state, identity, csr, ttl, |i| IdentityRecord {
         serial: i.serial.clone(),
         key_sha256: i.key_sha256.clone(),

@@ -185,6 +185,13 @@ impl Registry {
         }
     }
 
+    /// Reloads from the store now (after this relay itself changed it, e.g. an enrolment,
+    /// so the new device can connect at once rather than after the next poll).
+    pub(crate) fn reload(&self, store: &dyn Store) -> anyhow::Result<()> {
+        self.replace(Snapshot::new(store.identities()?));
+        Ok(())
+    }
+
     /// Polls the store and applies changes until shutdown.
     pub(crate) async fn watch(self: Arc<Self>, store: Arc<dyn Store>, shutdown: Shutdown) {
         let mut seen = None;

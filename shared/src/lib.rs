@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod enroll_client;
 pub mod identity;
 pub mod pki;
 pub mod policy;

@@ -428,6 +428,20 @@ impl Stack {
         back.elapsed()
     }
 
+    /// Kills and restarts the relay on the same ports; returns when it is ready.
+    pub async fn restart_relay_only(&mut self, outage: Duration) -> Instant {
+        self.relay.signal("KILL");
+        self.relay.wait(Duration::from_secs(5)).await;
+        let a = self.addrs;
+        let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
+        self.w.write_relay_config(&quic, &https, &admin, POLICY);
+        tokio::time::sleep(outage).await;
+        let (relay, addrs) = self.w.start_relay().await;
+        self.relay = relay;
+        self.addrs = addrs;
+        Instant::now()
+    }
+
     /// GET through the relay with curl.
     pub async fn get(&self, host: &str, path: &str, device: Option<&str>) -> CurlResult {
         curl(&self.w, &self.addrs, host, path, device).await

@@ -306,6 +306,19 @@ pub fn generate_csr(identity: &Identity) -> Result<(Vec<u8>, String), PkiError> 
     csr_for_key(identity, &key).map(|csr| (key.serialize_der(), csr))
 }
 
+/// A new P-256 key and a CSR naming nobody: for enrolment, where the relay decides the
+/// identity from the token. Returns (key PKCS#8 DER, CSR PEM).
+pub fn generate_enrolment_csr() -> Result<(Vec<u8>, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "portcullis enrolment");
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key.serialize_der(), csr))
+}
+
 /// A CSR for `identity` signed with an existing PKCS#8 key (renewal keeps the key).
 pub fn csr_for_existing_key(identity: &Identity, key_der: &[u8]) -> Result<String, PkiError> {
     let key = KeyPair::try_from(key_der)
@@ -404,6 +417,19 @@ pub fn pkcs12(
 /// Wraps a PKCS#8 DER key for rustls.
 pub fn pkcs8(der: Vec<u8>) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
+}
+
+/// PEM of a PKCS#8 DER private key.
+pub fn pkcs8_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END PRIVATE KEY-----\n");
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,45 @@
+//! Joins a local byte stream (a TCP connection, standard input/output, an upgraded proxy
+//! connection) to a CONNECT tunnel through the relay: both ways, half-close carried.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::relay::Stream;
+
+/// Copies until both directions have ended.
+pub(crate) async fn join<R, W>(mut local_read: R, mut local_write: W, stream: Stream)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (mut tx, mut rx) = stream.split();
+    let up = async {
+        let mut buf = BytesMut::with_capacity(32 * 1024);
+        loop {
+            buf.reserve(32 * 1024);
+            match local_read.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send_data(buf.split().freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.finish().await;
+    };
+    let down = async {
+        while let Ok(Some(mut chunk)) = rx.recv_data().await {
+            while chunk.has_remaining() {
+                let n = chunk.chunk().len();
+                if local_write.write_all(chunk.chunk()).await.is_err() {
+                    return;
+                }
+                chunk.advance(n);
+            }
+        }
+        let _ = local_write.flush().await;
+        let _ = local_write.shutdown().await;
+    };
+    tokio::join!(up, down);
+}

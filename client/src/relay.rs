@@ -1,0 +1,196 @@
+//! The agent's one QUIC connection to the relay, carrying HTTP/3: opened on first use,
+//! reopened when it drops (relay restart), rebindable to a new local socket (roaming:
+//! QUIC migration keeps open streams alive). No 0-RTT: the relay refuses replayable data.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use h3::client::{RequestStream, SendRequest};
+use portcullis_shared::pki;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::home::{AgentState, Home};
+use crate::keystore;
+
+pub(crate) type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+type Sender = SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+/// The device's credentials, as rustls wants them.
+pub(crate) struct Credentials {
+    pub(crate) certs: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+    pub(crate) key_der: Vec<u8>,
+    pub(crate) roots: rustls::RootCertStore,
+}
+
+impl Credentials {
+    pub(crate) fn load(home: &Home, state: &AgentState) -> anyhow::Result<Self> {
+        let certs = pki::load_certs(&home.cert())?;
+        let key_der = keystore::load(home, &state.key_store, &state.identity)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in pki::load_certs(&home.ca())? {
+            roots
+                .add(ca)
+                .context("the stored org CA is unusable: enrol again")?;
+        }
+        Ok(Self {
+            certs,
+            key: pki::pkcs8(key_der.clone()),
+            key_der,
+            roots,
+        })
+    }
+
+    fn client_config(&self) -> anyhow::Result<quinn::ClientConfig> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(self.roots.clone())
+        .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
+        .context("the device certificate and key do not match: enrol again")?;
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        tls.enable_early_data = false;
+        let mut config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+        ));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+            10_000,
+        ))));
+        transport.initial_rtt(Duration::from_millis(100));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+}
+
+/// The connection to the relay and what it takes to reopen it.
+pub(crate) struct Relay {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: String,
+    config: RwLock<quinn::ClientConfig>,
+    current: tokio::sync::Mutex<Option<(quinn::Connection, Sender)>>,
+}
+
+impl Relay {
+    pub(crate) async fn new(state: &AgentState, creds: &Credentials) -> anyhow::Result<Self> {
+        let addr = portcullis_shared::enroll_client::resolve(&state.relay).await?;
+        let endpoint =
+            quinn::Endpoint::client(local_any(addr)).context("creating the agent's QUIC socket")?;
+        Ok(Self {
+            endpoint,
+            addr,
+            server_name: state.server_name.clone(),
+            config: RwLock::new(creds.client_config()?),
+            current: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Uses renewed credentials for connections opened from now on.
+    pub(crate) fn update_credentials(&self, creds: &Credentials) -> anyhow::Result<()> {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = creds.client_config()?;
+        Ok(())
+    }
+
+    /// Moves the connection to a fresh local UDP socket (a new address, as after a network
+    /// change); QUIC migration carries every open stream over.
+    pub(crate) fn rebind(&self) -> anyhow::Result<SocketAddr> {
+        let socket = std::net::UdpSocket::bind(local_any(self.addr))?;
+        let local = socket.local_addr()?;
+        self.endpoint.rebind(socket)?;
+        Ok(local)
+    }
+
+    /// The live connection, if any (for status: RTT).
+    pub(crate) async fn connection(&self) -> anyhow::Result<quinn::Connection> {
+        self.sender().await.map(|(c, _)| c)
+    }
+
+    async fn sender(&self) -> anyhow::Result<(quinn::Connection, Sender)> {
+        let mut current = self.current.lock().await;
+        if let Some((conn, send)) = current.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok((conn.clone(), send.clone()));
+        }
+        let config = self
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let connecting = self
+            .endpoint
+            .connect_with(config, self.addr, &self.server_name)
+            .context("dialling the relay")?;
+        let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => bail!(
+                "the relay {} refused or failed the connection ({e}); if this device was revoked, ask your administrator",
+                self.addr
+            ),
+            Err(_) => bail!("the relay {} is unreachable (no answer in 5 s)", self.addr),
+        };
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+            .await
+            .context("starting HTTP/3 with the relay")?;
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        tracing::info!(relay = %self.addr, "connected to the relay");
+        *current = Some((conn.clone(), send.clone()));
+        Ok((conn, send))
+    }
+
+    /// Sends a request head; the caller streams the body and reads the response.
+    pub(crate) async fn send(&self, req: http::Request<()>) -> anyhow::Result<Stream> {
+        // One retry: a connection found dead only now (relay restarted) is reopened.
+        for attempt in 0..2 {
+            let (conn, mut send) = self.sender().await?;
+            match send.send_request(req.clone()).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if attempt == 0 => {
+                    tracing::debug!(error = %e, "relay connection lost; reconnecting");
+                    conn.close(0u32.into(), b"reconnecting");
+                }
+                Err(e) => return Err(e).context("sending the request to the relay"),
+            }
+        }
+        bail!("the relay connection keeps failing")
+    }
+
+    /// A tunnel to `target` (`host:port`) through the relay, ready for bytes.
+    pub(crate) async fn connect(&self, target: &str) -> anyhow::Result<Stream> {
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target)
+            .body(())?;
+        let mut stream = self.send(req).await?;
+        let resp = stream.recv_response().await?;
+        if resp.status() != 200 {
+            let mut why = Vec::new();
+            while let Ok(Some(mut chunk)) = stream.recv_data().await {
+                use bytes::Buf;
+                why.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+            }
+            bail!(
+                "the relay refused {target}: {} {}",
+                resp.status(),
+                String::from_utf8_lossy(&why).trim()
+            );
+        }
+        Ok(stream)
+    }
+}
+
+fn local_any(remote: SocketAddr) -> SocketAddr {
+    if remote.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    }
+}

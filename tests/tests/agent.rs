@@ -1,0 +1,549 @@
+//! The employee agent, end to end with the real binaries: token enrolment (good and bad
+//! tokens), `up` with the proxy, PAC and DNS stub, TCP forwards, `ssh-proxy`, status,
+//! renewal, revocation, roaming (connection migration mid-download), relay restart,
+//! logout; and connector enrolment.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use portcullis_e2e::{APP, DB, Daemon, Stack, World, bin, eventually, relay_cli, relay_ok};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Creates a device token for `user` (group eng) and writes it to a file.
+fn device_token(s: &Stack, user: &str, extra: &[&str]) -> PathBuf {
+    let relay = s.addrs.quic.to_string();
+    let mut args = vec![
+        "token", "create", "device", "--user", user, "--group", "eng",
+    ];
+    args.extend(["--relay", &relay, "--state", s.w.state()]);
+    args.extend(extra);
+    let out = relay_ok(&args);
+    let token = out.lines().last().unwrap().to_owned();
+    assert!(token.starts_with("pct1_"), "{out}");
+    let path = s.w.path(&format!("{user}.token"));
+    std::fs::write(&path, token).unwrap();
+    path
+}
+
+fn agent(home: &Path) -> Command {
+    let mut cmd = Command::new(bin("portcullis"));
+    cmd.arg("--home")
+        .arg(home)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn enroll(home: &Path, token: &Path, store: &str) -> std::process::Output {
+    agent(home)
+        .args(["enroll", "--key-store", store, "--token-file"])
+        .arg(token)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// Starts `portcullis up` and waits until the proxy answers.
+async fn up(s: &Stack, home: &Path, extra: &[&str]) -> (Daemon, u16) {
+    let port = free_port();
+    let mut cmd = agent(home);
+    cmd.args(["up", "--proxy", &format!("127.0.0.1:{port}")])
+        .args(extra);
+    let d = Daemon::spawn_logged(cmd, s.w.path("agent.log"));
+    let ok = eventually(Duration::from_secs(15), || async {
+        let r = proxy_get(port, &format!("http://{APP}/")).await;
+        (r.0 == 200).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "agent never came up: {}", d.log_text());
+    (d, port)
+}
+
+/// GET through the agent's proxy with curl: (status, body).
+async fn proxy_get(port: u16, url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .args(["-o", "-", "-w", "\n%{http_code}", url])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[tokio::test]
+async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services() {
+    let s = Stack::up().await;
+    let token = device_token(&s, "carol", &[]);
+    let home = s.w.path("carol-home");
+    let out = enroll(&home, &token, "file").await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(home.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let dns_port = free_port();
+    let (_agent, port) = up(&s, &home, &["--dns", &format!("127.0.0.1:{dns_port}")]).await;
+    // A private web page, with the device's identity.
+    let (code, body) = proxy_get(port, &format!("http://{APP}/via-agent")).await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["headers"]["portcullis-user"], "carol");
+    assert!(
+        v["headers"]["portcullis-device"]
+            .as_str()
+            .unwrap()
+            .starts_with("carol-")
+    );
+    // Not a private name: refused, with a clear message (no open proxy).
+    let (code, body) = proxy_get(port, "http://example.com/").await;
+    assert_eq!(code, 403);
+    assert!(
+        body.contains("not one of your organisation's private names"),
+        "{body}"
+    );
+    // The PAC file lists the private names.
+    let pac = Command::new("curl")
+        .args(["-sS", &format!("http://127.0.0.1:{port}/proxy.pac")])
+        .output()
+        .await
+        .unwrap();
+    let pac = String::from_utf8_lossy(&pac.stdout);
+    assert!(
+        pac.contains("FindProxyForURL") && pac.contains("\"app.internal\""),
+        "{pac}"
+    );
+    assert!(
+        pac.contains("dnsDomainIs(host, \".eng.internal\")"),
+        "{pac}"
+    );
+    // The DNS stub answers private names and refuses the rest.
+    assert_eq!(
+        dns_query(dns_port, "db.internal").await,
+        (0, vec![[127, 0, 0, 1]])
+    );
+    assert_eq!(dns_query(dns_port, "example.com").await.0, 5);
+
+    // A TCP forward, 50 connections at once, to the TCP echo service.
+    let echo_port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
+    let listen = free_port();
+    let mut fwd = agent(&home);
+    fwd.args([
+        "tcp",
+        &format!("{DB}:{echo_port}"),
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+    ]);
+    let _fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
+    eventually(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", listen))
+            .await
+            .ok()
+    })
+    .await
+    .unwrap();
+    let conns: Vec<_> = (0..50)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(("127.0.0.1", listen))
+                    .await
+                    .unwrap();
+                let msg = format!("connection {i} says hello").repeat(100);
+                c.write_all(msg.as_bytes()).await.unwrap();
+                c.shutdown().await.unwrap();
+                let mut back = String::new();
+                c.read_to_string(&mut back).await.unwrap();
+                assert_eq!(back, msg);
+            })
+        })
+        .collect();
+    for c in conns {
+        tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // ssh-proxy: standard input/output to the TCP service.
+    let mut ssh = agent(&home);
+    ssh.args(["ssh-proxy", DB, &echo_port])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = ssh.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.stdout, b"SSH-2.0-test\r\n");
+
+    // Status and logout.
+    let st = agent(&home)
+        .args(["status", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(v["state"], "connected", "{v}");
+    assert_eq!(v["user"], "carol");
+    assert!(v["rtt_ms"].as_f64().unwrap() >= 0.0);
+    assert!(
+        v["services"].as_array().unwrap().iter().any(|s| s == APP),
+        "{v}"
+    );
+    let out = agent(&home).arg("logout").output().await.unwrap();
+    assert!(out.status.success());
+    assert!(!home.join("device.key").exists() && !home.join("agent.json").exists());
+    let out = agent(&home).args(["status"]).output().await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not enrolled"));
+}
+
+/// One DNS query over UDP; returns (rcode, A records).
+async fn dns_query(port: u16, name: &str) -> (u8, Vec<[u8; 4]>) {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&q, ("127.0.0.1", port)).await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = &buf[..n];
+    let rcode = resp[3] & 0x0f;
+    let answers = u16::from_be_bytes([resp[6], resp[7]]);
+    let mut addrs = Vec::new();
+    if answers > 0 {
+        // Answer records end with the 4-byte A data.
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&resp[n - 4..]);
+        addrs.push(a);
+    }
+    (rcode, addrs)
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_a_reason_and_nothing_is_issued() {
+    let s = Stack::up().await;
+    let home = |n: &str| s.w.path(&format!("home-{n}"));
+    // Reused.
+    let token = device_token(&s, "dave", &[]);
+    assert!(enroll(&home("1"), &token, "file").await.status.success());
+    let out = enroll(&home("2"), &token, "file").await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already used"),
+        "{out:?}"
+    );
+    // Expired.
+    let token = device_token(&s, "erin", &["--ttl", "1s"]);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let out = enroll(&home("3"), &token, "file").await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{out:?}"
+    );
+    // Revoked.
+    let token = device_token(&s, "frank", &[]);
+    let text = std::fs::read_to_string(&token).unwrap();
+    let list = relay_ok(&["token", "list", "--state", s.w.state(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let id = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["user"] == "frank")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    relay_ok(&["token", "revoke", &id, "--state", s.w.state()]);
+    let out = enroll(&home("4"), &token, "file").await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("revoked"),
+        "{out:?}"
+    );
+    // Malformed.
+    std::fs::write(s.w.path("bad.token"), "not-a-token").unwrap();
+    let out = enroll(&home("5"), &s.w.path("bad.token"), "file").await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a Portcullis enrolment token"));
+    // Forged: a valid shape with a guessed secret.
+    let forged = text.replacen("pct1_", "", 1);
+    let mut json: serde_json::Value = serde_json::from_slice(&base64_decode(&forged)).unwrap();
+    json["secret"] = "guessed".into();
+    std::fs::write(
+        s.w.path("forged.token"),
+        format!("pct1_{}", base64_encode(json.to_string().as_bytes())),
+    )
+    .unwrap();
+    let out = enroll(&home("6"), &s.w.path("forged.token"), "file").await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "{out:?}"
+    );
+    // A token pinning another organisation's CA: the relay is not trusted.
+    let other = World::new();
+    let relay = s.addrs.quic.to_string();
+    let out = relay_ok(&[
+        "token",
+        "create",
+        "device",
+        "--user",
+        "x",
+        "--relay",
+        &relay,
+        "--server-name",
+        "relay.acme.test",
+        "--state",
+        other.state(),
+    ]);
+    std::fs::write(s.w.path("other.token"), out.lines().last().unwrap()).unwrap();
+    let out = enroll(&home("7"), &s.w.path("other.token"), "file").await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pinned CA"),
+        "{out:?}"
+    );
+    // Nothing was issued for the refused attempts, and each was logged.
+    let list = relay_ok(&["list", "--state", s.w.state()]);
+    for who in ["erin", "frank", "x"] {
+        assert!(!list.contains(&format!("{who} [")), "{list}");
+    }
+    let log = s.relay.log_text();
+    assert!(log.contains("enroll.refused"), "{log}");
+    // A token never comes from argv: there is no such flag.
+    let out = relay_cli(&[
+        "token",
+        "create",
+        "device",
+        "--user",
+        "u",
+        "--state",
+        s.w.state(),
+    ]);
+    assert!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("--relay"));
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import base64,sys;s=sys.argv[1];sys.stdout.buffer.write(base64.urlsafe_b64decode(s+'='*(-len(s)%4)))", s])
+        .output()
+        .unwrap();
+    out.stdout
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import base64,sys;print(base64.urlsafe_b64encode(sys.stdin.buffer.read()).decode().rstrip('='))"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn certificates_renew_without_user_action_and_revocation_stops_it() {
+    let s = Stack::up().await;
+    let token = device_token(&s, "gina", &["--cert-ttl", "6s"]);
+    let home = s.w.path("gina-home");
+    assert!(enroll(&home, &token, "file").await.status.success());
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("agent.json")).unwrap()).unwrap();
+    let (agent, port) = up(&s, &home, &[]).await;
+    // Renewed at two thirds (4 s), then again; requests keep working past the first expiry.
+    let renewed = eventually(Duration::from_secs(15), || async {
+        let now: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(home.join("agent.json")).ok()?).ok()?;
+        (now["not_after"].as_i64()? > first["not_after"].as_i64()? + 2).then_some(())
+    })
+    .await;
+    assert!(renewed.is_some(), "no renewal: {}", agent.log_text());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(proxy_get(port, &format!("http://{APP}/")).await.0, 200);
+    // Revoked: the live connection is closed and renewal is refused.
+    let device = std::fs::read_to_string(home.join("agent.json")).unwrap();
+    let id = serde_json::from_str::<serde_json::Value>(&device).unwrap()["identity"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("device:")
+        .to_owned();
+    relay_ok(&["revoke", "device", &id, "--state", s.w.state()]);
+    let cut = eventually(Duration::from_secs(10), || async {
+        let (code, _) = proxy_get(port, &format!("http://{APP}/")).await;
+        (code == 502).then_some(())
+    })
+    .await;
+    assert!(cut.is_some(), "a revoked device must lose access");
+    let failed = eventually(Duration::from_secs(15), || async {
+        let log = agent.log_text();
+        log.contains("renewal failed").then_some(())
+    })
+    .await;
+    assert!(
+        failed.is_some(),
+        "renewal must fail once revoked: {}",
+        agent.log_text()
+    );
+}
+
+#[tokio::test]
+async fn a_download_survives_the_agent_moving_to_a_new_address_and_the_relay_restarting() {
+    let mut s = Stack::up().await;
+    let token = device_token(&s, "hana", &[]);
+    let home = s.w.path("hana-home");
+    assert!(enroll(&home, &token, "file").await.status.success());
+    let (agent, port) = up(&s, &home, &[]).await;
+    // A 4 s streamed download through the proxy; move the agent's socket halfway.
+    let url = format!("http://{APP}/stream?n=40&ms=100");
+    let download = tokio::spawn(async move { proxy_get(port, &url).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.signal("USR1");
+    let (code, body) = download.await.unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(body.lines().count(), 40, "{body}");
+    assert!(body.ends_with("chunk 39\n"), "{body}");
+    assert!(agent.log_text().contains("moved to a new local address"));
+    // The relay restarts: the local proxy stays up and works again soon after.
+    let back = s.restart_relay_only(Duration::ZERO).await;
+    let ok = eventually(Duration::from_secs(10), || async {
+        (proxy_get(port, &format!("http://{APP}/")).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "agent did not recover after the relay restart"
+    );
+    eprintln!(
+        "agent request succeeded {:?} after the relay was back",
+        back.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_os_keyring_holds_the_key_when_one_is_reachable() {
+    let s = Stack::up().await;
+    let token = device_token(&s, "ivan", &[]);
+    let home = s.w.path("ivan-home");
+    let out = enroll(&home, &token, "keyring").await;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no OS keyring is reachable") && err.contains("--key-store file"),
+            "{err}"
+        );
+        assert!(
+            std::env::var_os("PORTCULLIS_REQUIRE_KEYRING").is_none(),
+            "the OS keyring is required here (kernel keyutils): {err}"
+        );
+        eprintln!(
+            "\n!!! no OS keyring reachable here ({err}); the keyring path was checked for its message only\n"
+        );
+        return;
+    }
+    assert!(
+        !home.join("device.key").exists(),
+        "the key must not be on disk"
+    );
+    let (_agent, port) = up(&s, &home, &[]).await;
+    assert_eq!(proxy_get(port, &format!("http://{APP}/")).await.0, 200);
+    assert!(
+        agent(&home)
+            .arg("logout")
+            .output()
+            .await
+            .unwrap()
+            .status
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn a_connector_enrols_with_a_token_and_serves_with_the_written_config() {
+    let s = Stack::up().await;
+    let relay = s.addrs.quic.to_string();
+    let out = relay_ok(&[
+        "token",
+        "create",
+        "connector",
+        "c9",
+        "--hostname",
+        "new.eng.internal",
+        "--relay",
+        &relay,
+        "--server-name",
+        "relay.acme.test",
+        "--state",
+        s.w.state(),
+    ]);
+    let token = s.w.path("c9.token");
+    std::fs::write(&token, out.lines().last().unwrap()).unwrap();
+    let state = s.w.path("c9-state");
+    let out = Command::new(bin("portcullis-connector"))
+        .args(["enroll", "--token-file"])
+        .arg(&token)
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = state.join("connector.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("hostname = \"new.eng.internal\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(
+            "http://127.0.0.1:8080",
+            &format!("http://{}", s.origin_addr),
+        ),
+    )
+    .unwrap();
+    // Kill c1 so new.eng.internal can only be served by c9.
+    let mut cmd = Command::new(bin("portcullis-connector"));
+    cmd.args(["run", "--config"]).arg(&config);
+    let _c9 = Daemon::spawn_logged(cmd, s.w.path("c9.log"));
+    let r = portcullis_e2e::curl_until(&s.w, &s.addrs, "new.eng.internal", "alice", 200).await;
+    assert!(r.body.contains("pc-origin"));
+    let list = relay_ok(&["list", "--state", s.w.state()]);
+    assert!(list.contains("c9"), "{list}");
+}
