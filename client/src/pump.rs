@@ -37,6 +37,11 @@ where
                 }
                 chunk.advance(n);
             }
+            // Standard output holds writes until flushed; an interactive peer (ssh) must
+            // see each chunk at once.
+            if local_write.flush().await.is_err() {
+                return;
+            }
         }
         let _ = local_write.flush().await;
         let _ = local_write.shutdown().await;

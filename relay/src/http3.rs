@@ -10,7 +10,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame};
-use hyper_util::rt::TokioIo;
 use portcullis_shared::identity::Identity;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -166,14 +165,10 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
         permits,
         revoked,
     } = tunnel;
-    let upstream = match upstream.await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(error = %e, "tunnel upgrade failed");
-            return;
-        }
+    let Some(upstream) = upstream.open().await else {
+        return;
     };
-    let (mut up_read, mut up_write) = tokio::io::split(TokioIo::new(upstream));
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let client_to_origin = async {
         while let Ok(Some(mut chunk)) = rx.recv_data().await {
             while chunk.has_remaining() {

@@ -167,6 +167,58 @@ async fn serve_connection(
         .fetch_sub(1, Ordering::Relaxed);
 }
 
+/// One tunnel whose TLS ends at the relay: our end of its byte pipe and the outer
+/// connection's identity.
+pub(crate) type Terminated = (tokio::io::DuplexStream, Arc<ConnInfo>);
+
+/// Serves every [`Terminated`] tunnel handed over, until the relay stops.
+pub(crate) async fn terminator(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Terminated>,
+    acceptor: TlsAcceptor,
+    state: std::sync::Weak<State>,
+) {
+    while let Some((io, outer)) = rx.recv().await {
+        let Some(state) = state.upgrade() else { return };
+        tokio::spawn(serve_terminated(io, acceptor.clone(), state, outer));
+    }
+}
+
+/// Serves the HTTPS connection inside a `CONNECT host:443` tunnel whose TLS ends at the
+/// relay: no client certificate inside; the device is the outer connection's.
+async fn serve_terminated(
+    io: tokio::io::DuplexStream,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    outer: Arc<ConnInfo>,
+) {
+    let tls = match tokio::time::timeout(state.config.limits.handshake_timeout, acceptor.accept(io))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(reason = %e, "TLS inside CONNECT refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (_, session) = tls.get_ref();
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let info = Arc::new(ConnInfo {
+        sni: session.server_name().map(str::to_owned),
+        protocol: if h2 {
+            "HTTP/2 in CONNECT"
+        } else {
+            "HTTP/1.1 in CONNECT"
+        },
+        ..(*outer).clone()
+    });
+    let service =
+        hyper::service::service_fn(move |req| serve_request(state.clone(), info.clone(), req));
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+        .await;
+}
+
 async fn serve_request(
     state: Arc<State>,
     info: Arc<ConnInfo>,

@@ -121,9 +121,19 @@ pub(crate) struct ExtendedConnect(pub(crate) String);
 pub(crate) struct Tunnel(Arc<Mutex<Option<TunnelParts>>>);
 
 pub(crate) struct TunnelParts {
-    pub(crate) upstream: OnUpgrade,
+    pub(crate) upstream: Upstream,
     pub(crate) permits: Vec<OwnedSemaphorePermit>,
     pub(crate) revoked: CancellationToken,
+}
+
+/// Where a tunnel's bytes go.
+pub(crate) enum Upstream {
+    /// The connector's upgraded stream (raw TCP, WebSocket).
+    Connector(OnUpgrade),
+    /// `CONNECT host:443` to a published web service: TLS ends here, at the relay, with
+    /// the org-CA leaf for `host`, and the requests inside are served like direct HTTPS
+    /// requests under the outer connection's device identity (the agent's HTTPS proxying).
+    TerminateTls(Arc<State>, Arc<ConnInfo>),
 }
 
 impl Tunnel {
@@ -132,21 +142,42 @@ impl Tunnel {
     }
 }
 
+/// A byte stream to join a client to.
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+impl Upstream {
+    /// The stream to copy the client's bytes to.
+    pub(crate) async fn open(self) -> Option<Box<dyn Io>> {
+        match self {
+            Self::Connector(upgrade) => match upgrade.await {
+                Ok(u) => Some(Box::new(TokioIo::new(u))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel upgrade failed");
+                    None
+                }
+            },
+            Self::TerminateTls(state, info) => {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                // Handed to the long-lived task that serves these (see `https::terminator`),
+                // which keeps the request path free of a recursive future type.
+                state.terminator.send((ours, info)).ok()?;
+                Some(Box::new(theirs))
+            }
+        }
+    }
+}
+
 impl TunnelParts {
-    /// Copies bytes both ways between the client's upgraded stream and the connector's,
+    /// Copies bytes both ways between the client's upgraded stream and the upstream,
     /// honouring half-close, until both directions end or the device is revoked.
     pub(crate) async fn join_with<C>(self, mut client: C)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let upstream = match self.upstream.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "tunnel upgrade failed");
-                return;
-            }
+        let Some(mut upstream) = self.upstream.open().await else {
+            return;
         };
-        let mut upstream = TokioIo::new(upstream);
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(e) = r {
@@ -515,6 +546,7 @@ async fn route(
         peer: info.peer,
     };
     let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
+    let connect_port = req.uri().port_u16();
     let outgoing = match kind {
         Kind::Connect => connect_request(req, &host, &identity)?,
         Kind::WebSocketConnect => websocket_request(req, &host, &identity)?,
@@ -553,6 +585,21 @@ async fn route(
         .await
         .map_err(|e| tunnel_failed(&e))?;
 
+    if matches!(kind, Kind::Connect)
+        && connect_port == Some(443)
+        && resp.status() == StatusCode::NOT_FOUND
+    {
+        // No TCP service on 443 under this name, but a web service: terminate TLS here.
+        let parts = TunnelParts {
+            upstream: Upstream::TerminateTls(state.clone(), Arc::new(info.clone())),
+            permits: std::mem::take(&mut access.permits),
+            revoked: info.revoked.clone(),
+        };
+        let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+        resp.extensions_mut()
+            .insert(Tunnel(Arc::new(Mutex::new(Some(parts)))));
+        return Ok(resp);
+    }
     let opened = match kind {
         Kind::Connect => resp.status().is_success(),
         Kind::Upgrade | Kind::WebSocketConnect => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
@@ -560,7 +607,7 @@ async fn route(
     };
     if opened {
         let parts = TunnelParts {
-            upstream: hyper::upgrade::on(&mut resp),
+            upstream: Upstream::Connector(hyper::upgrade::on(&mut resp)),
             permits: std::mem::take(&mut access.permits),
             revoked: info.revoked.clone(),
         };

@@ -38,6 +38,8 @@ pub(crate) struct State {
     pub(crate) ca: Arc<Ca>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) enroll_limit: crate::enroll::RateLimit,
+    /// Serves HTTPS inside CONNECT tunnels whose TLS ends at the relay.
+    pub(crate) terminator: tokio::sync::mpsc::UnboundedSender<https::Terminated>,
     device_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
@@ -212,6 +214,8 @@ pub async fn run(
         JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
     let metrics = Arc::new(Metrics::default());
     let grace = config.drain_grace;
+    let (terminator_tx, terminator_rx) = tokio::sync::mpsc::unbounded_channel();
+    let inner_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls::inner_config(resolver.clone())?));
     let state = Arc::new(State {
         config,
         registry: registry.clone(),
@@ -228,8 +232,14 @@ pub async fn run(
         ca: ca.clone(),
         store: store.clone(),
         enroll_limit: crate::enroll::RateLimit::default(),
+        terminator: terminator_tx,
     });
 
+    tokio::spawn(https::terminator(
+        terminator_rx,
+        inner_tls,
+        Arc::downgrade(&state),
+    ));
     tokio::spawn(registry.clone().watch(store.clone(), shutdown.clone()));
     {
         let resolver = resolver.clone();

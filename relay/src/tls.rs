@@ -239,3 +239,18 @@ pub(crate) fn quic_config(
     ];
     Ok(cfg)
 }
+
+/// TLS for HTTPS inside a CONNECT tunnel: the same certificates, no client certificate
+/// (the tunnel's outer connection already authenticated the device), no resumption.
+pub(crate) fn inner_config(resolver: Arc<CertResolver>) -> anyhow::Result<ServerConfig> {
+    let mut cfg =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.max_early_data_size = 0;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}

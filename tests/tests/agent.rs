@@ -121,6 +121,25 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
             .unwrap()
             .starts_with("carol-")
     );
+    // https:// through the proxy: TLS inside the CONNECT ends at the relay with its
+    // org-CA leaf, and the identity is the agent's connection's.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .args(["--cacert", &format!("{}/ca.crt", s.w.out())])
+        .arg(format!("https://{APP}/via-https"))
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["path"], "/via-https");
+    assert_eq!(v["headers"]["portcullis-user"], "carol");
     // Not a private name: refused, with a clear message (no open proxy).
     let (code, body) = proxy_get(port, "http://example.com/").await;
     assert_eq!(code, 403);
@@ -546,4 +565,119 @@ async fn a_connector_enrols_with_a_token_and_serves_with_the_written_config() {
     assert!(r.body.contains("pc-origin"));
     let list = relay_ok(&["list", "--state", s.w.state()]);
     assert!(list.contains("c9"), "{list}");
+}
+
+#[tokio::test]
+async fn ssh_reaches_a_real_sshd_behind_a_connector_through_ssh_proxy() {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        assert!(
+            std::env::var_os("PORTCULLIS_REQUIRE_SSHD").is_none(),
+            "the sshd test is required but /usr/sbin/sshd is not installed"
+        );
+        eprintln!("\n!!! SKIPPED the sshd test: openssh-server is not installed\n");
+        return;
+    }
+    let s =
+        Stack::up_with("[[policy]]\nhostnames = [\"ssh.internal\"]\ngroups = [\"eng\"]\n").await;
+    let dir = s.w.path("ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keygen = |path: &Path| {
+        let ok = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ssh-keygen failed");
+    };
+    keygen(&dir.join("host_key"));
+    keygen(&dir.join("user_key"));
+    std::fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys")).unwrap();
+    let port = free_port();
+    let user = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+             PermitRootLogin prohibit-password\nAllowUsers {user}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let mut cmd = Command::new(sshd);
+    cmd.args(["-D", "-e", "-f"]).arg(dir.join("sshd_config"));
+    let _sshd = Daemon::spawn_logged(cmd, s.w.path("sshd.log"));
+    s.w.issue_connector("c2", &["ssh.internal"]);
+    let path = s.w.write_connector_config(
+        "c2",
+        &s.addrs.quic.to_string(),
+        &[("ssh.internal", &format!("tcp://127.0.0.1:{port}"))],
+    );
+    let mut cmd = Command::new(bin("portcullis-connector"));
+    cmd.args(["run", "--config"]).arg(&path);
+    let _c2 = Daemon::spawn_logged(cmd, s.w.path("c2.log"));
+
+    let token = device_token(&s, "jon", &[]);
+    let home = s.w.path("jon-home");
+    assert!(enroll(&home, &token, "file").await.status.success());
+    let proxy = format!(
+        "{} --home {} ssh-proxy %h %p",
+        bin("portcullis").display(),
+        home.display()
+    );
+    let out = eventually(Duration::from_secs(20), || {
+        let proxy = proxy.clone();
+        let dir = dir.clone();
+        let user = user.clone();
+        async move {
+            let run = Command::new("ssh")
+                .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+                .args([
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "ConnectTimeout=10",
+                ])
+                .args(["-o", &format!("ProxyCommand={proxy}")])
+                .arg("-i")
+                .arg(dir.join("user_key"))
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    &format!("{user}@ssh.internal"),
+                    "echo hello-over-ssh",
+                ])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(15), run)
+                .await
+                .ok()?
+                .ok()?;
+            out.status.success().then_some(out)
+        }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "ssh never got through: {}",
+            std::fs::read_to_string(s.w.path("sshd.log")).unwrap_or_default()
+        )
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello-over-ssh"
+    );
 }
