@@ -331,22 +331,31 @@ async fn up(
         });
     }
     tracing::info!(proxy = %bound, identity = %state.identity, "agent up: https_proxy=http://{bound}, PAC at http://{bound}/proxy.pac");
+    rebind_on_usr1(agent.relay.clone())?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            // A network change: move to a new local socket; QUIC migration keeps streams.
-            _ = usr1.recv() => match agent.relay.rebind() {
-                Ok(local) => tracing::info!(%local, "moved to a new local address"),
-                Err(e) => tracing::warn!(error = %e, "cannot rebind"),
-            },
-        }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGUSR1 means the network changed: move to a new local socket; QUIC migration keeps
+/// every open stream alive.
+fn rebind_on_usr1(relay: Arc<Relay>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match relay.rebind() {
+                Ok(local) => tracing::info!(%local, "moved to a new local address"),
+                Err(e) => tracing::warn!(error = %e, "cannot rebind"),
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn tcp(home: &Home, target: &str, listen: SocketAddr) -> anyhow::Result<ExitCode> {
@@ -360,6 +369,7 @@ async fn tcp(home: &Home, target: &str, listen: SocketAddr) -> anyhow::Result<Ex
         .with_context(|| format!("binding {listen}: is the port in use?"))?;
     tracing::info!(%listen, target, "forwarding");
     tokio::spawn(agent.clone().renew_forever());
+    rebind_on_usr1(agent.relay.clone())?;
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
@@ -379,6 +389,7 @@ async fn tcp(home: &Home, target: &str, listen: SocketAddr) -> anyhow::Result<Ex
 
 async fn ssh_proxy(home: &Home, host: &str, port: u16) -> anyhow::Result<ExitCode> {
     let agent = Agent::start(home).await?;
+    rebind_on_usr1(agent.relay.clone())?;
     let stream = agent.relay.connect(&format!("{host}:{port}")).await?;
     pump::join(tokio::io::stdin(), tokio::io::stdout(), stream).await;
     Ok(ExitCode::SUCCESS)

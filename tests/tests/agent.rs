@@ -179,7 +179,7 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
         "--listen",
         &format!("127.0.0.1:{listen}"),
     ]);
-    let _fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
+    let fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
     eventually(Duration::from_secs(10), || async {
         tokio::net::TcpStream::connect(("127.0.0.1", listen))
             .await
@@ -208,6 +208,23 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
             .unwrap()
             .unwrap();
     }
+    // An open session survives the forwarder moving to a new local address.
+    let mut session = tokio::net::TcpStream::connect(("127.0.0.1", listen))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 6];
+    session.write_all(b"before").await.unwrap();
+    session.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+    fwd.signal("USR1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    session.write_all(b"after!").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), session.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"after!");
+    assert!(fwd.log_text().contains("moved to a new local address"));
 
     // ssh-proxy: standard input/output to the TCP service.
     let mut ssh = agent(&home);
@@ -679,5 +696,35 @@ async fn ssh_reaches_a_real_sshd_behind_a_connector_through_ssh_proxy() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "hello-over-ssh"
+    );
+}
+
+#[tokio::test]
+async fn enrolment_attempts_are_rate_limited_per_address() {
+    let s = Stack::up().await;
+    let token = device_token(&s, "kim", &[]);
+    // Same token id, wrong secret: refused each time, and after ten, refused for flooding.
+    let text = std::fs::read_to_string(&token).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&base64_decode(text.trim().trim_start_matches("pct1_"))).unwrap();
+    json["secret"] = "wrong".into();
+    let forged = s.w.path("kim-forged.token");
+    std::fs::write(
+        &forged,
+        format!("pct1_{}", base64_encode(json.to_string().as_bytes())),
+    )
+    .unwrap();
+    let mut last = String::new();
+    for i in 0..11 {
+        let out = enroll(&s.w.path(&format!("kim-{i}")), &forged, "file").await;
+        assert!(!out.status.success());
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+    }
+    assert!(last.contains("too many enrolment attempts"), "{last}");
+    // The genuine token is refused too while the address is limited: nothing is issued.
+    let out = enroll(&s.w.path("kim-real"), &token, "file").await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too many"),
+        "{out:?}"
     );
 }
