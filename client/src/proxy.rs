@@ -44,7 +44,7 @@ fn not_private(host: &str) -> Response<Body> {
     text(
         StatusCode::FORBIDDEN,
         format!(
-            "portcullis: {host} is not one of your organisation's private names; this proxy carries only those"
+            "portcullis: no permission for {host}: it is not one of your organisation's private names that this device may reach; ask your administrator if you need it"
         ),
     )
 }
@@ -186,11 +186,11 @@ async fn forward(
     let (mut head, ()) = resp.into_parts();
     // The client speaks HTTP/1.1 to us, whatever the relay hop was.
     head.version = http::Version::HTTP_11;
-    if head.status == StatusCode::FORBIDDEN {
-        head.headers.insert(
-            "portcullis-denied",
-            http::HeaderValue::from_str(host).unwrap_or(http::HeaderValue::from_static("")),
-        );
+    if head.status == StatusCode::FORBIDDEN && !head.headers.contains_key("portcullis-error") {
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            format!("portcullis: no permission for {host}: ask your administrator for access"),
+        ));
     }
     Ok(Response::from_parts(head, body))
 }

@@ -147,6 +147,7 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
         body.contains("not one of your organisation's private names"),
         "{body}"
     );
+    assert!(body.contains("no permission for example.com"), "{body}");
     // The PAC file lists the private names.
     let pac = Command::new("curl")
         .args(["-sS", &format!("http://127.0.0.1:{port}/proxy.pac")])
