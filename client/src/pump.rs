@@ -28,23 +28,37 @@ where
         }
         let _ = tx.finish().await;
     };
+    // Returns true when the relay side failed (reset, relay gone) rather than finished.
     let down = async {
-        while let Ok(Some(mut chunk)) = rx.recv_data().await {
-            while chunk.has_remaining() {
-                let n = chunk.chunk().len();
-                if local_write.write_all(chunk.chunk()).await.is_err() {
-                    return;
+        let failed = loop {
+            match rx.recv_data().await {
+                Ok(Some(mut chunk)) => {
+                    while chunk.has_remaining() {
+                        let n = chunk.chunk().len();
+                        if local_write.write_all(chunk.chunk()).await.is_err() {
+                            return true;
+                        }
+                        chunk.advance(n);
+                    }
+                    // Standard output holds writes until flushed; an interactive peer
+                    // (ssh) must see each chunk at once.
+                    if local_write.flush().await.is_err() {
+                        return true;
+                    }
                 }
-                chunk.advance(n);
+                Ok(None) => break false,
+                Err(_) => break true,
             }
-            // Standard output holds writes until flushed; an interactive peer (ssh) must
-            // see each chunk at once.
-            if local_write.flush().await.is_err() {
-                return;
-            }
-        }
+        };
         let _ = local_write.flush().await;
         let _ = local_write.shutdown().await;
+        failed
     };
-    tokio::join!(up, down);
+    tokio::pin!(up, down);
+    tokio::select! {
+        () = &mut up => { down.await; }
+        // After a clean end from the relay the local side may still be sending; after a
+        // failure nothing will carry its bytes, so stop reading it.
+        failed = &mut down => if !failed { up.await; },
+    }
 }

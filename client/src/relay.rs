@@ -71,6 +71,8 @@ impl Credentials {
 /// The connection to the relay and what it takes to reopen it.
 pub(crate) struct Relay {
     endpoint: quinn::Endpoint,
+    /// `host:port`, resolved again for every new connection (the relay may move).
+    relay: String,
     addr: SocketAddr,
     server_name: String,
     config: RwLock<quinn::ClientConfig>,
@@ -84,6 +86,7 @@ impl Relay {
             quinn::Endpoint::client(local_any(addr)).context("creating the agent's QUIC socket")?;
         Ok(Self {
             endpoint,
+            relay: state.relay.clone(),
             addr,
             server_name: state.server_name.clone(),
             config: RwLock::new(creds.client_config()?),
@@ -123,17 +126,20 @@ impl Relay {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // Resolved again for each new connection: the relay may have moved.
+        let addr = portcullis_shared::enroll_client::resolve(&self.relay)
+            .await
+            .unwrap_or(self.addr);
         let connecting = self
             .endpoint
-            .connect_with(config, self.addr, &self.server_name)
+            .connect_with(config, addr, &self.server_name)
             .context("dialling the relay")?;
         let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => bail!(
-                "the relay {} refused or failed the connection ({e}); if this device was revoked, ask your administrator",
-                self.addr
+                "the relay {addr} refused or failed the connection ({e}); if this device was revoked, ask your administrator"
             ),
-            Err(_) => bail!("the relay {} is unreachable (no answer in 5 s)", self.addr),
+            Err(_) => bail!("the relay {addr} is unreachable (no answer in 5 s)"),
         };
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
             .await
@@ -141,7 +147,7 @@ impl Relay {
         tokio::spawn(async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
         });
-        tracing::info!(relay = %self.addr, "connected to the relay");
+        tracing::info!(relay = %addr, "connected to the relay");
         *current = Some((conn.clone(), send.clone()));
         Ok((conn, send))
     }

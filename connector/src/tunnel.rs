@@ -247,6 +247,10 @@ async fn session(
         let _ = control
             .write_all(&encode_frame(&ControlFrame::Drain)?)
             .await;
+        // Make sure the relay has the Drain before anything closes: finish the control
+        // stream and wait (briefly) for the acknowledgement.
+        let _ = control.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), control.stopped()).await;
         streams.close();
         if tokio::time::timeout(config.drain_grace, streams.wait())
             .await

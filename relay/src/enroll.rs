@@ -32,10 +32,23 @@ pub(crate) struct RateLimit {
 
 impl RateLimit {
     fn allow(&self, ip: IpAddr) -> bool {
+        // An IPv6 client controls its whole /64: count it as one address.
+        let ip = match ip {
+            IpAddr::V6(v6) => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+            v4 => v4,
+        };
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if seen.len() > 10_000 {
             seen.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            if seen.len() > 10_000 {
+                // Under a flood from many addresses: refuse newcomers until the window ends.
+                return seen.contains_key(&ip) && seen[&ip].1 < ATTEMPTS;
+            }
         }
         let (start, count) = seen.entry(ip).or_insert((now, 0));
         if now.duration_since(*start) >= WINDOW {
@@ -66,7 +79,7 @@ pub(crate) async fn serve(
         let response = match read {
             Ok(Ok(_)) if buf.len() <= MAX_ENROLL_LEN => {
                 match serde_json::from_slice::<EnrollRequest>(&buf) {
-                    Ok(req) => handle(&state, ip, caller.as_ref().map(|(id, _)| id), req).await,
+                    Ok(req) => handle(&state, ip, caller.as_ref(), req).await,
                     Err(_) => refused("malformed enrolment request"),
                 }
             }
@@ -89,7 +102,7 @@ fn refused(reason: &str) -> EnrollResponse {
 async fn handle(
     state: &Arc<State>,
     ip: IpAddr,
-    caller: Option<&Identity>,
+    caller: Option<&(Identity, String)>,
     req: EnrollRequest,
 ) -> EnrollResponse {
     let state = state.clone();
@@ -113,7 +126,9 @@ async fn handle(
             enroll(&state, ip, &token_id, &secret, &csr, name.as_deref())
         }
         EnrollRequest::Renew { csr } => match caller {
-            Some(identity) if identity.role() == Role::Device => renew(&state, ip, &identity, &csr),
+            Some((identity, key)) if identity.role() == Role::Device => {
+                renew(&state, ip, &identity, &key, &csr)
+            }
             _ => refused("renewal needs the device's current certificate"),
         },
     })
@@ -143,6 +158,16 @@ fn enroll(
     name: Option<&str>,
 ) -> EnrollResponse {
     let subject = format!("token:{token_id}");
+    // Check the request before spending the one-time token on it.
+    if let Err(e) = portcullis_shared::pki::check_csr(csr) {
+        audit(
+            state,
+            "enroll.refused",
+            &subject,
+            &format!("from {ip}: {e}"),
+        );
+        return refused(&e.to_string());
+    }
     let token = match state
         .store
         .redeem_token(token_id, &sha256_hex(secret.as_bytes()), now())
@@ -163,45 +188,24 @@ fn enroll(
         }
     };
     let grant = token.grant;
-    let identity = match grant.role {
-        Role::Connector => grant
+    let ttl = Duration::from_secs(grant.cert_ttl_secs);
+    let result = match grant.role {
+        Role::Connector => match grant
             .name
             .as_deref()
-            .map(|n| Identity::new(Role::Connector, n)),
-        Role::Device => Some(device_id(
-            state,
-            grant.user.as_deref().unwrap_or("device"),
-            name,
-        )),
-    };
-    let Some(Ok(identity)) = identity else {
-        audit(
-            state,
-            "enroll.refused",
-            &subject,
-            "token grants no valid identity",
-        );
-        return refused("the token grants no valid identity");
-    };
-    let result = issue(
-        state,
-        &identity,
-        csr,
-        Duration::from_secs(grant.cert_ttl_secs),
-        |i| IdentityRecord {
-            identity: identity.clone(),
-            user: grant.user.clone(),
-            groups: grant.groups.clone(),
-            hostnames: grant.hostnames.clone(),
-            serial: i.serial.clone(),
-            key_sha256: i.key_sha256.clone(),
-            not_after: i.not_after,
-            issued_at: now(),
-            revoked_at: None,
+            .map(|n| Identity::new(Role::Connector, n))
+        {
+            // An admin's token for a named connector replaces that connector (a rebuilt
+            // host re-enrolling); devices never replace anyone.
+            Some(Ok(identity)) => issue(state, &identity, csr, ttl, false, |i| {
+                record(&identity, &grant, i)
+            }),
+            _ => Err(anyhow::anyhow!("the token grants no valid identity")),
         },
-    );
+        Role::Device => enroll_device(state, &grant, csr, ttl, name),
+    };
     match result {
-        Ok(resp) => {
+        Ok((identity, resp)) => {
             audit(
                 state,
                 "enroll",
@@ -222,39 +226,76 @@ fn enroll(
     }
 }
 
-fn device_id(
+fn record(
+    identity: &Identity,
+    grant: &portcullis_shared::store::TokenGrant,
+    i: &portcullis_shared::pki::Issued,
+) -> IdentityRecord {
+    IdentityRecord {
+        identity: identity.clone(),
+        user: grant.user.clone(),
+        groups: grant.groups.clone(),
+        hostnames: grant.hostnames.clone(),
+        serial: i.serial.clone(),
+        key_sha256: i.key_sha256.clone(),
+        not_after: i.not_after,
+        issued_at: now(),
+        revoked_at: None,
+    }
+}
+
+/// A device's id always starts with its user's name, so a token for one user can never
+/// claim an id (and the `devices` policy rules naming it) that belongs to someone else.
+fn enroll_device(
     state: &State,
-    user: &str,
+    grant: &portcullis_shared::store::TokenGrant,
+    csr: &str,
+    ttl: Duration,
     name: Option<&str>,
-) -> Result<Identity, portcullis_shared::IdentityError> {
-    let taken = |id: &Identity| {
-        state
-            .registry
-            .snapshot()
-            .records()
-            .any(|r| &r.identity == id)
-    };
-    if let Some(name) = name {
-        let id = Identity::new(Role::Device, name)?;
-        if !taken(&id) {
-            return Ok(id);
+) -> anyhow::Result<(Identity, EnrollResponse)> {
+    let user = grant.user.as_deref().unwrap_or("device");
+    for _ in 0..5 {
+        let identity = device_id(user, name)?;
+        match issue(state, &identity, csr, ttl, true, |i| {
+            record(&identity, grant, i)
+        }) {
+            Err(e)
+                if e.chain().any(|c| {
+                    matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Exists(_)))
+                }) =>
+            {
+                anyhow::ensure!(
+                    name.is_none(),
+                    "device name {} is taken: choose another --name",
+                    identity.id()
+                );
+            }
+            other => return other,
         }
     }
-    let base: String = user
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
-        .take(40)
-        .collect();
-    let mut suffix = [0u8; 3];
-    let _ = ring::rand::SystemRandom::new().fill(&mut suffix);
-    Identity::new(
-        Role::Device,
-        &format!(
-            "{}-{}",
-            if base.is_empty() { "device" } else { &base },
-            portcullis_shared::pki::hex(&suffix)
-        ),
-    )
+    anyhow::bail!("could not find a free device id; try again")
+}
+
+fn device_id(user: &str, name: Option<&str>) -> anyhow::Result<Identity> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+            .take(30)
+            .collect()
+    };
+    let base = match clean(user) {
+        b if b.is_empty() => "device".to_owned(),
+        b => b,
+    };
+    let suffix = match name.map(clean) {
+        Some(n) if !n.is_empty() => n,
+        _ => {
+            let mut bytes = [0u8; 3];
+            let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+            portcullis_shared::pki::hex(&bytes)
+        }
+    };
+    Ok(Identity::new(Role::Device, &format!("{base}-{suffix}"))?)
 }
 
 fn issue(
@@ -262,51 +303,103 @@ fn issue(
     identity: &Identity,
     csr: &str,
     ttl: Duration,
+    new_only: bool,
     record: impl FnOnce(&portcullis_shared::pki::Issued) -> IdentityRecord,
-) -> anyhow::Result<EnrollResponse> {
+) -> anyhow::Result<(Identity, EnrollResponse)> {
     let issued = state.ca.issue_for_csr(identity, csr, ttl)?;
     let rec = record(&issued);
     let hostnames = rec.hostnames.iter().map(ToString::to_string).collect();
+    if new_only {
+        state.store.create_identity(&rec)?;
+        state.registry.reload(&*state.store)?;
+        return Ok((
+            identity.clone(),
+            EnrollResponse::Issued {
+                identity: identity.to_string(),
+                cert: issued.cert_pem,
+                ca: state.ca.cert_pem().to_owned(),
+                not_after: issued.not_after,
+                hostnames,
+            },
+        ));
+    }
     state
         .store
         .put_identity(&rec)
         .context("recording the identity")?;
     state.registry.reload(&*state.store)?;
-    Ok(EnrollResponse::Issued {
+    Ok((
+        identity.clone(),
+        EnrollResponse::Issued {
+            identity: identity.to_string(),
+            cert: issued.cert_pem,
+            ca: state.ca.cert_pem().to_owned(),
+            not_after: issued.not_after,
+            hostnames,
+        },
+    ))
+}
+
+fn renew(
+    state: &State,
+    ip: IpAddr,
+    identity: &Identity,
+    key_sha256: &str,
+    csr: &str,
+) -> EnrollResponse {
+    let subject = identity.to_string();
+    let refuse = |why: String| {
+        audit(
+            state,
+            "renew.refused",
+            &subject,
+            &format!("from {ip}: {why}"),
+        );
+        refused(&why)
+    };
+    let Some(current) = state.registry.snapshot().active(identity).cloned() else {
+        return refuse("this device is revoked or unknown".into());
+    };
+    // Renewal keeps the key, and waits until half the lifetime has passed (the agent
+    // renews at two thirds), so a device cannot churn certificates.
+    let lifetime = (current.not_after - current.issued_at).max(5);
+    if now() - current.issued_at < lifetime / 2 {
+        return refuse(
+            "too early to renew: wait until half the certificate's lifetime has passed".into(),
+        );
+    }
+    let ttl = Duration::from_secs(lifetime as u64);
+    let issued = match state.ca.issue_for_csr(identity, csr, ttl) {
+        Ok(i) => i,
+        Err(e) => return refuse(e.to_string()),
+    };
+    if issued.key_sha256 != key_sha256 {
+        return refuse("renewal must keep the device's current key".into());
+    }
+    let rec = IdentityRecord {
+        serial: issued.serial.clone(),
+        key_sha256: issued.key_sha256.clone(),
+        not_after: issued.not_after,
+        issued_at: now(),
+        ..current
+    };
+    if let Err(e) = state.store.put_identity(&rec).and_then(|()| {
+        state
+            .registry
+            .reload(&*state.store)
+            .map_err(|e| StoreError::Corrupt {
+                what: "registry".into(),
+                why: e.to_string(),
+            })
+    }) {
+        return refuse(e.to_string());
+    }
+    audit(state, "renew", &subject, &format!("from {ip}"));
+    EnrollResponse::Issued {
         identity: identity.to_string(),
         cert: issued.cert_pem,
         ca: state.ca.cert_pem().to_owned(),
         not_after: issued.not_after,
-        hostnames,
-    })
-}
-
-fn renew(state: &State, ip: IpAddr, identity: &Identity, csr: &str) -> EnrollResponse {
-    let Some(current) = state.registry.snapshot().active(identity).cloned() else {
-        return refused("this device is revoked or unknown");
-    };
-    // Same lifetime as the certificate being renewed.
-    let ttl = Duration::from_secs((current.not_after - current.issued_at).max(5) as u64);
-    let result = issue(state, identity, csr, ttl, |i| IdentityRecord {
-        serial: i.serial.clone(),
-        key_sha256: i.key_sha256.clone(),
-        not_after: i.not_after,
-        issued_at: now(),
-        ..current.clone()
-    });
-    match result {
-        Ok(resp) => {
-            audit(state, "renew", &identity.to_string(), &format!("from {ip}"));
-            resp
-        }
-        Err(e) => {
-            audit(
-                state,
-                "renew.refused",
-                &identity.to_string(),
-                &format!("from {ip}: {e:#}"),
-            );
-            refused(&format!("{e:#}"))
-        }
+        hostnames: vec![],
     }
 }

@@ -38,12 +38,13 @@ pub(crate) async fn serve(
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.server_name);
-    let live = state.registry.track(&device, &key_sha256);
+    let live = Arc::new(state.registry.track(&device, &key_sha256));
     let info = Arc::new(ConnInfo {
         peer: conn.remote_address(),
         sni,
         device: Some(device),
         revoked: live.token(),
+        live: Some(live.clone()),
         protocol: "HTTP/3",
     });
     let limits = &state.config.limits;
@@ -164,6 +165,7 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
         upstream,
         permits,
         revoked,
+        live,
     } = tunnel;
     let Some(upstream) = upstream.open().await else {
         return;
@@ -201,6 +203,7 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
         () = revoked.cancelled() => tracing::info!("closing a revoked device's tunnel"),
     }
     drop(permits);
+    drop(live);
 }
 
 /// An HTTP/3 request body as an `http_body::Body`: a task reads the h3 stream into a small

@@ -51,6 +51,28 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// The HTTP/1.1 and HTTP/2 server settings every client connection gets: header limits
+/// and timeouts, HTTP/2 stream limit and keep-alive, extended CONNECT.
+fn http_builder(
+    limits: &portcullis_shared::config::LimitsConfig,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(Some(limits.idle_timeout / 2))
+        .keep_alive_timeout(limits.idle_timeout / 2)
+        .enable_connect_protocol();
+    builder
+}
+
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -95,7 +117,7 @@ async fn serve_connection(
     }
     let live = device
         .as_ref()
-        .map(|d| state.registry.track(d, &key_sha256));
+        .map(|d| Arc::new(state.registry.track(d, &key_sha256)));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let info = Arc::new(ConnInfo {
         peer,
@@ -104,6 +126,7 @@ async fn serve_connection(
         revoked: live
             .as_ref()
             .map_or_else(CancellationToken::new, |l| l.token()),
+        live: live.clone(),
         protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
     });
     state
@@ -124,20 +147,7 @@ async fn serve_connection(
             resp
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .keep_alive_interval(Some(limits.idle_timeout / 2))
-        .keep_alive_timeout(limits.idle_timeout / 2)
-        .enable_connect_protocol();
+    let builder = http_builder(limits);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let revoked = async {
@@ -212,11 +222,27 @@ async fn serve_terminated(
         },
         ..(*outer).clone()
     });
-    let service =
-        hyper::service::service_fn(move |req| serve_request(state.clone(), info.clone(), req));
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-        .await;
+    // The same limits and reset-flood guard as a direct connection; the outer
+    // connection's revocation closes this one too.
+    let revoked = info.revoked.clone();
+    let flood = Arc::new(ResetFlood::default());
+    let svc_flood = flood.clone();
+    let builder = http_builder(&state.config.limits);
+    let service = hyper::service::service_fn(move |req| {
+        let guard = svc_flood.guard();
+        let fut = serve_request(state.clone(), info.clone(), req);
+        async move {
+            let resp = fut.await;
+            guard.finish();
+            resp
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::select! {
+        _ = conn => {}
+        () = revoked.cancelled() => {}
+        () = flood.tripped.cancelled() => {}
+    }
 }
 
 async fn serve_request(

@@ -107,6 +107,9 @@ pub(crate) struct ConnInfo {
     pub(crate) device: Option<Identity>,
     /// Cancelled when the device is revoked; tunnels watch it.
     pub(crate) revoked: CancellationToken,
+    /// Keeps the device registered as live for as long as the connection or any tunnel
+    /// opened on it exists (an HTTP/1.1 upgrade outlives hyper's connection future).
+    pub(crate) live: Option<Arc<crate::registry::LiveGuard>>,
     pub(crate) protocol: &'static str,
 }
 
@@ -124,6 +127,7 @@ pub(crate) struct TunnelParts {
     pub(crate) upstream: Upstream,
     pub(crate) permits: Vec<OwnedSemaphorePermit>,
     pub(crate) revoked: CancellationToken,
+    pub(crate) live: Option<Arc<crate::registry::LiveGuard>>,
 }
 
 /// Where a tunnel's bytes go.
@@ -187,6 +191,7 @@ impl TunnelParts {
             () = self.revoked.cancelled() => tracing::info!("closing a revoked device's tunnel"),
         }
         drop(self.permits);
+        drop(self.live);
     }
 }
 
@@ -522,14 +527,35 @@ async fn route(
             "access denied: your organisation's policy does not allow this device here",
         ));
     }
-    let Some(connector) = state.router.pick(&host) else {
-        return Err((
-            StatusCode::BAD_GATEWAY,
-            "no connector",
-            "the service is unavailable: no connector is online for it",
-        ));
+    let no_connector = (
+        StatusCode::BAD_GATEWAY,
+        "no connector",
+        "the service is unavailable: no connector is online for it",
+    );
+    // Pick a connector and open the stream; a connection that turns out to be gone (a
+    // connector that just exited) is dropped from routing and the next one is tried,
+    // which is safe because nothing of the request has been sent yet.
+    let mut attempts = 0;
+    let (connector, io) = loop {
+        let connector = state.router.pick(&host).ok_or(no_connector)?;
+        access.permits = acquire(state, device, &connector)?;
+        match connector.open_http(&host).await {
+            Ok(io) => break (connector, io),
+            Err(e) if attempts < 2 => {
+                attempts += 1;
+                tracing::info!(connector.name = %connector.name, error = %format!("{e:#}"), "connector gone; trying another");
+                connector.retire();
+            }
+            Err(e) => {
+                tracing::info!(connector.name = %connector.name, error = %format!("{e:#}"), "tunnel stream failed");
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    "tunnel",
+                    "the service's connector did not answer",
+                ));
+            }
+        }
     };
-    access.permits = acquire(state, device, &connector)?;
 
     let jwt = state.jwt.sign(&Claims {
         user: &user,
@@ -564,10 +590,6 @@ async fn route(
             "the service's connector did not answer",
         )
     };
-    let io = connector
-        .open_http(&host)
-        .await
-        .map_err(|e| tunnel_failed(&format!("{e:#}")))?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, ReqBody>(TokioIo::new(io))
         .await
@@ -590,10 +612,14 @@ async fn route(
         && resp.status() == StatusCode::NOT_FOUND
     {
         // No TCP service on 443 under this name, but a web service: terminate TLS here.
+        let mut permits = std::mem::take(&mut access.permits);
+        // Keep the device's slot; the connector that answered 404 is not used.
+        permits.truncate(1);
         let parts = TunnelParts {
             upstream: Upstream::TerminateTls(state.clone(), Arc::new(info.clone())),
-            permits: std::mem::take(&mut access.permits),
+            permits,
             revoked: info.revoked.clone(),
+            live: info.live.clone(),
         };
         let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
         resp.extensions_mut()
@@ -610,6 +636,7 @@ async fn route(
             upstream: Upstream::Connector(hyper::upgrade::on(&mut resp)),
             permits: std::mem::take(&mut access.permits),
             revoked: info.revoked.clone(),
+            live: info.live.clone(),
         };
         let (mut head, _) = resp.into_parts();
         if matches!(kind, Kind::WebSocketConnect) {

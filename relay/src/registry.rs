@@ -96,6 +96,7 @@ pub(crate) struct Registry {
 }
 
 /// Held by a live connection; cancelled when its identity is revoked, deregistered on drop.
+#[derive(Debug)]
 pub(crate) struct LiveGuard {
     registry: Arc<Registry>,
     identity: Identity,
@@ -231,15 +232,18 @@ fn same_serial(a: &str, b: &str) -> bool {
 }
 
 impl IdentityCheck for Registry {
-    fn check(&self, identity: &Identity, serial: &str) -> Result<(), String> {
+    fn check(&self, identity: &Identity, serial: &str, key_sha256: &str) -> Result<(), String> {
         let snapshot = self.snapshot();
         match snapshot.by_identity.get(identity) {
             None => Err(format!("{identity} is not registered")),
             Some(r) if r.revoked_at.is_some() => Err(format!("{identity} is revoked")),
-            Some(r) if !same_serial(&r.serial, serial) => Err(format!(
+            // The current certificate, or an earlier one for the same key (a renewal whose
+            // answer the device has not stored yet); a re-issue with a new key retires
+            // the old certificates.
+            Some(r) if same_serial(&r.serial, serial) || r.key_sha256 == key_sha256 => Ok(()),
+            Some(_) => Err(format!(
                 "{identity} presented a superseded certificate (serial {serial})"
             )),
-            Some(_) => Ok(()),
         }
     }
 }

@@ -39,6 +39,11 @@ pub(crate) struct ConnectorHandle {
 }
 
 impl ConnectorHandle {
+    /// Stops routing to this connector (its connection failed).
+    pub(crate) fn retire(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// Opens a tunnel stream for one HTTP exchange to `host` and writes its header.
     pub(crate) async fn open_http(
         &self,
@@ -296,6 +301,15 @@ async fn serve_connector(
                 }
                 // A connector keeps its control stream open for the tunnel's life; one that
                 // ends it is closed, so it cannot linger outside revocation's reach.
+                // After Drain the connector finishes its control stream; wait for it to close
+                // (still watching revocation).
+                Ok(None) if handle.draining.load(Ordering::Relaxed) => {
+                    tokio::select! {
+                        _ = conn.closed() => {}
+                        () = live.revoked() => conn.close(VarInt::from_u32(CloseCode::Revoked.code()), b"certificate revoked"),
+                    }
+                    break Ok(conn.close_reason().unwrap_or(quinn::ConnectionError::LocallyClosed));
+                }
                 Ok(None) => {
                     conn.close(VarInt::from_u32(CloseCode::Protocol.code()), b"control stream closed");
                     break Ok(conn.closed().await);

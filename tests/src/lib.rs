@@ -770,3 +770,19 @@ pub async fn h2_read_all(body: &mut h2::RecvStream) -> Vec<u8> {
     }
     out
 }
+
+/// Waits until the relay's `portcullis_relay_tunnel_streams` gauge reads `n`.
+pub async fn wait_for_tunnel_streams(admin: std::net::SocketAddr, n: u32) {
+    let found = eventually(Duration::from_secs(10), || async move {
+        let out = Command::new("curl")
+            .args(["-s", &format!("http://{admin}/metrics")])
+            .output()
+            .await
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("portcullis_relay_tunnel_streams {n}"))
+            .then_some(())
+    })
+    .await;
+    assert!(found.is_some(), "no request reached the tunnel");
+}

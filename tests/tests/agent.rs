@@ -47,8 +47,19 @@ fn agent(home: &Path) -> Command {
 }
 
 async fn enroll(home: &Path, token: &Path, store: &str) -> std::process::Output {
+    enroll_with(home, token, store, &[]).await
+}
+
+async fn enroll_with(
+    home: &Path,
+    token: &Path,
+    store: &str,
+    extra: &[&str],
+) -> std::process::Output {
     agent(home)
-        .args(["enroll", "--key-store", store, "--token-file"])
+        .args(["enroll", "--key-store", store])
+        .args(extra)
+        .arg("--token-file")
         .arg(token)
         .output()
         .await
@@ -295,9 +306,14 @@ async fn dns_query(port: u16, name: &str) -> (u8, Vec<[u8; 4]>) {
 async fn bad_tokens_are_refused_with_a_reason_and_nothing_is_issued() {
     let s = Stack::up().await;
     let home = |n: &str| s.w.path(&format!("home-{n}"));
-    // Reused.
+    // Reused. (A requested device name is always prefixed with the token's user, so no
+    // token can claim another user's device id.)
     let token = device_token(&s, "dave", &[]);
-    assert!(enroll(&home("1"), &token, "file").await.status.success());
+    let out = enroll_with(&home("1"), &token, "file", &["--name", "ci-runner"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home("1").join("agent.json")).unwrap()).unwrap();
+    assert_eq!(state["identity"], "device:dave-ci-runner");
     let out = enroll(&home("2"), &token, "file").await;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("already used"),

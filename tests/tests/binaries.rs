@@ -311,7 +311,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         "/slow?ms=1500",
         Some("alice"),
     )));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Signal only once the request is really in flight (a tunnel stream is open).
+    portcullis_e2e::wait_for_tunnel_streams(s.addrs.admin, 1).await;
     s.relay.signal("TERM");
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.stderr);
@@ -337,7 +338,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         "/slow?ms=1500",
         Some("alice"),
     )));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Signal only once the request is really in flight (a tunnel stream is open).
+    portcullis_e2e::wait_for_tunnel_streams(addrs.admin, 1).await;
     c.signal("TERM");
     let r = slow.await.unwrap();
     assert_eq!(

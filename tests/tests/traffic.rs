@@ -358,22 +358,7 @@ async fn limits_answer_429_and_431_instead_of_queueing() {
         .collect();
     // Once both slow requests hold their slots (two tunnel streams open), a third is
     // refused, not queued.
-    let admin = s.addrs.admin;
-    let both_in_flight = portcullis_e2e::eventually(Duration::from_secs(10), || async move {
-        let out = tokio::process::Command::new("curl")
-            .args(["-s", &format!("http://{admin}/metrics")])
-            .output()
-            .await
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains("portcullis_relay_tunnel_streams 2")
-            .then_some(())
-    })
-    .await;
-    assert!(
-        both_in_flight.is_some(),
-        "the two slow requests never got going"
-    );
+    portcullis_e2e::wait_for_tunnel_streams(s.addrs.admin, 2).await;
     let r = s.get(APP, "/", Some("alice")).await;
     assert_eq!(r.status, 429, "{}", r.body);
     for t in slow {
@@ -451,4 +436,34 @@ async fn a_flood_of_http2_stream_resets_closes_that_connection_only() {
     );
     // Others are still served.
     assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+}
+
+#[tokio::test]
+async fn revoking_a_device_closes_its_open_http1_tunnels() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Stack::up().await;
+    let port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
+    let target = format!("{DB}:{port}");
+    let mut tls =
+        portcullis_e2e::tls_connect(&s.w, &s.addrs, "relay.acme.test", "alice", &[b"http/1.1"])
+            .await;
+    tls.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tls.read(&mut byte).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).contains(" 200"));
+    tls.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tls.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    // The tunnel outlives hyper's connection future; revocation must still reach it.
+    portcullis_e2e::relay_ok(&["revoke", "device", "alice", "--state", s.w.state()]);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the revoked device's tunnel must be closed");
 }

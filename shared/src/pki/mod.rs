@@ -306,6 +306,14 @@ pub fn generate_csr(identity: &Identity) -> Result<(Vec<u8>, String), PkiError> 
     csr_for_key(identity, &key).map(|csr| (key.serialize_der(), csr))
 }
 
+/// Checks that `csr_pem` is a well-formed CSR whose signature verifies (the requester holds
+/// the key), before anything is spent on it.
+pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|e| PkiError::Csr(format!("not a valid, self-signed CSR ({e})")))
+}
+
 /// A new P-256 key and a CSR naming nobody: for enrolment, where the relay decides the
 /// identity from the token. Returns (key PKCS#8 DER, CSR PEM).
 pub fn generate_enrolment_csr() -> Result<(Vec<u8>, String), PkiError> {

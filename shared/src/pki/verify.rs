@@ -19,9 +19,9 @@ use crate::identity::{Identity, Role};
 
 /// The relay's live view of identities, consulted on every handshake.
 pub trait IdentityCheck: Send + Sync + fmt::Debug {
-    /// `Ok` if `identity` with certificate `serial` may connect now; otherwise the reason,
-    /// for the log.
-    fn check(&self, identity: &Identity, serial: &str) -> Result<(), String>;
+    /// `Ok` if `identity` with certificate `serial` for the key with fingerprint
+    /// `key_sha256` may connect now; otherwise the reason, for the log.
+    fn check(&self, identity: &Identity, serial: &str, key_sha256: &str) -> Result<(), String>;
 }
 
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl ClientCertVerifier for RoleVerifier {
             Some(id) if !self.roles.contains(&id.role()) => {
                 Err(format!("a {} certificate cannot be used here", id.role()))
             }
-            Some(id) => self.check.check(id, &info.serial),
+            Some(id) => self.check.check(id, &info.serial, &info.key_sha256),
         };
         match result {
             Ok(()) => Ok(verified),

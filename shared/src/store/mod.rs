@@ -23,6 +23,9 @@ pub enum StoreError {
     /// The database could not be opened, read or written.
     #[error("store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The id is already taken.
+    #[error("{0} already exists")]
+    Exists(Identity),
     /// No identity with that role and id.
     #[error("no {0} is registered")]
     NotFound(Identity),
@@ -128,6 +131,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a newly issued certificate for an identity, replacing the identity's previous
     /// certificate. Fails with [`StoreError::Revoked`] if the identity was revoked.
     fn put_identity(&self, record: &IdentityRecord) -> Result<(), StoreError>;
+
+    /// Records a new identity; fails with [`StoreError::Exists`] if the id is taken (by an
+    /// active or a revoked identity). Enrolment uses this, so it never replaces anyone.
+    fn create_identity(&self, record: &IdentityRecord) -> Result<(), StoreError>;
 
     /// All identities, revoked ones included, ordered by role and id.
     fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError>;

@@ -129,6 +129,34 @@ impl Store for SqliteStore {
         })
     }
 
+    fn create_identity(&self, r: &IdentityRecord) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let inserted = tx.execute(
+                "INSERT OR IGNORE INTO identities
+                 (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9)",
+                params![
+                    r.identity.role().as_str(),
+                    r.identity.id(),
+                    r.user,
+                    json(&r.groups),
+                    json(&r.hostnames),
+                    r.serial,
+                    r.not_after,
+                    r.issued_at,
+                    r.key_sha256,
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Exists(r.identity.clone()));
+            }
+            bump(&tx)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
@@ -390,6 +418,16 @@ mod tests {
         assert!(matches!(
             store.put_identity(&r),
             Err(StoreError::Revoked(_))
+        ));
+    }
+
+    #[test]
+    fn create_never_replaces() {
+        let store = SqliteStore::in_memory().unwrap();
+        store.create_identity(&record("alice")).unwrap();
+        assert!(matches!(
+            store.create_identity(&record("alice")),
+            Err(StoreError::Exists(_))
         ));
     }
 
