@@ -311,22 +311,12 @@ fn issue(
     let hostnames = rec.hostnames.iter().map(ToString::to_string).collect();
     if new_only {
         state.store.create_identity(&rec)?;
-        state.registry.reload(&*state.store)?;
-        return Ok((
-            identity.clone(),
-            EnrollResponse::Issued {
-                identity: identity.to_string(),
-                cert: issued.cert_pem,
-                ca: state.ca.cert_pem().to_owned(),
-                not_after: issued.not_after,
-                hostnames,
-            },
-        ));
+    } else {
+        state
+            .store
+            .put_identity(&rec)
+            .context("recording the identity")?;
     }
-    state
-        .store
-        .put_identity(&rec)
-        .context("recording the identity")?;
     state.registry.reload(&*state.store)?;
     Ok((
         identity.clone(),

@@ -89,6 +89,33 @@ fn bump(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Writes an identity row with `verb` (`INSERT OR REPLACE` / `INSERT OR IGNORE`);
+/// returns how many rows changed.
+fn insert(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IdentityRecord,
+    verb: &str,
+) -> Result<usize, StoreError> {
+    Ok(tx.execute(
+        &format!(
+            "{verb} INTO identities
+             (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9)"
+        ),
+        params![
+            r.identity.role().as_str(),
+            r.identity.id(),
+            r.user,
+            json(&r.groups),
+            json(&r.hostnames),
+            r.serial,
+            r.not_after,
+            r.issued_at,
+            r.key_sha256,
+        ],
+    )?)
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
@@ -107,22 +134,7 @@ impl Store for SqliteStore {
             if let Some(Some(_)) = revoked {
                 return Err(StoreError::Revoked(r.identity.clone()));
             }
-            tx.execute(
-                "INSERT OR REPLACE INTO identities
-                 (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9)",
-                params![
-                    r.identity.role().as_str(),
-                    r.identity.id(),
-                    r.user,
-                    json(&r.groups),
-                    json(&r.hostnames),
-                    r.serial,
-                    r.not_after,
-                    r.issued_at,
-                    r.key_sha256,
-                ],
-            )?;
+            insert(&tx, r, "INSERT OR REPLACE")?;
             bump(&tx)?;
             tx.commit()?;
             Ok(())
@@ -132,22 +144,7 @@ impl Store for SqliteStore {
     fn create_identity(&self, r: &IdentityRecord) -> Result<(), StoreError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            let inserted = tx.execute(
-                "INSERT OR IGNORE INTO identities
-                 (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9)",
-                params![
-                    r.identity.role().as_str(),
-                    r.identity.id(),
-                    r.user,
-                    json(&r.groups),
-                    json(&r.hostnames),
-                    r.serial,
-                    r.not_after,
-                    r.issued_at,
-                    r.key_sha256,
-                ],
-            )?;
+            let inserted = insert(&tx, r, "INSERT OR IGNORE")?;
             if inserted == 0 {
                 return Err(StoreError::Exists(r.identity.clone()));
             }
