@@ -159,7 +159,7 @@ fn enroll(
 ) -> EnrollResponse {
     let subject = format!("token:{token_id}");
     // Check the request before spending the one-time token on it.
-    if let Err(e) = portcullis_shared::pki::check_csr(csr) {
+    if let Err(e) = portcullis_shared::pki::check_enrolment_csr(csr) {
         audit(
             state,
             "enroll.refused",

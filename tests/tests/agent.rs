@@ -745,3 +745,65 @@ async fn enrolment_attempts_are_rate_limited_per_address() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn a_csr_naming_someone_else_is_refused_and_relay_can_be_overridden() {
+    use portcullis_shared::enroll_client::exchange;
+    use portcullis_shared::identity::{Identity, Role};
+    use portcullis_shared::proto::{EnrollRequest, EnrollResponse};
+    use portcullis_shared::token::EnrollToken;
+    let s = Stack::up().await;
+    let path = device_token(&s, "lou", &[]);
+    let token = EnrollToken::decode(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // A CSR asking for another identity's name, with a valid token: refused, nothing issued.
+    let mallory = Identity::new(Role::Device, "mallory").unwrap();
+    let (_key, csr) = portcullis_shared::pki::generate_csr(&mallory).unwrap();
+    let request = EnrollRequest::Enroll {
+        token_id: token.id.clone(),
+        secret: token.secret.clone(),
+        csr,
+        name: None,
+    };
+    let answer = exchange(
+        &token.relay,
+        &token.server_name,
+        &token.ca_sha256,
+        None,
+        &request,
+    )
+    .await
+    .unwrap();
+    match answer {
+        EnrollResponse::Refused { reason } => {
+            assert!(reason.contains("must not name an identity"), "{reason}")
+        }
+        other => panic!("a CSR for someone else must be refused: {other:?}"),
+    }
+    assert!(!relay_ok(&["list", "--state", s.w.state()]).contains("mallory"));
+    // --relay overrides the token's address (its TLS name still applies).
+    let wrong = s.w.path("lou-wrong.token");
+    let mut moved = token.clone();
+    moved.relay = "127.0.0.1:9".into();
+    moved.id = token.id.clone();
+    std::fs::write(&wrong, moved.encode()).unwrap();
+    let home = s.w.path("lou-home");
+    let out = agent(&home)
+        .args([
+            "enroll",
+            "--key-store",
+            "file",
+            "--relay",
+            &s.addrs.quic.to_string(),
+            "--token-file",
+        ])
+        .arg(&wrong)
+        .output()
+        .await
+        .unwrap();
+    // The CSR check comes before the token is spent, so the same token still works.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

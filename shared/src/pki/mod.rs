@@ -306,12 +306,18 @@ pub fn generate_csr(identity: &Identity) -> Result<(Vec<u8>, String), PkiError> 
     csr_for_key(identity, &key).map(|csr| (key.serialize_der(), csr))
 }
 
-/// Checks that `csr_pem` is a well-formed CSR whose signature verifies (the requester holds
-/// the key), before anything is spent on it.
-pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
-    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .map(|_| ())
-        .map_err(|e| PkiError::Csr(format!("not a valid, self-signed CSR ({e})")))
+/// Checks an enrolment CSR before anything is spent on it: well-formed, its signature
+/// verifies (the requester holds the key), and it names nobody (the relay decides the
+/// identity from the token; a CSR asking for a name is trying to choose its own).
+pub fn check_enrolment_csr(csr_pem: &str) -> Result<(), PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::Csr(format!("not a valid, self-signed CSR ({e})")))?;
+    if !csr.params.subject_alt_names.is_empty() {
+        return Err(PkiError::Csr(
+            "an enrolment CSR must not name an identity: the token decides it".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A new P-256 key and a CSR naming nobody: for enrolment, where the relay decides the
