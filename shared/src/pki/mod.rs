@@ -341,13 +341,8 @@ pub fn csr_for_existing_key(identity: &Identity, key_der: &[u8]) -> Result<Strin
 }
 
 fn csr_for_key(identity: &Identity, key: &KeyPair) -> Result<String, PkiError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.id());
-    params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
-    Ok(params.serialize_request(key)?.pem()?)
+    // The same fields the certificate will have; the CA decides them anyway.
+    Ok(client_params(identity)?.serialize_request(key)?.pem()?)
 }
 
 fn random_serial() -> (SerialNumber, String) {
