@@ -115,16 +115,35 @@ async fn serve_request(
         let p = ExtendedConnect(p.as_str().to_owned());
         parts.extensions.insert(p);
     }
+    let declared = match validate(&parts.headers) {
+        Ok(declared) => declared,
+        Err(why) => {
+            // RFC 9114 §4.1.2: a malformed request is a stream error of type
+            // H3_MESSAGE_ERROR; nothing of it is forwarded.
+            tracing::debug!(reason = why, "malformed HTTP/3 request");
+            tx.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+            return true;
+        }
+    };
     let connect = parts.method == Method::CONNECT;
+    let violated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (body, kept_rx): (ReqBody, _) = if connect {
         (
             Empty::new().map_err(|never| match never {}).boxed(),
             Some(rx),
         )
     } else {
-        (ChannelBody::spawn(rx).boxed(), None)
+        (
+            ChannelBody::spawn(rx, declared, violated.clone()).boxed(),
+            None,
+        )
     };
     let resp = proxy::handle(state, info, Request::from_parts(parts, body)).await;
+    if violated.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!("HTTP/3 body did not match its Content-Length");
+        tx.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        return true;
+    }
     let tunnel = resp.extensions().get::<Tunnel>().and_then(Tunnel::take);
     let (head, mut body) = resp.into_parts();
     if let Err(e) = tx.send_response(Response::from_parts(head, ())).await {
@@ -157,6 +176,43 @@ async fn serve_request(
         }
     }
     tx.finish().await.is_ok()
+}
+
+/// Checks what h3 leaves to the application (RFC 9114 §4.2, §4.1.2): no connection-specific
+/// fields, `TE` only as `trailers`, at most one Content-Length value. Returns the declared
+/// length, or why the request is malformed.
+fn validate(headers: &http::HeaderMap) -> Result<Option<u64>, &'static str> {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        if headers.contains_key(name) {
+            return Err("connection-specific header field");
+        }
+    }
+    if headers
+        .get_all(http::header::TE)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        return Err("TE other than trailers");
+    }
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return Ok(None);
+    };
+    if lengths.next().is_some() {
+        return Err("more than one Content-Length");
+    }
+    first
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or("invalid Content-Length")
 }
 
 /// Joins a CONNECT request stream to the connector's tunnel: bytes both ways, FIN for FIN.
@@ -213,16 +269,39 @@ struct ChannelBody {
 }
 
 impl ChannelBody {
-    fn spawn(mut stream: RecvHalf) -> Self {
+    /// With `declared` (the request's Content-Length), a body that runs past it or ends
+    /// short of it is an error, and `violated` is set so the stream is reset with
+    /// H3_MESSAGE_ERROR (RFC 9114 §4.1.2).
+    fn spawn(
+        mut stream: RecvHalf,
+        declared: Option<u64>,
+        violated: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let mut seen = 0u64;
+            let mismatch = |violated: &std::sync::atomic::AtomicBool| {
+                violated.store(true, std::sync::atomic::Ordering::Relaxed);
+                Box::<dyn std::error::Error + Send + Sync>::from(
+                    "request body does not match its Content-Length",
+                )
+            };
             loop {
                 match stream.recv_data().await {
                     Ok(Some(mut chunk)) => {
                         let data = chunk.copy_to_bytes(chunk.remaining());
+                        seen += data.len() as u64;
+                        if declared.is_some_and(|d| seen > d) {
+                            let _ = tx.send(Err(mismatch(&violated))).await;
+                            return;
+                        }
                         if tx.send(Ok(Frame::data(data))).await.is_err() {
                             return;
                         }
+                    }
+                    Ok(None) if declared.is_some_and(|d| seen != d) => {
+                        let _ = tx.send(Err(mismatch(&violated))).await;
+                        return;
                     }
                     Ok(None) => break,
                     Err(e) => {

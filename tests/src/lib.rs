@@ -639,31 +639,40 @@ impl H3Client {
         })
     }
 
-    /// Sends one request with an optional body and reads the whole response.
+    /// Sends one request with an optional body and reads the whole response; panics on a
+    /// stream error.
     pub async fn request(&mut self, req: http::Request<()>, body: Option<Vec<u8>>) -> H3Response {
+        self.try_request(req, body).await.unwrap()
+    }
+
+    /// Like [`H3Client::request`], returning a stream error (e.g. a reset) as `Err`.
+    pub async fn try_request(
+        &mut self,
+        req: http::Request<()>,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<H3Response> {
         use bytes::Buf;
-        let mut stream = self.send.send_request(req).await.unwrap();
+        let mut stream = self.send.send_request(req).await?;
         if let Some(body) = body {
             for chunk in body.chunks(64 * 1024) {
                 stream
                     .send_data(bytes::Bytes::copy_from_slice(chunk))
-                    .await
-                    .unwrap();
+                    .await?;
             }
         }
-        stream.finish().await.unwrap();
-        let resp = stream.recv_response().await.unwrap();
+        stream.finish().await?;
+        let resp = stream.recv_response().await?;
         let mut out = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        while let Some(mut chunk) = stream.recv_data().await? {
             out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
         }
-        let trailers = stream.recv_trailers().await.unwrap();
-        H3Response {
+        let trailers = stream.recv_trailers().await?;
+        Ok(H3Response {
             status: resp.status().as_u16(),
             headers: resp.headers().clone(),
             body: out,
             trailers,
-        }
+        })
     }
 
     /// Another handle on the same connection, for concurrent requests.

@@ -467,3 +467,30 @@ async fn revoking_a_device_closes_its_open_http1_tunnels() {
     let closed = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the revoked device's tunnel must be closed");
 }
+
+#[tokio::test]
+async fn malformed_http3_requests_are_reset_and_the_connection_keeps_serving() {
+    let s = Stack::up().await;
+    let mut h3 = H3Client::connect(&s.w, &s.addrs, "alice", APP).await;
+    // A connection-specific header field: H3_MESSAGE_ERROR, nothing forwarded.
+    let req = http::Request::get(format!("https://{APP}/conn-specific"))
+        .header("connection", "keep-alive")
+        .body(())
+        .unwrap();
+    assert!(h3.try_request(req, None).await.is_err());
+    // A body longer than its Content-Length.
+    let req = http::Request::post(format!("https://{APP}/sha256"))
+        .header("content-length", "3")
+        .body(())
+        .unwrap();
+    assert!(
+        h3.try_request(req, Some(b"0123456789".to_vec()))
+            .await
+            .is_err()
+    );
+    // The same connection still serves well-formed requests.
+    let r = h3.get(APP, "/after").await;
+    assert_eq!(r.status, 200);
+    let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap();
+    assert!(!log.contains("/conn-specific"), "{log}");
+}
