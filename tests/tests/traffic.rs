@@ -494,3 +494,67 @@ async fn malformed_http3_requests_are_reset_and_the_connection_keeps_serving() {
     let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap();
     assert!(!log.contains("/conn-specific"), "{log}");
 }
+
+#[tokio::test]
+async fn a_connector_at_capacity_answers_503() {
+    let s = Stack::up_with("[limits]\nmax_streams_per_connector = 1\n").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow = tokio::spawn(run_curl(curl_cmd(
+        &s.w,
+        &s.addrs,
+        APP,
+        "/slow?ms=4000",
+        Some("alice"),
+    )));
+    portcullis_e2e::wait_for_tunnel_streams(s.addrs.admin, 1).await;
+    let r = s.get(APP, "/", Some("bob")).await;
+    // bob is denied by policy before any slot is taken; alice's second request is the test.
+    assert_eq!(r.status, 403);
+    let r = s.get(APP, "/", Some("alice")).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(slow.await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn a_flood_of_http3_request_resets_closes_that_connection_only() {
+    let s = Stack::up().await;
+    let flooder = H3Client::connect(&s.w, &s.addrs, "alice", APP).await;
+    let mut send = flooder.sender();
+    let mut closed = false;
+    for _ in 0..400 {
+        let req = http::Request::get(format!("https://{APP}/"))
+            .body(())
+            .unwrap();
+        match send.send_request(req).await {
+            Ok(mut stream) => stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED),
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    if !closed {
+        // The last resets may still be counting: the connection must be gone shortly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let req = http::Request::get(format!("https://{APP}/"))
+                .body(())
+                .unwrap();
+            if flooder.sender().send_request(req).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        closed,
+        "the relay must close an HTTP/3 connection that floods resets"
+    );
+    let log = s.relay.log_text();
+    assert!(log.contains("flooding request resets"), "{log}");
+    // Others are still served.
+    let mut other = H3Client::connect(&s.w, &s.addrs, "alice", APP).await;
+    assert_eq!(other.get(APP, "/").await.status, 200);
+}
