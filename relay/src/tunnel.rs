@@ -92,15 +92,15 @@ impl Router {
                         .filter(|c| !c.is_empty())
                 });
         }
-        let list: Vec<_> = candidates?
-            .iter()
-            .filter(|c| !c.draining.load(Ordering::Relaxed))
-            .collect();
-        if list.is_empty() {
+        // Round robin over the routable ones, without allocating per request.
+        let routable = |c: &&Arc<ConnectorHandle>| !c.draining.load(Ordering::Relaxed);
+        let candidates = candidates?;
+        let n = candidates.iter().filter(routable).count();
+        if n == 0 {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % list.len();
-        Some(list[i].clone())
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        candidates.iter().filter(routable).nth(i).cloned()
     }
 
     fn add(&self, handle: &Arc<ConnectorHandle>, patterns: &[HostPattern]) {
