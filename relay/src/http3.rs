@@ -21,9 +21,10 @@ use crate::proxy::{
 };
 use crate::server::State;
 
-type Conn = h3_quinn::Connection;
-type SendHalf = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type RecvHalf = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+use crate::h3_guard::{Guard, GuardedBidi, GuardedConnection, GuardedRecv, GuardedSend};
+
+type SendHalf = h3::server::RequestStream<GuardedSend, Bytes>;
+type RecvHalf = h3::server::RequestStream<GuardedRecv, Bytes>;
 
 /// Serves one device's HTTP/3 connection until it closes, the device is revoked, or
 /// shutdown (then in-flight requests finish within the drain grace).
@@ -48,10 +49,11 @@ pub(crate) async fn serve(
         protocol: "HTTP/3",
     });
     let limits = &state.config.limits;
+    let wire = Guard::new(conn.clone(), limits.max_header_bytes);
     let mut h3c = h3::server::builder()
         .max_field_section_size(limits.max_header_bytes as u64)
         .enable_extended_connect(true)
-        .build::<Conn, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        .build::<GuardedConnection, Bytes>(GuardedConnection::new(wire.clone()))
         .await?;
     let requests = tokio_util::task::TaskTracker::new();
     let flood = Arc::new(ResetFlood::default());
@@ -61,16 +63,18 @@ pub(crate) async fn serve(
                 Ok(Some(resolver)) => {
                     let state = state.clone();
                     let info = info.clone();
+                    let wire = wire.clone();
                     let span = tracing::debug_span!("h3.request");
                     let guard = flood.guard();
                     shutdown.tracker().spawn(requests.track_future(async move {
                         match resolver.resolve_request().await {
                             Ok((req, stream)) => {
-                                if serve_request(state, info, req, stream).await {
+                                if serve_request(state, info, &wire, req, stream).await {
                                     guard.finish();
                                 }
                             }
-                            // h3 has already answered (431) or reset the stream (H3_MESSAGE_ERROR).
+                            // h3 or the guard has already answered (431) or reset the stream
+                            // (H3_MESSAGE_ERROR).
                             Err(e) => tracing::debug!(error = %e, "malformed HTTP/3 request"),
                         }
                     }.instrument(span)));
@@ -106,13 +110,16 @@ pub(crate) async fn serve(
 async fn serve_request(
     state: Arc<State>,
     info: Arc<ConnInfo>,
+    wire: &Guard,
     req: Request<()>,
-    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    stream: h3::server::RequestStream<GuardedBidi, Bytes>,
 ) -> bool {
+    let carried = wire.extended_protocol(stream.id());
     let (mut tx, rx) = stream.split();
     let (mut parts, ()) = req.into_parts();
     if let Some(p) = parts.extensions.get::<h3::ext::Protocol>() {
-        let p = ExtendedConnect(p.as_str().to_owned());
+        // RFC 9220 `websocket` travels through h3 under another name (see h3_guard).
+        let p = ExtendedConnect(carried.unwrap_or_else(|| p.as_str().to_owned()));
         parts.extensions.insert(p);
     }
     let declared = match validate(&parts.headers) {

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::h1_framing::{Conflicts, Watched};
 use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, ResetFlood, Tunnel};
 use crate::server::State;
 
@@ -137,18 +138,24 @@ async fn serve_connection(
     let flood = Arc::new(ResetFlood::default());
     let svc_state = state.clone();
     let svc_flood = flood.clone();
+    let conflicts = Conflicts::new();
+    let svc_conflicts = (!h2).then(|| conflicts.clone());
     let service = hyper::service::service_fn(move |req| {
         let state = svc_state.clone();
         let info = info.clone();
         let guard = svc_flood.guard();
+        let refuse = svc_conflicts
+            .as_ref()
+            .is_some_and(|c| c.next_is_conflicting());
         async move {
-            let resp = serve_request(state, info, req).await;
+            let resp = serve_request(state, info, req, refuse).await;
             guard.finish();
             resp
         }
     });
     let builder = http_builder(limits);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let io = Watched::new(tls, limits.max_header_bytes, conflicts);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let revoked = async {
         match &live {
@@ -228,16 +235,22 @@ async fn serve_terminated(
     let flood = Arc::new(ResetFlood::default());
     let svc_flood = flood.clone();
     let builder = http_builder(&state.config.limits);
+    let conflicts = Conflicts::new();
+    let svc_conflicts = (!h2).then(|| conflicts.clone());
+    let io = Watched::new(tls, state.config.limits.max_header_bytes, conflicts);
     let service = hyper::service::service_fn(move |req| {
         let guard = svc_flood.guard();
-        let fut = serve_request(state.clone(), info.clone(), req);
+        let refuse = svc_conflicts
+            .as_ref()
+            .is_some_and(|c| c.next_is_conflicting());
+        let fut = serve_request(state.clone(), info.clone(), req, refuse);
         async move {
             let resp = fut.await;
             guard.finish();
             resp
         }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::select! {
         _ = conn => {}
         () = revoked.cancelled() => {}
@@ -245,11 +258,27 @@ async fn serve_terminated(
     }
 }
 
+/// `conflicting`: the HTTP/1.1 head carried both Content-Length and Transfer-Encoding
+/// (see [`crate::h1_framing`]); it is refused and the connection closed.
 async fn serve_request(
     state: Arc<State>,
     info: Arc<ConnInfo>,
     mut req: Request<Incoming>,
+    conflicting: bool,
 ) -> Result<http::Response<proxy::RespBody>, Infallible> {
+    if conflicting {
+        tracing::info!(
+            client.addr = %info.peer,
+            "refusing a request with both Content-Length and Transfer-Encoding"
+        );
+        let mut resp = proxy::text(
+            http::StatusCode::BAD_REQUEST,
+            "bad request: Content-Length and Transfer-Encoding together",
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let may_upgrade =
         req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
     let client_upgrade = may_upgrade.then(|| hyper::upgrade::on(&mut req));

@@ -7,6 +7,8 @@ pub mod server;
 
 mod access_log;
 mod enroll;
+mod h1_framing;
+mod h3_guard;
 mod http3;
 mod http_admin;
 mod https;

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod enroll_client;
+pub mod h3wire;
 pub mod identity;
 pub mod pki;
 pub mod policy;

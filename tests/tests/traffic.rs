@@ -380,29 +380,64 @@ async fn limits_answer_429_and_431_instead_of_queueing() {
 }
 
 #[tokio::test]
-async fn conflicting_length_and_chunked_is_refused_not_forwarded() {
+async fn conflicting_length_and_chunked_is_refused_with_400_not_forwarded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = Stack::up().await;
-    let mut tls = portcullis_e2e::tls_connect(&s.w, &s.addrs, APP, "alice", &[b"http/1.1"]).await;
-    let smuggle = format!(
-        "POST /sha256 HTTP/1.1\r\nHost: {APP}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {APP}\r\n\r\n"
-    );
-    tls.write_all(smuggle.as_bytes()).await.unwrap();
-    let mut resp = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut resp)).await;
-    let text = String::from_utf8_lossy(&resp);
-    // hyper applies RFC 9112 §6.3: Transfer-Encoding wins, Content-Length is discarded, the
-    // connection is closed after the response, and the tunnel hop is re-framed, so relay
-    // and origin agree on where the request ends. Either a 400, or the origin saw the
-    // chunked (empty) body: never the 4 bytes Content-Length claimed.
-    let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 0";
-    assert!(
-        text.starts_with("HTTP/1.1 400") || text.contains(empty),
-        "{text}"
-    );
-    // Nothing after the ambiguous request is served on that connection.
-    let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap();
-    assert!(!log.contains("/smuggled"), "{log}");
+    // Both orders of the two headers, and the conflict as the second request on a
+    // keep-alive connection, after a request whose body looks like a conflicting head.
+    let decoy = "GET /decoy HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n";
+    let attempts = [
+        format!(
+            "POST /smuggle-a HTTP/1.1\r\nHost: {APP}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {APP}\r\n\r\n"
+        ),
+        format!(
+            "POST /smuggle-b HTTP/1.1\r\nHost: {APP}\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {APP}\r\n\r\n"
+        ),
+        format!(
+            "POST /sha256?first HTTP/1.1\r\nHost: {APP}\r\nContent-Length: {}\r\n\r\n{decoy}\
+             POST /smuggle-c HTTP/1.1\r\nHost: {APP}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {APP}\r\n\r\n",
+            decoy.len()
+        ),
+    ];
+    for (i, attempt) in attempts.iter().enumerate() {
+        let mut tls =
+            portcullis_e2e::tls_connect(&s.w, &s.addrs, APP, "alice", &[b"http/1.1"]).await;
+        tls.write_all(attempt.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut resp)).await;
+        assert!(
+            read.is_ok(),
+            "the relay must close the connection after refusing"
+        );
+        let text = String::from_utf8_lossy(&resp);
+        // Status codes in order (a body need not end with a newline).
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(at, _)| text.get(at + 9..at + 12))
+            .collect();
+        let expected: &[&str] = if i == 2 { &["200", "400"] } else { &["400"] };
+        assert_eq!(statuses, expected, "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+    }
+    // Neither the ambiguous requests nor anything after them reached the origin; the
+    // decoy inside the first body was a body, forwarded as one.
+    let origin = s.origin.log_text();
+    assert!(origin.contains("POST /sha256?first"), "{origin}");
+    for path in [
+        "/smuggle-a",
+        "/smuggle-b",
+        "/smuggle-c",
+        "/smuggled",
+        "/decoy",
+    ] {
+        assert!(
+            !origin.contains(path),
+            "{path} reached the origin:\n{origin}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -557,4 +592,109 @@ async fn a_flood_of_http3_request_resets_closes_that_connection_only() {
     // Others are still served.
     let mut other = H3Client::connect(&s.w, &s.addrs, "alice", APP).await;
     assert_eq!(other.get(APP, "/").await.status, 200);
+}
+
+/// One HTTP/2 request written frame by frame (RFC 9113), with header fields encoded as
+/// HPACK literals exactly as given, so values the h2 library would refuse to send can be
+/// sent. Returns what the relay did with stream 1: `Ok(status byte)` for a response
+/// HEADERS frame, or `Err((frame type, error code))` for RST_STREAM (3) or GOAWAY (7).
+async fn raw_h2_request(s: &Stack, fields: &[(&str, &str)]) -> Result<u8, (u8, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = portcullis_e2e::tls_connect(&s.w, &s.addrs, APP, "alice", &[b"h2"]).await;
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        // Literal without indexing, new name (RFC 7541 §6.2.2), no Huffman.
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let frame = |ty: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[ty, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    // HEADERS with END_STREAM | END_HEADERS.
+    out.extend(frame(0x1, 0x5, 1, &block));
+    tls.write_all(&out).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut head = [0u8; 9];
+        tokio::time::timeout_at(deadline.into(), tls.read_exact(&mut head))
+            .await
+            .expect("no answer from the relay")
+            .expect("connection closed without an answer");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (ty, stream) = (head[3], u32::from_be_bytes(head[5..9].try_into().unwrap()));
+        let mut payload = vec![0u8; len];
+        tls.read_exact(&mut payload).await.unwrap();
+        match (ty, stream) {
+            (0x1, 1) => return Ok(payload[0]),
+            (0x3, 1) => return Err((ty, u32::from_be_bytes(payload[..4].try_into().unwrap()))),
+            (0x7, _) => return Err((ty, u32::from_be_bytes(payload[4..8].try_into().unwrap()))),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn header_injection_over_http2_is_refused_before_the_origin() {
+    let s = Stack::up().await;
+    let base = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", APP),
+    ];
+    let request = |path: &'static str, extra: (&'static str, &'static str)| {
+        let mut f = base.to_vec();
+        f.push((":path", path));
+        f.push(extra);
+        f
+    };
+    // The frame writer works: a clean request is answered (:status 200 is HPACK static
+    // entry 8, sent indexed as 0x88).
+    assert_eq!(
+        raw_h2_request(&s, &request("/h2-clean", ("x-a", "1"))).await,
+        Ok(0x88)
+    );
+    let cases = [
+        (
+            "CR LF in a value",
+            request("/h2-crlf", ("x-a", "v\r\nx-injected: 1")),
+        ),
+        (
+            "LF in a value",
+            request("/h2-lf", ("x-a", "v\nx-injected: 1")),
+        ),
+        ("NUL in a value", request("/h2-nul", ("x-a", "v\0w"))),
+        ("CR LF in a name", request("/h2-name", ("x-a\r\nx-b", "1"))),
+        ("an upper-case name", request("/h2-upper", ("X-Upper", "1"))),
+        (
+            "a connection-specific field",
+            request("/h2-conn", ("connection", "close")),
+        ),
+    ];
+    for (what, fields) in &cases {
+        let got = raw_h2_request(&s, fields).await;
+        // RST_STREAM or GOAWAY with PROTOCOL_ERROR (1) or COMPRESSION_ERROR (9): the
+        // request is malformed (RFC 9113 §8.2.1, §8.1.1) and never becomes a request.
+        assert!(
+            matches!(got, Err((0x3 | 0x7, 0x1 | 0x9))),
+            "{what}: {got:?}"
+        );
+    }
+    let origin = s.origin.log_text();
+    assert!(origin.contains("/h2-clean"), "{origin}");
+    for (what, fields) in &cases {
+        let path = fields.iter().find(|(n, _)| *n == ":path").unwrap().1;
+        assert!(
+            !origin.contains(path),
+            "{what} reached the origin:\n{origin}"
+        );
+    }
 }

@@ -23,6 +23,8 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 }
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // One line per request reaching the origin, so tests can tell what was never forwarded.
+    eprintln!("origin request: {} {}", req.method(), req.uri());
     let full = |s: String| Full::new(Bytes::from(s)).boxed();
     let resp = match req.uri().path() {
         "/stream" => {

@@ -1,0 +1,181 @@
+//! HTTP/3 spoken by hand against the real relay: RFC 9220 WebSocket, and the malformed,
+//! oversized and out-of-place frames and sections the relay's guard must refuse before
+//! anything reaches h3's buffers or the origin.
+
+#![allow(clippy::unwrap_used)]
+
+use portcullis_e2e::{APP, RawH3, RawH3End, Stack, data_frame, headers_frame};
+use portcullis_shared::h3wire;
+
+const H3_FRAME_UNEXPECTED: u64 = 0x105;
+const H3_MESSAGE_ERROR: u64 = 0x10e;
+
+/// A masked client WebSocket frame (RFC 6455 §5.2) with a short payload.
+fn ws_client_frame(op: u8, text: &str) -> Vec<u8> {
+    let mask = [0x9au8, 0xbc, 0xde, 0xf0];
+    let mut f = vec![0x80 | op, 0x80 | text.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+fn websocket_connect(authority: &str) -> Vec<u8> {
+    headers_frame(&[
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "https"),
+        (":authority", authority),
+        (":path", "/ws"),
+        ("sec-websocket-version", "13"),
+    ])
+}
+
+#[tokio::test]
+async fn websocket_over_http3_extended_connect_echoes_messages_and_pings() {
+    let s = Stack::up().await;
+    let h3 = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
+    let mut ws = h3.open(&websocket_connect(APP)).await;
+    // RFC 9220: the origin's 101 becomes a 200 on the extended CONNECT stream.
+    assert_eq!(ws.response().await, Ok(200));
+    for i in 0..20 {
+        let text = format!("over h3 {i}");
+        ws.send
+            .write_all(&data_frame(&ws_client_frame(0x1, &text)))
+            .await
+            .unwrap();
+        let got = ws.data(2 + text.len()).await.unwrap();
+        assert_eq!(&got[..2], &[0x81, text.len() as u8]);
+        assert_eq!(&got[2..], text.as_bytes());
+    }
+    // The origin answers a ping with a pong carrying the same payload.
+    ws.send
+        .write_all(&data_frame(&ws_client_frame(0x9, "still there?")))
+        .await
+        .unwrap();
+    let got = ws.data(2 + 12).await.unwrap();
+    assert_eq!(&got[..2], &[0x8a, 12]);
+    assert_eq!(&got[2..], b"still there?");
+    // A close frame ends the stream cleanly: a FIN, not a reset.
+    ws.send
+        .write_all(&data_frame(&[0x88, 0x80, 1, 2, 3, 4]))
+        .await
+        .unwrap();
+    let end = loop {
+        if let Err(end) = ws.frame().await {
+            break end;
+        }
+    };
+    assert_eq!(end, RawH3End::Finished);
+
+    // Same device auth and policy as every other request: bob may not reach APP.
+    let bob = RawH3::connect(&s.w, &s.addrs, "bob", APP).await;
+    assert_eq!(bob.status_of(&websocket_connect(APP)).await, Ok(403));
+    // An extended CONNECT for a protocol nobody implements is refused.
+    let other = headers_frame(&[
+        (":method", "CONNECT"),
+        (":protocol", "x-unknown"),
+        (":scheme", "https"),
+        (":authority", APP),
+        (":path", "/ws"),
+    ]);
+    assert_eq!(h3.status_of(&other).await, Ok(501));
+    let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"path\":\"/ws\"") && l.contains("HTTP/3")),
+        "{log}"
+    );
+}
+
+fn get(path: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (":method", "GET".into()),
+        (":scheme", "https".into()),
+        (":authority", APP.into()),
+        (":path", path.into()),
+    ]
+}
+
+fn frame_of(fields: &[(&str, String)]) -> Vec<u8> {
+    let pairs: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    headers_frame(&pairs)
+}
+
+#[tokio::test]
+async fn malformed_http3_requests_are_refused_and_never_reach_the_origin() {
+    let s = Stack::up().await;
+    let h3 = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
+    assert_eq!(h3.status_of(&frame_of(&get("/h3-ok"))).await, Ok(200));
+
+    let mut malformed: Vec<(&str, Vec<(&str, String)>)> = Vec::new();
+    let mut dup = get("/h3-dup");
+    dup.push((":path", "/h3-dup-second".into()));
+    malformed.push(("a repeated pseudo-header field", dup));
+    let mut late = get("/h3-late");
+    late.insert(2, ("x-early", "1".into()));
+    malformed.push(("a pseudo-header field after a regular one", late));
+    let mut crlf = get("/h3-crlf");
+    crlf.push(("x-a", "v\r\nx-injected: 1".into()));
+    malformed.push(("CR LF in a value", crlf));
+    let mut nul = get("/h3-nul");
+    nul.push(("x-a", "v\0w".into()));
+    malformed.push(("NUL in a value", nul));
+    let mut name = get("/h3-name");
+    name.push(("x-a\r\nx-b", "1".into()));
+    malformed.push(("CR LF in a name", name));
+    let mut status = get("/h3-status");
+    status.push((":status", "200".into()));
+    malformed.push(("a response pseudo-header in a request", status));
+    let mut conn = get("/h3-connection");
+    conn.push(("connection", "keep-alive".into()));
+    malformed.push(("a connection-specific field", conn));
+    for (what, fields) in &malformed {
+        assert_eq!(
+            h3.status_of(&frame_of(fields)).await,
+            Err(RawH3End::Reset(H3_MESSAGE_ERROR)),
+            "{what}"
+        );
+    }
+
+    // An unknown (grease) frame with a 64 KiB payload before the headers is skipped.
+    let mut grease = Vec::new();
+    h3wire::encode_frame(0x1f * 7 + 0x21, &vec![7u8; 64 * 1024], &mut grease);
+    grease.extend(frame_of(&get("/h3-grease")));
+    assert_eq!(h3.status_of(&grease).await, Ok(200));
+
+    // A HEADERS frame declaring 1 GiB is answered 431 at once: the relay neither waits
+    // for nor buffers what was declared.
+    let mut huge = Vec::new();
+    h3wire::encode_varint(h3wire::FRAME_HEADERS, &mut huge);
+    h3wire::encode_varint(1 << 30, &mut huge);
+    huge.extend_from_slice(&[0u8; 1000]);
+    let mut stream = h3.open(&huge).await;
+    assert_eq!(stream.response().await, Ok(431));
+
+    // The connection kept serving through all of it.
+    assert_eq!(h3.status_of(&frame_of(&get("/h3-after"))).await, Ok(200));
+    let origin = s.origin.log_text();
+    for path in ["/h3-ok", "/h3-grease", "/h3-after"] {
+        assert!(
+            origin.contains(&format!("GET {path} ")) || origin.contains(path),
+            "{path}"
+        );
+    }
+    for (what, fields) in &malformed {
+        let path = &fields.iter().find(|(n, _)| *n == ":path").unwrap().1;
+        assert!(
+            !origin.contains(path.as_str()),
+            "{what} reached the origin:\n{origin}"
+        );
+    }
+
+    // A SETTINGS frame on a request stream closes that connection (RFC 9114 §7.2.4);
+    // other connections are unaffected.
+    let bad = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
+    let mut stream = bad.open(&[0x04, 0x00]).await;
+    assert_eq!(
+        stream.response().await,
+        Err(RawH3End::ConnectionClosed(H3_FRAME_UNEXPECTED))
+    );
+    assert_eq!(h3.status_of(&frame_of(&get("/h3-still"))).await, Ok(200));
+}
