@@ -30,6 +30,7 @@ use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, Wri
 use portcullis_shared::h3wire::{self, FRAME_DATA, FRAME_HEADERS, FieldLine, WireError};
 
 const H3_FRAME_UNEXPECTED: u64 = 0x105;
+const H3_FRAME_ERROR: u64 = 0x106;
 const H3_EXCESSIVE_LOAD: u64 = 0x107;
 const H3_MESSAGE_ERROR: u64 = 0x10e;
 
@@ -193,6 +194,23 @@ impl Filter {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The stream ended cleanly: inside a frame, that is a connection error of type
+    /// H3_FRAME_ERROR (RFC 9114 §7.1).
+    fn finish(&self) -> Result<(), Violation> {
+        let inside = match &self.state {
+            State::Opaque => false,
+            State::Head => !self.head.is_empty(),
+            State::Pass(_) | State::Skip(_) | State::Collect(..) => true,
+        };
+        if inside && self.kind != Kind::Uni {
+            return Err(Violation::Connection(
+                H3_FRAME_ERROR,
+                "stream ended inside a frame",
+            ));
         }
         Ok(())
     }
@@ -466,11 +484,16 @@ impl Reader {
             if let Some(b) = self.filter.out.pop_front() {
                 return Poll::Ready(Ok(Some(b)));
             }
-            let Some(mut chunk) = ready!(inner.poll_data(cx))? else {
-                return Poll::Ready(Ok(None));
+            let fed = match ready!(inner.poll_data(cx))? {
+                Some(mut chunk) => {
+                    let chunk = chunk.copy_to_bytes(chunk.remaining());
+                    self.filter.feed(chunk)
+                }
+                None => match self.filter.finish() {
+                    Ok(()) => return Poll::Ready(Ok(None)),
+                    Err(v) => Err(v),
+                },
             };
-            let chunk = chunk.copy_to_bytes(chunk.remaining());
-            let fed = self.filter.feed(chunk);
             if let Some(p) = self.filter.protocol.take()
                 && let Ok(mut map) = self.guard.protocols.lock()
             {
@@ -783,6 +806,21 @@ mod tests {
         let input = [0x02, 0x3f, 0xe1, 0x1f, 0x01];
         let (r, out, _) = run(Kind::Uni, &input, 1);
         assert_eq!((r, out), (Ok(()), input.to_vec()));
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_frame_is_a_frame_error() {
+        let whole = request(&GET);
+        for cut in 1..whole.len() {
+            let (r, _, f) = run(Kind::Request, &whole[..cut], 4);
+            assert_eq!(r, Ok(()));
+            assert!(
+                matches!(f.finish(), Err(Violation::Connection(H3_FRAME_ERROR, _))),
+                "cut at {cut}"
+            );
+        }
+        let (_, _, f) = run(Kind::Request, &whole, 4);
+        assert_eq!(f.finish(), Ok(()));
     }
 
     #[test]

@@ -769,6 +769,62 @@ pub async fn h2_connect(
     send
 }
 
+/// A WebSocket over HTTP/2 extended CONNECT (RFC 8441) to `https://host/ws` as `device`,
+/// once the relay's SETTINGS allow it: the stream to write WebSocket frames on, and the
+/// one to read them from (status 200 already checked).
+pub async fn h2_websocket(
+    w: &World,
+    relay: &RelayAddrs,
+    device: &str,
+    host: &str,
+) -> (h2::SendStream<bytes::Bytes>, h2::RecvStream) {
+    let mut h2 = h2_connect(w, relay, device, host).await;
+    h2 = h2.ready().await.unwrap();
+    // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrive right after the handshake.
+    for _ in 0..50 {
+        if h2.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(h2.is_extended_connect_protocol_enabled());
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://{host}:{}/ws", relay.https.port()))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, send) = h2.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    (send, resp.into_body())
+}
+
+/// Reads exactly `n` bytes of an h2 body, keeping any surplus in `pending`.
+pub async fn h2_read_exact(body: &mut h2::RecvStream, pending: &mut Vec<u8>, n: usize) -> Vec<u8> {
+    while pending.len() < n {
+        let chunk = body.data().await.unwrap().unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        pending.extend_from_slice(&chunk);
+    }
+    pending.drain(..n).collect()
+}
+
+/// The HEADERS frame of an RFC 9220 WebSocket (extended CONNECT over HTTP/3) to
+/// `https://authority/ws`.
+pub fn h3_websocket_request(authority: &str) -> Vec<u8> {
+    headers_frame(&[
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "https"),
+        (":authority", authority),
+        (":path", "/ws"),
+        ("sec-websocket-version", "13"),
+    ])
+}
+
 /// Reads an h2 body to the end.
 pub async fn h2_read_all(body: &mut h2::RecvStream) -> Vec<u8> {
     let mut out = Vec::new();
@@ -833,7 +889,12 @@ impl RawH3 {
         let tls = client_tls(w, device, &[b"h3"]);
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        // Like any HTTP/3 client that holds connections open, keep this one alive.
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        let mut client = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+        client.transport_config(std::sync::Arc::new(transport));
+        endpoint.set_default_client_config(client);
         let conn = endpoint.connect(relay.quic, sni).unwrap().await.unwrap();
         let mut control = conn.open_uni().await.unwrap();
         let mut settings = vec![0x00];
@@ -946,4 +1007,16 @@ impl RawH3Stream {
         }
         Ok(out)
     }
+}
+
+/// A masked client WebSocket frame (RFC 6455 §5.2) with opcode `op` (1 text, 8 close,
+/// 9 ping) and a payload under 126 bytes: WebSocket spoken by hand, so every hop's
+/// framing can be checked byte for byte.
+pub fn ws_client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut f = vec![0x80 | op, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
 }

@@ -4,43 +4,27 @@
 
 #![allow(clippy::unwrap_used)]
 
-use portcullis_e2e::{APP, RawH3, RawH3End, Stack, data_frame, headers_frame};
+use portcullis_e2e::{
+    APP, RawH3, RawH3End, Stack, data_frame, h3_websocket_request, headers_frame, ws_client_frame,
+};
 use portcullis_shared::h3wire;
 
 const H3_FRAME_UNEXPECTED: u64 = 0x105;
+const H3_FRAME_ERROR: u64 = 0x106;
 const H3_MESSAGE_ERROR: u64 = 0x10e;
-
-/// A masked client WebSocket frame (RFC 6455 §5.2) with a short payload.
-fn ws_client_frame(op: u8, text: &str) -> Vec<u8> {
-    let mask = [0x9au8, 0xbc, 0xde, 0xf0];
-    let mut f = vec![0x80 | op, 0x80 | text.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
-fn websocket_connect(authority: &str) -> Vec<u8> {
-    headers_frame(&[
-        (":method", "CONNECT"),
-        (":protocol", "websocket"),
-        (":scheme", "https"),
-        (":authority", authority),
-        (":path", "/ws"),
-        ("sec-websocket-version", "13"),
-    ])
-}
+const QPACK_DECOMPRESSION_FAILED: u64 = 0x200;
 
 #[tokio::test]
 async fn websocket_over_http3_extended_connect_echoes_messages_and_pings() {
     let s = Stack::up().await;
     let h3 = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
-    let mut ws = h3.open(&websocket_connect(APP)).await;
+    let mut ws = h3.open(&h3_websocket_request(APP)).await;
     // RFC 9220: the origin's 101 becomes a 200 on the extended CONNECT stream.
     assert_eq!(ws.response().await, Ok(200));
     for i in 0..20 {
         let text = format!("over h3 {i}");
         ws.send
-            .write_all(&data_frame(&ws_client_frame(0x1, &text)))
+            .write_all(&data_frame(&ws_client_frame(0x1, text.as_bytes())))
             .await
             .unwrap();
         let got = ws.data(2 + text.len()).await.unwrap();
@@ -49,7 +33,7 @@ async fn websocket_over_http3_extended_connect_echoes_messages_and_pings() {
     }
     // The origin answers a ping with a pong carrying the same payload.
     ws.send
-        .write_all(&data_frame(&ws_client_frame(0x9, "still there?")))
+        .write_all(&data_frame(&ws_client_frame(0x9, b"still there?")))
         .await
         .unwrap();
     let got = ws.data(2 + 12).await.unwrap();
@@ -69,7 +53,7 @@ async fn websocket_over_http3_extended_connect_echoes_messages_and_pings() {
 
     // Same device auth and policy as every other request: bob may not reach APP.
     let bob = RawH3::connect(&s.w, &s.addrs, "bob", APP).await;
-    assert_eq!(bob.status_of(&websocket_connect(APP)).await, Ok(403));
+    assert_eq!(bob.status_of(&h3_websocket_request(APP)).await, Ok(403));
     // An extended CONNECT for a protocol nobody implements is refused.
     let other = headers_frame(&[
         (":method", "CONNECT"),
@@ -169,13 +153,41 @@ async fn malformed_http3_requests_are_refused_and_never_reach_the_origin() {
         );
     }
 
-    // A SETTINGS frame on a request stream closes that connection (RFC 9114 §7.2.4);
-    // other connections are unaffected.
-    let bad = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
-    let mut stream = bad.open(&[0x04, 0x00]).await;
-    assert_eq!(
-        stream.response().await,
-        Err(RawH3End::ConnectionClosed(H3_FRAME_UNEXPECTED))
-    );
-    assert_eq!(h3.status_of(&frame_of(&get("/h3-still"))).await, Ok(200));
+    // Connection errors close only the offending connection; others are unaffected.
+    let mut truncated = frame_of(&get("/h3-truncated"));
+    truncated.truncate(truncated.len() - 3);
+    let connection_errors: [(&str, Vec<u8>, u64); 3] = [
+        // A SETTINGS frame on a request stream (RFC 9114 §7.2.4).
+        (
+            "SETTINGS on a request stream",
+            vec![0x04, 0x00],
+            H3_FRAME_UNEXPECTED,
+        ),
+        // A frame cut short by the end of the stream (RFC 9114 §7.1).
+        ("a truncated HEADERS frame", truncated, H3_FRAME_ERROR),
+        // A section that refers to the dynamic table the relay never offered.
+        (
+            "a dynamic table reference",
+            vec![0x01, 0x03, 0x01, 0x00, 0x80],
+            QPACK_DECOMPRESSION_FAILED,
+        ),
+    ];
+    for (what, bytes, code) in connection_errors {
+        let bad = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
+        // The stream may see the close, or a FIN just before it.
+        let _ = bad.status_of(&bytes).await;
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), bad.conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the connection stayed open"));
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == code),
+            "{what}: {closed:?}"
+        );
+        assert_eq!(
+            h3.status_of(&frame_of(&get("/h3-still"))).await,
+            Ok(200),
+            "{what}"
+        );
+    }
+    assert!(!s.origin.log_text().contains("/h3-truncated"));
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use portcullis_e2e::{
     APP, DB, GRPC, H3Client, Stack, curl_cmd, h1_connect, h2_connect, h2_read_all, run_curl,
+    ws_client_frame,
 };
 
 fn json(body: &[u8]) -> serde_json::Value {
@@ -161,14 +162,16 @@ async fn websocket_over_http1_upgrade_echoes_messages_and_pings() {
     );
     for i in 0..20 {
         let text = format!("hello {i}");
-        tls.write_all(&ws_client_frame(0x1, &text)).await.unwrap();
+        tls.write_all(&ws_client_frame(0x1, text.as_bytes()))
+            .await
+            .unwrap();
         let mut frame = vec![0u8; 2 + text.len()];
         tls.read_exact(&mut frame).await.unwrap();
         assert_eq!(&frame[..2], &[0x81, text.len() as u8]);
         assert_eq!(&frame[2..], text.as_bytes());
     }
     // A ping is answered by the origin with a pong carrying the same payload.
-    tls.write_all(&ws_client_frame(0x9, "are you there"))
+    tls.write_all(&ws_client_frame(0x9, b"are you there"))
         .await
         .unwrap();
     let mut frame = vec![0u8; 2 + 13];
@@ -177,49 +180,13 @@ async fn websocket_over_http1_upgrade_echoes_messages_and_pings() {
     assert_eq!(&frame[2..], b"are you there");
 }
 
-/// A masked client frame (RFC 6455 §5.2) with opcode `op` (1 text, 9 ping) and a short
-/// payload: WebSocket spoken by hand, so every hop's framing is checked byte for byte.
-fn ws_client_frame(op: u8, text: &str) -> Vec<u8> {
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    let mut f = vec![0x80 | op, 0x80 | text.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 #[tokio::test]
 async fn websocket_over_http2_extended_connect_reaches_a_websocket_origin() {
     let s = Stack::up().await;
-    let mut h2 = h2_connect(&s.w, &s.addrs, "alice", APP).await;
-    h2 = h2.ready().await.unwrap();
-    // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrive right after the handshake.
-    for _ in 0..50 {
-        if h2.is_extended_connect_protocol_enabled() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(h2.is_extended_connect_protocol_enabled());
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(format!("https://{APP}:{}/ws", s.addrs.https.port()))
-        .header("sec-websocket-version", "13")
-        .body(())
+    let (mut send, mut body) = portcullis_e2e::h2_websocket(&s.w, &s.addrs, "alice", APP).await;
+    send.send_data(Bytes::from(ws_client_frame(0x1, b"over h2")), false)
         .unwrap();
-    req.extensions_mut()
-        .insert(h2::ext::Protocol::from_static("websocket"));
-    let (resp, mut send) = h2.send_request(req, false).unwrap();
-    let resp = resp.await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    send.send_data(Bytes::from(ws_client_frame(0x1, "over h2")), false)
-        .unwrap();
-    let mut got = Vec::new();
-    while got.len() < 2 + 7 {
-        let chunk = body.data().await.unwrap().unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
-        got.extend_from_slice(&chunk);
-    }
+    let got = portcullis_e2e::h2_read_exact(&mut body, &mut Vec::new(), 9).await;
     // An unmasked text frame from the origin carrying the same message.
     assert_eq!(&got[..2], &[0x81, 7]);
     assert_eq!(&got[2..9], b"over h2");
