@@ -228,15 +228,15 @@ async fn session(
     }
 
     let streams = TaskTracker::new();
+    let serve = |(send, recv): (SendStream, RecvStream)| {
+        let span = tracing::debug_span!("stream", stream.id = %send.id());
+        let task = streams.track_future(serve_stream(send, recv, origins.clone()).instrument(span));
+        shutdown.tracker().spawn(task);
+    };
     let result = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    let origins = origins.clone();
-                    let span = tracing::debug_span!("stream", stream.id = %send.id());
-                    let task = streams.track_future(serve_stream(send, recv, origins).instrument(span));
-                    shutdown.tracker().spawn(task);
-                }
+                Ok(stream) => serve(stream),
                 Err(e) => break Err(anyhow::Error::new(e).context("tunnel closed")),
             },
             () = shutdown.wait() => break Ok(()),
@@ -247,16 +247,29 @@ async fn session(
         let _ = control
             .write_all(&encode_frame(&ControlFrame::Drain)?)
             .await;
-        // Make sure the relay has the Drain before anything closes: finish the control
-        // stream and wait (briefly) for the acknowledgement.
         let _ = control.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), control.stopped()).await;
-        streams.close();
-        if tokio::time::timeout(config.drain_grace, streams.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("drain grace expired; closing with streams in flight");
+        // Streams the relay opened before it read the Drain may still be arriving: keep
+        // accepting (and serving) them for as long as the drain lasts.
+        let late = async {
+            while let Ok(stream) = conn.accept_bi().await {
+                serve(stream);
+            }
+        };
+        let drained = async {
+            // The relay acknowledges the Drain by closing the control stream; after
+            // that it opens nothing more here.
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.stopped()).await;
+            streams.close();
+            if tokio::time::timeout(config.drain_grace, streams.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("drain grace expired; closing with streams in flight");
+            }
+        };
+        tokio::select! {
+            () = late => {}
+            () = drained => {}
         }
         conn.close(
             VarInt::from_u32(CloseCode::Normal.code()),

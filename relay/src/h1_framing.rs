@@ -348,4 +348,31 @@ mod tests {
         long.extend_from_slice(b"\r\n\r\n");
         assert_eq!(conflicts_in(&long, 1000), (None, 0));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// However the bytes are split across reads, the follower reaches the same verdict.
+        #[test]
+        fn chunking_never_changes_the_verdict(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n".to_owned()),
+                    proptest::strategy::Just("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned()),
+                    proptest::strategy::Just("GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_owned()),
+                    proptest::strategy::Just("5\r\nhello\r\n".to_owned()),
+                    proptest::strategy::Just("0\r\n\r\n".to_owned()),
+                    proptest::strategy::Just("Content-Length: 1\r\n".to_owned()),
+                    "[ -~]{0,12}",
+                    "\r\n",
+                ],
+                0..12,
+            ),
+            chunk in 1usize..40,
+        ) {
+            let stream = parts.concat();
+            let whole = conflicts_in(stream.as_bytes(), usize::MAX);
+            proptest::prop_assert_eq!(conflicts_in(stream.as_bytes(), chunk), whole);
+        }
+    }
 }

@@ -846,4 +846,51 @@ mod tests {
         assert_eq!(names[4], (b":path".to_vec(), b"/ws".to_vec()));
         assert_eq!(names.len(), 6);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        #[test]
+        fn arbitrary_streams_never_panic_nor_buffer_past_the_limit(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            chunk in 1usize..64,
+            uni in proptest::prelude::any::<bool>(),
+        ) {
+            let mut f = Filter::new(if uni { Kind::Uni } else { Kind::Request }, 1024);
+            let mut out = 0;
+            for c in bytes.chunks(chunk) {
+                let fed = f.feed(Bytes::copy_from_slice(c));
+                out += f.out.drain(..).map(|b| b.len()).sum::<usize>();
+                if let State::Collect(len, buf) = &f.state {
+                    proptest::prop_assert!(*len <= 1024 && buf.len() <= *len);
+                }
+                if fed.is_err() {
+                    break;
+                }
+            }
+            let _ = f.finish();
+            // At most the input, one section standing in for an oversized one, and one
+            // rewritten `:protocol`.
+            proptest::prop_assert!(out <= bytes.len() + 1024 + 64);
+        }
+
+        #[test]
+        fn well_formed_requests_pass_unchanged_in_any_chunking(
+            values in proptest::collection::vec("[a-z0-9 ./=-]{0,40}", 0..6),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            chunk in 1usize..50,
+        ) {
+            let mut fields: Vec<(String, String)> =
+                GET.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+            fields.extend(values.iter().enumerate().map(|(i, v)| (format!("x-f{i}"), v.clone())));
+            let pairs: Vec<(&str, &str)> =
+                fields.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            let mut input = request(&pairs);
+            h3wire::encode_frame(FRAME_DATA, &body, &mut input);
+            let (r, out, f) = run(Kind::Request, &input, chunk);
+            proptest::prop_assert_eq!(r, Ok(()));
+            proptest::prop_assert_eq!(f.finish(), Ok(()));
+            proptest::prop_assert_eq!(out, input);
+        }
+    }
 }

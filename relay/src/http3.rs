@@ -47,6 +47,7 @@ pub(crate) async fn serve(
         revoked: live.token(),
         live: Some(live.clone()),
         protocol: "HTTP/3",
+        activity: crate::idle::Activity::new(),
     });
     let limits = &state.config.limits;
     let wire = Guard::new(conn.clone(), limits.max_header_bytes);
@@ -89,6 +90,12 @@ pub(crate) async fn serve(
             },
             () = flood.tripped.cancelled() => {
                 conn.close(quinn::VarInt::from_u32(0x107), b"H3_EXCESSIVE_LOAD");
+                break;
+            }
+            () = info.activity.idle(limits.idle_timeout) => {
+                tracing::debug!("closing an idle HTTP/3 connection");
+                let _ = h3c.shutdown(0).await;
+                conn.close(quinn::VarInt::from_u32(0x100), b"idle");
                 break;
             }
             () = live.revoked() => {

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::h1_framing::{Conflicts, Watched};
+use crate::idle::Activity;
 use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, ResetFlood, Tunnel};
 use crate::server::State;
 
@@ -129,7 +130,9 @@ async fn serve_connection(
             .map_or_else(CancellationToken::new, |l| l.token()),
         live: live.clone(),
         protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
+        activity: Activity::new(),
     });
+    let activity = info.activity.clone();
     state
         .metrics
         .https_connections
@@ -173,6 +176,11 @@ async fn serve_connection(
             tracing::info!(client.addr = %peer, "closing a revoked device's connection");
         }
         () = flood.tripped.cancelled() => {}
+        () = activity.idle(limits.idle_timeout) => {
+            tracing::debug!(client.addr = %peer, "closing an idle connection");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(state.config.drain_grace, conn.as_mut()).await;
+        }
         () = shutdown.wait() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(state.config.drain_grace, conn.as_mut()).await;
@@ -227,8 +235,12 @@ async fn serve_terminated(
         } else {
             "HTTP/1.1 in CONNECT"
         },
+        // Its own idle timeout: the outer tunnel stays busy while this connection lives.
+        activity: Activity::new(),
         ..(*outer).clone()
     });
+    let activity = info.activity.clone();
+    let idle_timeout = state.config.limits.idle_timeout;
     // The same limits and reset-flood guard as a direct connection; the outer
     // connection's revocation closes this one too.
     let revoked = info.revoked.clone();
@@ -251,10 +263,15 @@ async fn serve_terminated(
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
     tokio::select! {
-        _ = conn => {}
+        _ = conn.as_mut() => {}
         () = revoked.cancelled() => {}
         () = flood.tripped.cancelled() => {}
+        () = activity.idle(idle_timeout) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(idle_timeout, conn.as_mut()).await;
+        }
     }
 }
 
@@ -267,17 +284,7 @@ async fn serve_request(
     conflicting: bool,
 ) -> Result<http::Response<proxy::RespBody>, Infallible> {
     if conflicting {
-        tracing::info!(
-            client.addr = %info.peer,
-            "refusing a request with both Content-Length and Transfer-Encoding"
-        );
-        let mut resp = proxy::text(
-            http::StatusCode::BAD_REQUEST,
-            "bad request: Content-Length and Transfer-Encoding together",
-        );
-        resp.headers_mut()
-            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-        return Ok(resp);
+        req.extensions_mut().insert(proxy::ConflictingLength);
     }
     let may_upgrade =
         req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);

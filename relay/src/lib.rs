@@ -12,6 +12,7 @@ mod h3_guard;
 mod http3;
 mod http_admin;
 mod https;
+mod idle;
 mod jwt;
 mod metrics;
 mod proxy;

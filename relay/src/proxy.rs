@@ -111,7 +111,15 @@ pub(crate) struct ConnInfo {
     /// opened on it exists (an HTTP/1.1 upgrade outlives hyper's connection future).
     pub(crate) live: Option<Arc<crate::registry::LiveGuard>>,
     pub(crate) protocol: &'static str,
+    /// What the connection has in flight, for its idle timeout.
+    pub(crate) activity: Arc<crate::idle::Activity>,
 }
+
+/// Set by the HTTPS listener on an HTTP/1.1 request whose head carried both
+/// `Content-Length` and `Transfer-Encoding` (hyper drops the length before the request
+/// gets here; see `crate::h1_framing`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConflictingLength;
 
 /// Set by a listener on an extended CONNECT request (RFC 8441 / RFC 9220): the
 /// `:protocol` the client asked for, e.g. `websocket`.
@@ -356,11 +364,14 @@ pub(crate) async fn handle(
         path,
         protocol: info.protocol,
         reason: None,
-        permits: Vec::new(),
+        // The connection stays busy for as long as this request, its response body or its
+        // tunnel holds the permits.
+        permits: info.activity.begin().into_iter().collect(),
     };
     // RFC 9112 §6.1: a request with both is a smuggling vector; refuse it and close.
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
+    if req.extensions().get::<ConflictingLength>().is_some()
+        || (req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH))
     {
         access.reason = Some("conflicting length");
         let mut resp = text(
@@ -538,9 +549,12 @@ async fn route(
     let mut attempts = 0;
     let (connector, io) = loop {
         let connector = state.router.pick(&host).ok_or(no_connector)?;
-        access.permits = acquire(state, device, &connector)?;
+        let slots = acquire(state, device, &connector)?;
         match connector.open_http(&host).await {
-            Ok(io) => break (connector, io),
+            Ok(io) => {
+                access.permits.extend(slots);
+                break (connector, io);
+            }
             Err(e) if attempts < 2 => {
                 attempts += 1;
                 tracing::info!(connector.name = %connector.name, error = %format!("{e:#}"), "connector gone; trying another");
@@ -613,8 +627,9 @@ async fn route(
     {
         // No TCP service on 443 under this name, but a web service: terminate TLS here.
         let mut permits = std::mem::take(&mut access.permits);
-        // Keep the device's slot; the connector that answered 404 is not used.
-        permits.truncate(1);
+        // Keep the device's slot; the connector that answered 404 (its slot was acquired
+        // last) is not used.
+        permits.pop();
         let parts = TunnelParts {
             upstream: Upstream::TerminateTls(state.clone(), Arc::new(info.clone())),
             permits,

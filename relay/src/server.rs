@@ -131,7 +131,9 @@ fn transport(
 ) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(limits.idle_timeout)?));
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    // PINGs keep a busy connection up (a request waiting on a slow origin sends nothing);
+    // an idle one is closed by its listener (see crate::idle), not by QUIC.
+    t.keep_alive_interval(Some(limits.idle_timeout / 3));
     // Devices open one bidirectional stream per HTTP/3 request (connectors open only their
     // control stream); HTTP/3 needs three unidirectional control streams per side.
     t.max_concurrent_bidi_streams(limits.max_concurrent_streams.into());

@@ -103,3 +103,42 @@ proptest! {
         prop_assert!(!narrow.covers(&sibling));
     }
 }
+
+mod h3wire_props {
+    use portcullis_shared::h3wire::{
+        decode_field_section, decode_varint, encode_field_section, encode_varint,
+    };
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_sections_are_refused_or_decoded_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(fields) = decode_field_section(&bytes) {
+                // Spans tile the block after its two-byte (or longer) prefix, in order.
+                let mut at = fields.first().map_or(bytes.len(), |f| f.span.start);
+                for f in &fields {
+                    prop_assert_eq!(f.span.start, at);
+                    at = f.span.end;
+                }
+                prop_assert_eq!(at, bytes.len());
+            }
+        }
+
+        #[test]
+        fn encoded_sections_round_trip(fields in prop::collection::vec((prop::collection::vec(any::<u8>(), 0..300), prop::collection::vec(any::<u8>(), 0..300)), 0..8)) {
+            let block = encode_field_section(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+            let decoded = decode_field_section(&block).unwrap();
+            let pairs: Vec<_> = decoded.into_iter().map(|f| (f.name, f.value)).collect();
+            prop_assert_eq!(pairs, fields);
+        }
+
+        #[test]
+        fn varints_round_trip(v in 0u64..(1 << 62)) {
+            let mut out = Vec::new();
+            encode_varint(v, &mut out);
+            prop_assert_eq!(decode_varint(&out).unwrap(), (v, out.len()));
+        }
+    }
+}

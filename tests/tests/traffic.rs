@@ -665,3 +665,75 @@ async fn header_injection_over_http2_is_refused_before_the_origin() {
         );
     }
 }
+
+#[tokio::test]
+async fn slow_handshakes_unfinished_headers_and_idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Stack::up_with(
+        "[limits]\nhandshake_timeout = \"1s\"\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\n",
+    )
+    .await;
+    // A TCP connection that never starts TLS is dropped.
+    let mut tcp = tokio::net::TcpStream::connect(s.addrs.https).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "handshake never started: {read:?}"
+    );
+    // Headers that never finish: the connection is closed and nothing is forwarded.
+    let mut tls = portcullis_e2e::tls_connect(&s.w, &s.addrs, APP, "alice", &[b"http/1.1"]).await;
+    tls.write_all(format!("GET /never-finished HTTP/1.1\r\nHost: {APP}\r\nX-Slow: ").as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "unfinished headers must not hold the connection"
+    );
+
+    // Busy connections are not idle: requests taking 2.5 times the idle timeout complete
+    // over HTTP/2 and HTTP/3 (the origin sends nothing until it is done).
+    let h2 = h2_connect(&s.w, &s.addrs, "alice", APP).await;
+    let h2_get = |h2: h2::client::SendRequest<Bytes>, path: &str| {
+        let req = http::Request::get(format!("https://{APP}{path}"))
+            .body(())
+            .unwrap();
+        async move {
+            let mut h2 = h2.ready().await?;
+            let (resp, _) = h2.send_request(req, true)?;
+            Ok::<_, h2::Error>(resp.await?.status().as_u16())
+        }
+    };
+    let mut h3 = H3Client::connect(&s.w, &s.addrs, "alice", APP).await;
+    let slow_h3 = http::Request::get(format!("https://{APP}/slow?ms=5000"))
+        .body(())
+        .unwrap();
+    let (over_h2, over_h3) = tokio::join!(
+        h2_get(h2.clone(), "/slow?ms=5000"),
+        h3.try_request(slow_h3, None)
+    );
+    assert_eq!(over_h2.unwrap(), 200);
+    assert_eq!(over_h3.unwrap().status, 200);
+    // Then, with nothing in flight, both are closed once the idle timeout has passed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        h2_get(h2, "/").await.is_err(),
+        "idle HTTP/2 connection still open"
+    );
+    assert!(
+        h3.try_request(
+            http::Request::get(format!("https://{APP}/"))
+                .body(())
+                .unwrap(),
+            None
+        )
+        .await
+        .is_err(),
+        "idle HTTP/3 connection still open"
+    );
+    assert!(!s.origin.log_text().contains("/never-finished"));
+    // New connections are served as usual.
+    assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+}
