@@ -14,6 +14,21 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 const KEY_FILE: &str = "jwt-signing.key";
 /// How long an assertion is valid.
 const LIFETIME_SECS: i64 = 60;
+/// A token is reused for this long for the same claims, so the origin always gets one with
+/// at least `LIFETIME_SECS - REUSE_SECS` left, and the relay signs once per caller and
+/// host per half-minute instead of once per request.
+const REUSE_SECS: i64 = 30;
+/// Cached tokens kept at most (one per device, user, groups and hostname in use).
+const CACHE_MAX: usize = 10_000;
+
+/// What a token says, apart from its times.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    user: String,
+    device: String,
+    groups: Vec<String>,
+    hostname: String,
+}
 
 pub(crate) struct JwtSigner {
     key: EcdsaKeyPair,
@@ -21,6 +36,7 @@ pub(crate) struct JwtSigner {
     kid: String,
     issuer: String,
     jwks: String,
+    cache: std::sync::Mutex<std::collections::HashMap<CacheKey, (i64, std::sync::Arc<str>)>>,
 }
 
 impl std::fmt::Debug for JwtSigner {
@@ -72,6 +88,7 @@ impl JwtSigner {
             kid,
             issuer,
             jwks,
+            cache: std::sync::Mutex::default(),
         })
     }
 
@@ -79,7 +96,35 @@ impl JwtSigner {
         &self.jwks
     }
 
-    pub(crate) fn sign(&self, c: &Claims<'_>) -> Option<String> {
+    /// A token for `c`: a cached one issued less than `REUSE_SECS` ago, or a new one.
+    pub(crate) fn token(&self, c: &Claims<'_>) -> Option<std::sync::Arc<str>> {
+        let key = CacheKey {
+            user: c.user.to_owned(),
+            device: c.device.to_owned(),
+            groups: c.groups.to_vec(),
+            hostname: c.hostname.to_owned(),
+        };
+        let fresh = |issued: i64| (0..REUSE_SECS).contains(&(c.now - issued));
+        if let Ok(cache) = self.cache.lock()
+            && let Some((issued, token)) = cache.get(&key)
+            && fresh(*issued)
+        {
+            return Some(token.clone());
+        }
+        let token: std::sync::Arc<str> = self.sign(c)?.into();
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, (issued, _)| fresh(*issued));
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (c.now, token.clone()));
+        }
+        Some(token)
+    }
+
+    fn sign(&self, c: &Claims<'_>) -> Option<String> {
         let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
         let claims = serde_json::json!({
             "iss": self.issuer,
@@ -135,5 +180,29 @@ mod tests {
         // The same key is found again after a restart.
         let again = JwtSigner::load_or_create(dir.path(), "https://relay.test".into()).unwrap();
         assert_eq!(again.jwks(), signer.jwks());
+    }
+
+    #[test]
+    fn tokens_are_reused_for_the_same_claims_within_half_a_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = JwtSigner::load_or_create(dir.path(), "https://relay.test".into()).unwrap();
+        let (eng, ops) = (vec!["eng".to_owned()], vec!["ops".to_owned()]);
+        let token = |now: i64, hostname: &str, groups: &[String]| {
+            signer
+                .token(&Claims {
+                    user: "alice",
+                    device: "laptop",
+                    groups,
+                    hostname,
+                    now,
+                })
+                .unwrap()
+        };
+        let first = token(1000, "app.internal", &eng);
+        assert_eq!(token(1029, "app.internal", &eng), first);
+        // Other claims, or half a minute later: a new token.
+        assert_ne!(token(1001, "db.internal", &eng), first);
+        assert_ne!(token(1001, "app.internal", &ops), first);
+        assert_ne!(token(1030, "app.internal", &eng), first);
     }
 }

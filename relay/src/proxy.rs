@@ -571,7 +571,7 @@ async fn route(
         }
     };
 
-    let jwt = state.jwt.sign(&Claims {
+    let jwt = state.jwt.token(&Claims {
         user: &user,
         device: device.id(),
         groups: &record.groups,

@@ -56,7 +56,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             let n = query(&req, "n").unwrap_or(0);
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
             tokio::spawn(async move {
-                let chunk = Bytes::from(pattern(64 * 1024));
+                let chunk = pattern_chunk();
                 let mut left = n;
                 while left > 0 {
                     let take = left.min(chunk.len() as u64) as usize;
@@ -163,9 +163,13 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     Ok(resp)
 }
 
-/// The repeating byte pattern `/bytes` sends (so a test can checksum it independently).
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
+/// The 64 KiB chunk `/bytes` repeats (a byte pattern a test can checksum independently),
+/// built once.
+fn pattern_chunk() -> Bytes {
+    static CHUNK: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    CHUNK
+        .get_or_init(|| (0..64 * 1024).map(|i| (i % 251) as u8).collect())
+        .clone()
 }
 
 /// Answers a WebSocket handshake and echoes every message until the client closes.
