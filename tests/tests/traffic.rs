@@ -44,6 +44,22 @@ async fn http3_reaches_the_origin_with_the_same_auth_policy_and_headers() {
     let r = run_curl(cmd).await;
     let alt = format!("alt-svc: h3=\":{}\"", s.addrs.quic.port());
     assert!(r.body.to_ascii_lowercase().contains(&alt), "{}", r.body);
+    // So does curl, where it was built with HTTP/3.
+    let version = std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&version.stdout).contains("HTTP3") {
+        let mut quic = s.addrs;
+        quic.https = quic.quic;
+        let mut cmd = curl_cmd(&s.w, &quic, APP, "/over-curl-h3", Some("alice"));
+        cmd.arg("--http3-only");
+        let r = run_curl(cmd).await;
+        assert_eq!((r.status, r.version.as_str()), (200, "3"), "{}", r.stderr);
+        assert_eq!(json(r.body.as_bytes())["headers"]["portcullis-user"], "alice");
+    } else {
+        eprintln!("this curl has no HTTP/3; the h3 client above is the proof");
+    }
 }
 
 #[tokio::test]
@@ -286,23 +302,48 @@ async fn expect_100_continue_and_chunked_uploads_arrive_intact() {
 #[tokio::test]
 async fn a_client_disconnect_aborts_the_origin_request() {
     let s = Stack::up().await;
-    let mut cmd = curl_cmd(&s.w, &s.addrs, APP, "/stream?n=600&ms=50", Some("alice"));
-    cmd.args(["--max-time", "1"]);
-    let r = run_curl(cmd).await;
-    assert_eq!(r.exit, 28, "curl should time out mid-stream: {}", r.stderr);
+    // The origin notes each stream whose client went away; count them as clients leave.
+    let aborted = |n: usize| {
+        let origin = &s.origin;
+        async move {
+            let seen = portcullis_e2e::eventually(Duration::from_secs(5), || async {
+                (origin.log_text().matches("client went away").count() >= n).then_some(())
+            })
+            .await;
+            assert!(
+                seen.is_some(),
+                "the origin must see request {n} aborted: {}",
+                origin.log_text()
+            );
+        }
+    };
+    for (i, version) in ["--http1.1", "--http2"].into_iter().enumerate() {
+        let mut cmd = curl_cmd(&s.w, &s.addrs, APP, "/stream?n=600&ms=50", Some("alice"));
+        cmd.args([version, "--max-time", "1"]);
+        let r = run_curl(cmd).await;
+        assert_eq!(r.exit, 28, "curl should time out mid-stream: {}", r.stderr);
+        let gone = Instant::now();
+        aborted(i + 1).await;
+        eprintln!(
+            "{version}: the origin saw the abort {:?} after the client left",
+            gone.elapsed()
+        );
+    }
+    // HTTP/3: the client drops its request stream after the first chunk (quinn then sends
+    // STOP_SENDING; h3-quinn cannot be told to while a read is pending).
+    let h3 = H3Client::connect(&s.w, &s.addrs, "alice", APP).await;
+    let req = http::Request::get(format!("https://{APP}/stream?n=600&ms=50"))
+        .body(())
+        .unwrap();
+    let mut stream = h3.sender().send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(stream.recv_response().await.unwrap().status(), 200);
+    assert!(stream.recv_data().await.unwrap().is_some());
+    drop(stream);
     let gone = Instant::now();
-    let log = portcullis_e2e::eventually(Duration::from_secs(5), || async {
-        let log = s.origin.log_text();
-        log.contains("client went away").then_some(log)
-    })
-    .await;
-    assert!(
-        log.is_some(),
-        "the origin must see the request aborted: {}",
-        s.origin.log_text()
-    );
+    aborted(3).await;
     eprintln!(
-        "origin saw the abort {:?} after the client left",
+        "HTTP/3: the origin saw the abort {:?} after the client left",
         gone.elapsed()
     );
 }
