@@ -1020,3 +1020,14 @@ pub fn ws_client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f
 }
+
+/// Peak resident set size of a process, in bytes (`VmHWM` from /proc).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}

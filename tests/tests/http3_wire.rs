@@ -11,6 +11,7 @@ use portcullis_shared::h3wire;
 
 const H3_FRAME_UNEXPECTED: u64 = 0x105;
 const H3_FRAME_ERROR: u64 = 0x106;
+const H3_EXCESSIVE_LOAD: u64 = 0x107;
 const H3_MESSAGE_ERROR: u64 = 0x10e;
 const QPACK_DECOMPRESSION_FAILED: u64 = 0x200;
 
@@ -132,7 +133,7 @@ async fn malformed_http3_requests_are_refused_and_never_reach_the_origin() {
     let mut huge = Vec::new();
     h3wire::encode_varint(h3wire::FRAME_HEADERS, &mut huge);
     h3wire::encode_varint(1 << 30, &mut huge);
-    huge.extend_from_slice(&[0u8; 1000]);
+    huge.extend_from_slice(&[0u8; 32 * 1024]);
     let mut stream = h3.open(&huge).await;
     assert_eq!(stream.response().await, Ok(431));
 
@@ -190,4 +191,34 @@ async fn malformed_http3_requests_are_refused_and_never_reach_the_origin() {
         );
     }
     assert!(!s.origin.log_text().contains("/h3-truncated"));
+
+    // A client that keeps declaring huge sections is answered 431 each time, then treated
+    // as a flood (more than 100 abandoned requests in 10 s) and closed with
+    // H3_EXCESSIVE_LOAD; nothing was buffered, so the relay's memory stays small.
+    let flood = RawH3::connect(&s.w, &s.addrs, "alice", APP).await;
+    let mut answered = 0;
+    for _ in 0..1000 {
+        let Ok((mut send, _recv)) = flood.conn.open_bi().await else {
+            break;
+        };
+        if send.write_all(&huge).await.is_err() {
+            break;
+        }
+        answered += 1;
+    }
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), flood.conn.closed())
+        .await
+        .expect("the flooding connection stayed open");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == H3_EXCESSIVE_LOAD),
+        "{closed:?}"
+    );
+    assert!(answered > 100, "closed after only {answered} streams");
+    let peak = portcullis_e2e::peak_rss(s.relay.child.id().unwrap());
+    eprintln!(
+        "{answered} streams declaring 1 GiB sections; relay peak RSS {} MiB",
+        peak >> 20
+    );
+    assert!(peak < 100 << 20, "relay peak RSS {peak} bytes");
+    assert_eq!(h3.status_of(&frame_of(&get("/h3-last"))).await, Ok(200));
 }

@@ -20,17 +20,6 @@ fn size() -> u64 {
         .unwrap_or(2048 * MIB)
 }
 
-/// Peak resident set size of a process, in bytes (`VmHWM`).
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 fn hex(d: ring::digest::Digest) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -102,8 +91,8 @@ async fn two_gib_up_and_down_intact_with_bounded_daemon_memory() {
     );
     assert_eq!(hex(got.finish()), expected, "download arrived damaged");
 
-    let relay_peak = peak_rss(s.relay.child.id().unwrap());
-    let connector_peak = peak_rss(s.connector.child.id().unwrap());
+    let relay_peak = portcullis_e2e::peak_rss(s.relay.child.id().unwrap());
+    let connector_peak = portcullis_e2e::peak_rss(s.connector.child.id().unwrap());
     eprintln!(
         "{} MiB up in {up_secs:.1} s ({:.0} MiB/s), down in {down_secs:.1} s ({:.0} MiB/s); \
          peak RSS relay {} MiB, connector {} MiB",

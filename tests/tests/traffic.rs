@@ -56,7 +56,10 @@ async fn http3_reaches_the_origin_with_the_same_auth_policy_and_headers() {
         cmd.arg("--http3-only");
         let r = run_curl(cmd).await;
         assert_eq!((r.status, r.version.as_str()), (200, "3"), "{}", r.stderr);
-        assert_eq!(json(r.body.as_bytes())["headers"]["portcullis-user"], "alice");
+        assert_eq!(
+            json(r.body.as_bytes())["headers"]["portcullis-user"],
+            "alice"
+        );
     } else {
         eprintln!("this curl has no HTTP/3; the h3 client above is the proof");
     }
