@@ -585,6 +585,8 @@ pub async fn tls_connect(
     let connector =
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(w, device, alpn)));
     let tcp = tokio::net::TcpStream::connect(relay.https).await.unwrap();
+    // As curl and browsers do: small writes (a request after the handshake) go out at once.
+    tcp.set_nodelay(true).unwrap();
     let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
     connector.connect(name, tcp).await.unwrap()
 }

@@ -1,6 +1,7 @@
 //! Benchmark: requests/s and latency for small responses, and MiB/s for one large
 //! transfer, direct to the origin and through relay + connector, over HTTP/1.1, HTTP/2 and
-//! HTTP/3, side by side in one run. Run it with `bash scripts/bench` (release build).
+//! HTTP/3, side by side in one run, and the time to the first server-sent event. Run it
+//! with `bash scripts/bench` (release build).
 //!
 //! Every loop is bounded in time (`PORTCULLIS_BENCH_SECS`, default 5 s per figure) and
 //! all traffic stays on loopback.
@@ -84,6 +85,17 @@ async fn connect(s: &Stack, proto: Proto, path: Path) -> anyhow::Result<Client> 
 
 /// One GET; returns the number of body bytes.
 async fn get(client: &mut Client, path: &str, via_relay: bool) -> anyhow::Result<u64> {
+    fetch(client, path, via_relay, false).await
+}
+
+/// One GET; with `first_only`, stops at the first body bytes (the connection is then
+/// left mid-response) and returns how many arrived.
+async fn fetch(
+    client: &mut Client,
+    path: &str,
+    via_relay: bool,
+    first_only: bool,
+) -> anyhow::Result<u64> {
     let uri = if via_relay {
         format!("https://{APP}{path}")
     } else {
@@ -96,7 +108,7 @@ async fn get(client: &mut Client, path: &str, via_relay: bool) -> anyhow::Result
                 .header("host", APP)
                 .body(Empty::new())?;
             let resp = send.send_request(req).await?;
-            count_body(resp.into_body()).await
+            count_body(resp.into_body(), first_only).await
         }
         Client::H2(send) => {
             let req = http::Request::get(format!(
@@ -105,7 +117,7 @@ async fn get(client: &mut Client, path: &str, via_relay: bool) -> anyhow::Result
             ))
             .body(Empty::new())?;
             let resp = send.send_request(req).await?;
-            count_body(resp.into_body()).await
+            count_body(resp.into_body(), first_only).await
         }
         Client::H3(send) => {
             let req = http::Request::get(uri).body(())?;
@@ -115,17 +127,23 @@ async fn get(client: &mut Client, path: &str, via_relay: bool) -> anyhow::Result
             let mut n = 0u64;
             while let Some(chunk) = stream.recv_data().await? {
                 n += chunk.remaining() as u64;
+                if first_only && n > 0 {
+                    break;
+                }
             }
             Ok(n)
         }
     }
 }
 
-async fn count_body(mut body: hyper::body::Incoming) -> anyhow::Result<u64> {
+async fn count_body(mut body: hyper::body::Incoming, first_only: bool) -> anyhow::Result<u64> {
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             n += data.len() as u64;
+            if first_only && n > 0 {
+                break;
+            }
         }
     }
     Ok(n)
@@ -136,6 +154,22 @@ struct Figures {
     p50_us: f64,
     p99_us: f64,
     mib_s: f64,
+    sse_ms: f64,
+}
+
+/// Median time to the first server-sent event (the origin writes event 0 at once and the
+/// next one 3 s later, so anything that buffers shows as seconds), fresh connection each.
+async fn first_event_ms(s: &Stack, proto: Proto, path: Path) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let mut client = connect(s, proto, path).await?;
+        let t = Instant::now();
+        let got = fetch(&mut client, "/sse?n=2&ms=3000", path == Path::Relay, true).await?;
+        anyhow::ensure!(got > 0, "no event");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 async fn measure(s: &Stack, proto: Proto, path: Path, secs: u64) -> anyhow::Result<Figures> {
@@ -201,6 +235,7 @@ async fn measure(s: &Stack, proto: Proto, path: Path, secs: u64) -> anyhow::Resu
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         mib_s,
+        sse_ms: first_event_ms(s, proto, path).await?,
     })
 }
 
@@ -213,8 +248,8 @@ async fn main() -> anyhow::Result<()> {
     let s = Stack::up().await;
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<9} {:<22} {:>10} {:>10} {:>10} {:>10}\n",
-        "protocol", "path", "req/s@64", "p50 µs@1", "p99 µs@1", "MiB/s@1GiB"
+        "{:<9} {:<22} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "protocol", "path", "req/s@64", "p50 µs@1", "p99 µs@1", "MiB/s@1GiB", "SSE 1st ms"
     ));
     for proto in [Proto::H1, Proto::H2, Proto::H3] {
         for path in [Path::Direct, Path::Relay] {
@@ -229,8 +264,8 @@ async fn main() -> anyhow::Result<()> {
             };
             match measure(&s, proto, path, secs).await {
                 Ok(f) => out.push_str(&format!(
-                    "{name:<9} {label:<22} {:>10.0} {:>10.0} {:>10.0} {:>10.0}\n",
-                    f.rps, f.p50_us, f.p99_us, f.mib_s
+                    "{name:<9} {label:<22} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.1}\n",
+                    f.rps, f.p50_us, f.p99_us, f.mib_s, f.sse_ms
                 )),
                 Err(e) => out.push_str(&format!("{name:<9} {label:<22} n/a ({e})\n")),
             }
