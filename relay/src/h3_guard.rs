@@ -240,6 +240,7 @@ impl Filter {
                 self.emit_headers(&oversized_section(self.max_header_bytes));
                 self.state = State::Skip(len);
             }
+            (Kind::Request, FRAME_HEADERS) if len == 0 => self.headers(Vec::new())?,
             (Kind::Request, FRAME_HEADERS) => {
                 self.state = State::Collect(len as usize, Vec::with_capacity(len as usize));
             }
