@@ -307,6 +307,7 @@ async fn up(
             relay: agent.relay.clone(),
             services: services.clone(),
             addr: bound,
+            inner_tls: proxy::Proxy::inner_tls(relay::org_ca_roots(home)?)?,
         }),
     ));
     if let Some(addr) = dns_addr {

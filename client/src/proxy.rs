@@ -1,6 +1,7 @@
-//! The local forward proxy (loopback only): plain `http://` requests and `CONNECT`s for the
-//! organisation's private names go through the relay under the device's identity; every
-//! other name is refused (split tunnel: no open proxy). `/proxy.pac` serves the PAC file.
+//! The local forward proxy (loopback only): plain `http://` requests (WebSocket upgrades
+//! included) and `CONNECT`s for the organisation's private names go through the relay
+//! under the device's identity; every other name is refused (split tunnel: no open proxy).
+//! `/proxy.pac` serves the PAC file.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +25,25 @@ pub(crate) struct Proxy {
     pub(crate) relay: Arc<Relay>,
     pub(crate) services: Arc<Services>,
     pub(crate) addr: SocketAddr,
+    /// TLS to the relay inside a `CONNECT host:443` tunnel (trusting the org CA), for
+    /// upgrades that cannot ride an HTTP/3 request.
+    pub(crate) inner_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Proxy {
+    /// The client TLS configuration for tunnels whose TLS ends at the relay.
+    pub(crate) fn inner_tls(
+        roots: rustls::RootCertStore,
+    ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(tls))
+    }
 }
 
 fn text(status: StatusCode, msg: String) -> Response<Body> {
@@ -114,10 +134,79 @@ async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body>
     if !proxy.services.is_private(&host) {
         return not_private(&host);
     }
+    if wants_upgrade(&req) {
+        return match upgrade(&proxy, req, &host).await {
+            Ok(resp) => resp,
+            Err(e) => text(StatusCode::BAD_GATEWAY, format!("portcullis: {e:#}")),
+        };
+    }
     match forward(&proxy, req, &host).await {
         Ok(resp) => resp,
         Err(e) => text(StatusCode::BAD_GATEWAY, format!("portcullis: {e:#}")),
     }
+}
+
+/// An HTTP/1.1 upgrade request: `Connection: upgrade` with an `Upgrade` field (`ws://`).
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// An upgrade (a `ws://` WebSocket) cannot ride an HTTP/3 request through this h3 client
+/// (it cannot send RFC 9220's `:protocol`), so it goes the way a browser's `wss://` does:
+/// `CONNECT host:443` to the relay, which ends TLS there with its org-CA leaf, and the
+/// upgrade request inside, under the same device identity.
+async fn upgrade(
+    proxy: &Proxy,
+    mut req: Request<Incoming>,
+    host: &str,
+) -> anyhow::Result<Response<Body>> {
+    use anyhow::Context as _;
+    let stream = proxy.relay.connect(&format!("{host}:443")).await?;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (r, w) = tokio::io::split(theirs);
+    tokio::spawn(crate::pump::join(r, w, stream));
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
+    let tls = tokio_rustls::TlsConnector::from(proxy.inner_tls.clone())
+        .connect(name, ours)
+        .await
+        .context("TLS with the relay inside the tunnel")?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let client_side = hyper::upgrade::on(&mut req);
+    let (parts, _) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Request::builder().method(parts.method).uri(path);
+    for (name, value) in &parts.headers {
+        if !matches!(name.as_str(), "proxy-connection" | "proxy-authorization") {
+            out = out.header(name, value);
+        }
+    }
+    let body = http_body_util::Empty::<Bytes>::new();
+    let mut resp = send.send_request(out.body(body)?).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let relay_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(relay)) = (client_side.await, relay_side.await) {
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(relay),
+                )
+                .await;
+            }
+        });
+    }
+    let (head, body) = resp.into_parts();
+    Ok(Response::from_parts(
+        head,
+        body.map_err(BoxError::from).boxed(),
+    ))
 }
 
 /// Sends a plain `http://` request to the relay as HTTP/3 (`https://` to the relay: the

@@ -18,6 +18,17 @@ use crate::keystore;
 pub(crate) type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 type Sender = SendRequest<h3_quinn::OpenStreams, Bytes>;
 
+/// The org CA stored at enrolment, as rustls trust roots.
+pub(crate) fn org_ca_roots(home: &Home) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pki::load_certs(&home.ca())? {
+        roots
+            .add(ca)
+            .context("the stored org CA is unusable: enrol again")?;
+    }
+    Ok(roots)
+}
+
 /// The device's credentials, as rustls wants them.
 pub(crate) struct Credentials {
     pub(crate) certs: Vec<CertificateDer<'static>>,
@@ -30,17 +41,11 @@ impl Credentials {
     pub(crate) fn load(home: &Home, state: &AgentState) -> anyhow::Result<Self> {
         let certs = pki::load_certs(&home.cert())?;
         let key_der = keystore::load(home, &state.key_store, &state.identity)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in pki::load_certs(&home.ca())? {
-            roots
-                .add(ca)
-                .context("the stored org CA is unusable: enrol again")?;
-        }
         Ok(Self {
             certs,
             key: pki::pkcs8(key_der.clone()),
             key_der,
-            roots,
+            roots: org_ca_roots(home)?,
         })
     }
 

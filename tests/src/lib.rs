@@ -732,19 +732,8 @@ pub async fn h1_connect(
     tls.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if tls.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    let status = String::from_utf8_lossy(&head)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned();
+    let head = read_head(&mut tls).await;
+    let status = head.lines().next().unwrap_or("").to_owned();
     if !status.contains(" 200") {
         return (status, Vec::new());
     }
@@ -1032,4 +1021,43 @@ pub fn peak_rss(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kb * 1024
+}
+
+/// Reads an HTTP/1.1 message head byte by byte, so nothing after it is consumed (an
+/// upgraded or tunnelled stream follows); returns what arrived if the peer closes first.
+pub async fn read_head<R: tokio::io::AsyncRead + Unpin>(io: &mut R) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if io.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Sends an HTTP/1.1 WebSocket handshake for `target` (origin-form, or absolute-form to a
+/// proxy) with `Host: host` and the RFC 6455 §1.3 sample key, and checks the `101` and
+/// that the origin's accept key for it came through untouched; returns the head,
+/// lower-cased.
+pub async fn ws_handshake<S>(io: &mut S, target: &str, host: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let handshake = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    io.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(io).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    head
 }

@@ -151,6 +151,27 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(v["path"], "/via-https");
     assert_eq!(v["headers"]["portcullis-user"], "carol");
+    // ws:// through the proxy: the handshake by hand (a proxy request is absolute-form),
+    // then tungstenite speaks WebSocket on the same connection.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        portcullis_e2e::ws_handshake(&mut tcp, &format!("http://{APP}/ws"), APP).await;
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            tcp,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        for i in 0..5 {
+            let text = format!("via the agent {i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+        }
+    }
     // Not a private name: refused, with a clear message (no open proxy).
     let (code, body) = proxy_get(port, "http://example.com/").await;
     assert_eq!(code, 403);

@@ -149,28 +149,7 @@ async fn websocket_over_http1_upgrade_echoes_messages_and_pings() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = Stack::up().await;
     let mut tls = portcullis_e2e::tls_connect(&s.w, &s.addrs, APP, "alice", &[b"http/1.1"]).await;
-    let handshake = format!(
-        "GET /ws HTTP/1.1\r\nHost: {APP}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    tls.write_all(handshake.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tls.read(&mut byte).await.unwrap(),
-            1,
-            "connection closed during handshake"
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    // The origin's accept key for the key above (RFC 6455 §1.3) comes through untouched.
-    assert!(
-        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
+    let head = portcullis_e2e::ws_handshake(&mut tls, "/ws", APP).await;
     let connection = head
         .lines()
         .find(|l| l.starts_with("connection:"))
@@ -496,13 +475,8 @@ async fn revoking_a_device_closes_its_open_http1_tunnels() {
     tls.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(tls.read(&mut byte).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
-    assert!(String::from_utf8_lossy(&head).contains(" 200"));
+    let head = portcullis_e2e::read_head(&mut tls).await;
+    assert!(head.contains(" 200"), "{head}");
     tls.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
     tls.read_exact(&mut echo).await.unwrap();
