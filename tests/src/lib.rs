@@ -1014,10 +1014,19 @@ pub fn ws_client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Peak resident set size of a process, in bytes (`VmHWM` from /proc).
 pub fn peak_rss(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM:")
+}
+
+/// Current resident set size of a process, in bytes (`VmRSS` from /proc).
+pub fn rss(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS:")
+}
+
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kb * 1024

@@ -1,7 +1,8 @@
 //! Benchmark: requests/s and latency for small responses, and MiB/s for one large
 //! transfer, direct to the origin and through relay + connector, over HTTP/1.1, HTTP/2 and
-//! HTTP/3, side by side in one run, and the time to the first server-sent event. Run it
-//! with `bash scripts/bench` (release build).
+//! HTTP/3, side by side in one run, and the time to the first server-sent event; then new
+//! tunnelled TCP connections per second and the relay's memory per idle connection. Run
+//! it with `bash scripts/bench` (release build).
 //!
 //! Every loop is bounded in time (`PORTCULLIS_BENCH_SECS`, default 5 s per figure) and
 //! all traffic stays on loopback.
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis_e2e::{APP, H3Client, Stack, tls_connect};
+use portcullis_e2e::{APP, DB, H3Client, Stack, tls_connect};
 
 const SMALL: &str = "/bytes?n=64";
 const WORKERS: usize = 64;
@@ -239,6 +240,84 @@ async fn measure(s: &Stack, proto: Proto, path: Path, secs: u64) -> anyhow::Resu
     })
 }
 
+/// New tunnelled TCP connections per second: `CONNECT` to the raw TCP service over
+/// HTTP/3 (what `portcullis tcp` does for each local connection), 64 at a time over 8
+/// connections; each sends a byte, reads the echo and closes.
+async fn tunnels_per_sec(s: &Stack, secs: u64) -> anyhow::Result<f64> {
+    let port =
+        s.w.echo_addr()
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+    let target = format!("{DB}:{port}");
+    let done = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    let mut shared = None;
+    for i in 0..WORKERS {
+        if i % 8 == 0 {
+            // CONNECT goes to the relay's own name (SNI), as the agent's does.
+            let c = H3Client::connect(&s.w, &s.addrs, "alice", "relay.acme.test").await;
+            shared = Some(c.sender());
+            // Keep the endpoint and driver alive for the process's life.
+            std::mem::forget(c);
+        }
+        let Some(send) = shared.as_ref() else {
+            anyhow::bail!("no HTTP/3 connection");
+        };
+        let mut send = send.clone();
+        let (done, target) = (done.clone(), target.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let one = async {
+                    let req = http::Request::builder()
+                        .method(http::Method::CONNECT)
+                        .uri(target.as_str())
+                        .body(())?;
+                    let mut stream = send.send_request(req).await?;
+                    anyhow::ensure!(stream.recv_response().await?.status() == 200, "refused");
+                    stream.send_data(Bytes::from_static(b"x")).await?;
+                    stream.finish().await?;
+                    while stream.recv_data().await?.is_some() {}
+                    Ok(())
+                };
+                if let Err(e) = one.await {
+                    eprintln!("tunnel failed: {e:#}");
+                    break;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The relay's resident memory per idle client connection: opens `n` and compares.
+async fn idle_kib_per_connection(s: &Stack, proto: Proto, n: usize) -> anyhow::Result<f64> {
+    let pid = s
+        .relay
+        .child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("relay exited"))?;
+    let before = portcullis_e2e::rss(pid);
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut c = connect(s, proto, Path::Relay).await?;
+        // One request each, so the connection is fully set up on both sides.
+        get(&mut c, SMALL, true).await?;
+        held.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = portcullis_e2e::rss(pid);
+    drop(held);
+    Ok(after.saturating_sub(before) as f64 / 1024.0 / n as f64)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let secs: u64 = std::env::var("PORTCULLIS_BENCH_SECS")
@@ -269,6 +348,22 @@ async fn main() -> anyhow::Result<()> {
                 )),
                 Err(e) => out.push_str(&format!("{name:<9} {label:<22} n/a ({e})\n")),
             }
+        }
+    }
+    match tunnels_per_sec(&s, secs).await {
+        Ok(n) => out.push_str(&format!(
+            "new tunnelled TCP connections/s (CONNECT over HTTP/3, 64 at a time): {n:.0}\n"
+        )),
+        Err(e) => out.push_str(&format!("new tunnelled TCP connections/s: n/a ({e})\n")),
+    }
+    for (proto, name) in [(Proto::H2, "HTTP/2"), (Proto::H3, "HTTP/3")] {
+        match idle_kib_per_connection(&s, proto, 200).await {
+            Ok(k) => out.push_str(&format!(
+                "relay memory per idle {name} connection (200 open): {k:.1} KiB\n"
+            )),
+            Err(e) => out.push_str(&format!(
+                "relay memory per idle {name} connection: n/a ({e})\n"
+            )),
         }
     }
     eprint!("{out}");
