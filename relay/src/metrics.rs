@@ -14,6 +14,8 @@ pub(crate) struct Metrics {
     pub(crate) connectors: AtomicI64,
     pub(crate) tunnel_streams: AtomicI64,
     pub(crate) denied: AtomicU64,
+    pub(crate) config_reloads: AtomicU64,
+    pub(crate) config_reload_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -70,6 +72,18 @@ impl Metrics {
             "counter",
             "Requests denied by policy.",
             c(&self.denied) as i64,
+        );
+        one(
+            "portcullis_relay_config_reloads_total",
+            "counter",
+            "Reloads of relay.toml that took effect.",
+            c(&self.config_reloads) as i64,
+        );
+        one(
+            "portcullis_relay_config_reload_errors_total",
+            "counter",
+            "Reloads of relay.toml refused as invalid (the running configuration was kept).",
+            c(&self.config_reload_errors) as i64,
         );
         out.push_str("# HELP portcullis_certificate_expiry_timestamp_seconds Expiry of each active issued certificate.\n");
         out.push_str("# TYPE portcullis_certificate_expiry_timestamp_seconds gauge\n");

@@ -60,12 +60,13 @@ fn services(state: &State, device: &Identity) -> Response<RespBody> {
         user: &user,
         groups: &record.groups,
     };
+    let rules = state.policy();
     let mut names: Vec<String> = snapshot
         .records()
         .filter(|r| r.identity.role() == portcullis_shared::identity::Role::Connector)
         .filter(|r| r.revoked_at.is_none())
         .flat_map(|r| r.hostnames.iter())
-        .filter(|p| policy::allows_pattern(&state.config.policy, p, subject))
+        .filter(|p| policy::allows_pattern(&rules, p, subject))
         .map(ToString::to_string)
         .collect();
     names.sort();
@@ -529,7 +530,7 @@ async fn route(
         user: &user,
         groups: &record.groups,
     };
-    if !policy::evaluate(&state.config.policy, &host, subject).is_allowed() {
+    if !policy::evaluate(&state.policy(), &host, subject).is_allowed() {
         state.metrics.denied.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(device.id = device.id(), hostname = %host, "denied by policy");
         return Err((

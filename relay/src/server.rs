@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use portcullis_shared::config::RelayConfig;
 use portcullis_shared::pki::Ca;
+use portcullis_shared::policy::PolicyRule;
 use portcullis_shared::proto::CloseCode;
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::store::{STORE_FILE, SqliteStore, Store};
@@ -27,7 +28,10 @@ use crate::tunnel::{self, Router};
 /// Shared by every task of a running relay.
 #[derive(Debug)]
 pub(crate) struct State {
+    /// The configuration the relay started with; the policy in it is only the first.
     pub(crate) config: RelayConfig,
+    /// The policy in force: `config.policy` until relay.toml is reloaded.
+    policy: std::sync::RwLock<Arc<Vec<PolicyRule>>>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) router: Router,
     pub(crate) metrics: Arc<Metrics>,
@@ -44,6 +48,45 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Vec<PolicyRule>> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads relay.toml again: a valid file's policy replaces the one in force (settings
+    /// that need a restart are named in the log); an invalid file changes nothing.
+    fn reload(&self, path: &Path) {
+        match RelayConfig::load(path) {
+            Ok(new) => {
+                let restart = new.needs_restart(&self.config);
+                if !restart.is_empty() {
+                    tracing::warn!(
+                        settings = %restart.join(", "),
+                        "relay.toml changed settings that take effect only after a restart"
+                    );
+                }
+                let mut policy = self
+                    .policy
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if **policy != new.policy {
+                    tracing::info!(rules = new.policy.len(), "policy reloaded");
+                    *policy = Arc::new(new.policy);
+                }
+                self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.metrics
+                    .config_reload_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "keeping the running configuration");
+            }
+        }
+    }
+
     /// The semaphore bounding one device's concurrent requests and tunnels.
     pub(crate) fn device_slots(&self, device: &str) -> Arc<tokio::sync::Semaphore> {
         let mut slots = self.device_slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -74,19 +117,59 @@ pub struct Bound {
 }
 
 /// Loads the config file and runs until SIGTERM or SIGINT.
-pub async fn run_from_file(config: &Path, ready_file: Option<&Path>) -> anyhow::Result<()> {
-    let config = RelayConfig::load(config)?;
+pub async fn run_from_file(config_path: &Path, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let config = RelayConfig::load(config_path)?;
     let shutdown = Shutdown::new();
     shutdown
         .trigger_on_signals()
         .context("installing signal handlers")?;
-    run(config, shutdown, |bound| {
+    run(config, Some(config_path), shutdown, |bound| {
         if let Some(path) = ready_file {
             write_ready_file(path, &bound)?;
         }
         Ok(())
     })
     .await
+}
+
+/// Reloads relay.toml on SIGHUP, and when its modification time changes (checked every
+/// 2 s, so an edited or re-mounted file is picked up without a signal).
+async fn watch_config(path: std::path::PathBuf, state: Arc<State>, shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = mtime(&path);
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; relay.toml is still reloaded when it changes");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = hangup => {
+                tracing::info!(path = %path.display(), "SIGHUP: reloading relay.toml");
+                seen = mtime(&path);
+                state.reload(&path);
+            }
+            _ = tick.tick() => {
+                let now = mtime(&path);
+                if now.is_some() && now != seen {
+                    seen = now;
+                    tracing::info!(path = %path.display(), "relay.toml changed: reloading");
+                    state.reload(&path);
+                }
+            }
+            () = shutdown.wait() => return,
+        }
+    }
 }
 
 fn write_ready_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
@@ -147,9 +230,11 @@ fn transport(
 
 /// Runs the relay with `config` until `shutdown` fires, then drains: stops accepting,
 /// lets in-flight requests finish within `drain_grace`, closes connector tunnels.
-/// `on_ready` is called once every listener is bound.
+/// `on_ready` is called once every listener is bound. With `source` (the file `config`
+/// came from), the policy is reloaded on SIGHUP and whenever the file changes.
 pub async fn run(
     config: RelayConfig,
+    source: Option<&Path>,
     shutdown: Shutdown,
     on_ready: impl FnOnce(Bound) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
@@ -219,6 +304,7 @@ pub async fn run(
     let (terminator_tx, terminator_rx) = tokio::sync::mpsc::unbounded_channel();
     let inner_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls::inner_config(resolver.clone())?));
     let state = Arc::new(State {
+        policy: std::sync::RwLock::new(Arc::new(config.policy.clone())),
         config,
         registry: registry.clone(),
         router: Router::default(),
@@ -259,6 +345,13 @@ pub async fn run(
                 }
             }
         });
+    }
+    if let Some(path) = source {
+        tokio::spawn(watch_config(
+            path.to_owned(),
+            state.clone(),
+            shutdown.clone(),
+        ));
     }
     let admin = Arc::new(AdminState {
         ready: false.into(),

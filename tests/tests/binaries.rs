@@ -557,3 +557,80 @@ async fn bad_connector_config_and_missing_files_are_clear() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("nope.key"), "{err}");
 }
+
+#[tokio::test]
+async fn policy_changes_in_relay_toml_apply_without_a_restart() {
+    let s = Stack::up().await;
+    let pid = s.relay.child.id();
+    assert_eq!(s.get(APP, "/", Some("bob")).await.status, 403);
+    let path = s.w.path("relay.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let bob_allowed = |want: bool| {
+        let s = &s;
+        async move {
+            portcullis_e2e::eventually(Duration::from_secs(10), || async {
+                let status = s.get(APP, "/", Some("bob")).await.status;
+                ((status == 200) == want).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+    let log_says = |text: &'static str| {
+        let s = &s;
+        async move {
+            portcullis_e2e::eventually(Duration::from_secs(10), || async {
+                s.relay.log_text().contains(text).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+
+    // Grant bob access and send SIGHUP.
+    let granted = format!("{original}\n[[policy]]\nhostnames = [\"{APP}\"]\nusers = [\"bob\"]\n");
+    std::fs::write(&path, &granted).unwrap();
+    s.relay.signal("HUP");
+    assert!(
+        bob_allowed(true).await,
+        "the new rule must apply after SIGHUP"
+    );
+
+    // An invalid file is noticed without a signal and changes nothing.
+    std::fs::write(
+        &path,
+        format!("{granted}\n[[policy]]\nhostnames = []\nusers = [\"mallory\"]\n"),
+    )
+    .unwrap();
+    assert!(log_says("keeping the running configuration").await);
+    assert_eq!(s.get(APP, "/", Some("bob")).await.status, 200);
+
+    // Back to the original policy, with a listen address changed: the policy applies,
+    // the address is named as needing a restart.
+    let moved = original.replace(
+        &format!("admin_listen = \"{}\"", "127.0.0.1:0"),
+        "admin_listen = \"127.0.0.1:1\"",
+    );
+    assert_ne!(moved, original, "the harness's admin_listen line moved");
+    std::fs::write(&path, moved).unwrap();
+    assert!(
+        bob_allowed(false).await,
+        "removing the rule must deny bob again"
+    );
+    assert!(log_says("take effect only after a restart").await);
+    assert!(s.relay.log_text().contains("admin_listen"));
+
+    // One process throughout, still serving, and counted on /metrics.
+    assert_eq!(s.relay.child.id(), pid);
+    assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+    let metrics = tokio::process::Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", s.addrs.admin)])
+        .output()
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("portcullis_relay_config_reload_errors_total 1"),
+        "{metrics}"
+    );
+}

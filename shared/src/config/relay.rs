@@ -11,7 +11,7 @@ use crate::identity::Hostname;
 use crate::policy::PolicyRule;
 
 /// The relay's configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// The directory given to `ca init`: CA, store, JWT key, access log.
@@ -47,7 +47,7 @@ pub struct RelayConfig {
 }
 
 /// Explicit resource limits, each with a safe default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Time allowed for a TLS handshake on the HTTPS listener.
@@ -90,6 +90,40 @@ impl Default for LimitsConfig {
 }
 
 impl RelayConfig {
+    /// The settings that differ from `running` and only take effect after a restart
+    /// (everything but the policy, which a running relay reloads).
+    pub fn needs_restart(&self, running: &Self) -> Vec<&'static str> {
+        // Destructured so that a new setting cannot be forgotten here.
+        let Self {
+            state_dir,
+            server_name,
+            quic_listen,
+            https_listen,
+            admin_listen,
+            tls_cert,
+            tls_key,
+            access_log,
+            drain_grace,
+            limits,
+            policy: _,
+        } = self;
+        [
+            ("state_dir", *state_dir != running.state_dir),
+            ("server_name", *server_name != running.server_name),
+            ("quic_listen", *quic_listen != running.quic_listen),
+            ("https_listen", *https_listen != running.https_listen),
+            ("admin_listen", *admin_listen != running.admin_listen),
+            ("tls_cert", *tls_cert != running.tls_cert),
+            ("tls_key", *tls_key != running.tls_key),
+            ("access_log", *access_log != running.access_log),
+            ("drain_grace", *drain_grace != running.drain_grace),
+            ("limits", *limits != running.limits),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect()
+    }
+
     /// Reads, parses and validates `path`; relative paths become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut cfg: Self = parse_file(path)?;
@@ -193,6 +227,21 @@ groups = ["eng"]
         let msg = err.to_string();
         assert!(msg.starts_with("relay.toml:6:"), "{msg}");
         assert!(msg.contains("admin_lissen"), "{msg}");
+    }
+
+    #[test]
+    fn settings_needing_a_restart_are_named_and_the_policy_is_not_one() {
+        let running: RelayConfig = parse_str(Path::new("relay.toml"), GOOD).unwrap();
+        let text = GOOD
+            .replace("\"eng\"]", "\"eng\", \"ops\"]")
+            .replace("0.0.0.0:8443", "0.0.0.0:9443");
+        let new: RelayConfig = parse_str(Path::new("relay.toml"), &text).unwrap();
+        assert_ne!(new.policy, running.policy);
+        assert_eq!(new.needs_restart(&running), ["https_listen"]);
+        let limits = format!("{GOOD}\n[limits]\nidle_timeout = \"60s\"\n");
+        let new: RelayConfig = parse_str(Path::new("relay.toml"), &limits).unwrap();
+        assert_eq!(new.needs_restart(&running), ["limits"]);
+        assert!(running.needs_restart(&running).is_empty());
     }
 
     #[test]
