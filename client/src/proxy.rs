@@ -10,15 +10,16 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use portcullis_shared::tunnel_body::{BoxError, ChannelBody};
+
 use crate::relay::Relay;
 use crate::services::Services;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 
 pub(crate) struct Proxy {
@@ -250,7 +251,7 @@ async fn forward(
     }
     stream.finish().await?;
     let resp = stream.recv_response().await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let (tx, body) = ChannelBody::channel(4);
     tokio::spawn(async move {
         loop {
             match stream.recv_data().await {
@@ -271,7 +272,7 @@ async fn forward(
             let _ = tx.send(Ok(Frame::trailers(trailers))).await;
         }
     });
-    let body = StreamBody::new(ReceiverStream(rx)).boxed();
+    let body = body.boxed();
     let (mut head, ()) = resp.into_parts();
     // The client speaks HTTP/1.1 to us, whatever the relay hop was.
     head.version = http::Version::HTTP_11;
@@ -282,21 +283,4 @@ async fn forward(
         ));
     }
     Ok(Response::from_parts(head, body))
-}
-
-struct ReceiverStream(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
-
-impl futures_like::Stream for ReceiverStream {
-    type Item = Result<Frame<Bytes>, BoxError>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
-    }
-}
-
-mod futures_like {
-    pub(crate) use futures_core::Stream;
 }

@@ -2,18 +2,16 @@
 //! HTTPS ([`crate::proxy`]), with bodies and trailers carried as h3 frames, and CONNECT
 //! tunnels carried on the request stream itself.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::{Body, Frame};
+use hyper::body::Frame;
 use portcullis_shared::identity::Identity;
 use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::tunnel_body::ChannelBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::proxy::{
@@ -147,10 +145,7 @@ async fn serve_request(
             Some(rx),
         )
     } else {
-        (
-            ChannelBody::spawn(rx, declared, violated.clone()).boxed(),
-            None,
-        )
+        (request_body(rx, declared, violated.clone()).boxed(), None)
     };
     let resp = proxy::handle(state, info, Request::from_parts(parts, body)).await;
     if violated.load(std::sync::atomic::Ordering::Relaxed) {
@@ -276,70 +271,51 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
     drop(live);
 }
 
-/// An HTTP/3 request body as an `http_body::Body`: a task reads the h3 stream into a small
-/// channel, so backpressure reaches the client through QUIC flow control.
-struct ChannelBody {
-    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-}
-
-impl ChannelBody {
-    /// With `declared` (the request's Content-Length), a body that runs past it or ends
-    /// short of it is an error, and `violated` is set so the stream is reset with
-    /// H3_MESSAGE_ERROR (RFC 9114 §4.1.2).
-    fn spawn(
-        mut stream: RecvHalf,
-        declared: Option<u64>,
-        violated: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut seen = 0u64;
-            let mismatch = |violated: &std::sync::atomic::AtomicBool| {
-                violated.store(true, std::sync::atomic::Ordering::Relaxed);
-                Box::<dyn std::error::Error + Send + Sync>::from(
-                    "request body does not match its Content-Length",
-                )
-            };
-            loop {
-                match stream.recv_data().await {
-                    Ok(Some(mut chunk)) => {
-                        let data = chunk.copy_to_bytes(chunk.remaining());
-                        seen += data.len() as u64;
-                        if declared.is_some_and(|d| seen > d) {
-                            let _ = tx.send(Err(mismatch(&violated))).await;
-                            return;
-                        }
-                        if tx.send(Ok(Frame::data(data))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) if declared.is_some_and(|d| seen != d) => {
+/// Reads an HTTP/3 request body into a [`ChannelBody`]: a task reads the h3 stream into a
+/// small channel, so backpressure reaches the client through QUIC flow control.
+///
+/// With `declared` (the request's Content-Length), a body that runs past it or ends short
+/// of it is an error, and `violated` is set so the stream is reset with H3_MESSAGE_ERROR
+/// (RFC 9114 §4.1.2).
+fn request_body(
+    mut stream: RecvHalf,
+    declared: Option<u64>,
+    violated: Arc<std::sync::atomic::AtomicBool>,
+) -> ChannelBody {
+    let (tx, body) = ChannelBody::channel(4);
+    tokio::spawn(async move {
+        let mut seen = 0u64;
+        let mismatch = |violated: &std::sync::atomic::AtomicBool| {
+            violated.store(true, std::sync::atomic::Ordering::Relaxed);
+            BoxError::from("request body does not match its Content-Length")
+        };
+        loop {
+            match stream.recv_data().await {
+                Ok(Some(mut chunk)) => {
+                    let data = chunk.copy_to_bytes(chunk.remaining());
+                    seen += data.len() as u64;
+                    if declared.is_some_and(|d| seen > d) {
                         let _ = tx.send(Err(mismatch(&violated))).await;
                         return;
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                    if tx.send(Ok(Frame::data(data))).await.is_err() {
                         return;
                     }
                 }
+                Ok(None) if declared.is_some_and(|d| seen != d) => {
+                    let _ = tx.send(Err(mismatch(&violated))).await;
+                    return;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                    return;
+                }
             }
-            if let Ok(Some(trailers)) = stream.recv_trailers().await {
-                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
-            }
-        });
-        Self { rx }
-    }
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx)
-    }
+        }
+        if let Ok(Some(trailers)) = stream.recv_trailers().await {
+            let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        }
+    });
+    body
 }

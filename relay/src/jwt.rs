@@ -21,22 +21,14 @@ const REUSE_SECS: i64 = 30;
 /// Cached tokens kept at most (one per device, user, groups and hostname in use).
 const CACHE_MAX: usize = 10_000;
 
-/// What a token says, apart from its times.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CacheKey {
-    user: String,
-    device: String,
-    groups: Vec<String>,
-    hostname: String,
-}
-
 pub(crate) struct JwtSigner {
     key: EcdsaKeyPair,
     rng: SystemRandom,
     kid: String,
     issuer: String,
     jwks: String,
-    cache: std::sync::Mutex<std::collections::HashMap<CacheKey, (i64, std::sync::Arc<str>)>>,
+    /// Tokens by what they say apart from their times (see [`JwtSigner::token`]).
+    cache: std::sync::Mutex<std::collections::HashMap<String, (i64, std::sync::Arc<str>)>>,
 }
 
 impl std::fmt::Debug for JwtSigner {
@@ -98,12 +90,14 @@ impl JwtSigner {
 
     /// A token for `c`: a cached one issued less than `REUSE_SECS` ago, or a new one.
     pub(crate) fn token(&self, c: &Claims<'_>) -> Option<std::sync::Arc<str>> {
-        let key = CacheKey {
-            user: c.user.to_owned(),
-            device: c.device.to_owned(),
-            groups: c.groups.to_vec(),
-            hostname: c.hostname.to_owned(),
-        };
+        // Each claim prefixed by its length, so no two claim sets make the same key.
+        let mut key = String::new();
+        for part in [c.user, c.device, c.hostname]
+            .into_iter()
+            .chain(c.groups.iter().map(String::as_str))
+        {
+            let _ = std::fmt::Write::write_fmt(&mut key, format_args!("{}:{part}", part.len()));
+        }
         let fresh = |issued: i64| (0..REUSE_SECS).contains(&(c.now - issued));
         if let Ok(cache) = self.cache.lock()
             && let Some((issued, token)) = cache.get(&key)

@@ -35,7 +35,7 @@ use crate::admin::now;
 use crate::jwt::Claims;
 use crate::server::State;
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) use portcullis_shared::tunnel_body::BoxError;
 /// Request bodies, whatever the listener.
 pub(crate) type ReqBody = BoxBody<Bytes, BoxError>;
 /// Response bodies, whatever the listener.
@@ -369,11 +369,10 @@ pub(crate) async fn handle(
         // tunnel holds the permits.
         permits: info.activity.begin().into_iter().collect(),
     };
-    // RFC 9112 §6.1: a request with both is a smuggling vector; refuse it and close.
-    if req.extensions().get::<ConflictingLength>().is_some()
-        || (req.headers().contains_key(header::TRANSFER_ENCODING)
-            && req.headers().contains_key(header::CONTENT_LENGTH))
-    {
+    // RFC 9112 §6.1: a request with both is a smuggling vector; refuse it and close. Only
+    // HTTP/1.1 can carry both (HTTP/2 and HTTP/3 refuse Transfer-Encoding as malformed),
+    // and hyper drops the Content-Length, so the listener marks such requests.
+    if req.extensions().get::<ConflictingLength>().is_some() {
         access.reason = Some("conflicting length");
         let mut resp = text(
             StatusCode::BAD_REQUEST,

@@ -11,6 +11,42 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::proto::{TRAILERS_FIELD, decode_trailers, encode_trailers};
 
+/// A body fed frame by frame through a small channel by a task that reads some stream
+/// (an HTTP/3 request or response): the channel's bound carries backpressure to that
+/// task, and so to the peer through flow control.
+#[derive(Debug)]
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+/// The error type of a [`ChannelBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl ChannelBody {
+    /// A body and the sender that feeds it, holding at most `bound` frames in between.
+    pub fn channel(
+        bound: usize,
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+        Self,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(bound);
+        (tx, Self { rx })
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
 /// Which way a [`TunnelBody`] converts trailers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fold {
