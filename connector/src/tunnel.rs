@@ -26,6 +26,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a finished stream's task waits for the relay to acknowledge its data.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The QUIC client config: org CA as the only root, this connector's certificate, the
 /// tunnel ALPN, and no 0-RTT.
@@ -228,7 +230,9 @@ async fn session(
     }
 
     let streams = TaskTracker::new();
+    let accepted = std::sync::atomic::AtomicU64::new(0);
     let serve = |(send, recv): (SendStream, RecvStream)| {
+        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let span = tracing::debug_span!("stream", stream.id = %send.id());
         let task = streams.track_future(serve_stream(send, recv, origins.clone()).instrument(span));
         shutdown.tracker().spawn(task);
@@ -256,9 +260,23 @@ async fn session(
             }
         };
         let drained = async {
-            // The relay acknowledges the Drain by closing the control stream; after
-            // that it opens nothing more here.
-            let _ = tokio::time::timeout(Duration::from_secs(1), control.stopped()).await;
+            // The relay answers with how many streams it opened here in all; once that
+            // many have arrived, the in-flight set is complete.
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                read_frame(&mut control_recv, &mut decoder),
+            )
+            .await;
+            if let Ok(Ok(Some(ControlFrame::Drained { opened }))) = answer {
+                let all_here = async {
+                    while accepted.load(std::sync::atomic::Ordering::Relaxed) < opened {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(config.drain_grace, all_here).await;
+            } else {
+                tracing::warn!("the relay did not acknowledge the drain; finishing what arrived");
+            }
             streams.close();
             if tokio::time::timeout(config.drain_grace, streams.wait())
                 .await
@@ -267,7 +285,9 @@ async fn session(
                 tracing::warn!("drain grace expired; closing with streams in flight");
             }
         };
+        // `late` first, so a stream that has arrived is tracked before the wait ends.
         tokio::select! {
+            biased;
             () = late => {}
             () = drained => {}
         }
@@ -315,7 +335,12 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, origins: Arc<Origi
         }
         Err(_) => return,
     };
+    // Resolves once the relay has everything written here (or stopped reading): a drain
+    // then closes the connection only after in-flight responses were delivered, not just
+    // handed to QUIC.
+    let delivered = send.stopped();
     origins.serve_http(header, send, recv).await;
+    let _ = tokio::time::timeout(DELIVERY_TIMEOUT, delivered).await;
 }
 
 #[cfg(test)]

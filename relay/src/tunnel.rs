@@ -33,6 +33,8 @@ pub(crate) struct ConnectorHandle {
     pub(crate) name: String,
     conn: quinn::Connection,
     draining: AtomicBool,
+    /// Streams opened on this tunnel; the lock also keeps an open from racing a drain.
+    opened: tokio::sync::Mutex<u64>,
     /// Concurrent requests and tunnels through this connector, at most
     /// `limits.max_streams_per_connector`.
     pub(crate) slots: Arc<Semaphore>,
@@ -49,11 +51,21 @@ impl ConnectorHandle {
         &self,
         host: &Hostname,
     ) -> anyhow::Result<tokio::io::Join<RecvStream, SendStream>> {
-        let (mut send, recv) = self
-            .conn
-            .open_bi()
-            .await
-            .context("opening a tunnel stream")?;
+        let (mut send, recv) = {
+            let mut opened = self.opened.lock().await;
+            // After a Drain the connector counts on no stream beyond those it was told of.
+            anyhow::ensure!(
+                !self.draining.load(Ordering::Relaxed),
+                "the connector is draining"
+            );
+            let stream = self
+                .conn
+                .open_bi()
+                .await
+                .context("opening a tunnel stream")?;
+            *opened += 1;
+            stream
+        };
         let header = StreamHeader {
             kind: StreamKind::Http,
             hostname: host.to_string(),
@@ -279,6 +291,7 @@ async fn serve_connector(
         name: identity.id().to_owned(),
         conn: conn.clone(),
         draining: AtomicBool::new(false),
+        opened: tokio::sync::Mutex::new(0),
         slots: Arc::new(Semaphore::new(
             state.config.limits.max_streams_per_connector,
         )),
@@ -294,6 +307,10 @@ async fn serve_connector(
                     tracing::info!("connector draining");
                     handle.draining.store(true, Ordering::Relaxed);
                     state.router.remove(&handle);
+                    // Once any open in progress has finished, no more can start: tell the
+                    // connector how many streams to wait for.
+                    let opened = *handle.opened.lock().await;
+                    let _ = send.write_all(&encode_frame(&ControlFrame::Drained { opened })?).await;
                 }
                 Ok(Some(other)) => {
                     conn.close(VarInt::from_u32(CloseCode::Protocol.code()), b"unexpected control frame");

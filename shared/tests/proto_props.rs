@@ -28,6 +28,7 @@ fn frame() -> impl Strategy<Value = ControlFrame> {
                     .collect()
             }),
         Just(ControlFrame::Drain),
+        any::<u64>().prop_map(|opened| ControlFrame::Drained { opened }),
     ]
 }
 

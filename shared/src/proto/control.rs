@@ -25,6 +25,13 @@ pub enum ControlFrame {
     },
     /// Connector → relay: stop routing new streams here; in-flight ones finish.
     Drain,
+    /// Relay → connector, the answer to [`ControlFrame::Drain`]: nothing more will be
+    /// routed here, and `opened` streams were opened on this tunnel in all, so the
+    /// connector knows when every one of them has reached it.
+    Drained {
+        /// Bidirectional streams the relay opened on this connection.
+        opened: u64,
+    },
 }
 
 /// A hostname the relay refused to route to a connector, and why.
@@ -42,6 +49,7 @@ impl ControlFrame {
             Self::Register { .. } => 1,
             Self::Registered { .. } => 2,
             Self::Drain => 3,
+            Self::Drained { .. } => 4,
         }
     }
 }
@@ -86,7 +94,7 @@ impl FrameDecoder {
             return Err(DecodeError::Version(self.buf[0]));
         }
         let ty = self.buf[1];
-        if !(1..=3).contains(&ty) {
+        if !(1..=4).contains(&ty) {
             return Err(DecodeError::UnknownType(ty));
         }
         let len = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]) as usize;
@@ -129,6 +137,7 @@ mod tests {
                 }],
             },
             ControlFrame::Drain,
+            ControlFrame::Drained { opened: 7 },
         ]
     }
 
