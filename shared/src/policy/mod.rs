@@ -78,8 +78,19 @@ pub fn allows_pattern(rules: &[PolicyRule], pattern: &HostPattern, subject: Subj
     })
 }
 
+/// Whether a connector whose certificate (registration) allows `allowed` may publish
+/// `requested`: only if one allowed pattern covers every name `requested` stands for. An
+/// exact name is publishable under the same exact name or a wildcard above it; a wildcard
+/// only under an equal or wider wildcard. No allowed patterns publish nothing, so a
+/// connector can never claim a hostname issued to someone else.
+pub fn may_publish(allowed: &[HostPattern], requested: &HostPattern) -> bool {
+    allowed.iter().any(|a| a.covers(requested))
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn rule(hosts: &[&str], users: &[&str], groups: &[&str], devices: &[&str]) -> PolicyRule {
@@ -149,5 +160,114 @@ mod tests {
         let rules = [rule(&["a.internal"], &[], &[], &[])];
         let groups = vec![String::new()];
         assert!(!evaluate(&rules, &host("a.internal"), alice(&groups)).is_allowed());
+    }
+
+    fn pat(s: &str) -> HostPattern {
+        HostPattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn nothing_allowed_publishes_nothing() {
+        assert!(!may_publish(&[], &pat("a.internal")));
+        assert!(!may_publish(&[], &pat("*.internal")));
+    }
+
+    #[test]
+    fn an_exact_name_is_published_under_itself_or_a_wildcard_above_it() {
+        assert!(may_publish(&[pat("a.internal")], &pat("a.internal")));
+        assert!(may_publish(&[pat("*.internal")], &pat("a.internal")));
+        assert!(may_publish(&[pat("*.internal")], &pat("x.a.internal")));
+        assert!(!may_publish(&[pat("b.internal")], &pat("a.internal")));
+        assert!(!may_publish(&[pat("*.a.internal")], &pat("a.internal")));
+        assert!(!may_publish(&[pat("a.internal")], &pat("x.a.internal")));
+    }
+
+    #[test]
+    fn a_wildcard_is_published_only_under_an_equal_or_wider_wildcard() {
+        assert!(may_publish(&[pat("*.internal")], &pat("*.internal")));
+        assert!(may_publish(&[pat("*.internal")], &pat("*.eng.internal")));
+        assert!(!may_publish(&[pat("*.eng.internal")], &pat("*.internal")));
+        assert!(!may_publish(
+            &[pat("a.internal"), pat("b.internal")],
+            &pat("*.internal")
+        ));
+    }
+
+    /// An exact name or wildcard of up to two labels from a small alphabet, so that
+    /// generated patterns often overlap; placed under a zone by [`place`].
+    type Shape = (bool, Vec<&'static str>);
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        (
+            any::<bool>(),
+            prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 0..3),
+        )
+    }
+
+    fn place((wild, labels): &Shape, zone: &str) -> HostPattern {
+        let name = labels.iter().map(|l| format!("{l}.")).collect::<String>() + zone;
+        if *wild {
+            HostPattern::Wildcard(host(&name))
+        } else {
+            HostPattern::Exact(host(&name))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// `may_publish` agrees with name matching: an exact name is publishable exactly
+        /// when an allowed pattern matches it, and `*.s` exactly when an allowed pattern
+        /// matches a label below `s` that no pattern names (only a wildcard at or above `s`
+        /// can). So a pattern standing for any name no allowed pattern matches is never
+        /// publishable.
+        #[test]
+        fn publishable_exactly_when_every_name_is_allowed(
+            allowed in prop::collection::vec(shape(), 0..4),
+            requested in shape(),
+        ) {
+            let allowed: Vec<_> = allowed.iter().map(|s| place(s, "internal")).collect();
+            let requested = place(&requested, "internal");
+            let allowed_name = |h: &str| allowed.iter().any(|a| a.matches(&host(h)));
+            let verdict = may_publish(&allowed, &requested);
+            match &requested {
+                HostPattern::Exact(h) => prop_assert_eq!(verdict, allowed_name(h.as_str())),
+                HostPattern::Wildcard(s) => {
+                    prop_assert_eq!(verdict, allowed_name(&format!("unnamed.{s}")));
+                    for below in ["a", "b", "c", "a.b", "c.unnamed"] {
+                        let name = format!("{below}.{s}");
+                        prop_assert!(!verdict || allowed_name(&name), "{name} is not allowed");
+                    }
+                }
+            }
+        }
+
+        /// Connector A was issued the names under `<zone_a>.internal`, connector B patterns
+        /// under `<zone_b>.internal`. B can claim none of A's names, nor a wildcard over
+        /// them, while A can.
+        #[test]
+        fn a_connector_never_claims_another_ones_hostname(
+            zone_a in "[a-z]{1,6}",
+            zone_b in "[a-z]{1,6}",
+            label in "[a-z]{1,6}",
+            issued_to_b in prop::collection::vec(shape(), 0..4),
+        ) {
+            prop_assume!(zone_a != zone_b);
+            let zone_b = format!("{zone_b}.internal");
+            let issued_to_b: Vec<_> = issued_to_b.iter().map(|s| place(s, &zone_b)).collect();
+            let issued_to_a = [pat(&format!("*.{zone_a}.internal"))];
+            let theirs = [
+                pat(&format!("{label}.{zone_a}.internal")),
+                pat(&format!("x.{label}.{zone_a}.internal")),
+                pat(&format!("*.{zone_a}.internal")),
+                pat("*.internal"),
+            ];
+            for name in &theirs[..3] {
+                prop_assert!(may_publish(&issued_to_a, name));
+            }
+            for name in &theirs {
+                prop_assert!(!may_publish(&issued_to_b, name), "{issued_to_b:?} claimed {name}");
+            }
+        }
     }
 }

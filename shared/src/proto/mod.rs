@@ -6,13 +6,22 @@
 //! by the relay for one exchange: a [`StreamHeader`] followed by one HTTP/1.1 exchange
 //! (hyper on both ends). See `docs/protocol.md`.
 //!
-//! This module only turns bytes into values and back; the binaries own the sockets.
+//! This module turns bytes into values and back, and runs the control stream's session
+//! logic ([`RelaySession`], [`ConnectorSession`]) on values and a caller-supplied clock;
+//! the binaries own the sockets, the timers and the tasks.
+
+use std::time::Duration;
 
 mod control;
+mod session;
 mod stream;
 mod trailers;
 
 pub use control::{ControlFrame, FrameDecoder, Rejection, encode_frame};
+pub use session::{
+    ConnectorEvent, ConnectorSession, ConnectorSessionConfig, DRAIN_ACK_TIMEOUT, OpenError,
+    REGISTER_TIMEOUT, RelayEvent, RelaySession, RelaySessionConfig,
+};
 pub use stream::{StreamHeader, StreamKind};
 pub use trailers::{MAX_TRAILERS_LEN, TRAILERS_FIELD, decode_trailers, encode_trailers};
 
@@ -103,6 +112,69 @@ pub enum DecodeError {
     /// The payload is not valid for its type.
     #[error("malformed frame payload: {0}")]
     Malformed(String),
+}
+
+/// How a peer broke the control-stream protocol. The session that detects one closes: it
+/// queues a `Close` event carrying the error, and the driver closes the QUIC connection
+/// with [`ProtocolError::close_code`] and the error's text as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Relay side: the connector's first control frame was not `Register`.
+    #[error("expected Register as the first control frame, got {frame}")]
+    NotRegister {
+        /// The frame that came instead.
+        frame: &'static str,
+    },
+    /// Relay side: the connector did not send `Register` within the register timeout of
+    /// its handshake.
+    #[error("no registration within {timeout:?}")]
+    RegisterTimeout {
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+    /// Either side: a frame that the peer may not send in the session's current state: a
+    /// second `Register`, anything but `Drain` after it, anything after `Drain`; on the
+    /// connector a second `Registered`, or `Drained` that answers no `Drain`.
+    #[error("unexpected control frame {frame}")]
+    UnexpectedFrame {
+        /// The frame that came.
+        frame: &'static str,
+    },
+    /// Either side: the peer finished its control stream when it may not. The connector
+    /// keeps it open for the tunnel's life unless it drains (so a tunnel cannot linger
+    /// outside revocation's reach); the relay never finishes it.
+    #[error("control stream closed")]
+    ControlStreamClosed,
+    /// Connector side: the relay did not answer `Register` within the register timeout.
+    #[error("the relay did not answer the registration within {timeout:?}")]
+    RegistrationNotAnswered {
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+    /// Connector side: the relay's first frame was not `Registered`.
+    #[error("unexpected registration reply {frame}")]
+    UnexpectedReply {
+        /// The frame that came instead.
+        frame: &'static str,
+    },
+    /// Either side: the peer's bytes on the control stream are not a valid frame.
+    #[error("control stream: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+impl ProtocolError {
+    /// The QUIC application close code to close the connection with.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            Self::NotRegister { .. }
+            | Self::RegisterTimeout { .. }
+            | Self::UnexpectedFrame { .. }
+            | Self::ControlStreamClosed
+            | Self::RegistrationNotAnswered { .. }
+            | Self::UnexpectedReply { .. }
+            | Self::Decode(_) => CloseCode::Protocol,
+        }
+    }
 }
 
 /// QUIC application close codes used on tunnel connections, and their meaning.
