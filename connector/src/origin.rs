@@ -19,8 +19,8 @@ use portcullis_shared::config::{ConnectorConfig, IngressRule, Scheme};
 use portcullis_shared::identity::{HostPattern, Hostname};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{StreamHeader, TRAILERS_FIELD};
+use portcullis_shared::transport::BiStream;
 use portcullis_shared::tunnel_body::{Fold, TunnelBody};
-use quinn::{RecvStream, SendStream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OriginClient = Client<HttpsConnector<HttpConnector>, TunnelBody<Incoming>>;
@@ -124,18 +124,13 @@ impl Origins {
     }
 
     /// Serves the one HTTP/1.1 exchange on a tunnel stream.
-    pub(crate) async fn serve_http(
-        &self,
-        header: StreamHeader,
-        send: SendStream,
-        recv: RecvStream,
-    ) {
+    pub(crate) async fn serve_http(&self, header: StreamHeader, stream: BiStream) {
         let origin = self.origin_for(&header.hostname);
         let service = hyper::service::service_fn(move |req| {
             let origin = origin.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy(origin, req).await) }
         });
-        let io = TokioIo::new(tokio::io::join(recv, send));
+        let io = TokioIo::new(stream.join());
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .keep_alive(false)
             .timer(TokioTimer::new())

@@ -3,19 +3,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use portcullis_shared::config::ConnectorConfig;
 use portcullis_shared::pki;
 use portcullis_shared::proto::{
-    CloseCode, ControlFrame, FrameDecoder, StreamHeader, TUNNEL_ALPN, encode_frame,
+    CloseCode, ConnectorEvent, ConnectorSession, ConnectorSessionConfig, ControlFrame,
+    FrameDecoder, StreamHeader, TUNNEL_ALPN, encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
-use portcullis_shared::tunnel_io::read_frame;
+use portcullis_shared::transport::{BiStream, QuicTransport, Transport, TransportError};
+use portcullis_shared::tunnel_io::{FrameReadError, read_frame};
+use quinn::VarInt;
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{RecvStream, SendStream, VarInt};
-use tokio_util::task::TaskTracker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
 use crate::origin::Origins;
@@ -168,7 +170,8 @@ pub(crate) async fn supervise(
             };
             match attempt {
                 Ok(Ok(conn)) => {
-                    match session(&conn, &config, &origins, &shutdown, &mut backoff).await {
+                    let transport = QuicTransport::new(conn);
+                    match session(&transport, &config, &origins, &shutdown, &mut backoff).await {
                         Ok(()) => {}
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "tunnel lost"),
                     }
@@ -192,138 +195,258 @@ pub(crate) async fn supervise(
     .await;
 }
 
-/// One connected tunnel: register, then serve streams until the connection ends or
-/// shutdown (then drain).
+/// One connected tunnel, driven by its [`ConnectorSession`]: register, then serve the
+/// relay's streams until the connection ends, or until shutdown and the drain that follows
+/// it complete.
 async fn session(
-    conn: &quinn::Connection,
+    transport: &dyn Transport,
     config: &ConnectorConfig,
     origins: &Arc<Origins>,
     shutdown: &Shutdown,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let (mut control, mut control_recv) =
-        conn.open_bi().await.context("opening the control stream")?;
-    let register = ControlFrame::Register {
-        hostnames: config
-            .ingress
-            .iter()
-            .map(|r| r.hostname.to_string())
-            .collect(),
-        agent: concat!("portcullis-connector/", env!("CARGO_PKG_VERSION")).to_owned(),
-    };
-    control.write_all(&encode_frame(&register)?).await?;
-    let mut decoder = FrameDecoder::default();
-    let reply = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut control_recv, &mut decoder))
+    let control = transport
+        .open_bi()
         .await
-        .context("the relay did not answer the registration")??;
-    match reply {
-        Some(ControlFrame::Registered { accepted, rejected }) => {
-            for r in &rejected {
-                tracing::error!(hostname = %r.hostname, reason = %r.reason, "the relay refused to publish this hostname; check the connector's certificate (issue connector --hostname)");
-            }
-            tracing::info!(published = ?accepted, "tunnel up");
-            // Only a registration the relay answered counts as success: a refused
-            // certificate fails after the QUIC handshake and must keep backing off.
-            backoff.reset();
-        }
-        other => bail!("unexpected registration reply {other:?}"),
-    }
+        .context("opening the control stream")?;
+    let hostnames = config
+        .ingress
+        .iter()
+        .map(|r| r.hostname.to_string())
+        .collect();
+    let agent = concat!("portcullis-connector/", env!("CARGO_PKG_VERSION")).to_owned();
+    let session = ConnectorSession::new(
+        Instant::now(),
+        hostnames,
+        agent,
+        ConnectorSessionConfig::new(config.drain_grace),
+    );
+    let (finished_tx, finished) = tokio::sync::mpsc::unbounded_channel();
+    let mut driver = Driver {
+        session,
+        control,
+        control_ended: false,
+        decoder: FrameDecoder::default(),
+        finished_tx,
+        finished,
+        draining: false,
+    };
+    driver.run(transport, origins, shutdown, backoff).await
+}
 
-    let streams = TaskTracker::new();
-    let accepted = std::sync::atomic::AtomicU64::new(0);
-    let serve = |(send, recv): (SendStream, RecvStream)| {
-        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let span = tracing::debug_span!("stream", stream.id = %send.id());
-        let task = streams.track_future(serve_stream(send, recv, origins.clone()).instrument(span));
-        shutdown.tracker().spawn(task);
-    };
-    let result = loop {
-        tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok(stream) => serve(stream),
-                Err(e) => break Err(anyhow::Error::new(e).context("tunnel closed")),
-            },
-            () = shutdown.wait() => break Ok(()),
-        }
-    };
-    if result.is_ok() {
-        // Drain: the relay stops routing here; in-flight streams finish, then close.
-        let _ = control
-            .write_all(&encode_frame(&ControlFrame::Drain)?)
-            .await;
-        let _ = control.finish();
-        // Streams the relay opened before it read the Drain may still be arriving: keep
-        // accepting (and serving) them for as long as the drain lasts.
-        let late = async {
-            while let Ok(stream) = conn.accept_bi().await {
-                serve(stream);
+/// The async shell around one tunnel's [`ConnectorSession`].
+struct Driver {
+    session: ConnectorSession,
+    control: BiStream,
+    /// The relay finished its control stream.
+    control_ended: bool,
+    decoder: FrameDecoder,
+    /// Each stream task says here when it ends.
+    finished_tx: tokio::sync::mpsc::UnboundedSender<()>,
+    finished: tokio::sync::mpsc::UnboundedReceiver<()>,
+    draining: bool,
+}
+
+/// What woke the driver.
+enum Input {
+    Stream(BiStream),
+    Frame(Result<Option<ControlFrame>, FrameReadError>),
+    Finished,
+    Timeout,
+    Shutdown,
+}
+
+impl Driver {
+    async fn run(
+        &mut self,
+        transport: &dyn Transport,
+        origins: &Arc<Origins>,
+        shutdown: &Shutdown,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<()> {
+        loop {
+            self.transmit().await?;
+            if let Some(end) = self.act(transport, backoff) {
+                return end;
             }
-        };
-        let drained = async {
-            // The relay answers with how many streams it opened here in all; once that
-            // many have arrived, the in-flight set is complete.
-            let answer = tokio::time::timeout(
-                Duration::from_secs(2),
-                read_frame(&mut control_recv, &mut decoder),
-            )
-            .await;
-            if let Ok(Ok(Some(ControlFrame::Drained { opened }))) = answer {
-                let all_here = async {
-                    while accepted.load(std::sync::atomic::Ordering::Relaxed) < opened {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+            let input = match self.next_input(transport, shutdown).await {
+                Ok(input) => input,
+                Err(e) => {
+                    if let Some(why) = e.peer_code().and_then(close_reason) {
+                        tracing::error!(reason = why, "the relay closed the tunnel");
                     }
-                };
-                let _ = tokio::time::timeout(config.drain_grace, all_here).await;
-            } else {
-                tracing::warn!("the relay did not acknowledge the drain; finishing what arrived");
+                    return Err(anyhow::Error::new(e).context("tunnel closed"));
+                }
+            };
+            let now = Instant::now();
+            match input {
+                Input::Stream(stream) => {
+                    self.session.handle_stream_accepted(now);
+                    let done = self.finished_tx.clone();
+                    let task = serve_stream(stream, origins.clone());
+                    shutdown.tracker().spawn(
+                        async move {
+                            task.await;
+                            let _ = done.send(());
+                        }
+                        .instrument(tracing::debug_span!("stream")),
+                    );
+                }
+                Input::Frame(Ok(Some(frame))) => {
+                    // The error is also queued as a Close event, acted on above.
+                    let _ = self.session.handle_frame(now, frame);
+                }
+                Input::Frame(Ok(None)) => {
+                    self.control_ended = true;
+                    self.session.handle_control_closed(now);
+                }
+                Input::Frame(Err(FrameReadError::Decode(e))) => {
+                    self.session.handle_decode_error(now, e);
+                }
+                Input::Frame(Err(FrameReadError::Io(e))) => {
+                    return Err(e).context("reading the control stream");
+                }
+                Input::Finished => self.session.handle_stream_finished(now),
+                Input::Timeout => self.session.handle_timeout(now),
+                Input::Shutdown => {
+                    // Drain: the relay stops routing here; in-flight streams finish,
+                    // streams it opened before it read the Drain are still accepted.
+                    self.draining = true;
+                    self.session.start_drain(now);
+                }
             }
-            streams.close();
-            if tokio::time::timeout(config.drain_grace, streams.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!("drain grace expired; closing with streams in flight");
+        }
+    }
+
+    async fn next_input(
+        &mut self,
+        transport: &dyn Transport,
+        shutdown: &Shutdown,
+    ) -> Result<Input, TransportError> {
+        let Self {
+            session,
+            control,
+            control_ended,
+            decoder,
+            finished,
+            draining,
+            ..
+        } = self;
+        let deadline = session.poll_timeout();
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
             }
         };
-        // `late` first, so a stream that has arrived is tracked before the wait ends.
-        tokio::select! {
+        let frame = async {
+            if *control_ended {
+                std::future::pending().await
+            } else {
+                read_frame(&mut control.recv, decoder).await
+            }
+        };
+        let stop = async {
+            if *draining {
+                std::future::pending().await
+            } else {
+                shutdown.wait().await
+            }
+        };
+        // A finished stream before a new one, so the drain's accounting stays current.
+        Ok(tokio::select! {
             biased;
-            () = late => {}
-            () = drained => {}
-        }
-        conn.close(
-            VarInt::from_u32(CloseCode::Normal.code()),
-            b"connector shutting down",
-        );
-    } else if let Some(code) = close_reason(conn) {
-        tracing::error!(reason = code, "the relay closed the tunnel");
+            Some(()) = finished.recv() => Input::Finished,
+            stream = transport.accept_bi() => Input::Stream(stream?),
+            frame = frame => Input::Frame(frame),
+            () = timer => Input::Timeout,
+            () = stop => Input::Shutdown,
+        })
     }
-    result
-}
 
-fn close_reason(conn: &quinn::Connection) -> Option<&'static str> {
-    match conn.close_reason()? {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            match CloseCode::from_code(c.error_code.into_inner())? {
-                CloseCode::Revoked => Some("this connector's certificate was revoked"),
-                CloseCode::Shutdown => Some("the relay is restarting"),
-                CloseCode::Protocol => Some("protocol error"),
-                CloseCode::WrongRole => Some("wrong certificate role"),
-                CloseCode::Normal => None,
+    /// Writes every frame the session queued, and finishes the control stream when the
+    /// drain asks for it.
+    async fn transmit(&mut self) -> anyhow::Result<()> {
+        while let Some(frame) = self.session.poll_transmit() {
+            self.control
+                .send
+                .write_all(&encode_frame(&frame)?)
+                .await
+                .context("writing the control stream")?;
+        }
+        if self.session.poll_finish_control() {
+            let _ = self.control.send.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// Acts on every event the session queued; `Some` ends the tunnel with that result.
+    fn act(
+        &mut self,
+        transport: &dyn Transport,
+        backoff: &mut Backoff,
+    ) -> Option<anyhow::Result<()>> {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                ConnectorEvent::Registered { accepted, rejected } => {
+                    for r in &rejected {
+                        tracing::error!(hostname = %r.hostname, reason = %r.reason, "the relay refused to publish this hostname; check the connector's certificate (issue connector --hostname)");
+                    }
+                    tracing::info!(published = ?accepted, "tunnel up");
+                    // Only a registration the relay answered counts as success: a refused
+                    // certificate fails after the QUIC handshake and must keep backing off.
+                    backoff.reset();
+                }
+                ConnectorEvent::DrainNotAcknowledged => {
+                    tracing::warn!(
+                        "the relay did not acknowledge the drain; finishing what arrived"
+                    );
+                }
+                ConnectorEvent::DrainComplete => {
+                    transport.close(CloseCode::Normal, "connector shutting down");
+                    return Some(Ok(()));
+                }
+                ConnectorEvent::DrainTimedOut {
+                    in_flight,
+                    not_arrived,
+                } => {
+                    tracing::warn!(
+                        in_flight,
+                        not_arrived,
+                        "drain grace expired; closing with streams in flight"
+                    );
+                    transport.close(CloseCode::Normal, "connector shutting down");
+                    return Some(Ok(()));
+                }
+                ConnectorEvent::Close { code, reason } => {
+                    transport.close(code, &reason.to_string());
+                    return Some(Err(anyhow::Error::new(reason).context("tunnel protocol")));
+                }
             }
         }
-        _ => None,
+        None
     }
 }
 
-async fn serve_stream(send: SendStream, mut recv: RecvStream, origins: Arc<Origins>) {
+/// A sentence for the operator for the relay's close code, `None` for an orderly close.
+fn close_reason(code: CloseCode) -> Option<&'static str> {
+    match code {
+        CloseCode::Revoked => Some("this connector's certificate was revoked"),
+        CloseCode::Shutdown => Some("the relay is restarting"),
+        CloseCode::Protocol => Some("protocol error"),
+        CloseCode::WrongRole => Some("wrong certificate role"),
+        CloseCode::Normal => None,
+    }
+}
+
+async fn serve_stream(mut stream: BiStream, origins: Arc<Origins>) {
     let header = tokio::time::timeout(HEADER_TIMEOUT, async {
         let mut prefix = [0u8; 3];
-        recv.read_exact(&mut prefix).await?;
+        stream.recv.read_exact(&mut prefix).await?;
         let len = StreamHeader::body_len(prefix)?;
         let mut buf = vec![0u8; 3 + len];
         buf[..3].copy_from_slice(&prefix);
-        recv.read_exact(&mut buf[3..]).await?;
+        stream.recv.read_exact(&mut buf[3..]).await?;
         Ok::<_, anyhow::Error>(StreamHeader::decode(&buf)?)
     })
     .await;
@@ -337,9 +460,9 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, origins: Arc<Origi
     };
     // Resolves once the relay has everything written here (or stopped reading): a drain
     // then closes the connection only after in-flight responses were delivered, not just
-    // handed to QUIC.
-    let delivered = send.stopped();
-    origins.serve_http(header, send, recv).await;
+    // handed to the transport.
+    let delivered = stream.send.delivered();
+    origins.serve_http(header, stream).await;
     let _ = tokio::time::timeout(DELIVERY_TIMEOUT, delivered).await;
 }
 

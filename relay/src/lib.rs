@@ -1,24 +1,32 @@
-//! The Portcullis relay as a library: the offline admin commands ([`admin`]) and the
-//! daemon ([`server`]). `main.rs` only parses arguments and prints errors.
+//! The Portcullis relay as a library: the command line and offline admin commands
+//! ([`cli`]) and the daemon ([`server`]). `main.rs` only parses arguments and prints
+//! errors.
+//!
+//! Layers, top to bottom (a module imports only from its own layer's lower files or from
+//! layers below; see `docs/development.md`):
+//! - [`server`]: build state, bind, serve, drain; `reload`: config and certificate files.
+//! - `listen`: HTTPS, QUIC (ALPN dispatch), HTTP/3, TLS-in-CONNECT, admin HTTP.
+//! - `pipeline`: authorize, forward, rewrite, respond, access log, upgrades.
+//! - `tunnel`: connector tunnels: the routing table and the session driver.
+//! - `state`, `conn`: what every task shares, and per-connection facts.
+//! - `identity` (TLS, registry, JWT, enrolment), `hardening` (framing checks, guards,
+//!   limiters), `ops` (metrics, access log), `clock`.
 
-pub mod admin;
 pub mod cli;
 pub mod server;
 
-mod access_log;
-mod enroll;
-mod h1_framing;
-mod h3_guard;
-mod http3;
-mod http_admin;
-mod https;
-mod idle;
-mod jwt;
-mod metrics;
-mod proxy;
-mod registry;
-mod tls;
+mod clock;
+mod conn;
+mod hardening;
+mod identity;
+mod listen;
+mod ops;
+mod pipeline;
+mod reload;
+mod state;
 mod tunnel;
+
+pub use cli::admin;
 
 use cli::{CaCommand, Cli, Command, IssueCommand, RevokeCommand};
 use portcullis_shared::Role;

@@ -1,4 +1,6 @@
-//! The relay daemon: binds its listeners, serves until shutdown, then drains.
+//! The relay daemon, in four steps: load its identity (CA, store, registry, TLS), bind
+//! its listeners, serve until shutdown, then drain. Every task it starts runs on the
+//! shutdown tracker, so the drain waits for all of them.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -6,100 +8,30 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::sync::{Mutex, RwLock};
+
 use anyhow::Context;
 use portcullis_shared::config::RelayConfig;
 use portcullis_shared::pki::Ca;
-use portcullis_shared::policy::PolicyRule;
 use portcullis_shared::proto::CloseCode;
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::store::{STORE_FILE, SqliteStore, Store};
-use quinn::crypto::rustls::QuicServerConfig;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_rustls::TlsAcceptor;
 
-use crate::access_log::AccessLog;
-use crate::http_admin::{self, AdminState};
-use crate::https;
-use crate::jwt::JwtSigner;
-use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::tls::{self, CertResolver};
-use crate::tunnel::{self, Router};
-
-/// Shared by every task of a running relay.
-#[derive(Debug)]
-pub(crate) struct State {
-    /// The configuration the relay started with; the policy in it is only the first.
-    pub(crate) config: RelayConfig,
-    /// The policy in force: `config.policy` until relay.toml is reloaded.
-    policy: std::sync::RwLock<Arc<Vec<PolicyRule>>>,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) router: Router,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) jwt: JwtSigner,
-    pub(crate) access_log: AccessLog,
-    /// `alt-svc` advertising HTTP/3 on the QUIC port, added to HTTPS responses.
-    pub(crate) alt_svc: Option<http::HeaderValue>,
-    pub(crate) ca: Arc<Ca>,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) enroll_limit: crate::enroll::RateLimit,
-    /// Serves HTTPS inside CONNECT tunnels whose TLS ends at the relay.
-    pub(crate) terminator: tokio::sync::mpsc::UnboundedSender<https::Terminated>,
-    device_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
-}
-
-impl State {
-    /// The policy in force.
-    pub(crate) fn policy(&self) -> Arc<Vec<PolicyRule>> {
-        self.policy
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Reads relay.toml again: a valid file's policy replaces the one in force (settings
-    /// that need a restart are named in the log); an invalid file changes nothing.
-    fn reload(&self, path: &Path) {
-        match RelayConfig::load(path) {
-            Ok(new) => {
-                let restart = new.needs_restart(&self.config);
-                if !restart.is_empty() {
-                    tracing::warn!(
-                        settings = %restart.join(", "),
-                        "relay.toml changed settings that take effect only after a restart"
-                    );
-                }
-                let mut policy = self
-                    .policy
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if **policy != new.policy {
-                    tracing::info!(rules = new.policy.len(), "policy reloaded");
-                    *policy = Arc::new(new.policy);
-                }
-                self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.metrics
-                    .config_reload_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "keeping the running configuration");
-            }
-        }
-    }
-
-    /// The semaphore bounding one device's concurrent requests and tunnels.
-    pub(crate) fn device_slots(&self, device: &str) -> Arc<tokio::sync::Semaphore> {
-        let mut slots = self.device_slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots
-            .entry(device.to_owned())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Semaphore::new(
-                    self.config.limits.max_streams_per_device,
-                ))
-            })
-            .clone()
-    }
-}
+use crate::conn::Terminated;
+use crate::hardening::rate_limit::RateLimit;
+use crate::identity::jwt::JwtSigner;
+use crate::identity::registry::Registry;
+use crate::identity::tls::{self, CertResolver};
+use crate::listen::admin_http::{self, AdminState};
+use crate::listen::{https, quic, terminate};
+use crate::ops::access_log::AccessLog;
+use crate::ops::metrics::Metrics;
+use crate::reload;
+use crate::state::State;
+use crate::tunnel::Router;
 
 /// File in the state directory naming the relay's public QUIC endpoint, written at start
 /// and read by `token create` as its default `--relay`.
@@ -132,100 +64,11 @@ pub async fn run_from_file(config_path: &Path, ready_file: Option<&Path>) -> any
     .await
 }
 
-/// Reloads relay.toml on SIGHUP, and when its modification time changes (checked every
-/// 2 s, so an edited or re-mounted file is picked up without a signal).
-async fn watch_config(path: std::path::PathBuf, state: Arc<State>, shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = mtime(&path);
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler; relay.toml is still reloaded when it changes");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = hangup => {
-                tracing::info!(path = %path.display(), "SIGHUP: reloading relay.toml");
-                seen = mtime(&path);
-                state.reload(&path);
-            }
-            _ = tick.tick() => {
-                let now = mtime(&path);
-                if now.is_some() && now != seen {
-                    seen = now;
-                    tracing::info!(path = %path.display(), "relay.toml changed: reloading");
-                    state.reload(&path);
-                }
-            }
-            () = shutdown.wait() => return,
-        }
-    }
-}
-
 fn write_ready_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(bound)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
-/// The QUIC endpoint config, with the stateless-reset key kept in the state directory.
-/// A restarted relay then answers connectors' packets for connections it no longer has
-/// with a valid stateless reset, so they reconnect at once instead of waiting for their
-/// idle timeout.
-fn endpoint_config(state_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
-    let path = state_dir.join("quic-reset.key");
-    let secret = match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() == 32 => bytes,
-        _ => {
-            let mut bytes = vec![0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-                .map_err(|_| anyhow::anyhow!("no randomness for the QUIC reset key"))?;
-            portcullis_shared::pki::write_private_file(&path, &bytes)?;
-            bytes
-        }
-    };
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
-    // Connection IDs must also validate across restarts, or the new process drops the
-    // connectors' packets as garbage instead of resetting them.
-    let tag = ring::hmac::sign(&key, b"portcullis connection-id key");
-    let mut cid_key = [0u8; 8];
-    cid_key.copy_from_slice(&tag.as_ref()[..8]);
-    let cid_key = u64::from_le_bytes(cid_key);
-    let mut config = quinn::EndpointConfig::new(Arc::new(key));
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    Ok(config)
-}
-
-fn transport(
-    limits: &portcullis_shared::config::LimitsConfig,
-) -> anyhow::Result<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(limits.idle_timeout)?));
-    // PINGs keep a busy connection up (a request waiting on a slow origin sends nothing);
-    // an idle one is closed by its listener (see crate::idle), not by QUIC.
-    t.keep_alive_interval(Some(limits.idle_timeout / 3));
-    // Devices open one bidirectional stream per HTTP/3 request (connectors open only their
-    // control stream); HTTP/3 needs three unidirectional control streams per side.
-    t.max_concurrent_bidi_streams(limits.max_concurrent_streams.into());
-    t.max_concurrent_uni_streams(8u32.into());
-    // Explicit windows: quinn's default connection window is effectively unbounded.
-    t.stream_receive_window(limits.quic_stream_window.into());
-    t.receive_window(limits.quic_connection_window.into());
-    t.send_window(u64::from(limits.quic_connection_window));
-    Ok(t)
 }
 
 /// Runs the relay with `config` until `shutdown` fires, then drains: stops accepting,
@@ -238,77 +81,120 @@ pub async fn run(
     shutdown: Shutdown,
     on_ready: impl FnOnce(Bound) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let ca = Arc::new(Ca::load(&config.state_dir)?);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.state_dir.join(STORE_FILE))
-            .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
+    let identity = Identity::load(&config)?;
+    let listeners = Listeners::bind(&config, &identity).await?;
+    let bound = listeners.bound()?;
+    let endpoint = listeners.quic.clone();
+    let (state, terminated) = build_state(config, &identity, bound, &shutdown)?;
+    let admin = serve(&state, &identity, listeners, terminated, source, &shutdown)?;
+    record_endpoint(&state, bound);
+    on_ready(bound)?;
+    admin.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        quic = %bound.quic_listen,
+        https = %bound.https_listen,
+        admin = ?bound.admin_listen,
+        "relay up"
     );
-    let registry = Registry::load(&*store)?;
-    let static_files = config.tls_cert.clone().zip(config.tls_key.clone());
-    let resolver = CertResolver::new(
-        ca.clone(),
-        config.server_name.clone(),
-        registry.clone(),
-        static_files,
-    )?;
-    let https_tls = tls::https_config(&ca, &registry, resolver.clone())?;
-    let quic_tls = tls::quic_config(&ca, &registry, resolver.clone())?;
+    shutdown.wait().await;
+    admin.ready.store(false, Ordering::Relaxed);
+    drain(&state, &shutdown, &endpoint).await;
+    tracing::info!("relay stopped");
+    Ok(())
+}
 
-    let https_listener = TcpListener::bind(config.https_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding HTTPS on {}: is the port in use?",
-                config.https_listen
-            )
-        })?;
-    let mut quic_server = quinn::ServerConfig::with_crypto(Arc::new(
-        QuicServerConfig::try_from(quic_tls).context("QUIC TLS config")?,
-    ));
-    quic_server.transport_config(Arc::new(transport(&config.limits)?));
-    let socket = std::net::UdpSocket::bind(config.quic_listen).with_context(|| {
-        format!(
-            "binding QUIC on {}: is the port in use?",
-            config.quic_listen
-        )
-    })?;
-    let endpoint = quinn::Endpoint::new(
-        endpoint_config(&config.state_dir)?,
-        Some(quic_server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .with_context(|| format!("starting QUIC on {}", config.quic_listen))?;
-    let admin_listener = match config.admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding admin on {addr}: is the port in use?"))?,
-        ),
-        None => None,
-    };
-    let bound = Bound {
-        quic_listen: endpoint.local_addr()?,
-        https_listen: https_listener.local_addr()?,
-        admin_listen: admin_listener
-            .as_ref()
-            .map(TcpListener::local_addr)
-            .transpose()?,
-    };
+/// What identifies the relay and its clients: the CA, the store and registry, and the
+/// TLS configurations built from them.
+struct Identity {
+    ca: Arc<Ca>,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    resolver: Arc<CertResolver>,
+}
 
+impl Identity {
+    fn load(config: &RelayConfig) -> anyhow::Result<Self> {
+        let ca = Arc::new(Ca::load(&config.state_dir)?);
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.state_dir.join(STORE_FILE))
+                .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
+        );
+        let registry = Registry::load(&*store)?;
+        let static_files = config.tls_cert.clone().zip(config.tls_key.clone());
+        let resolver = CertResolver::new(
+            ca.clone(),
+            config.server_name.clone(),
+            registry.clone(),
+            static_files,
+        )?;
+        Ok(Self {
+            ca,
+            store,
+            registry,
+            resolver,
+        })
+    }
+}
+
+/// The bound sockets, before anything is served on them.
+struct Listeners {
+    https: TcpListener,
+    quic: quinn::Endpoint,
+    admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(config: &RelayConfig, id: &Identity) -> anyhow::Result<Self> {
+        let https = TcpListener::bind(config.https_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding HTTPS on {}: is the port in use?",
+                    config.https_listen
+                )
+            })?;
+        let quic_tls = tls::quic_config(&id.ca, &id.registry, id.resolver.clone())?;
+        let quic = quic::bind(config, quic_tls)?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding admin on {addr}: is the port in use?"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { https, quic, admin })
+    }
+
+    fn bound(&self) -> anyhow::Result<Bound> {
+        Ok(Bound {
+            quic_listen: self.quic.local_addr()?,
+            https_listen: self.https.local_addr()?,
+            admin_listen: self
+                .admin
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+        })
+    }
+}
+
+fn build_state(
+    config: RelayConfig,
+    id: &Identity,
+    bound: Bound,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(Arc<State>, UnboundedReceiver<Terminated>)> {
     let access_log = AccessLog::open(&config.access_log_path())?;
     let jwt =
         JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
-    let metrics = Arc::new(Metrics::default());
-    let grace = config.drain_grace;
-    let (terminator_tx, terminator_rx) = tokio::sync::mpsc::unbounded_channel();
-    let inner_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls::inner_config(resolver.clone())?));
+    let (terminator, terminated) = tokio::sync::mpsc::unbounded_channel();
     let state = Arc::new(State {
-        policy: std::sync::RwLock::new(Arc::new(config.policy.clone())),
+        policy: RwLock::new(Arc::new(config.policy.clone())),
         config,
-        registry: registry.clone(),
+        registry: id.registry.clone(),
         router: Router::default(),
-        metrics: metrics.clone(),
+        metrics: Arc::new(Metrics::default()),
         jwt,
         access_log,
         alt_svc: http::HeaderValue::from_str(&format!(
@@ -316,38 +202,45 @@ pub async fn run(
             bound.quic_listen.port()
         ))
         .ok(),
-        device_slots: std::sync::Mutex::default(),
-        ca: ca.clone(),
-        store: store.clone(),
-        enroll_limit: crate::enroll::RateLimit::default(),
-        terminator: terminator_tx,
+        device_slots: Mutex::default(),
+        ca: id.ca.clone(),
+        store: id.store.clone(),
+        enroll_limit: RateLimit::default(),
+        terminator,
+        shutdown: shutdown.clone(),
     });
+    Ok((state, terminated))
+}
 
-    tokio::spawn(https::terminator(
-        terminator_rx,
+/// Starts every task of the running relay on the shutdown tracker: the listeners' accept
+/// loops, the TLS terminator, the registry and configuration watchers.
+fn serve(
+    state: &Arc<State>,
+    id: &Identity,
+    listeners: Listeners,
+    terminated: UnboundedReceiver<Terminated>,
+    source: Option<&Path>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Arc<AdminState>> {
+    let tasks = shutdown.tracker();
+    let inner_tls = TlsAcceptor::from(Arc::new(tls::inner_config(id.resolver.clone())?));
+    tasks.spawn(terminate::terminator(
+        terminated,
         inner_tls,
-        Arc::downgrade(&state),
+        Arc::downgrade(state),
+        shutdown.clone(),
     ));
-    tokio::spawn(registry.clone().watch(store.clone(), shutdown.clone()));
-    {
-        let resolver = resolver.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = resolver.reload_static() {
-                            tracing::warn!(error = %format!("{e:#}"), "keeping the previous tls_cert");
-                        }
-                    }
-                    () = shutdown.wait() => return,
-                }
-            }
-        });
-    }
+    tasks.spawn(
+        id.registry
+            .clone()
+            .watch(id.store.clone(), shutdown.clone()),
+    );
+    tasks.spawn(reload::watch_tls_files(
+        id.resolver.clone(),
+        shutdown.clone(),
+    ));
     if let Some(path) = source {
-        tokio::spawn(watch_config(
+        tasks.spawn(reload::watch_config(
             path.to_owned(),
             state.clone(),
             shutdown.clone(),
@@ -355,25 +248,29 @@ pub async fn run(
     }
     let admin = Arc::new(AdminState {
         ready: false.into(),
-        metrics,
-        registry,
+        metrics: state.metrics.clone(),
+        registry: id.registry.clone(),
     });
-    if let Some(listener) = admin_listener {
-        tokio::spawn(http_admin::serve(listener, admin.clone(), shutdown.clone()));
+    if let Some(listener) = listeners.admin {
+        tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));
     }
-    let https_task = tokio::spawn(https::accept_loop(
-        https_listener,
-        tokio_rustls::TlsAcceptor::from(Arc::new(https_tls)),
+    let https_tls = tls::https_config(&id.ca, &id.registry, id.resolver.clone())?;
+    tasks.spawn(https::accept_loop(
+        listeners.https,
+        TlsAcceptor::from(Arc::new(https_tls)),
         state.clone(),
         shutdown.clone(),
     ));
-    let quic_task = tokio::spawn(tunnel::accept_loop(
-        endpoint.clone(),
+    tasks.spawn(quic::accept_loop(
+        listeners.quic,
         state.clone(),
         shutdown.clone(),
     ));
+    Ok(admin)
+}
 
-    // Where tokens should send devices and connectors, unless an admin says otherwise.
+/// Where tokens should send devices and connectors, unless an admin says otherwise.
+fn record_endpoint(state: &State, bound: Bound) {
     let public_endpoint = serde_json::json!({
         "relay": format!("{}:{}", state.config.server_name, bound.quic_listen.port()),
         "server_name": state.config.server_name.to_string(),
@@ -384,24 +281,16 @@ pub async fn run(
     ) {
         tracing::warn!(error = %e, "cannot record the relay's endpoint for tokens");
     }
-    on_ready(bound)?;
-    admin.ready.store(true, Ordering::Relaxed);
-    tracing::info!(
-        quic = %bound.quic_listen,
-        https = %bound.https_listen,
-        admin = ?bound.admin_listen,
-        "relay up"
-    );
+}
 
-    shutdown.wait().await;
-    admin.ready.store(false, Ordering::Relaxed);
-    let _ = https_task.await;
-    let _ = quic_task.await;
+/// After shutdown fired: the accept loops have stopped; in-flight requests get
+/// `drain_grace`, then connector tunnels are closed and QUIC is given a moment to send
+/// the closes.
+async fn drain(state: &State, shutdown: &Shutdown, endpoint: &quinn::Endpoint) {
+    let grace = state.config.drain_grace;
     if !shutdown.drain(grace).await {
         tracing::warn!(?grace, "drain grace expired with requests in flight");
     }
     state.router.close_all(CloseCode::Shutdown);
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    tracing::info!("relay stopped");
-    Ok(())
 }

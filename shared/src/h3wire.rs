@@ -7,6 +7,31 @@
 
 use std::ops::Range;
 
+/// The HTTP/3 error codes Portcullis sends (RFC 9114 §8.1), in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum H3Code {
+    /// H3_NO_ERROR: an orderly close (idle, revoked, shutdown).
+    NoError = 0x100,
+    /// H3_INTERNAL_ERROR: the upstream failed mid-response.
+    InternalError = 0x102,
+    /// H3_FRAME_UNEXPECTED: a frame where it is not allowed.
+    FrameUnexpected = 0x105,
+    /// H3_FRAME_ERROR: a frame that violates its layout, or a stream that ends inside one.
+    FrameError = 0x106,
+    /// H3_EXCESSIVE_LOAD: a peer generating excessive load (floods, oversized trailers).
+    ExcessiveLoad = 0x107,
+    /// H3_MESSAGE_ERROR: a malformed request.
+    MessageError = 0x10e,
+}
+
+impl H3Code {
+    /// The numeric code on the wire.
+    pub const fn code(self) -> u64 {
+        self as u64
+    }
+}
+
 /// Frame type of DATA frames.
 pub const FRAME_DATA: u64 = 0x0;
 /// Frame type of HEADERS frames.

@@ -19,6 +19,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+pub mod transport;
 pub mod tunnel_body;
 pub mod tunnel_io;
 

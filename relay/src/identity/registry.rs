@@ -23,7 +23,7 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(records: Vec<IdentityRecord>) -> Self {
+    pub(crate) fn new(records: Vec<IdentityRecord>) -> Self {
         Self {
             by_identity: records
                 .into_iter()

@@ -1,5 +1,5 @@
 //! HTTP/3 on the QUIC listener (ALPN `h3`, device certificates): the same request path as
-//! HTTPS ([`crate::proxy`]), with bodies and trailers carried as h3 frames, and CONNECT
+//! HTTPS ([`crate::pipeline::proxy`]), with bodies and trailers carried as h3 frames, and CONNECT
 //! tunnels carried on the request stream itself.
 
 use std::sync::Arc;
@@ -8,18 +8,20 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Frame;
+use portcullis_shared::h3wire::H3Code;
 use portcullis_shared::identity::Identity;
 use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::transport::{QuicTransport, Transport};
 use portcullis_shared::tunnel_body::ChannelBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
-use crate::proxy::{
-    self, BoxError, ConnInfo, ExtendedConnect, ReqBody, ResetFlood, Tunnel, TunnelParts,
-};
-use crate::server::State;
-
-use crate::h3_guard::{Guard, GuardedBidi, GuardedConnection, GuardedRecv, GuardedSend};
+use crate::conn::{BoxError, ConnInfo, ExtendedConnect, ReqBody};
+use crate::hardening::h3_guard::{Guard, GuardedBidi, GuardedConnection, GuardedRecv, GuardedSend};
+use crate::hardening::idle::Activity;
+use crate::hardening::reset_flood::ResetFlood;
+use crate::pipeline::{self, Tunnel, TunnelParts};
+use crate::state::State;
 
 type SendHalf = h3::server::RequestStream<GuardedSend, Bytes>;
 type RecvHalf = h3::server::RequestStream<GuardedRecv, Bytes>;
@@ -27,25 +29,22 @@ type RecvHalf = h3::server::RequestStream<GuardedRecv, Bytes>;
 /// Serves one device's HTTP/3 connection until it closes, the device is revoked, or
 /// shutdown (then in-flight requests finish within the drain grace).
 pub(crate) async fn serve(
-    conn: quinn::Connection,
+    transport: QuicTransport,
     device: Identity,
     key_sha256: String,
     state: Arc<State>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let sni = conn
-        .handshake_data()
-        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|h| h.server_name);
+    let conn = transport.connection();
     let live = Arc::new(state.registry.track(&device, &key_sha256));
     let info = Arc::new(ConnInfo {
-        peer: conn.remote_address(),
-        sni,
+        peer: transport.remote_address(),
+        sni: transport.server_name(),
         device: Some(device),
         revoked: live.token(),
         live: Some(live.clone()),
         protocol: "HTTP/3",
-        activity: crate::idle::Activity::new(),
+        activity: Activity::new(),
     });
     let limits = &state.config.limits;
     let wire = Guard::new(conn.clone(), limits.max_header_bytes);
@@ -87,18 +86,18 @@ pub(crate) async fn serve(
                 }
             },
             () = flood.tripped.cancelled() => {
-                conn.close(quinn::VarInt::from_u32(0x107), b"H3_EXCESSIVE_LOAD");
+                close(conn, H3Code::ExcessiveLoad, "H3_EXCESSIVE_LOAD");
                 break;
             }
             () = info.activity.idle(limits.idle_timeout) => {
                 tracing::debug!("closing an idle HTTP/3 connection");
                 let _ = h3c.shutdown(0).await;
-                conn.close(quinn::VarInt::from_u32(0x100), b"idle");
+                close(conn, H3Code::NoError, "idle");
                 break;
             }
             () = live.revoked() => {
                 tracing::info!("closing a revoked device's HTTP/3 connection");
-                conn.close(quinn::VarInt::from_u32(0x100), b"certificate revoked");
+                close(conn, H3Code::NoError, "certificate revoked");
                 break;
             }
             () = shutdown.wait() => {
@@ -110,6 +109,26 @@ pub(crate) async fn serve(
         }
     }
     Ok(())
+}
+
+/// Closes the whole HTTP/3 connection with an HTTP/3 error code.
+fn close(conn: &quinn::Connection, code: H3Code, reason: &str) {
+    conn.close(
+        quinn::VarInt::from_u64(code.code()).unwrap_or(quinn::VarInt::MAX),
+        reason.as_bytes(),
+    );
+}
+
+/// The h3 library's value for one of our codes.
+fn h3_code(code: H3Code) -> h3::error::Code {
+    match code {
+        H3Code::NoError => h3::error::Code::H3_NO_ERROR,
+        H3Code::InternalError => h3::error::Code::H3_INTERNAL_ERROR,
+        H3Code::FrameUnexpected => h3::error::Code::H3_FRAME_UNEXPECTED,
+        H3Code::FrameError => h3::error::Code::H3_FRAME_ERROR,
+        H3Code::ExcessiveLoad => h3::error::Code::H3_EXCESSIVE_LOAD,
+        H3Code::MessageError => h3::error::Code::H3_MESSAGE_ERROR,
+    }
 }
 
 async fn serve_request(
@@ -133,7 +152,7 @@ async fn serve_request(
             // RFC 9114 §4.1.2: a malformed request is a stream error of type
             // H3_MESSAGE_ERROR; nothing of it is forwarded.
             tracing::debug!(reason = why, "malformed HTTP/3 request");
-            tx.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+            tx.stop_stream(h3_code(H3Code::MessageError));
             return true;
         }
     };
@@ -145,12 +164,15 @@ async fn serve_request(
             Some(rx),
         )
     } else {
-        (request_body(rx, declared, violated.clone()).boxed(), None)
+        (
+            request_body(&state, rx, declared, violated.clone()).boxed(),
+            None,
+        )
     };
-    let resp = proxy::handle(state, info, Request::from_parts(parts, body)).await;
+    let resp = pipeline::handle(state, info, Request::from_parts(parts, body)).await;
     if violated.load(std::sync::atomic::Ordering::Relaxed) {
         tracing::debug!("HTTP/3 body did not match its Content-Length");
-        tx.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        tx.stop_stream(h3_code(H3Code::MessageError));
         return true;
     }
     let tunnel = resp.extensions().get::<Tunnel>().and_then(Tunnel::take);
@@ -175,7 +197,7 @@ async fn serve_request(
             },
             Err(e) => {
                 tracing::debug!(error = %e, "upstream body failed; resetting the stream");
-                tx.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                tx.stop_stream(h3_code(H3Code::InternalError));
                 return true;
             }
         };
@@ -278,12 +300,13 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
 /// of it is an error, and `violated` is set so the stream is reset with H3_MESSAGE_ERROR
 /// (RFC 9114 §4.1.2).
 fn request_body(
+    state: &State,
     mut stream: RecvHalf,
     declared: Option<u64>,
     violated: Arc<std::sync::atomic::AtomicBool>,
 ) -> ChannelBody {
     let (tx, body) = ChannelBody::channel(4);
-    tokio::spawn(async move {
+    state.shutdown.tracker().spawn(async move {
         let mut seen = 0u64;
         let mismatch = |violated: &std::sync::atomic::AtomicBool| {
             violated.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -5,18 +5,15 @@
 #![allow(clippy::print_stdout)] // these commands' output is their product
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+
 use portcullis_shared::identity::{HostPattern, Identity, Role};
 use portcullis_shared::pki::{self, Ca};
 use portcullis_shared::store::{AuditEvent, IdentityRecord, STORE_FILE, SqliteStore, Store};
 
-pub(crate) fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+use crate::clock::now;
 
 /// Opens the store of an initialised state directory.
 pub fn open_store(state: &Path) -> anyhow::Result<SqliteStore> {

@@ -1,5 +1,5 @@
 //! The HTTPS listener: TLS over TCP with device certificates, HTTP/1.1 and HTTP/2. The
-//! request path itself is [`crate::proxy`]; this module owns the TCP/TLS connection, its
+//! request path itself is [`crate::pipeline::proxy`]; this module owns the TCP/TLS connection, its
 //! upgrades (HTTP/1.1 Upgrade, HTTP/2 CONNECT and extended CONNECT), revocation and drain.
 
 use std::convert::Infallible;
@@ -19,10 +19,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::h1_framing::{Conflicts, Watched};
-use crate::idle::Activity;
-use crate::proxy::{self, BoxError, ConnInfo, ExtendedConnect, ResetFlood, Tunnel};
-use crate::server::State;
+use crate::conn::{BoxError, ConflictingLength, ConnInfo, ExtendedConnect, RespBody};
+use crate::hardening::h1_framing::{Conflicts, Watched};
+use crate::hardening::idle::Activity;
+use crate::hardening::reset_flood::ResetFlood;
+use crate::pipeline::{self, Tunnel};
+use crate::state::State;
 
 /// Accepts HTTPS connections until shutdown; each runs until done, revoked or drained.
 pub(crate) async fn accept_loop(
@@ -55,7 +57,7 @@ pub(crate) async fn accept_loop(
 
 /// The HTTP/1.1 and HTTP/2 server settings every client connection gets: header limits
 /// and timeouts, HTTP/2 stream limit and keep-alive, extended CONNECT.
-fn http_builder(
+pub(crate) fn http_builder(
     limits: &portcullis_shared::config::LimitsConfig,
 ) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -192,99 +194,16 @@ async fn serve_connection(
         .fetch_sub(1, Ordering::Relaxed);
 }
 
-/// One tunnel whose TLS ends at the relay: our end of its byte pipe and the outer
-/// connection's identity.
-pub(crate) type Terminated = (tokio::io::DuplexStream, Arc<ConnInfo>);
-
-/// Serves every [`Terminated`] tunnel handed over, until the relay stops.
-pub(crate) async fn terminator(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Terminated>,
-    acceptor: TlsAcceptor,
-    state: std::sync::Weak<State>,
-) {
-    while let Some((io, outer)) = rx.recv().await {
-        let Some(state) = state.upgrade() else { return };
-        tokio::spawn(serve_terminated(io, acceptor.clone(), state, outer));
-    }
-}
-
-/// Serves the HTTPS connection inside a `CONNECT host:443` tunnel whose TLS ends at the
-/// relay: no client certificate inside; the device is the outer connection's.
-async fn serve_terminated(
-    io: tokio::io::DuplexStream,
-    acceptor: TlsAcceptor,
-    state: Arc<State>,
-    outer: Arc<ConnInfo>,
-) {
-    let tls = match tokio::time::timeout(state.config.limits.handshake_timeout, acceptor.accept(io))
-        .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::info!(reason = %e, "TLS inside CONNECT refused");
-            return;
-        }
-        Err(_) => return,
-    };
-    let (_, session) = tls.get_ref();
-    let h2 = session.alpn_protocol() == Some(b"h2");
-    let info = Arc::new(ConnInfo {
-        sni: session.server_name().map(str::to_owned),
-        protocol: if h2 {
-            "HTTP/2 in CONNECT"
-        } else {
-            "HTTP/1.1 in CONNECT"
-        },
-        // Its own idle timeout: the outer tunnel stays busy while this connection lives.
-        activity: Activity::new(),
-        ..(*outer).clone()
-    });
-    let activity = info.activity.clone();
-    let idle_timeout = state.config.limits.idle_timeout;
-    // The same limits and reset-flood guard as a direct connection; the outer
-    // connection's revocation closes this one too.
-    let revoked = info.revoked.clone();
-    let flood = Arc::new(ResetFlood::default());
-    let svc_flood = flood.clone();
-    let builder = http_builder(&state.config.limits);
-    let conflicts = Conflicts::new();
-    let svc_conflicts = (!h2).then(|| conflicts.clone());
-    let io = Watched::new(tls, state.config.limits.max_header_bytes, conflicts);
-    let service = hyper::service::service_fn(move |req| {
-        let guard = svc_flood.guard();
-        let refuse = svc_conflicts
-            .as_ref()
-            .is_some_and(|c| c.next_is_conflicting());
-        let fut = serve_request(state.clone(), info.clone(), req, refuse);
-        async move {
-            let resp = fut.await;
-            guard.finish();
-            resp
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        () = revoked.cancelled() => {}
-        () = flood.tripped.cancelled() => {}
-        () = activity.idle(idle_timeout) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(idle_timeout, conn.as_mut()).await;
-        }
-    }
-}
-
 /// `conflicting`: the HTTP/1.1 head carried both Content-Length and Transfer-Encoding
-/// (see [`crate::h1_framing`]); it is refused and the connection closed.
-async fn serve_request(
+/// (see [`crate::hardening::h1_framing`]); it is refused and the connection closed.
+pub(crate) async fn serve_request(
     state: Arc<State>,
     info: Arc<ConnInfo>,
     mut req: Request<Incoming>,
     conflicting: bool,
-) -> Result<http::Response<proxy::RespBody>, Infallible> {
+) -> Result<http::Response<RespBody>, Infallible> {
     if conflicting {
-        req.extensions_mut().insert(proxy::ConflictingLength);
+        req.extensions_mut().insert(ConflictingLength);
     }
     let may_upgrade =
         req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
@@ -294,11 +213,14 @@ async fn serve_request(
         req.extensions_mut().insert(p);
     }
     let req = req.map(|b| b.map_err(BoxError::from).boxed());
-    let mut resp = proxy::handle(state.clone(), info, req).await;
+    let mut resp = pipeline::handle(state.clone(), info, req).await;
     if let Some(tunnel) = resp.extensions().get::<Tunnel>().and_then(Tunnel::take)
         && let Some(client) = client_upgrade
     {
-        tokio::spawn(proxy::join_hyper(client, tunnel));
+        state
+            .shutdown
+            .tracker()
+            .spawn(pipeline::join_hyper(client, tunnel));
     }
     if let Some(alt_svc) = &state.alt_svc {
         resp.headers_mut().insert(header::ALT_SVC, alt_svc.clone());

@@ -17,8 +17,8 @@ use rustls::ServerConfig;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::admin::now;
-use crate::registry::Registry;
+use crate::clock::now;
+use crate::identity::registry::Registry;
 
 /// Lifetime of minted leaves; re-minted when less than a third remains.
 const LEAF_TTL: Duration = Duration::from_secs(30 * 24 * 3600);

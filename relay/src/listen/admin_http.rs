@@ -5,16 +5,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::conn::RespBody;
+use crate::identity::registry::Registry;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::{body, text};
 
 #[derive(Debug)]
 pub(crate) struct AdminState {
@@ -23,33 +23,18 @@ pub(crate) struct AdminState {
     pub(crate) registry: Arc<Registry>,
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_owned())
-        }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".to_owned(),
-        ),
-        "/metrics" => (
+fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok"),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        "/metrics" => body(
             StatusCode::OK,
-            "text/plain; version=0.0.4",
             state.metrics.render(&state.registry),
+            "text/plain; version=0.0.4",
         ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, ctype)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_default()
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Shutdown) {
@@ -66,16 +51,21 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdow
             () = shutdown.wait() => return,
         };
         let state = state.clone();
-        tokio::spawn(async move {
+        let stop = shutdown.clone();
+        shutdown.tracker().spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let resp = respond(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .serve_connection(TokioIo::new(stream), svc);
+            // A scraper's keep-alive connection must not hold up the drain.
+            tokio::select! {
+                _ = conn => {}
+                () = stop.wait() => {}
+            }
         });
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::registry::Registry;
+use crate::identity::registry::Registry;
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {

@@ -3,62 +3,22 @@
 //! the token grants; an enrolled device renews its own certificate with its current key.
 //! Attempts are rate-limited per client address and every one is written to the audit log.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use portcullis_shared::identity::{Identity, Role};
-use portcullis_shared::proto::{EnrollRequest, EnrollResponse, MAX_ENROLL_LEN};
+use portcullis_shared::proto::{CloseCode, EnrollRequest, EnrollResponse, MAX_ENROLL_LEN};
 use portcullis_shared::store::{AuditEvent, IdentityRecord, StoreError};
 use portcullis_shared::token::sha256_hex;
 use ring::rand::SecureRandom;
 use tokio::io::AsyncReadExt;
 
-use crate::admin::now;
-use crate::server::State;
+use crate::clock::now;
+use crate::state::State;
 
-/// Enrolment attempts allowed per client address per window.
-const ATTEMPTS: u32 = 10;
-const WINDOW: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Per-address attempt counters.
-#[derive(Debug, Default)]
-pub(crate) struct RateLimit {
-    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
-}
-
-impl RateLimit {
-    fn allow(&self, ip: IpAddr) -> bool {
-        // An IPv6 client controls its whole /64: count it as one address.
-        let ip = match ip {
-            IpAddr::V6(v6) => {
-                let mut seg = v6.segments();
-                seg[4..].fill(0);
-                IpAddr::V6(seg.into())
-            }
-            v4 => v4,
-        };
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if seen.len() > 10_000 {
-            seen.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
-            if seen.len() > 10_000 {
-                // Under a flood from many addresses: refuse newcomers until the window ends.
-                return seen.contains_key(&ip) && seen[&ip].1 < ATTEMPTS;
-            }
-        }
-        let (start, count) = seen.entry(ip).or_insert((now, 0));
-        if now.duration_since(*start) >= WINDOW {
-            *start = now;
-            *count = 0;
-        }
-        *count += 1;
-        *count <= ATTEMPTS
-    }
-}
 
 /// Serves enrolment requests on one connection until the peer closes it.
 pub(crate) async fn serve(
@@ -67,7 +27,20 @@ pub(crate) async fn serve(
     state: Arc<State>,
 ) -> anyhow::Result<()> {
     let ip = conn.remote_address().ip();
-    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(_) => break,
+            },
+            () = state.shutdown.wait() => {
+                conn.close(
+                    quinn::VarInt::from_u32(CloseCode::Shutdown.code()),
+                    b"relay shutting down",
+                );
+                break;
+            }
+        };
         let mut buf = Vec::new();
         let read = tokio::time::timeout(
             REQUEST_TIMEOUT,

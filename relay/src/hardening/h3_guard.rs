@@ -27,12 +27,12 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
-use portcullis_shared::h3wire::{self, FRAME_DATA, FRAME_HEADERS, FieldLine};
+use portcullis_shared::h3wire::{self, FRAME_DATA, FRAME_HEADERS, FieldLine, H3Code};
 
-const H3_FRAME_UNEXPECTED: u64 = 0x105;
-const H3_FRAME_ERROR: u64 = 0x106;
-const H3_EXCESSIVE_LOAD: u64 = 0x107;
-const H3_MESSAGE_ERROR: u64 = 0x10e;
+const H3_FRAME_UNEXPECTED: u64 = H3Code::FrameUnexpected.code();
+const H3_FRAME_ERROR: u64 = H3Code::FrameError.code();
+const H3_EXCESSIVE_LOAD: u64 = H3Code::ExcessiveLoad.code();
+const H3_MESSAGE_ERROR: u64 = H3Code::MessageError.code();
 
 /// Largest frame accepted on the control stream (SETTINGS, GOAWAY, MAX_PUSH_ID).
 const MAX_CONTROL_FRAME: u64 = 4096;

@@ -1,0 +1,167 @@
+//! The QUIC listener: accepts connections until shutdown and dispatches each by ALPN and
+//! certificate role — connector tunnels (connector certificates), HTTP/3 (device
+//! certificates) and enrolment (no certificate needed). A certificate whose role does not
+//! match the protocol it asked for is closed with [`CloseCode::WrongRole`].
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use portcullis_shared::config::{LimitsConfig, RelayConfig};
+use portcullis_shared::identity::{Identity, Role};
+use portcullis_shared::pki;
+use portcullis_shared::proto::{CloseCode, ENROLL_ALPN, TUNNEL_ALPN};
+use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::transport::{QuicTransport, Transport, quic_alpn};
+use quinn::crypto::rustls::QuicServerConfig;
+use tracing::Instrument;
+
+use crate::state::State;
+
+/// Binds the QUIC endpoint on `quic_listen` with the relay's TLS config and transport
+/// settings.
+pub(crate) fn bind(
+    config: &RelayConfig,
+    tls: rustls::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        QuicServerConfig::try_from(tls).context("QUIC TLS config")?,
+    ));
+    server.transport_config(Arc::new(transport(&config.limits)?));
+    let socket = std::net::UdpSocket::bind(config.quic_listen).with_context(|| {
+        format!(
+            "binding QUIC on {}: is the port in use?",
+            config.quic_listen
+        )
+    })?;
+    quinn::Endpoint::new(
+        endpoint_config(&config.state_dir)?,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("starting QUIC on {}", config.quic_listen))
+}
+
+/// The QUIC endpoint config, with the stateless-reset key kept in the state directory.
+/// A restarted relay then answers connectors' packets for connections it no longer has
+/// with a valid stateless reset, so they reconnect at once instead of waiting for their
+/// idle timeout.
+fn endpoint_config(state_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
+    let path = state_dir.join("quic-reset.key");
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        _ => {
+            let mut bytes = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| anyhow::anyhow!("no randomness for the QUIC reset key"))?;
+            pki::write_private_file(&path, &bytes)?;
+            bytes
+        }
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    // Connection IDs must also validate across restarts, or the new process drops the
+    // connectors' packets as garbage instead of resetting them.
+    let tag = ring::hmac::sign(&key, b"portcullis connection-id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
+fn transport(limits: &LimitsConfig) -> anyhow::Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(limits.idle_timeout)?));
+    // PINGs keep a busy connection up (a request waiting on a slow origin sends nothing);
+    // an idle one is closed by its listener (see crate::hardening::idle), not by QUIC.
+    t.keep_alive_interval(Some(limits.idle_timeout / 3));
+    // Devices open one bidirectional stream per HTTP/3 request (connectors open only their
+    // control stream); HTTP/3 needs three unidirectional control streams per side.
+    t.max_concurrent_bidi_streams(limits.max_concurrent_streams.into());
+    t.max_concurrent_uni_streams(8u32.into());
+    // Explicit windows: quinn's default connection window is effectively unbounded.
+    t.stream_receive_window(limits.quic_stream_window.into());
+    t.receive_window(limits.quic_connection_window.into());
+    t.send_window(u64::from(limits.quic_connection_window));
+    Ok(t)
+}
+
+/// Accepts QUIC connections until shutdown; each is served on the shutdown tracker.
+pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, shutdown: Shutdown) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            () = shutdown.wait() => return,
+        };
+        let span = tracing::info_span!("quic", client.addr = %incoming.remote_address(), connector.name = tracing::field::Empty, device.id = tracing::field::Empty);
+        let state = state.clone();
+        let task_shutdown = shutdown.clone();
+        shutdown.tracker().spawn(
+            async move {
+                if let Err(e) = serve(incoming, state, task_shutdown).await {
+                    tracing::info!(error = %format!("{e:#}"), "QUIC connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve(
+    incoming: quinn::Incoming,
+    state: Arc<State>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let conn = incoming.await.context("handshake")?;
+    let alpn = quic_alpn(&conn);
+    let transport = QuicTransport::new(conn);
+    if alpn.as_deref() == Some(ENROLL_ALPN) {
+        // Enrolment needs no certificate (renewal presents one).
+        let caller = peer_identity(&transport).ok();
+        return crate::identity::enroll::serve(transport.connection().clone(), caller, state).await;
+    }
+    let (identity, key_sha256) = match peer_identity(&transport) {
+        Ok(found) => found,
+        Err(e) => {
+            transport.close(CloseCode::WrongRole, "a client certificate is required");
+            return Err(e);
+        }
+    };
+    match (alpn.as_deref(), identity.role()) {
+        (Some(TUNNEL_ALPN), Role::Connector) => {
+            tracing::Span::current().record("connector.name", identity.id());
+            crate::tunnel::serve_connector(Arc::new(transport), identity, key_sha256, state).await
+        }
+        (Some(b"h3"), Role::Device) => {
+            tracing::Span::current().record("device.id", identity.id());
+            crate::listen::http3::serve(transport, identity, key_sha256, state, shutdown).await
+        }
+        _ => {
+            transport.close(
+                CloseCode::WrongRole,
+                "certificate role does not match the protocol",
+            );
+            bail!("{identity} asked for a protocol its role may not use")
+        }
+    }
+}
+
+/// The identity and key hash of the peer's certificate.
+fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, String)> {
+    let certs = transport
+        .peer_certificates()
+        .context("no client certificate")?;
+    let leaf = certs.first().context("no client certificate")?;
+    let info = pki::inspect(leaf)?;
+    let identity = info
+        .identity
+        .context("client certificate names no identity")?;
+    Ok((identity, info.key_sha256))
+}

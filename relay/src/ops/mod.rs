@@ -1,0 +1,4 @@
+//! What operators see: Prometheus metrics and the access log.
+
+pub(crate) mod access_log;
+pub(crate) mod metrics;

@@ -1,0 +1,145 @@
+//! The access log line of one request: facts gathered as the request proceeds, written
+//! when its response body has been sent or abandoned, with the bytes sent.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::authorize::request_host;
+use crate::conn::{BoxError, ConnInfo, ExtendedConnect, RespBody};
+use crate::ops::access_log::Entry;
+use crate::state::State;
+
+/// Per-request facts for the access log, filled in as the request proceeds.
+pub(super) struct Access {
+    start: Instant,
+    client: SocketAddr,
+    device: Option<String>,
+    pub(super) user: Option<String>,
+    /// From [`request_host`]; empty when the request named none.
+    pub(super) hostname: String,
+    method: String,
+    path: String,
+    protocol: &'static str,
+    pub(super) reason: Option<&'static str>,
+    /// The connection stays busy for as long as this request, its response body or its
+    /// tunnel holds these permits (and the device's and connector's stream slots).
+    pub(super) permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Access {
+    /// Starts the line for `req` on the connection `info`.
+    pub(super) fn begin<B>(info: &ConnInfo, req: &Request<B>) -> Self {
+        let path = if req.method() == Method::CONNECT
+            && req.extensions().get::<ExtendedConnect>().is_none()
+        {
+            req.uri()
+                .authority()
+                .map_or_else(String::new, ToString::to_string)
+        } else {
+            req.uri().path().to_owned()
+        };
+        Self {
+            start: Instant::now(),
+            client: info.peer,
+            device: info.device.as_ref().map(|d| d.id().to_owned()),
+            user: None,
+            hostname: request_host(req).unwrap_or_default(),
+            method: req.method().to_string(),
+            path,
+            protocol: info.protocol,
+            reason: None,
+            permits: info.activity.begin().into_iter().collect(),
+        }
+    }
+
+    /// Wraps `resp`'s body so that the line is written, with the bytes sent, when the body
+    /// has been sent or abandoned.
+    pub(super) fn log_when_sent(
+        self,
+        resp: Response<RespBody>,
+        state: Arc<State>,
+    ) -> Response<RespBody> {
+        let status = resp.status().as_u16();
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(
+            parts,
+            LoggedBody {
+                inner: body,
+                bytes: 0,
+                done: Some((self, state, status)),
+            }
+            .boxed(),
+        )
+    }
+
+    fn write(&self, state: &State, status: u16, bytes: u64) {
+        state.metrics.response(status);
+        let time = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        state.access_log.write(&Entry {
+            time,
+            client: self.client.ip().to_string(),
+            device: self.device.as_deref(),
+            user: self.user.as_deref(),
+            hostname: &self.hostname,
+            method: &self.method,
+            path: &self.path,
+            protocol: self.protocol,
+            status,
+            bytes,
+            duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+            reason: self.reason,
+        });
+    }
+}
+
+/// Counts response bytes and writes the access-log line when the body ends or is dropped.
+struct LoggedBody {
+    inner: RespBody,
+    bytes: u64,
+    done: Option<(Access, Arc<State>, u16)>,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some((access, state, status)) = self.done.take() {
+            access.write(&state, status, self.bytes);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Turning the client's request into the one sent down the tunnel: origin-form HTTP/1.1,
+//! hop-by-hop headers removed, client claims about identity stripped and the relay's own
+//! added. Pure functions over `http` types; no IO.
+
+use std::net::SocketAddr;
+
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Body;
+use portcullis_shared::identity::{Hostname, Identity};
+use portcullis_shared::proto::TRAILERS_FIELD;
+use portcullis_shared::tunnel_body::{Fold, TunnelBody};
+
+use super::respond::{RequestError, empty};
+use crate::conn::ReqBody;
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Who the caller is, as the relay tells the origin.
+pub(crate) struct Caller<'a> {
+    pub(crate) device: &'a Identity,
+    pub(crate) user: &'a str,
+    pub(crate) groups: &'a [String],
+    pub(crate) jwt: Option<&'a str>,
+    pub(crate) peer: SocketAddr,
+}
+
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|h| !(keep_upgrade && h == header::UPGRADE))
+        .collect();
+    for h in HOP_BY_HOP {
+        if keep_upgrade && (*h == "upgrade" || *h == "connection") {
+            continue;
+        }
+        headers.remove(*h);
+    }
+    for h in named {
+        headers.remove(h);
+    }
+}
+
+/// Removes client claims about identity, then adds the relay's own.
+fn set_identity(headers: &mut HeaderMap, host: &Hostname, id: &Caller<'_>) {
+    // Some origin frameworks (CGI, WSGI, Rack, PHP) read `portcullis_user` as
+    // `portcullis-user`, so both spellings are stripped, as are other client claims about
+    // who or where the caller is.
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let name = k.as_str().replace('_', "-");
+            name.starts_with("portcullis-") || name == "x-real-ip" || name == "forwarded"
+        })
+        .cloned()
+        .collect();
+    for k in spoofed {
+        headers.remove(k);
+    }
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set("portcullis-user", id.user);
+    set("portcullis-device", id.device.id());
+    set("portcullis-groups", &id.groups.join(","));
+    if let Some(jwt) = id.jwt {
+        set("portcullis-jwt-assertion", jwt);
+    }
+    // The relay is the edge: what a client claims about forwarding is not trusted.
+    set("x-forwarded-for", &id.peer.ip().to_string());
+    set("x-forwarded-proto", "https");
+    set("x-forwarded-host", host.as_str());
+}
+
+fn client_port(parts: &http::request::Parts) -> Option<u16> {
+    parts.uri.port_u16().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .and_then(|a| a.port_u16())
+    })
+}
+
+/// Turns the client's request into the one sent down the tunnel: origin-form URI,
+/// HTTP/1.1, hop-by-hop and client-supplied identity headers removed (upgrade headers kept
+/// for an upgrade), identity headers added, `Host` set to the checked name.
+pub(crate) fn rewrite_request(
+    req: Request<ReqBody>,
+    host: &Hostname,
+    id: &Caller<'_>,
+    upgrade: bool,
+) -> Result<Request<ReqBody>, http::Error> {
+    let (mut parts, body) = req.into_parts();
+    let host_header = match client_port(&parts) {
+        Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
+        None => HeaderValue::from_str(host.as_str()),
+    }?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = Uri::builder().path_and_query(path).build()?;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.insert(header::HOST, host_header);
+    // Our own hop understands trailers (gRPC needs them carried through).
+    parts
+        .headers
+        .insert(header::TE, HeaderValue::from_static("trailers"));
+    set_identity(&mut parts.headers, host, id);
+    if !upgrade && !parts.headers.contains_key(header::CONTENT_LENGTH) && !body.is_end_stream() {
+        // A streamed body may end in trailers (gRPC): declare the one tunnel field that
+        // carries them, which HTTP/1.1 requires before the body.
+        parts
+            .headers
+            .insert(header::TRAILER, HeaderValue::from_static(TRAILERS_FIELD));
+        let body = TunnelBody::new(body, Fold::Fold).boxed();
+        return Ok(Request::from_parts(parts, body));
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// `CONNECT host:port` for a raw TCP service; the connector checks the port against its rule.
+pub(crate) fn connect_request(
+    req: Request<ReqBody>,
+    host: &Hostname,
+    id: &Caller<'_>,
+) -> Result<Request<ReqBody>, RequestError> {
+    let bad = RequestError::BadConnect;
+    let port = req.uri().port_u16().ok_or(bad)?;
+    let target = format!("{host}:{port}");
+    let mut out = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.as_str())
+        .version(Version::HTTP_11)
+        .header(header::HOST, target.as_str())
+        .body(empty())
+        .map_err(|_| bad)?;
+    set_identity(out.headers_mut(), host, id);
+    drop(req);
+    Ok(out)
+}
+
+/// Extended CONNECT for WebSocket (HTTP/2, HTTP/3) becomes an HTTP/1.1 upgrade on the
+/// tunnel: same path and WebSocket headers, plus the handshake key HTTP/1.1 needs.
+pub(crate) fn websocket_request(
+    req: Request<ReqBody>,
+    host: &Hostname,
+    id: &Caller<'_>,
+) -> Result<Request<ReqBody>, RequestError> {
+    let (mut parts, body) = req.into_parts();
+    parts.method = Method::GET;
+    let mut key = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| RequestError::Internal)?;
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let mut out = rewrite_request(Request::from_parts(parts, body), host, id, false)
+        .map_err(|_| RequestError::BadRequest)?;
+    let h = out.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(header::SEC_WEBSOCKET_KEY, v);
+    }
+    h.entry(header::SEC_WEBSOCKET_VERSION)
+        .or_insert(HeaderValue::from_static("13"));
+    h.remove(header::TE);
+    Ok(out)
+}

@@ -1,0 +1,97 @@
+//! The state every task of a running relay shares: configuration and the policy in force,
+//! the identity registry, connector routes, metrics, signing keys and limits. It holds
+//! only types defined below it (identity, routing, hardening, ops), never the listeners
+//! or the request pipeline that use it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use portcullis_shared::config::RelayConfig;
+use portcullis_shared::pki::Ca;
+use portcullis_shared::policy::PolicyRule;
+use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::store::Store;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::conn::Terminated;
+use crate::hardening::rate_limit::RateLimit;
+use crate::identity::jwt::JwtSigner;
+use crate::identity::registry::Registry;
+use crate::ops::access_log::AccessLog;
+use crate::ops::metrics::Metrics;
+use crate::tunnel::Router;
+
+/// Shared by every task of a running relay.
+#[derive(Debug)]
+pub(crate) struct State {
+    /// The configuration the relay started with; the policy in it is only the first.
+    pub(crate) config: RelayConfig,
+    /// The policy in force: `config.policy` until relay.toml is reloaded.
+    pub(crate) policy: RwLock<Arc<Vec<PolicyRule>>>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) router: Router,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) jwt: JwtSigner,
+    pub(crate) access_log: AccessLog,
+    /// `alt-svc` advertising HTTP/3 on the QUIC port, added to HTTPS responses.
+    pub(crate) alt_svc: Option<http::HeaderValue>,
+    pub(crate) ca: Arc<Ca>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) enroll_limit: RateLimit,
+    /// Serves HTTPS inside CONNECT tunnels whose TLS ends at the relay.
+    pub(crate) terminator: UnboundedSender<Terminated>,
+    pub(crate) device_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Tasks started on behalf of a request (tunnel connections, body readers, upgraded
+    /// streams) run on its tracker, so the drain waits for them.
+    pub(crate) shutdown: Shutdown,
+}
+
+impl State {
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Vec<PolicyRule>> {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads relay.toml again: a valid file's policy replaces the one in force (settings
+    /// that need a restart are named in the log); an invalid file changes nothing.
+    pub(crate) fn reload(&self, path: &Path) {
+        match RelayConfig::load(path) {
+            Ok(new) => {
+                let restart = new.needs_restart(&self.config);
+                if !restart.is_empty() {
+                    tracing::warn!(
+                        settings = %restart.join(", "),
+                        "relay.toml changed settings that take effect only after a restart"
+                    );
+                }
+                let mut policy = self.policy.write().unwrap_or_else(PoisonError::into_inner);
+                if **policy != new.policy {
+                    tracing::info!(rules = new.policy.len(), "policy reloaded");
+                    *policy = Arc::new(new.policy);
+                }
+                self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.metrics
+                    .config_reload_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "keeping the running configuration");
+            }
+        }
+    }
+
+    /// The semaphore bounding one device's concurrent requests and tunnels.
+    pub(crate) fn device_slots(&self, device: &str) -> Arc<Semaphore> {
+        let mut slots = self.device_slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(device.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.limits.max_streams_per_device)))
+            .clone()
+    }
+}

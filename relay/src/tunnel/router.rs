@@ -1,0 +1,209 @@
+//! The routing table of connector tunnels: hostname → the connectors serving it, and the
+//! handle through which the request path opens one stream per exchange.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use anyhow::Context;
+use portcullis_shared::identity::{HostPattern, Hostname};
+use portcullis_shared::proto::{CloseCode, RelaySession, StreamHeader, StreamKind};
+use portcullis_shared::transport::{Transport, TunnelRecv, TunnelSend};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, Semaphore};
+
+/// A tunnel stream carrying one exchange, as the request path reads and writes it.
+pub(crate) type TunnelStream = tokio::io::Join<Box<dyn TunnelRecv>, Box<dyn TunnelSend>>;
+
+/// One connected connector: its transport, its tunnel session (shared with the driver,
+/// which feeds it the control stream) and its stream slots.
+#[derive(Debug)]
+pub(crate) struct ConnectorHandle {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) transport: Arc<dyn Transport>,
+    session: Mutex<RelaySession>,
+    /// Wakes the driver when an open settles during a drain: `Drained` may be owed.
+    pub(crate) wake: Notify,
+    /// Set when opening a stream failed: the connection is gone, route elsewhere.
+    retired: AtomicBool,
+    /// Concurrent requests and tunnels through this connector, at most
+    /// `limits.max_streams_per_connector`.
+    pub(crate) slots: Arc<Semaphore>,
+}
+
+impl ConnectorHandle {
+    pub(crate) fn new(
+        id: u64,
+        name: String,
+        transport: Arc<dyn Transport>,
+        session: RelaySession,
+        max_streams: usize,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            transport,
+            session: Mutex::new(session),
+            wake: Notify::new(),
+            retired: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(max_streams)),
+        }
+    }
+
+    /// The tunnel session. Never held across an await.
+    pub(crate) fn session(&self) -> MutexGuard<'_, RelaySession> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops routing to this connector (its connection failed).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    fn routable(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed) && self.session().may_open()
+    }
+
+    /// Opens a tunnel stream for one HTTP exchange to `host` and writes its header. The
+    /// session counts the open (a drain waits for it) and refuses it once the connector
+    /// drains.
+    pub(crate) async fn open_http(&self, host: &Hostname) -> anyhow::Result<TunnelStream> {
+        self.session().begin_open()?;
+        let open = SettleOpen {
+            handle: self,
+            opened: false,
+        };
+        let mut stream = self
+            .transport
+            .open_bi()
+            .await
+            .context("opening a tunnel stream")?;
+        open.opened();
+        let header = StreamHeader {
+            kind: StreamKind::Http,
+            hostname: host.to_string(),
+        };
+        stream
+            .send
+            .write_all(&header.encode())
+            .await
+            .context("writing the stream header")?;
+        Ok(stream.join())
+    }
+}
+
+/// Settles an open begun on the session: counted when it succeeded, forgotten when it
+/// failed or the request was dropped while it was under way.
+struct SettleOpen<'a> {
+    handle: &'a ConnectorHandle,
+    opened: bool,
+}
+
+impl SettleOpen<'_> {
+    fn opened(mut self) {
+        self.opened = true;
+    }
+}
+
+impl Drop for SettleOpen<'_> {
+    fn drop(&mut self) {
+        let mut session = self.handle.session();
+        if self.opened {
+            session.stream_opened();
+        } else {
+            session.open_failed();
+        }
+        // While draining, the driver owes `Drained` once no open is under way.
+        let draining = !session.may_open();
+        drop(session);
+        if draining {
+            self.handle.wake.notify_one();
+        }
+    }
+}
+
+/// Hostname → connectors serving it, round-robin among them.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    routes: RwLock<HashMap<HostPattern, Vec<Arc<ConnectorHandle>>>>,
+    next: AtomicUsize,
+    ids: AtomicU64,
+    /// Every connected connector, routed or draining, for closing at shutdown.
+    all: Mutex<HashMap<u64, Arc<ConnectorHandle>>>,
+}
+
+impl Router {
+    /// A fresh connector id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A live, non-draining connector for `host`: exact routes first, then the most
+    /// specific wildcard.
+    pub(crate) fn pick(&self, host: &Hostname) -> Option<Arc<ConnectorHandle>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut candidates = routes.get(&HostPattern::Exact(host.clone()));
+        if candidates.is_none_or(|c| c.is_empty()) {
+            let name = host.as_str();
+            candidates = name
+                .match_indices('.')
+                .filter_map(|(i, _)| Hostname::parse(&name[i + 1..]).ok())
+                .find_map(|suffix| {
+                    routes
+                        .get(&HostPattern::Wildcard(suffix))
+                        .filter(|c| !c.is_empty())
+                });
+        }
+        let candidates = candidates?;
+        if let [only] = candidates.as_slice() {
+            return only.routable().then(|| only.clone());
+        }
+        // Round robin over the routable ones, without allocating per request.
+        let routable = |c: &&Arc<ConnectorHandle>| c.routable();
+        let n = candidates.iter().filter(routable).count();
+        if n == 0 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        candidates.iter().filter(routable).nth(i).cloned()
+    }
+
+    /// Routes `patterns` to `handle`.
+    pub(crate) fn add(&self, handle: &Arc<ConnectorHandle>, patterns: &[HostPattern]) {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id, handle.clone());
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        for p in patterns {
+            routes.entry(p.clone()).or_default().push(handle.clone());
+        }
+    }
+
+    /// Stops routing to `handle` (it drains); it stays known for closing at shutdown.
+    pub(crate) fn unroute(&self, handle: &ConnectorHandle) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.retain(|_, list| {
+            list.retain(|c| c.id != handle.id);
+            !list.is_empty()
+        });
+    }
+
+    /// Forgets `handle` entirely (its connection ended).
+    pub(crate) fn remove(&self, handle: &ConnectorHandle) {
+        self.unroute(handle);
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&handle.id);
+    }
+
+    /// Closes every connector connection (relay shutdown).
+    pub(crate) fn close_all(&self, code: CloseCode) {
+        let all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        for c in all.values() {
+            c.transport.close(code, "relay shutting down");
+        }
+    }
+}
