@@ -25,7 +25,7 @@ use portcullis_shared::enroll_client;
 use portcullis_shared::identity::Identity;
 use portcullis_shared::pki;
 use portcullis_shared::proto::{EnrollRequest, EnrollResponse};
-use portcullis_shared::telemetry::LogFormat;
+use portcullis_shared::telemetry::TelemetryArgs;
 
 use crate::home::{AgentState, Home};
 use crate::relay::{Credentials, Relay};
@@ -35,14 +35,8 @@ use crate::services::Services;
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version)]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        global = true,
-        env = "PORTCULLIS_LOG_FORMAT",
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// Where the agent keeps its state (default: the user's config directory).
     #[arg(long, global = true, env = "PORTCULLIS_HOME")]
     pub home: Option<PathBuf>,

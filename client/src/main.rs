@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = portcullis::Cli::parse();
-    portcullis_shared::telemetry::init(cli.log_format);
+    portcullis_shared::telemetry::init(cli.telemetry.log_format);
     match portcullis::main(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use portcullis_shared::tunnel_body::{BoxError, ChannelBody};
+use portcullis_shared::tunnel_body::{BoxError, ChannelBody, text_response};
 
 use crate::relay::Relay;
 use crate::services::Services;
@@ -48,17 +48,7 @@ impl Proxy {
 }
 
 fn text(status: StatusCode, msg: String) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(msg + "\n"))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+    text_response(status, &msg)
 }
 
 fn not_private(host: &str) -> Response<Body> {

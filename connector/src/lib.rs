@@ -14,21 +14,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis_shared::config::{ConfigError, ConnectorConfig};
 use portcullis_shared::shutdown::Shutdown;
-use portcullis_shared::telemetry::LogFormat;
+use portcullis_shared::telemetry::TelemetryArgs;
 
 /// The Portcullis connector: publishes private services through the relay over an
 /// outbound QUIC tunnel.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-connector", version)]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        global = true,
-        env = "PORTCULLIS_LOG_FORMAT",
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     #[command(subcommand)]
     pub command: Command,
 }

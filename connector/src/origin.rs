@@ -9,7 +9,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -20,7 +20,7 @@ use portcullis_shared::identity::{HostPattern, Hostname};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{StreamHeader, TRAILERS_FIELD};
 use portcullis_shared::transport::BiStream;
-use portcullis_shared::tunnel_body::{Fold, TunnelBody};
+use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OriginClient = Client<HttpsConnector<HttpConnector>, TunnelBody<Incoming>>;
@@ -145,16 +145,7 @@ impl Origins {
 }
 
 fn error(status: StatusCode, msg: &str) -> Response<BoxBody<Bytes, BoxError>> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(format!("{msg}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    let mut resp = text_response(status, msg);
     resp.headers_mut()
         .insert("portcullis-error", HeaderValue::from_static("connector"));
     resp

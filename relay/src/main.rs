@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = portcullis_relay::cli::Cli::parse();
-    portcullis_shared::telemetry::init(cli.log_format);
+    portcullis_shared::telemetry::init(cli.telemetry.log_format);
     match portcullis_relay::main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

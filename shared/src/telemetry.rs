@@ -27,6 +27,20 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// The logging flags every Portcullis command line shares (`#[command(flatten)]`).
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "PORTCULLIS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Installs the global subscriber, writing to standard error. Call once, first thing in
 /// `main`; a second call is ignored.
 pub fn init(format: LogFormat) {

@@ -22,6 +22,35 @@ pub struct ChannelBody {
 /// The error type of a [`ChannelBody`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A response body of any kind, as every proxy hop of Portcullis passes them on.
+pub type AnyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// A response of `content`, typed `content_type`: the one way the relay, the connector
+/// and the agent answer with a body of their own.
+pub fn response(
+    status: http::StatusCode,
+    content: String,
+    content_type: &'static str,
+) -> http::Response<AnyBody> {
+    use http_body_util::BodyExt;
+    let mut resp = http::Response::new(
+        http_body_util::Full::new(Bytes::from(content))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// A one-line `text/plain` response: `msg` and a newline.
+pub fn text_response(status: http::StatusCode, msg: &str) -> http::Response<AnyBody> {
+    response(status, format!("{msg}\n"), "text/plain; charset=utf-8")
+}
+
 impl ChannelBody {
     /// A body and the sender that feeds it, holding at most `bound` frames in between.
     pub fn channel(

@@ -11,8 +11,12 @@ use anyhow::{Context, bail};
 
 use portcullis_shared::identity::{HostPattern, Identity, Role};
 use portcullis_shared::pki::{self, Ca};
-use portcullis_shared::store::{AuditEvent, IdentityRecord, STORE_FILE, SqliteStore, Store};
+use portcullis_shared::store::{
+    AuditEvent, IdentityRecord, STORE_FILE, SqliteStore, Store, TokenGrant, TokenRecord,
+};
+use portcullis_shared::token::{EnrollToken, sha256_hex};
 
+use crate::cli::{TokenCommand, TokenCreate};
 use crate::clock::now;
 
 /// Opens the store of an initialised state directory.
@@ -273,180 +277,187 @@ fn endpoint(state: &Path, args: &crate::cli::EndpointArgs) -> anyhow::Result<(St
 }
 
 /// `token ...`.
-pub fn token(cmd: crate::cli::TokenCommand) -> anyhow::Result<()> {
-    use crate::cli::{TokenCommand, TokenCreate};
-    use portcullis_shared::store::{TokenGrant, TokenRecord};
-    use portcullis_shared::token::{EnrollToken, sha256_hex};
+/// `token create|list|revoke`.
+pub fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create(create) => {
-            let (state, ttl, endpoint_args, grant) = match &create {
-                TokenCreate::Device {
-                    user,
-                    groups,
-                    ttl,
-                    cert_ttl,
-                    endpoint,
-                    state,
-                } => {
-                    check_plain("--user", user)?;
-                    for g in groups {
-                        check_plain("--group", g)?;
-                    }
-                    (
-                        state,
-                        ttl,
-                        endpoint,
-                        TokenGrant {
-                            role: Role::Device,
-                            user: Some(user.clone()),
-                            groups: groups.clone(),
-                            name: None,
-                            hostnames: vec![],
-                            cert_ttl_secs: cert_ttl.as_secs(),
-                        },
-                    )
-                }
-                TokenCreate::Connector {
-                    name,
-                    hostnames,
-                    ttl,
-                    cert_ttl,
-                    endpoint,
-                    state,
-                } => {
-                    Identity::new(Role::Connector, name)?;
-                    let patterns = hostnames
-                        .iter()
-                        .map(|h| HostPattern::parse(h))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    (
-                        state,
-                        ttl,
-                        endpoint,
-                        TokenGrant {
-                            role: Role::Connector,
-                            user: None,
-                            groups: vec![],
-                            name: Some(name.clone()),
-                            hostnames: patterns,
-                            cert_ttl_secs: cert_ttl.as_secs(),
-                        },
-                    )
-                }
-            };
-            let state = &state.state;
-            let ca = Ca::load(state)?;
-            let store = open_store(state)?;
-            let (relay, server_name) = endpoint(state, endpoint_args)?;
-            let id = random_b64(6)?;
-            let secret = random_b64(32)?;
-            let created = now();
-            store.create_token(&TokenRecord {
-                id: id.clone(),
-                secret_sha256: sha256_hex(secret.as_bytes()),
-                grant: grant.clone(),
-                created_at: created,
-                expires_at: created + ttl.as_secs() as i64,
-                used_at: None,
-                revoked_at: None,
-            })?;
-            audit(
-                &store,
-                "token.create",
-                &format!("token:{id}"),
-                format!("{} token", grant.role),
-            )?;
-            let token = EnrollToken {
-                id: id.clone(),
-                secret,
-                relay: relay.clone(),
-                server_name,
-                ca_sha256: sha256_hex(ca.cert_der()),
-            };
-            eprintln!(
-                "token {id}: enrols one {} via {relay}, usable for {}; hand it over privately",
-                grant.role,
-                humantime::format_duration(*ttl)
-            );
-            println!("{}", token.encode());
-            Ok(())
-        }
-        TokenCommand::List { state, json } => {
-            let store = open_store(&state.state)?;
-            let tokens = store.tokens()?;
-            let now = now();
-            let status = |t: &TokenRecord| {
-                if t.revoked_at.is_some() {
-                    "revoked"
-                } else if t.used_at.is_some() {
-                    "used"
-                } else if t.expires_at <= now {
-                    "expired"
-                } else {
-                    "active"
-                }
-            };
-            if json {
-                let rows: Vec<_> = tokens
-                    .iter()
-                    .map(|t| {
-                        serde_json::json!({
-                            "id": t.id, "role": t.grant.role, "user": t.grant.user,
-                            "groups": t.grant.groups, "name": t.grant.name,
-                            "hostnames": t.grant.hostnames, "expires_at": t.expires_at,
-                            "status": status(t),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-                return Ok(());
-            }
-            println!(
-                "{:<10} {:<10} {:<32} {:<20} STATUS",
-                "ID", "ROLE", "GRANTS", "EXPIRES (UNIX)"
-            );
-            for t in &tokens {
-                let grants = match t.grant.role {
-                    Role::Device => format!(
-                        "{} [{}]",
-                        t.grant.user.as_deref().unwrap_or("-"),
-                        t.grant.groups.join(",")
-                    ),
-                    Role::Connector => format!(
-                        "{} ({})",
-                        t.grant.name.as_deref().unwrap_or("-"),
-                        t.grant
-                            .hostnames
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    ),
-                };
-                println!(
-                    "{:<10} {:<10} {:<32} {:<20} {}",
-                    t.id,
-                    t.grant.role,
-                    grants,
-                    t.expires_at,
-                    status(t)
-                );
-            }
-            Ok(())
-        }
-        TokenCommand::Revoke { id, state } => {
-            let store = open_store(&state.state)?;
-            store.revoke_token(&id, now())?;
-            audit(
-                &store,
-                "token.revoke",
-                &format!("token:{id}"),
-                String::new(),
-            )?;
-            println!("revoked token {id}");
-            Ok(())
-        }
+        TokenCommand::Create(create) => token_create(&create),
+        TokenCommand::List { state, json } => token_list(&state.state, json),
+        TokenCommand::Revoke { id, state } => token_revoke(&state.state, &id),
     }
+}
+
+/// Creates a one-time enrolment token and prints it (last line of standard output).
+fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
+    let (state, ttl, endpoint_args, grant) = match &create {
+        TokenCreate::Device {
+            user,
+            groups,
+            ttl,
+            cert_ttl,
+            endpoint,
+            state,
+        } => {
+            check_plain("--user", user)?;
+            for g in groups {
+                check_plain("--group", g)?;
+            }
+            (
+                state,
+                ttl,
+                endpoint,
+                TokenGrant {
+                    role: Role::Device,
+                    user: Some(user.clone()),
+                    groups: groups.clone(),
+                    name: None,
+                    hostnames: vec![],
+                    cert_ttl_secs: cert_ttl.as_secs(),
+                },
+            )
+        }
+        TokenCreate::Connector {
+            name,
+            hostnames,
+            ttl,
+            cert_ttl,
+            endpoint,
+            state,
+        } => {
+            Identity::new(Role::Connector, name)?;
+            let patterns = hostnames
+                .iter()
+                .map(|h| HostPattern::parse(h))
+                .collect::<Result<Vec<_>, _>>()?;
+            (
+                state,
+                ttl,
+                endpoint,
+                TokenGrant {
+                    role: Role::Connector,
+                    user: None,
+                    groups: vec![],
+                    name: Some(name.clone()),
+                    hostnames: patterns,
+                    cert_ttl_secs: cert_ttl.as_secs(),
+                },
+            )
+        }
+    };
+    let state = &state.state;
+    let ca = Ca::load(state)?;
+    let store = open_store(state)?;
+    let (relay, server_name) = endpoint(state, endpoint_args)?;
+    let id = random_b64(6)?;
+    let secret = random_b64(32)?;
+    let created = now();
+    store.create_token(&TokenRecord {
+        id: id.clone(),
+        secret_sha256: sha256_hex(secret.as_bytes()),
+        grant: grant.clone(),
+        created_at: created,
+        expires_at: created + ttl.as_secs() as i64,
+        used_at: None,
+        revoked_at: None,
+    })?;
+    audit(
+        &store,
+        "token.create",
+        &format!("token:{id}"),
+        format!("{} token", grant.role),
+    )?;
+    let token = EnrollToken {
+        id: id.clone(),
+        secret,
+        relay: relay.clone(),
+        server_name,
+        ca_sha256: sha256_hex(ca.cert_der()),
+    };
+    eprintln!(
+        "token {id}: enrols one {} via {relay}, usable for {}; hand it over privately",
+        grant.role,
+        humantime::format_duration(*ttl)
+    );
+    println!("{}", token.encode());
+    Ok(())
+}
+
+/// Lists tokens with their status, as a table or JSON.
+fn token_list(state: &Path, json: bool) -> anyhow::Result<()> {
+    let store = open_store(state)?;
+    let tokens = store.tokens()?;
+    let now = now();
+    let status = |t: &TokenRecord| {
+        if t.revoked_at.is_some() {
+            "revoked"
+        } else if t.used_at.is_some() {
+            "used"
+        } else if t.expires_at <= now {
+            "expired"
+        } else {
+            "active"
+        }
+    };
+    if json {
+        let rows: Vec<_> = tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id, "role": t.grant.role, "user": t.grant.user,
+                    "groups": t.grant.groups, "name": t.grant.name,
+                    "hostnames": t.grant.hostnames, "expires_at": t.expires_at,
+                    "status": status(t),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<10} {:<32} {:<20} STATUS",
+        "ID", "ROLE", "GRANTS", "EXPIRES (UNIX)"
+    );
+    for t in &tokens {
+        let grants = match t.grant.role {
+            Role::Device => format!(
+                "{} [{}]",
+                t.grant.user.as_deref().unwrap_or("-"),
+                t.grant.groups.join(",")
+            ),
+            Role::Connector => format!(
+                "{} ({})",
+                t.grant.name.as_deref().unwrap_or("-"),
+                t.grant
+                    .hostnames
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
+        println!(
+            "{:<10} {:<10} {:<32} {:<20} {}",
+            t.id,
+            t.grant.role,
+            grants,
+            t.expires_at,
+            status(t)
+        );
+    }
+    Ok(())
+}
+
+/// Revokes an unused token.
+fn token_revoke(state: &Path, id: &str) -> anyhow::Result<()> {
+    let store = open_store(state)?;
+    store.revoke_token(id, now())?;
+    audit(
+        &store,
+        "token.revoke",
+        &format!("token:{id}"),
+        String::new(),
+    )?;
+    println!("revoked token {id}");
+    Ok(())
 }
 
 fn check_plain(flag: &str, s: &str) -> anyhow::Result<()> {

@@ -4,21 +4,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use portcullis_shared::telemetry::LogFormat;
+use portcullis_shared::telemetry::TelemetryArgs;
 
 /// The Portcullis relay: the only public piece. Holds the organisation CA, authenticates
 /// every device, applies policy and carries requests down connectors' tunnels.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-relay", version)]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        global = true,
-        env = "PORTCULLIS_LOG_FORMAT",
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use http::{Method, Request, header};
 use http_body_util::BodyExt;
@@ -14,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_shared::identity::Role;
 use portcullis_shared::pki;
 use portcullis_shared::shutdown::Shutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +41,7 @@ pub(crate) async fn accept_loop(
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "HTTPS accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -130,68 +132,81 @@ async fn serve_connection(
         revoked: live
             .as_ref()
             .map_or_else(CancellationToken::new, |l| l.token()),
-        live: live.clone(),
+        live,
         protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
         activity: Activity::new(),
     });
-    let activity = info.activity.clone();
     state
         .metrics
         .https_connections
         .fetch_add(1, Ordering::Relaxed);
-
-    let flood = Arc::new(ResetFlood::default());
-    let svc_state = state.clone();
-    let svc_flood = flood.clone();
-    let conflicts = Conflicts::new();
-    let svc_conflicts = (!h2).then(|| conflicts.clone());
-    let service = hyper::service::service_fn(move |req| {
-        let state = svc_state.clone();
-        let info = info.clone();
-        let guard = svc_flood.guard();
-        let refuse = svc_conflicts
-            .as_ref()
-            .is_some_and(|c| c.next_is_conflicting());
-        async move {
-            let resp = serve_request(state, info, req, refuse).await;
-            guard.finish();
-            resp
-        }
-    });
-    let builder = http_builder(limits);
-    let io = Watched::new(tls, limits.max_header_bytes, conflicts);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let revoked = async {
-        match &live {
-            Some(l) => l.revoked().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        () = revoked => {
-            tracing::info!(client.addr = %peer, "closing a revoked device's connection");
-        }
-        () = flood.tripped.cancelled() => {}
-        () = activity.idle(limits.idle_timeout) => {
-            tracing::debug!(client.addr = %peer, "closing an idle connection");
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(state.config.drain_grace, conn.as_mut()).await;
-        }
-        () = shutdown.wait() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(state.config.drain_grace, conn.as_mut()).await;
-        }
-    }
+    let grace = state.config.drain_grace;
+    serve_http(tls, h2, state.clone(), info, shutdown.wait(), grace).await;
     state
         .metrics
         .https_connections
         .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on an established TLS stream, with the relay's limits and
+/// reset-flood guard, until the connection ends, the device is revoked, the client floods
+/// resets, or it idles or `stop` fires (then requests in flight get `grace`).
+pub(crate) async fn serve_http<T>(
+    tls: T,
+    h2: bool,
+    state: Arc<State>,
+    info: Arc<ConnInfo>,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &state.config.limits;
+    let activity = info.activity.clone();
+    let revoked = info.revoked.clone();
+    let flood = Arc::new(ResetFlood::default());
+    let svc_flood = flood.clone();
+    let svc_state = state.clone();
+    let conflicts = Conflicts::new();
+    let svc_conflicts = (!h2).then(|| conflicts.clone());
+    let service = hyper::service::service_fn(move |req| {
+        let guard = svc_flood.guard();
+        let refuse = svc_conflicts
+            .as_ref()
+            .is_some_and(|c| c.next_is_conflicting());
+        let fut = serve_request(svc_state.clone(), info.clone(), req, refuse);
+        async move {
+            let resp = fut.await;
+            guard.finish();
+            resp
+        }
+    });
+    let io = Watched::new(tls, limits.max_header_bytes, conflicts);
+    let builder = http_builder(limits);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let graceful = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            false
+        }
+        () = revoked.cancelled() => {
+            tracing::info!("closing a revoked device's connection");
+            false
+        }
+        () = flood.tripped.cancelled() => false,
+        () = activity.idle(limits.idle_timeout) => {
+            tracing::debug!("closing an idle connection");
+            true
+        }
+        () = stop => true,
+    };
+    if graceful {
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(grace, conn.as_mut()).await;
+    }
 }
 
 /// `conflicting`: the HTTP/1.1 head carried both Content-Length and Transfer-Encoding

@@ -5,16 +5,13 @@
 
 use std::sync::{Arc, Weak};
 
-use hyper_util::rt::TokioIo;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_rustls::TlsAcceptor;
 
-use super::https::{http_builder, serve_request};
+use super::https::serve_http;
 use crate::conn::{ConnInfo, Terminated};
-use crate::hardening::h1_framing::{Conflicts, Watched};
 use crate::hardening::idle::Activity;
-use crate::hardening::reset_flood::ResetFlood;
 use crate::state::State;
 
 /// Serves every [`Terminated`] tunnel handed over, until the relay stops.
@@ -70,38 +67,8 @@ async fn serve_terminated(
         activity: Activity::new(),
         ..(*outer).clone()
     });
-    let activity = info.activity.clone();
-    let idle_timeout = state.config.limits.idle_timeout;
     // The same limits and reset-flood guard as a direct connection; the outer
     // connection's revocation closes this one too.
-    let revoked = info.revoked.clone();
-    let flood = Arc::new(ResetFlood::default());
-    let svc_flood = flood.clone();
-    let builder = http_builder(&state.config.limits);
-    let conflicts = Conflicts::new();
-    let svc_conflicts = (!h2).then(|| conflicts.clone());
-    let io = Watched::new(tls, state.config.limits.max_header_bytes, conflicts);
-    let service = hyper::service::service_fn(move |req| {
-        let guard = svc_flood.guard();
-        let refuse = svc_conflicts
-            .as_ref()
-            .is_some_and(|c| c.next_is_conflicting());
-        let fut = serve_request(state.clone(), info.clone(), req, refuse);
-        async move {
-            let resp = fut.await;
-            guard.finish();
-            resp
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        () = revoked.cancelled() => {}
-        () = flood.tripped.cancelled() => {}
-        () = activity.idle(idle_timeout) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(idle_timeout, conn.as_mut()).await;
-        }
-    }
+    let grace = state.config.limits.idle_timeout;
+    serve_http(tls, h2, state, info, std::future::pending(), grace).await;
 }

@@ -1,10 +1,9 @@
 //! Every refusal the request path can give, and the one place each becomes an HTTP
 //! response: status, a sentence for the person, and a short reason for the access log.
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 
 use crate::conn::RespBody;
 
@@ -117,31 +116,11 @@ impl RequestError {
     }
 }
 
-/// A `text/plain` response of one line.
-pub(crate) fn text(status: StatusCode, msg: &str) -> Response<RespBody> {
-    body(status, format!("{msg}\n"), "text/plain; charset=utf-8")
-}
+pub(crate) use portcullis_shared::tunnel_body::{response as body, text_response as text};
 
 /// A JSON response.
 pub(crate) fn json(status: StatusCode, value: &str) -> Response<RespBody> {
     body(status, format!("{value}\n"), "application/json")
-}
-
-/// A response of `content`, typed `content_type`.
-pub(crate) fn body(
-    status: StatusCode,
-    content: String,
-    content_type: &'static str,
-) -> Response<RespBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(content))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
 }
 
 /// An empty body.
