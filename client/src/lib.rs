@@ -12,6 +12,7 @@ mod proxy;
 mod pump;
 mod relay;
 mod services;
+mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

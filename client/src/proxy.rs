@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -236,24 +236,29 @@ async fn forward(
     let mut stream = proxy.relay.send(out.body(())?).await?;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
-            stream.send_data(data).await?;
+            stream
+                .send_data(data)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
         }
     }
-    stream.finish().await?;
-    let resp = stream.recv_response().await?;
+    stream.finish().await.map_err(|e| anyhow::anyhow!(e))?;
+    let resp = stream
+        .recv_response()
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     let (tx, body) = ChannelBody::channel(4);
     tokio::spawn(async move {
         loop {
             match stream.recv_data().await {
-                Ok(Some(mut chunk)) => {
-                    let data = chunk.copy_to_bytes(chunk.remaining());
+                Ok(Some(data)) => {
                     if tx.send(Ok(Frame::data(data))).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             }

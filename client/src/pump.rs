@@ -1,7 +1,7 @@
 //! Joins a local byte stream (a TCP connection, standard input/output, an upgraded proxy
 //! connection) to a CONNECT tunnel through the relay: both ways, half-close carried.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::relay::Stream;
@@ -12,7 +12,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (mut tx, mut rx) = stream.split();
+    let (mut tx, mut rx) = (stream.send, stream.recv);
     let up = async {
         let mut buf = BytesMut::with_capacity(32 * 1024);
         loop {
@@ -32,13 +32,9 @@ where
     let down = async {
         let failed = loop {
             match rx.recv_data().await {
-                Ok(Some(mut chunk)) => {
-                    while chunk.has_remaining() {
-                        let n = chunk.chunk().len();
-                        if local_write.write_all(chunk.chunk()).await.is_err() {
-                            return true;
-                        }
-                        chunk.advance(n);
+                Ok(Some(chunk)) => {
+                    if local_write.write_all(&chunk).await.is_err() {
+                        return true;
                     }
                     // Standard output holds writes until flushed; an interactive peer
                     // (ssh) must see each chunk at once.

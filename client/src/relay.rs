@@ -7,16 +7,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use h3::client::{RequestStream, SendRequest};
 use portcullis_shared::pki;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::home::{AgentState, Home};
 use crate::keystore;
+use crate::transport::{Exchange, H3Connection, RelayConnection};
 
-pub(crate) type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
-type Sender = SendRequest<h3_quinn::OpenStreams, Bytes>;
+/// One request or tunnel through the relay, whatever carries it.
+pub(crate) type Stream = Exchange;
 
 /// The org CA stored at enrolment, as rustls trust roots.
 pub(crate) fn org_ca_roots(home: &Home) -> anyhow::Result<rustls::RootCertStore> {
@@ -81,7 +80,7 @@ pub(crate) struct Relay {
     addr: SocketAddr,
     server_name: String,
     config: RwLock<quinn::ClientConfig>,
-    current: tokio::sync::Mutex<Option<(quinn::Connection, Sender)>>,
+    current: tokio::sync::Mutex<Option<Arc<dyn RelayConnection>>>,
 }
 
 impl Relay {
@@ -114,17 +113,13 @@ impl Relay {
         Ok(local)
     }
 
-    /// The live connection, if any (for status: RTT).
-    pub(crate) async fn connection(&self) -> anyhow::Result<quinn::Connection> {
-        self.sender().await.map(|(c, _)| c)
-    }
-
-    async fn sender(&self) -> anyhow::Result<(quinn::Connection, Sender)> {
+    /// The live connection, opened if there is none (for status: RTT, transport).
+    pub(crate) async fn connection(&self) -> anyhow::Result<Arc<dyn RelayConnection>> {
         let mut current = self.current.lock().await;
-        if let Some((conn, send)) = current.as_ref()
-            && conn.close_reason().is_none()
+        if let Some(conn) = current.as_ref()
+            && !conn.is_closed()
         {
-            return Ok((conn.clone(), send.clone()));
+            return Ok(conn.clone());
         }
         let config = self
             .config
@@ -146,29 +141,31 @@ impl Relay {
             ),
             Err(_) => bail!("the relay {addr} is unreachable (no answer in 5 s)"),
         };
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
-            .await
-            .context("starting HTTP/3 with the relay")?;
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
-        tracing::info!(relay = %addr, "connected to the relay");
-        *current = Some((conn.clone(), send.clone()));
-        Ok((conn, send))
+        let conn: Arc<dyn RelayConnection> = Arc::new(
+            H3Connection::start(conn)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+                .context("starting HTTP/3 with the relay")?,
+        );
+        tracing::info!(relay = %addr, transport = conn.kind().as_str(), "connected to the relay");
+        *current = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Sends a request head; the caller streams the body and reads the response.
     pub(crate) async fn send(&self, req: http::Request<()>) -> anyhow::Result<Stream> {
         // One retry: a connection found dead only now (relay restarted) is reopened.
         for attempt in 0..2 {
-            let (conn, mut send) = self.sender().await?;
-            match send.send_request(req.clone()).await {
+            let conn = self.connection().await?;
+            match conn.send_request(req.clone()).await {
                 Ok(stream) => return Ok(stream),
                 Err(e) if attempt == 0 => {
                     tracing::debug!(error = %e, "relay connection lost; reconnecting");
-                    conn.close(0u32.into(), b"reconnecting");
+                    conn.close("reconnecting");
                 }
-                Err(e) => return Err(e).context("sending the request to the relay"),
+                Err(e) => {
+                    return Err(anyhow::anyhow!(e)).context("sending the request to the relay");
+                }
             }
         }
         bail!("the relay connection keeps failing")
@@ -181,12 +178,14 @@ impl Relay {
             .uri(target)
             .body(())?;
         let mut stream = self.send(req).await?;
-        let resp = stream.recv_response().await?;
+        let resp = stream
+            .recv_response()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         if resp.status() != 200 {
             let mut why = Vec::new();
-            while let Ok(Some(mut chunk)) = stream.recv_data().await {
-                use bytes::Buf;
-                why.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+            while let Ok(Some(chunk)) = stream.recv_data().await {
+                why.extend_from_slice(&chunk);
             }
             bail!(
                 "the relay refused {target}: {} {}",

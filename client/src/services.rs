@@ -3,7 +3,6 @@
 
 use std::sync::RwLock;
 
-use bytes::Buf;
 use portcullis_shared::identity::{HostPattern, Hostname};
 
 use crate::relay::Relay;
@@ -44,11 +43,12 @@ impl Services {
         ))
         .body(())?;
         let mut stream = relay.send(req).await?;
-        stream.finish().await?;
-        let resp = stream.recv_response().await?;
+        let failed = |e| anyhow::anyhow!("reading the service list: {e}");
+        stream.finish().await.map_err(failed)?;
+        let resp = stream.recv_response().await.map_err(failed)?;
         let mut body = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await? {
-            body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        while let Some(chunk) = stream.recv_data().await.map_err(failed)? {
+            body.extend_from_slice(&chunk);
         }
         anyhow::ensure!(
             resp.status() == 200,

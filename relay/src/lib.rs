@@ -2,15 +2,16 @@
 //! ([`cli`]) and the daemon ([`server`]). `main.rs` only parses arguments and prints
 //! errors.
 //!
-//! Layers, top to bottom (a module imports only from its own layer's lower files or from
-//! layers below; see `docs/development.md`):
-//! - [`server`]: build state, bind, serve, drain; `reload`: config and certificate files.
-//! - `listen`: HTTPS, QUIC (ALPN dispatch), HTTP/3, TLS-in-CONNECT, admin HTTP.
+//! Layers, top to bottom; a file imports only from files below it, so the relay has no
+//! import circle (see `docs/development.md`):
+//! - [`server`]: identity, bind, serve, drain; `reload`: relay.toml and certificate files.
+//! - `listen`: HTTPS, QUIC (ALPN dispatch), connector tunnels, HTTP/3, enrolment,
+//!   TLS-in-CONNECT, admin HTTP.
 //! - `pipeline`: authorize, forward, rewrite, respond, access log, upgrades.
-//! - `tunnel`: connector tunnels: the routing table and the session driver.
-//! - `state`, `conn`: what every task shares, and per-connection facts.
-//! - `identity` (TLS, registry, JWT, enrolment), `hardening` (framing checks, guards,
-//!   limiters), `ops` (metrics, access log), `clock`.
+//! - `state`: what every task shares; it holds only types from the layers below.
+//! - `tunnel` (the routing table of connectors), `conn` (per-connection facts).
+//! - `identity` (TLS, registry, JWT), `ops` (metrics, access log), `hardening` (framing
+//!   checks, guards, limiters), `clock`.
 
 pub mod cli;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The relay's command line: argument parsing ([`args`]) and the offline admin commands
+//! The relay's command line: argument parsing (`args`) and the offline admin commands
 //! ([`admin`]) that work on a state directory without a running relay.
 
 pub mod admin;

@@ -1,5 +1,5 @@
 //! HTTP/3 on the QUIC listener (ALPN `h3`, device certificates): the same request path as
-//! HTTPS ([`crate::pipeline::proxy`]), with bodies and trailers carried as h3 frames, and CONNECT
+//! HTTPS ([`crate::pipeline`]), with bodies and trailers carried as h3 frames, and CONNECT
 //! tunnels carried on the request stream itself.
 
 use std::sync::Arc;

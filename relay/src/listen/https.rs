@@ -1,5 +1,5 @@
 //! The HTTPS listener: TLS over TCP with device certificates, HTTP/1.1 and HTTP/2. The
-//! request path itself is [`crate::pipeline::proxy`]; this module owns the TCP/TLS connection, its
+//! request path itself is [`crate::pipeline`]; this module owns the TCP/TLS connection, its
 //! upgrades (HTTP/1.1 Upgrade, HTTP/2 CONNECT and extended CONNECT), revocation and drain.
 
 use std::convert::Infallible;

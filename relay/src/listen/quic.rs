@@ -125,7 +125,7 @@ async fn serve(
     if alpn.as_deref() == Some(ENROLL_ALPN) {
         // Enrolment needs no certificate (renewal presents one).
         let caller = peer_identity(&transport).ok();
-        return crate::identity::enroll::serve(transport.connection().clone(), caller, state).await;
+        return crate::listen::enroll::serve(transport.connection().clone(), caller, state).await;
     }
     let (identity, key_sha256) = match peer_identity(&transport) {
         Ok(found) => found,
@@ -137,7 +137,8 @@ async fn serve(
     match (alpn.as_deref(), identity.role()) {
         (Some(TUNNEL_ALPN), Role::Connector) => {
             tracing::Span::current().record("connector.name", identity.id());
-            crate::tunnel::serve_connector(Arc::new(transport), identity, key_sha256, state).await
+            crate::listen::tunnel::serve_connector(Arc::new(transport), identity, key_sha256, state)
+                .await
         }
         (Some(b"h3"), Role::Device) => {
             tracing::Span::current().record("device.id", identity.id());

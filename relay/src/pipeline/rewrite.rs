@@ -1,6 +1,7 @@
 //! Turning the client's request into the one sent down the tunnel: origin-form HTTP/1.1,
 //! hop-by-hop headers removed, client claims about identity stripped and the relay's own
-//! added. Pure functions over `http` types; no IO.
+//! added. Functions over `http` types without IO (a WebSocket key is the one random
+//! value drawn).
 
 use std::net::SocketAddr;
 

@@ -1,8 +1,7 @@
-//! Connector tunnels on the relay: the routing table ([`router`]) and the driver that runs
-//! one connector's tunnel session over its transport ([`driver`]).
+//! Connector tunnels as the request path sees them: the routing table from hostnames to
+//! connectors, and the handle that opens one stream per exchange. The driver that runs
+//! each tunnel's session is a listener (`crate::listen::tunnel`).
 
-mod driver;
 mod router;
 
-pub(crate) use driver::serve_connector;
 pub(crate) use router::{ConnectorHandle, Router, TunnelStream};

@@ -273,9 +273,9 @@ impl RelaySession {
     }
 
     /// Call before opening a stream, then [`RelaySession::stream_opened`] or
-    /// [`RelaySession::open_failed`] once the open settles; the driver holds the session's
-    /// lock from this call until the open is counted, so a `Drain` read meanwhile is
-    /// answered only after it. The error says why no stream may be opened here now.
+    /// [`RelaySession::open_failed`] once the open settles. Opens under way are
+    /// counted, so a `Drain` read meanwhile is answered only after they settle; the lock
+    /// around the session need not be held across the open. The error says why no stream may be opened here now.
     pub fn begin_open(&mut self) -> Result<(), OpenError> {
         match self.state {
             RelayState::Routing => {

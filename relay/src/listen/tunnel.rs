@@ -16,9 +16,9 @@ use portcullis_shared::transport::{BiStream, Transport, TunnelRecv, TunnelSend};
 use portcullis_shared::tunnel_io::{FrameReadError, read_frame};
 use tokio::io::AsyncWriteExt;
 
-use super::router::ConnectorHandle;
 use crate::identity::registry::LiveGuard;
 use crate::state::State;
+use crate::tunnel::ConnectorHandle;
 
 /// Serves one connector's tunnel until its connection closes, it is revoked, or it breaks
 /// the protocol.
