@@ -3,7 +3,9 @@
 
 use crate::{RelayAddrs, World, tls_connect};
 
-/// An HTTP/2 connection to the relay (SNI `sni`) as device `device`.
+/// An HTTP/2 connection to the relay (SNI `sni`) as device `device`, returned once the
+/// relay's SETTINGS are in force (e.g. extended CONNECT): a PING is answered only after
+/// them, and h2 applies a SETTINGS frame before it reads the next frame.
 pub async fn h2_connect(
     w: &World,
     relay: &RelayAddrs,
@@ -11,10 +13,12 @@ pub async fn h2_connect(
     sni: &str,
 ) -> h2::client::SendRequest<bytes::Bytes> {
     let tls = tls_connect(w, relay, sni, device, &[b"h2"]).await;
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(tls).await.unwrap();
+    let mut ping = conn.ping_pong().expect("a new connection's ping handle");
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    ping.ping(h2::Ping::opaque()).await.unwrap();
     send
 }
 

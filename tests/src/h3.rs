@@ -21,7 +21,8 @@ pub struct H3Response {
 /// An HTTP/3 client connection to the relay's QUIC port as device `device`.
 pub struct H3Client {
     send: h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>,
-    _driver: tokio::task::JoinHandle<()>,
+    /// Runs the connection; finishes when it closes.
+    driver: Option<tokio::task::JoinHandle<()>>,
     /// The QUIC endpoint (its socket can be rebound to test migration).
     pub endpoint: quinn::Endpoint,
 }
@@ -50,7 +51,7 @@ impl H3Client {
         });
         Ok(Self {
             send,
-            _driver: driver,
+            driver: Some(driver),
             endpoint,
         })
     }
@@ -89,6 +90,19 @@ impl H3Client {
             body: out,
             trailers,
         })
+    }
+
+    /// Waits up to `timeout` for the connection to close (the relay closed it); returns
+    /// whether it did.
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let Some(driver) = self.driver.as_mut() else {
+            return true;
+        };
+        let closed = tokio::time::timeout(timeout, driver).await.is_ok();
+        if closed {
+            self.driver = None;
+        }
+        closed
     }
 
     /// Another handle on the same connection, for concurrent requests.

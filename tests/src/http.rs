@@ -3,7 +3,6 @@
 //! reading a message head by hand.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
@@ -86,28 +85,22 @@ pub async fn curl(
     run_curl(curl_cmd(w, relay, host, path, device)).await
 }
 
-/// Retries a GET until it answers `status` (a tunnel takes a moment to come up).
-pub async fn curl_until(
+/// One GET of `/` as `device` that must answer `status` (wait for what it depends on
+/// first, e.g. [`crate::wait_for_connectors`]).
+pub async fn curl_expect(
     w: &World,
     relay: &RelayAddrs,
     host: &str,
     device: &str,
     status: u16,
 ) -> CurlResult {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = curl(w, relay, host, "/", Some(device)).await;
-        if r.status == status {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{host} never answered {status}; last: {} {}",
-            r.status,
-            r.stderr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let r = curl(w, relay, host, "/", Some(device)).await;
+    assert_eq!(
+        r.status, status,
+        "{host} answered {} instead: {} {}",
+        r.status, r.body, r.stderr
+    );
+    r
 }
 
 /// A rustls client config trusting the org CA of `w`, presenting device `device`'s

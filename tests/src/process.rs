@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
@@ -54,17 +54,23 @@ pub fn relay_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits up to 20 s for the ready file a child writes (atomically) once it is listening, and
+/// returns its contents; fails at once if the child exits first.
 pub(crate) async fn read_ready(path: &Path, child: &mut Child, what: &str) -> String {
-    let found = eventually(Duration::from_secs(20), || async {
-        std::fs::read_to_string(path).ok()
-    })
-    .await;
-    match found {
-        Some(s) => s,
-        None => {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before it was ready");
+        }
+        if Instant::now() > deadline {
             let _ = child.start_kill();
             panic!("{what} did not become ready");
         }
+        // The poll interval of this wait for the file, not a wait of its own.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -98,9 +104,27 @@ impl Daemon {
         Self { child, log }
     }
 
+    /// Waits for the ready file `path` this daemon writes once it is listening, and returns
+    /// its contents; kills the daemon and panics with its log if it never appears.
+    pub async fn wait_ready_file(&mut self, path: &Path) -> String {
+        let what = format!("{} (log {})", path.display(), self.log.display());
+        read_ready(path, &mut self.child, &what).await
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text` and returns the log; panics with the log after
+    /// `timeout`.
+    pub async fn wait_for_log(&self, text: &str, timeout: Duration) -> String {
+        eventually(timeout, || async {
+            let log = self.log_text();
+            log.contains(text).then_some(log)
+        })
+        .await
+        .unwrap_or_else(|| panic!("never logged {text:?}:\n{}", self.log_text()))
     }
 
     /// Sends a signal (`TERM`, `KILL`) by the child's id.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{CurlResult, Daemon, RelayAddrs, World, curl, curl_until};
+use crate::{CurlResult, Daemon, RelayAddrs, World, curl, wait_for_connectors};
 
 /// The published web app in [`Stack`].
 pub const APP: &str = "app.internal";
@@ -33,7 +33,8 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Brings the stack up and waits until alice reaches [`APP`].
+    /// Brings the stack up; returns once the connector has registered with the relay, so
+    /// its names are routed.
     pub async fn up() -> Self {
         Self::up_with("").await
     }
@@ -65,7 +66,7 @@ impl Stack {
                 (GRPC, &h2c),
             ],
         );
-        curl_until(&w, &addrs, APP, "alice", 200).await;
+        wait_for_connectors(addrs.admin, 1).await;
         Self {
             w,
             relay,
@@ -77,10 +78,13 @@ impl Stack {
     }
 
     /// Kills the relay, waits `outage`, starts it again on the same ports, and returns how
-    /// long after it was back the first request succeeded.
+    /// long after it was back the connector had registered again and a first request
+    /// succeeded.
     pub async fn restart_relay(&mut self, outage: Duration) -> Duration {
         let back = self.restart_relay_only(outage).await;
-        curl_until(&self.w, &self.addrs, APP, "alice", 200).await;
+        wait_for_connectors(self.addrs.admin, 1).await;
+        let r = self.get(APP, "/", Some("alice")).await;
+        assert_eq!(r.status, 200, "after the restart: {} {}", r.body, r.stderr);
         back.elapsed()
     }
 
@@ -91,6 +95,7 @@ impl Stack {
         let a = self.addrs;
         let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
         self.w.write_relay_config(&quic, &https, &admin, POLICY);
+        // The outage itself: how long the relay stays down is what the caller tests.
         tokio::time::sleep(outage).await;
         let (relay, addrs) = self.w.start_relay().await;
         self.relay = relay;

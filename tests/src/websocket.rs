@@ -1,8 +1,6 @@
 //! WebSocket spoken by hand over each HTTP version: the HTTP/1.1 upgrade handshake,
 //! HTTP/2 extended CONNECT (RFC 8441), the HTTP/3 request (RFC 9220), and masked frames.
 
-use std::time::Duration;
-
 use crate::{RelayAddrs, World, h2_connect, headers_frame, read_head};
 
 /// A WebSocket over HTTP/2 extended CONNECT (RFC 8441) to `https://host/ws` as `device`,
@@ -14,15 +12,12 @@ pub async fn h2_websocket(
     device: &str,
     host: &str,
 ) -> (h2::SendStream<bytes::Bytes>, h2::RecvStream) {
-    let mut h2 = h2_connect(w, relay, device, host).await;
-    h2 = h2.ready().await.unwrap();
-    // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrive right after the handshake.
-    for _ in 0..50 {
-        if h2.is_extended_connect_protocol_enabled() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // h2_connect returns once the relay's SETTINGS (with ENABLE_CONNECT_PROTOCOL) apply.
+    let mut h2 = h2_connect(w, relay, device, host)
+        .await
+        .ready()
+        .await
+        .unwrap();
     assert!(h2.is_extended_connect_protocol_enabled());
     let mut req = http::Request::builder()
         .method(http::Method::CONNECT)

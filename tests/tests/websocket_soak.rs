@@ -15,7 +15,8 @@ use portcullis_e2e::{
 use tokio_tungstenite::tungstenite::Message;
 
 /// Pauses before each message: busy, then silent for longer than `idle_timeout` (30 s by
-/// default), then busy again: about two and a half minutes in all.
+/// default), then busy again: about two and a half minutes in all. These sleeps are the
+/// test's subject (sessions held over time), never a wait for readiness.
 fn schedule() -> Vec<Duration> {
     let mut s = vec![Duration::from_secs(5); 10];
     s.push(Duration::from_secs(45));
