@@ -1,14 +1,22 @@
-//! Harness for the end-to-end tests: runs the real `portcullis-relay`,
-//! `portcullis-connector` and the test origin as child processes on loopback, each test in
-//! its own temporary directory with its own CA, and drives them with real `curl` and
-//! hand-written HTTP/2, HTTP/3 and WebSocket clients. Every module is re-exported here, so
-//! tests `use portcullis_e2e::{...}`.
+//! Harness for the end-to-end tests, in two tiers:
+//!
+//! - in process ([`TestRelay`], [`TestConnector`], [`TestOrigin`], [`TestClient`]): the
+//!   relay and connector libraries inside the test's tokio runtime on `127.0.0.1:0`, each
+//!   in its own tracing span, started by builders that return once bound or registered;
+//! - real binaries ([`World`], [`Stack`]): `portcullis-relay`, `portcullis-connector` and
+//!   the test origin as child processes on loopback, driven by real `curl` and by
+//!   hand-written HTTP/2, HTTP/3 and WebSocket clients.
+//!
+//! Each test has its own temporary directory with its own CA. Every module is re-exported
+//! here, so tests `use portcullis_e2e::{...}`.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod h2;
 mod h3;
 mod http;
+mod inprocess;
+mod origin;
 mod process;
 mod stack;
 mod wait;
@@ -18,6 +26,8 @@ mod world;
 pub use h2::*;
 pub use h3::*;
 pub use http::*;
+pub use inprocess::*;
+pub use origin::*;
 pub use process::*;
 pub use stack::*;
 pub use wait::*;
