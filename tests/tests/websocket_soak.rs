@@ -1,6 +1,7 @@
 //! WebSocket sessions held for minutes through relay and connector, over HTTP/1.1 (a real
 //! client, tungstenite), HTTP/2 (RFC 8441) and HTTP/3 (RFC 9220) at once, with a quiet
-//! stretch longer than the relay's idle timeout in the middle.
+//! stretch longer than the relay's idle timeout in the middle. Slow, so ignored by default:
+//! `tests/run` runs it by name after the main run.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,6 +26,7 @@ fn schedule() -> Vec<Duration> {
 }
 
 #[tokio::test]
+#[ignore = "slow: holds WebSocket sessions for about two and a half minutes; tests/run runs it by name"]
 async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
     let s = Stack::up().await;
     let started = Instant::now();
