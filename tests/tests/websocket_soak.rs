@@ -38,6 +38,7 @@ async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
             .unwrap();
         assert_eq!(resp.status(), 101);
         for (i, pause) in schedule().into_iter().enumerate() {
+            // The schedule's pause: time held is the subject (see schedule()).
             tokio::time::sleep(pause).await;
             let text = format!("h1 message {i}");
             ws.send(Message::text(text.clone())).await.unwrap();
@@ -58,6 +59,7 @@ async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
         let (mut send, mut body) = h2_websocket(&s.w, &s.addrs, "alice", APP).await;
         let mut pending = Vec::new();
         for (i, pause) in schedule().into_iter().enumerate() {
+            // The schedule's pause: time held is the subject (see schedule()).
             tokio::time::sleep(pause).await;
             let text = format!("h2 message {i}");
             send.send_data(Bytes::from(ws_client_frame(0x1, text.as_bytes())), false)
@@ -78,6 +80,7 @@ async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
         let mut ws = h3.open(&h3_websocket_request(APP)).await;
         assert_eq!(ws.response().await, Ok(200));
         for (i, pause) in schedule().into_iter().enumerate() {
+            // The schedule's pause: time held is the subject (see schedule()).
             tokio::time::sleep(pause).await;
             let text = format!("h3 message {i}");
             ws.send
