@@ -15,7 +15,7 @@ mod services;
 mod transport;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -72,6 +72,9 @@ pub enum Command {
         /// Loopback address for the DNS stub (off unless given).
         #[arg(long)]
         dns: Option<SocketAddr>,
+        /// Once listening, write the bound addresses here as JSON (`proxy`, `dns`).
+        #[arg(long, hide = true)]
+        ready_file: Option<PathBuf>,
     },
     /// Forward a local TCP port to a private TCP service.
     Tcp {
@@ -80,6 +83,9 @@ pub enum Command {
         /// Local address to listen on (loopback).
         #[arg(long)]
         listen: SocketAddr,
+        /// Once listening, write the bound address here as JSON (`listen`).
+        #[arg(long, hide = true)]
+        ready_file: Option<PathBuf>,
     },
     /// Standard input/output to a private TCP service, for ssh's ProxyCommand:
     /// `ProxyCommand portcullis ssh-proxy %h %p`.
@@ -113,8 +119,16 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
                 key_store,
                 name,
             } => enroll(&home, token_file, relay, &key_store, name).await,
-            Command::Up { proxy, dns } => up(&home, proxy, dns).await,
-            Command::Tcp { target, listen } => tcp(&home, &target, listen).await,
+            Command::Up {
+                proxy,
+                dns,
+                ready_file,
+            } => up(&home, proxy, dns, ready_file.as_deref()).await,
+            Command::Tcp {
+                target,
+                listen,
+                ready_file,
+            } => tcp(&home, &target, listen, ready_file.as_deref()).await,
             Command::SshProxy { host, port } => ssh_proxy(&home, &host, port).await,
             Command::Status { json } => status(&home, json).await,
             Command::Logout => logout(&home),
@@ -276,10 +290,20 @@ impl Agent {
     }
 }
 
+/// Writes `contents` to `path` atomically (a temporary file, then a rename), so a reader
+/// never sees half of it.
+fn write_ready_file(path: &Path, contents: &serde_json::Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents.to_string())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 async fn up(
     home: &Home,
     proxy_addr: SocketAddr,
     dns_addr: Option<SocketAddr>,
+    ready_file: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         proxy_addr.ip().is_loopback(),
@@ -305,9 +329,12 @@ async fn up(
             inner_tls: proxy::Proxy::inner_tls(relay::org_ca_roots(home)?)?,
         }),
     ));
+    let mut dns_bound = None;
     if let Some(addr) = dns_addr {
         let socket = dns::bind(addr).await?;
-        tracing::info!(dns = %socket.local_addr()?, "DNS stub up");
+        let local = socket.local_addr()?;
+        tracing::info!(dns = %local, "DNS stub up");
+        dns_bound = Some(local);
         tokio::spawn(dns::serve(socket, services.clone()));
     }
     tokio::spawn(agent.clone().renew_forever());
@@ -331,6 +358,13 @@ async fn up(
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // Written last: once it exists, every listener and signal handler is in place.
+    if let Some(path) = ready_file {
+        write_ready_file(
+            path,
+            &serde_json::json!({ "proxy": bound, "dns": dns_bound }),
+        )?;
+    }
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -354,7 +388,12 @@ fn rebind_on_usr1(relay: Arc<Relay>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn tcp(home: &Home, target: &str, listen: SocketAddr) -> anyhow::Result<ExitCode> {
+async fn tcp(
+    home: &Home,
+    target: &str,
+    listen: SocketAddr,
+    ready_file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         listen.ip().is_loopback(),
         "forwards listen on loopback only, not {listen}"
@@ -363,9 +402,13 @@ async fn tcp(home: &Home, target: &str, listen: SocketAddr) -> anyhow::Result<Ex
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}: is the port in use?"))?;
-    tracing::info!(%listen, target, "forwarding");
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, target, "forwarding");
     tokio::spawn(agent.clone().renew_forever());
     rebind_on_usr1(agent.relay.clone())?;
+    if let Some(path) = ready_file {
+        write_ready_file(path, &serde_json::json!({ "listen": bound }))?;
+    }
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);

@@ -9,10 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use portcullis_e2e::{APP, DB, Daemon, Stack, World, bin, eventually, relay_ok};
+use portcullis_e2e::{
+    APP, DB, Daemon, Stack, World, bin, curl_expect, eventually, relay_ok, wait_for_connectors,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+/// A port that was free a moment ago, for sshd, which cannot report the one it bound.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -66,20 +69,35 @@ async fn enroll_with(
         .unwrap()
 }
 
-/// Starts `portcullis up` and waits until the proxy answers.
-async fn up(s: &Stack, home: &Path, extra: &[&str]) -> (Daemon, u16) {
-    let port = free_port();
+/// `portcullis up`, running.
+struct Up {
+    /// The agent process.
+    agent: Daemon,
+    /// Its proxy's port.
+    port: u16,
+    /// Its DNS stub's port, if asked for one (`--dns 127.0.0.1:0`).
+    dns: Option<u16>,
+}
+
+/// Starts `portcullis up` with its proxy on a port of its choosing and returns once its
+/// ready file says it is listening.
+async fn up(s: &Stack, home: &Path, extra: &[&str]) -> Up {
+    let ready = s.w.path("agent.ready");
     let mut cmd = agent(home);
-    cmd.args(["up", "--proxy", &format!("127.0.0.1:{port}")])
+    cmd.args(["up", "--proxy", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
         .args(extra);
-    let d = Daemon::spawn_logged(cmd, s.w.path("agent.log"));
-    let ok = eventually(Duration::from_secs(15), || async {
-        let r = proxy_get(port, &format!("http://{APP}/")).await;
-        (r.0 == 200).then_some(())
-    })
-    .await;
-    assert!(ok.is_some(), "agent never came up: {}", d.log_text());
-    (d, port)
+    let mut agent = Daemon::spawn_logged(cmd, s.w.path("agent.log"));
+    let v: serde_json::Value = serde_json::from_str(&agent.wait_ready_file(&ready).await).unwrap();
+    let port = |k: &str| {
+        v[k].as_str()
+            .map(|a| a.parse::<std::net::SocketAddr>().unwrap().port())
+    };
+    Up {
+        port: port("proxy").unwrap(),
+        dns: port("dns"),
+        agent,
+    }
 }
 
 /// GET through the agent's proxy with curl: (status, body).
@@ -119,8 +137,12 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    let dns_port = free_port();
-    let (_agent, port) = up(&s, &home, &["--dns", &format!("127.0.0.1:{dns_port}")]).await;
+    let Up {
+        agent: _agent,
+        port,
+        dns,
+    } = up(&s, &home, &["--dns", "127.0.0.1:0"]).await;
+    let dns_port = dns.expect("the DNS stub's address in the ready file");
     // A private web page, with the device's identity.
     let (code, body) = proxy_get(port, &format!("http://{APP}/via-agent")).await;
     assert_eq!(code, 200);
@@ -204,22 +226,24 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
 
     // A TCP forward, 50 connections at once, to the TCP echo service.
     let echo_port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
-    let listen = free_port();
+    let ready = s.w.path("tcp.ready");
     let mut fwd = agent(&home);
     fwd.args([
         "tcp",
         &format!("{DB}:{echo_port}"),
         "--listen",
-        &format!("127.0.0.1:{listen}"),
-    ]);
-    let fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
-    eventually(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", listen))
-            .await
-            .ok()
-    })
-    .await
-    .unwrap();
+        "127.0.0.1:0",
+    ])
+    .arg("--ready-file")
+    .arg(&ready);
+    let mut fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
+    let v: serde_json::Value = serde_json::from_str(&fwd.wait_ready_file(&ready).await).unwrap();
+    let listen = v["listen"]
+        .as_str()
+        .unwrap()
+        .parse::<std::net::SocketAddr>()
+        .unwrap()
+        .port();
     let conns: Vec<_> = (0..50)
         .map(|i| {
             tokio::spawn(async move {
@@ -250,14 +274,14 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
     session.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"before");
     fwd.signal("USR1");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fwd.wait_for_log("moved to a new local address", Duration::from_secs(10))
+        .await;
     session.write_all(b"after!").await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), session.read_exact(&mut buf))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"after!");
-    assert!(fwd.log_text().contains("moved to a new local address"));
 
     // ssh-proxy: standard input/output to the TCP service.
     let mut ssh = agent(&home);
@@ -342,6 +366,7 @@ async fn bad_tokens_are_refused_with_a_reason_and_nothing_is_issued() {
     );
     // Expired.
     let token = device_token(&s, "erin", &["--ttl", "1s"]);
+    // Time must pass for the token to expire: this sleep is the test's subject.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let out = enroll(&home("3"), &token, "file").await;
     assert!(
@@ -449,7 +474,7 @@ async fn certificates_renew_without_user_action_and_revocation_stops_it() {
     assert!(enroll(&home, &token, "file").await.status.success());
     let first: serde_json::Value =
         serde_json::from_slice(&std::fs::read(home.join("agent.json")).unwrap()).unwrap();
-    let (agent, port) = up(&s, &home, &[]).await;
+    let Up { agent, port, .. } = up(&s, &home, &[]).await;
     // Renewed at two thirds (4 s), then again; requests keep working past the first expiry.
     let renewed = eventually(Duration::from_secs(15), || async {
         let now: serde_json::Value =
@@ -458,7 +483,13 @@ async fn certificates_renew_without_user_action_and_revocation_stops_it() {
     })
     .await;
     assert!(renewed.is_some(), "no renewal: {}", agent.log_text());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Time must pass beyond the first certificate's expiry: that is what this checks.
+    let first_expiry = std::time::UNIX_EPOCH
+        + Duration::from_secs(first["not_after"].as_u64().unwrap())
+        + Duration::from_millis(500);
+    if let Ok(left) = first_expiry.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
     assert_eq!(proxy_get(port, &format!("http://{APP}/")).await.0, 200);
     // Revoked: the live connection is closed and renewal is refused.
     let device = std::fs::read_to_string(home.join("agent.json")).unwrap();
@@ -492,17 +523,41 @@ async fn a_download_survives_the_agent_moving_to_a_new_address_and_the_relay_res
     let token = device_token(&s, "hana", &[]);
     let home = s.w.path("hana-home");
     assert!(enroll(&home, &token, "file").await.status.success());
-    let (agent, port) = up(&s, &home, &[]).await;
-    // A 4 s streamed download through the proxy; move the agent's socket halfway.
-    let url = format!("http://{APP}/stream?n=40&ms=100");
-    let download = tokio::spawn(async move { proxy_get(port, &url).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let Up { agent, port, .. } = up(&s, &home, &[]).await;
+    // A 4 s streamed download through the proxy; move the agent's socket once a third of
+    // it has arrived.
+    let mut download = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "20", "-x"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(format!("http://{APP}/stream?n=40&ms=100"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = download.stdout.take().unwrap();
+    let mut body = Vec::new();
+    while !String::from_utf8_lossy(&body).contains("chunk 13\n") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+            .await
+            .expect("the download must be under way")
+            .unwrap();
+        assert!(
+            n > 0,
+            "download ended early: {}",
+            String::from_utf8_lossy(&body)
+        );
+        body.extend_from_slice(&buf[..n]);
+    }
     agent.signal("USR1");
-    let (code, body) = download.await.unwrap();
-    assert_eq!(code, 200);
+    agent
+        .wait_for_log("moved to a new local address", Duration::from_secs(10))
+        .await;
+    out.read_to_end(&mut body).await.unwrap();
+    assert!(download.wait().await.unwrap().success());
+    let body = String::from_utf8(body).unwrap();
     assert_eq!(body.lines().count(), 40, "{body}");
     assert!(body.ends_with("chunk 39\n"), "{body}");
-    assert!(agent.log_text().contains("moved to a new local address"));
     // The relay restarts: the local proxy stays up and works again soon after.
     let back = s.restart_relay_only(Duration::ZERO).await;
     let ok = eventually(Duration::from_secs(10), || async {
@@ -544,7 +599,11 @@ async fn the_os_keyring_holds_the_key_when_one_is_reachable() {
         !home.join("device.key").exists(),
         "the key must not be on disk"
     );
-    let (_agent, port) = up(&s, &home, &[]).await;
+    let Up {
+        agent: _agent,
+        port,
+        ..
+    } = up(&s, &home, &[]).await;
     assert_eq!(proxy_get(port, &format!("http://{APP}/")).await.0, 200);
     assert!(
         agent(&home)
@@ -559,7 +618,7 @@ async fn the_os_keyring_holds_the_key_when_one_is_reachable() {
 
 #[tokio::test]
 async fn a_connector_enrols_with_a_token_and_serves_with_the_written_config() {
-    let s = Stack::up().await;
+    let mut s = Stack::up().await;
     let relay = s.addrs.quic.to_string();
     let out = relay_ok(&[
         "token",
@@ -602,11 +661,15 @@ async fn a_connector_enrols_with_a_token_and_serves_with_the_written_config() {
         ),
     )
     .unwrap();
-    // Kill c1 so new.eng.internal can only be served by c9.
     let mut cmd = Command::new(bin("portcullis-connector"));
     cmd.args(["run", "--config"]).arg(&config);
     let _c9 = Daemon::spawn_logged(cmd, s.w.path("c9.log"));
-    let r = portcullis_e2e::curl_until(&s.w, &s.addrs, "new.eng.internal", "alice", 200).await;
+    wait_for_connectors(s.addrs.admin, 2).await;
+    // Stop c1 (it publishes *.eng.internal too) so new.eng.internal can only be served by c9.
+    s.connector.signal("TERM");
+    assert!(s.connector.wait(Duration::from_secs(10)).await.success());
+    wait_for_connectors(s.addrs.admin, 1).await;
+    let r = curl_expect(&s.w, &s.addrs, "new.eng.internal", "alice", 200).await;
     assert!(r.body.contains("pc-origin"));
     let list = relay_ok(&["list", "--state", s.w.state()]);
     assert!(list.contains("c9"), "{list}");
@@ -663,7 +726,7 @@ async fn ssh_reaches_a_real_sshd_behind_a_connector_through_ssh_proxy() {
     let _ = std::fs::create_dir_all("/run/sshd");
     let mut cmd = Command::new(sshd);
     cmd.args(["-D", "-e", "-f"]).arg(dir.join("sshd_config"));
-    let _sshd = Daemon::spawn_logged(cmd, s.w.path("sshd.log"));
+    let sshd = Daemon::spawn_logged(cmd, s.w.path("sshd.log"));
     s.w.issue_connector("c2", &["ssh.internal"]);
     let path = s.w.write_connector_config(
         "c2",
@@ -682,45 +745,40 @@ async fn ssh_reaches_a_real_sshd_behind_a_connector_through_ssh_proxy() {
         bin("portcullis").display(),
         home.display()
     );
-    let out = eventually(Duration::from_secs(20), || {
-        let proxy = proxy.clone();
-        let dir = dir.clone();
-        let user = user.clone();
-        async move {
-            let run = Command::new("ssh")
-                .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
-                .args([
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "ConnectTimeout=10",
-                ])
-                .args(["-o", &format!("ProxyCommand={proxy}")])
-                .arg("-i")
-                .arg(dir.join("user_key"))
-                .args([
-                    "-p",
-                    &port.to_string(),
-                    &format!("{user}@ssh.internal"),
-                    "echo hello-over-ssh",
-                ])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output();
-            let out = tokio::time::timeout(Duration::from_secs(15), run)
-                .await
-                .ok()?
-                .ok()?;
-            out.status.success().then_some(out)
-        }
-    })
-    .await
-    .unwrap_or_else(|| {
-        panic!(
-            "ssh never got through: {}",
-            std::fs::read_to_string(s.w.path("sshd.log")).unwrap_or_default()
-        )
-    });
+    // Both ends ready: sshd listening, c2 registered with the relay.
+    sshd.wait_for_log("Server listening on", Duration::from_secs(20))
+        .await;
+    wait_for_connectors(s.addrs.admin, 2).await;
+    let run = Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .args(["-o", &format!("ProxyCommand={proxy}")])
+        .arg("-i")
+        .arg(dir.join("user_key"))
+        .args([
+            "-p",
+            &port.to_string(),
+            &format!("{user}@ssh.internal"),
+            "echo hello-over-ssh",
+        ])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("ssh hung")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh failed: {}\nsshd: {}",
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log_text()
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "hello-over-ssh"

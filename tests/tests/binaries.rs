@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::{World, curl_cmd, curl_until, relay_cli, relay_ok, run_curl};
+use portcullis_e2e::{
+    World, curl_cmd, curl_expect, identity_series, metric, relay_cli, relay_ok, run_curl,
+    wait_for_connectors, wait_for_metric,
+};
 
 use portcullis_e2e::{APP, Stack};
 
@@ -172,13 +175,21 @@ async fn bad_certificates_are_refused_at_the_handshake() {
     assert_eq!(s.get(APP, "/", Some("eve")).await.status, 0);
     // An expired certificate.
     s.w.issue_device("old", "alice", &["eng"], Some("1s"));
+    // Time must pass for a certificate to expire: this sleep is the test's subject.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(s.get(APP, "/", Some("old")).await.status, 0);
     // A superseded certificate: re-issuing alice invalidates the first one.
     std::fs::copy(s.w.path("out/alice.crt"), s.w.path("out/alice-v1.crt")).unwrap();
     std::fs::copy(s.w.path("out/alice.key"), s.w.path("out/alice-v1.key")).unwrap();
+    let alice = identity_series("device", "alice");
+    let first = metric(s.addrs.admin, &alice).await;
+    assert!(first.is_some(), "the relay knows alice");
     s.w.issue_device("alice", "alice", &["eng"], None);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The relay has read the re-issue once alice's expiry on /metrics is the new one.
+    wait_for_metric(s.addrs.admin, &alice, "alice re-issued", |v| {
+        v.is_some() && v != first
+    })
+    .await;
     assert_eq!(s.get(APP, "/", Some("alice-v1")).await.status, 0);
     assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
     let log = s.relay.log_text();
@@ -192,22 +203,40 @@ async fn bad_certificates_are_refused_at_the_handshake() {
 #[tokio::test]
 async fn revoking_a_device_closes_its_live_connection_and_refuses_new_ones() {
     let s = Stack::up().await;
-    // A response that streams for 20 s.
-    let live = curl_cmd(&s.w, &s.addrs, APP, "/stream?n=200&ms=100", Some("alice"));
+    use tokio::io::AsyncReadExt;
+    // A response that streams for 20 s; revoke once its first chunk has arrived.
+    let mut live = curl_cmd(&s.w, &s.addrs, APP, "/stream?n=200&ms=100", Some("alice"));
+    live.arg("-N").stdout(std::process::Stdio::piped());
     let started = Instant::now();
-    let handle = tokio::spawn(run_curl(live));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut child = live.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("chunk 0") {
+        let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+            .await
+            .expect("the stream must start")
+            .unwrap();
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
     relay_ok(&["revoke", "device", "alice", "--state", s.w.state()]);
     let revoked_at = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(10), handle)
+    let rest = async {
+        let _ = out.read_to_end(&mut seen).await;
+        child.wait().await.unwrap()
+    };
+    let status = tokio::time::timeout(Duration::from_secs(10), rest)
         .await
-        .expect("live connection must be cut")
-        .unwrap();
-    assert_ne!(r.exit, 0, "the transfer must fail, not complete");
+        .expect("live connection must be cut");
     assert!(
-        r.body.contains("chunk 0"),
-        "the stream had started: {}",
-        r.body
+        !status.success(),
+        "the transfer must fail, not complete: {}",
+        String::from_utf8_lossy(&seen)
     );
     assert!(
         revoked_at.elapsed() < Duration::from_secs(3),
@@ -226,14 +255,16 @@ async fn revoking_a_device_closes_its_live_connection_and_refuses_new_ones() {
 async fn revoking_a_connector_disconnects_it() {
     let s = Stack::up().await;
     relay_ok(&["revoke", "connector", "c1", "--state", s.w.state()]);
-    // Briefly a request may still be routed to the closing tunnel (502); then the names
-    // it alone published are no longer served at all (TLS refused).
+    // Briefly a request may still be routed to the closing tunnel (502), or find its name
+    // unpublished between the handshake and the request (404); then the names it alone
+    // published are no longer served at all (TLS refused).
     let r = portcullis_e2e::eventually(Duration::from_secs(5), || async {
         let r = s.get(APP, "/", Some("alice")).await;
         assert!(
-            r.status == 200 || r.status == 502 || r.status == 0,
-            "{}",
-            r.status
+            matches!(r.status, 200 | 502 | 404 | 0),
+            "{} {}",
+            r.status,
+            r.body
         );
         (r.status == 0).then_some(r)
     })
@@ -327,7 +358,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let service = format!("http://{}", s.origin_addr);
     let mut c =
         s.w.start_connector("c1", &addrs.quic.to_string(), &[(APP, &service)]);
-    curl_until(&s.w, &addrs, APP, "alice", 200).await;
+    wait_for_connectors(addrs.admin, 1).await;
+    curl_expect(&s.w, &addrs, APP, "alice", 200).await;
     // Stop the first connector so the slow request goes through `c`.
     s.connector.signal("TERM");
     assert!(s.connector.wait(Duration::from_secs(10)).await.success());

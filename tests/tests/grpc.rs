@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use portcullis_e2e::{Daemon, World, curl_until};
+use portcullis_e2e::{Daemon, World, curl_expect, wait_for_connectors};
 
 fn grpc_available() -> bool {
     Command::new("python3")
@@ -156,7 +156,8 @@ async fn grpc_unary_streaming_and_errors_pass_through_with_trailers() {
     let mut cmd = tokio::process::Command::new(portcullis_e2e::bin("portcullis-connector"));
     cmd.args(["run", "--config"]).arg(&path);
     let _connector = Daemon::spawn_logged(cmd, w.path("c1.log"));
-    curl_until(&w, &addrs, "app.internal", "alice", 200).await;
+    wait_for_connectors(addrs.admin, 1).await;
+    curl_expect(&w, &addrs, "app.internal", "alice", 200).await;
 
     let out = w.path("out");
     for authority in ["grpc.internal", "grpcs.internal"] {

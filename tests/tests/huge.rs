@@ -1,7 +1,8 @@
 //! Huge bodies through relay and connector: a 2 GiB upload and a 2 GiB download complete
 //! intact (SHA-256 on both ends) while each daemon's peak resident memory stays under
 //! 100 MiB, which only holds if backpressure reaches the sender instead of buffers growing.
-//! `PORTCULLIS_HUGE_BYTES` overrides the size.
+//! `PORTCULLIS_HUGE_BYTES` overrides the size. Slow, so ignored by default: `tests/run` runs
+//! it by name after the main run.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,6 +26,7 @@ fn hex(d: ring::digest::Digest) -> String {
 }
 
 #[tokio::test]
+#[ignore = "slow: two 2 GiB transfers through debug builds; tests/run runs it by name"]
 async fn two_gib_up_and_down_intact_with_bounded_daemon_memory() {
     let n = size();
     let s = Stack::up().await;

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use portcullis_e2e::{World, curl_until};
+use portcullis_e2e::{World, curl_expect, wait_for_connectors};
 use std::process::Command;
 
 /// A namespace with a veth link to the host; removed (with its link) on drop.
@@ -147,7 +147,8 @@ async fn origin_behind_a_firewall_that_drops_all_inbound_is_reachable_only_throu
     );
 
     // Through the relay and the connector's outbound tunnel: works.
-    let r = curl_until(&w, &addrs, "app.internal", "alice", 200).await;
+    wait_for_connectors(addrs.admin, 1).await;
+    let r = curl_expect(&w, &addrs, "app.internal", "alice", 200).await;
     assert!(r.body.contains("pc-origin"), "{}", r.body);
 
     // The connector itself listens on no TCP port (its one UDP socket is a QUIC client's).

@@ -1,6 +1,7 @@
 //! WebSocket sessions held for minutes through relay and connector, over HTTP/1.1 (a real
 //! client, tungstenite), HTTP/2 (RFC 8441) and HTTP/3 (RFC 9220) at once, with a quiet
-//! stretch longer than the relay's idle timeout in the middle.
+//! stretch longer than the relay's idle timeout in the middle. Slow, so ignored by default:
+//! `tests/run` runs it by name after the main run.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +16,8 @@ use portcullis_e2e::{
 use tokio_tungstenite::tungstenite::Message;
 
 /// Pauses before each message: busy, then silent for longer than `idle_timeout` (30 s by
-/// default), then busy again: about two and a half minutes in all.
+/// default), then busy again: about two and a half minutes in all. These sleeps are the
+/// test's subject (sessions held over time), never a wait for readiness.
 fn schedule() -> Vec<Duration> {
     let mut s = vec![Duration::from_secs(5); 10];
     s.push(Duration::from_secs(45));
@@ -24,6 +26,7 @@ fn schedule() -> Vec<Duration> {
 }
 
 #[tokio::test]
+#[ignore = "slow: holds WebSocket sessions for about two and a half minutes; tests/run runs it by name"]
 async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
     let s = Stack::up().await;
     let started = Instant::now();
@@ -35,6 +38,7 @@ async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
             .unwrap();
         assert_eq!(resp.status(), 101);
         for (i, pause) in schedule().into_iter().enumerate() {
+            // The schedule's pause: time held is the subject (see schedule()).
             tokio::time::sleep(pause).await;
             let text = format!("h1 message {i}");
             ws.send(Message::text(text.clone())).await.unwrap();
@@ -55,6 +59,7 @@ async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
         let (mut send, mut body) = h2_websocket(&s.w, &s.addrs, "alice", APP).await;
         let mut pending = Vec::new();
         for (i, pause) in schedule().into_iter().enumerate() {
+            // The schedule's pause: time held is the subject (see schedule()).
             tokio::time::sleep(pause).await;
             let text = format!("h2 message {i}");
             send.send_data(Bytes::from(ws_client_frame(0x1, text.as_bytes())), false)
@@ -75,6 +80,7 @@ async fn websocket_sessions_last_minutes_over_http1_http2_and_http3() {
         let mut ws = h3.open(&h3_websocket_request(APP)).await;
         assert_eq!(ws.response().await, Ok(200));
         for (i, pause) in schedule().into_iter().enumerate() {
+            // The schedule's pause: time held is the subject (see schedule()).
             tokio::time::sleep(pause).await;
             let text = format!("h3 message {i}");
             ws.send

@@ -312,6 +312,8 @@ async fn idle_kib_per_connection(s: &Stack, proto: Proto, n: usize) -> anyhow::R
         get(&mut c, SMALL, true).await?;
         held.push(c);
     }
+    // Lets the relay's allocator settle before measuring (every connection is already up):
+    // a measurement pause, not a wait for readiness.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = portcullis_e2e::rss(pid);
     drop(held);

@@ -41,6 +41,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                         eprintln!("client went away after {i} chunks");
                         return;
                     }
+                    // The endpoint's pacing between chunks, asked for with `ms`.
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
             });
@@ -48,6 +49,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             Response::new(StreamBody::new(stream).boxed())
         }
         "/slow" => {
+            // A slow origin is this endpoint's purpose.
             tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(1000))).await;
             Response::new(full("slow done\n".into()))
         }
@@ -102,6 +104,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                     if tx.send(Ok(Frame::data(event))).await.is_err() {
                         return;
                     }
+                    // The endpoint's pacing between events, asked for with `ms`.
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
             });

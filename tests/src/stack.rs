@@ -1,0 +1,110 @@
+//! [`Stack`]: the usual end-to-end arrangement of real binaries: a relay, connector `c1`
+//! publishing web, TCP and h2c services of the test origin, and devices alice and bob.
+
+use std::time::{Duration, Instant};
+
+use crate::{CurlResult, Daemon, RelayAddrs, World, curl, wait_for_connectors};
+
+/// The published web app in [`Stack`].
+pub const APP: &str = "app.internal";
+/// A raw TCP service (the origin's echo server) in [`Stack`].
+pub const DB: &str = "db.internal";
+/// An HTTP/2 cleartext (gRPC-style) service in [`Stack`].
+pub const GRPC: &str = "grpc.internal";
+/// The policy of [`Stack`]: group eng may reach everything published.
+pub const POLICY: &str = "[[policy]]\nhostnames = [\"app.internal\", \"db.internal\", \"grpc.internal\", \"*.eng.internal\"]\ngroups = [\"eng\"]\n";
+
+/// A running relay, connector `c1`, the test origin, and devices alice (group eng) and bob
+/// (group sales). c1 publishes [`APP`] and `*.eng.internal` (HTTP), [`DB`] (TCP echo) and
+/// [`GRPC`] (h2c), all served by the one test origin.
+pub struct Stack {
+    /// The test's world.
+    pub w: World,
+    /// The relay.
+    pub relay: Daemon,
+    /// Its addresses.
+    pub addrs: RelayAddrs,
+    /// The connector.
+    pub connector: Daemon,
+    /// The origin process.
+    pub origin: Daemon,
+    /// The origin's HTTP address.
+    pub origin_addr: String,
+}
+
+impl Stack {
+    /// Brings the stack up; returns once the connector has registered with the relay, so
+    /// its names are routed.
+    pub async fn up() -> Self {
+        Self::up_with("").await
+    }
+
+    /// Like [`Stack::up`], with `extra` TOML appended to relay.toml (e.g. `[limits]`).
+    pub async fn up_with(extra: &str) -> Self {
+        let w = World::new();
+        w.issue_connector("c1", &[APP, "*.eng.internal", DB, GRPC]);
+        w.issue_device("alice", "alice", &["eng"], None);
+        w.issue_device("bob", "bob", &["sales"], None);
+        let (origin, origin_addr) = w.start_origin().await;
+        w.write_relay_config(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &format!("{extra}\n{POLICY}"),
+        );
+        let (relay, addrs) = w.start_relay().await;
+        let service = format!("http://{origin_addr}");
+        let echo = format!("tcp://{}", w.echo_addr());
+        let h2c = format!("h2c://{origin_addr}");
+        let connector = w.start_connector(
+            "c1",
+            &addrs.quic.to_string(),
+            &[
+                (APP, &service),
+                ("*.eng.internal", &service),
+                (DB, &echo),
+                (GRPC, &h2c),
+            ],
+        );
+        wait_for_connectors(addrs.admin, 1).await;
+        Self {
+            w,
+            relay,
+            addrs,
+            connector,
+            origin,
+            origin_addr,
+        }
+    }
+
+    /// Kills the relay, waits `outage`, starts it again on the same ports, and returns how
+    /// long after it was back the connector had registered again and a first request
+    /// succeeded.
+    pub async fn restart_relay(&mut self, outage: Duration) -> Duration {
+        let back = self.restart_relay_only(outage).await;
+        wait_for_connectors(self.addrs.admin, 1).await;
+        let r = self.get(APP, "/", Some("alice")).await;
+        assert_eq!(r.status, 200, "after the restart: {} {}", r.body, r.stderr);
+        back.elapsed()
+    }
+
+    /// Kills and restarts the relay on the same ports; returns when it is ready.
+    pub async fn restart_relay_only(&mut self, outage: Duration) -> Instant {
+        self.relay.signal("KILL");
+        self.relay.wait(Duration::from_secs(5)).await;
+        let a = self.addrs;
+        let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
+        self.w.write_relay_config(&quic, &https, &admin, POLICY);
+        // The outage itself: how long the relay stays down is what the caller tests.
+        tokio::time::sleep(outage).await;
+        let (relay, addrs) = self.w.start_relay().await;
+        self.relay = relay;
+        self.addrs = addrs;
+        Instant::now()
+    }
+
+    /// GET through the relay with curl.
+    pub async fn get(&self, host: &str, path: &str, device: Option<&str>) -> CurlResult {
+        curl(&self.w, &self.addrs, host, path, device).await
+    }
+}

@@ -1,0 +1,202 @@
+//! One test's world: a temporary directory with its own CA (made by the relay's CLI),
+//! issued certificates, relay and connector configuration files, and the binaries started
+//! from them (relay, connector, test origin) with their ready files.
+
+use std::path::PathBuf;
+
+use tokio::process::Command;
+
+use crate::process::read_ready;
+use crate::{Daemon, bin, in_netns, relay_ok};
+
+/// Ports bound by a relay, from its ready file.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayAddrs {
+    /// UDP QUIC port.
+    pub quic: std::net::SocketAddr,
+    /// TCP HTTPS port.
+    pub https: std::net::SocketAddr,
+    /// TCP admin port.
+    pub admin: std::net::SocketAddr,
+}
+
+/// One test's world: a directory, a CA, certificates.
+pub struct World {
+    /// Temporary directory, removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    /// A new directory with an initialised CA (`state/`) and issued files in `out/`.
+    pub fn new() -> Self {
+        // PORTCULLIS_KEEP_TEST_DIRS=1 keeps each test's directory (logs, configs) for a look.
+        let keep = std::env::var_os("PORTCULLIS_KEEP_TEST_DIRS").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix("pc-e2e-")
+            .disable_cleanup(keep)
+            .tempdir()
+            .unwrap();
+        let w = Self { dir };
+        relay_ok(&["ca", "init", "--state", w.state(), "--org", "Acme"]);
+        w
+    }
+
+    /// `state/` as a string.
+    pub fn state(&self) -> &str {
+        Box::leak(
+            self.path("state")
+                .to_string_lossy()
+                .into_owned()
+                .into_boxed_str(),
+        )
+    }
+
+    /// `out/` as a string.
+    pub fn out(&self) -> &str {
+        Box::leak(
+            self.path("out")
+                .to_string_lossy()
+                .into_owned()
+                .into_boxed_str(),
+        )
+    }
+
+    /// A path in the test's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a connector certificate.
+    pub fn issue_connector(&self, name: &str, hostnames: &[&str]) {
+        let mut args = vec!["issue", "connector", name];
+        for h in hostnames {
+            args.extend(["--hostname", h]);
+        }
+        args.extend(["--state", self.state(), "--out", self.out()]);
+        relay_ok(&args);
+    }
+
+    /// Issues a device certificate.
+    pub fn issue_device(&self, id: &str, user: &str, groups: &[&str], ttl: Option<&str>) {
+        let mut args = vec!["issue", "device", id, "--user", user];
+        for g in groups {
+            args.extend(["--group", g]);
+        }
+        if let Some(ttl) = ttl {
+            args.extend(["--ttl", ttl]);
+        }
+        args.extend(["--state", self.state(), "--out", self.out()]);
+        relay_ok(&args);
+    }
+
+    /// Writes `relay.toml` listening on the given addresses, plus `extra` TOML (policy).
+    pub fn write_relay_config(&self, quic: &str, https: &str, admin: &str, extra: &str) -> PathBuf {
+        let path = self.path("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"{}\"\nserver_name = \"relay.acme.test\"\nquic_listen = \"{quic}\"\n\
+                 https_listen = \"{https}\"\nadmin_listen = \"{admin}\"\ndrain_grace = \"5s\"\n{extra}",
+                self.state()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Starts the relay with `relay.toml` and waits for its ready file.
+    pub async fn start_relay(&self) -> (Daemon, RelayAddrs) {
+        let ready = self.path("relay.ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(bin("portcullis-relay"));
+        cmd.args(["run", "--config"])
+            .arg(self.path("relay.toml"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("PORTCULLIS_LOG", "info,portcullis_relay=debug");
+        let mut d = Daemon::spawn(cmd, self.path("relay.log"));
+        let text = read_ready(&ready, &mut d.child, "relay").await;
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
+        let addrs = RelayAddrs {
+            quic: addr("quic_listen"),
+            https: addr("https_listen"),
+            admin: addr("admin_listen"),
+        };
+        (d, addrs)
+    }
+
+    /// Writes a connector config for `name` dialling `relay`, publishing `ingress`
+    /// (hostname, service URL) pairs, and starts the connector.
+    pub fn start_connector(&self, name: &str, relay: &str, ingress: &[(&str, &str)]) -> Daemon {
+        self.start_connector_in(None, name, relay, ingress)
+    }
+
+    /// Like [`World::start_connector`], inside network namespace `netns` if given.
+    pub fn start_connector_in(
+        &self,
+        netns: Option<&str>,
+        name: &str,
+        relay: &str,
+        ingress: &[(&str, &str)],
+    ) -> Daemon {
+        let path = self.write_connector_config(name, relay, ingress);
+        let mut cmd = in_netns(netns, &bin("portcullis-connector"));
+        cmd.args(["run", "--config"]).arg(&path);
+        Daemon::spawn(cmd, self.path(&format!("{name}.log")))
+    }
+
+    /// Writes `NAME.toml` for a connector.
+    pub fn write_connector_config(
+        &self,
+        name: &str,
+        relay: &str,
+        ingress: &[(&str, &str)],
+    ) -> PathBuf {
+        let out = self.out();
+        let mut text = format!(
+            "relay = \"{relay}\"\nserver_name = \"relay.acme.test\"\nca = \"{out}/ca.crt\"\n\
+             cert = \"{out}/{name}.crt\"\nkey = \"{out}/{name}.key\"\ndrain_grace = \"5s\"\n"
+        );
+        for (h, s) in ingress {
+            text.push_str(&format!(
+                "[[ingress]]\nhostname = \"{h}\"\nservice = \"{s}\"\n"
+            ));
+        }
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts the test origin on loopback and returns it with its address.
+    pub async fn start_origin(&self) -> (Daemon, String) {
+        self.start_origin_in(None, "127.0.0.1:0").await
+    }
+
+    /// Starts the test origin listening on `listen`, inside `netns` if given. Its raw TCP
+    /// echo server's address is then [`World::echo_addr`].
+    pub async fn start_origin_in(&self, netns: Option<&str>, listen: &str) -> (Daemon, String) {
+        let ready = self.path("origin.ready");
+        let mut cmd = in_netns(netns, &bin("pc-origin"));
+        cmd.args(["--listen", listen, "--ready-file"])
+            .arg(&ready)
+            .arg("--echo-ready-file")
+            .arg(self.path("echo.ready"));
+        let mut d = Daemon::spawn(cmd, self.path("origin.log"));
+        let addr = read_ready(&ready, &mut d.child, "origin").await;
+        (d, addr)
+    }
+}
+
+impl World {
+    /// The test origin's raw TCP echo address.
+    pub fn echo_addr(&self) -> String {
+        std::fs::read_to_string(self.path("echo.ready")).unwrap()
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,310 @@
+//! The in-process tier: relay and connector run from their libraries inside the test's
+//! runtime, with in-process origins and clients, all on `127.0.0.1:0`. Each test has its
+//! own directory, CA and timeout, waits on events (bound, registered, held at the origin,
+//! a status the relay answers) and never on the clock, and asserts what a user sees.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use portcullis_e2e::{
+    H3Client, RunningRelay, TestConnector, TestOrigin, TestRelay, eventually,
+    wait_for_tunnel_streams,
+};
+
+const WEB: &str = "web.internal";
+const OTHER: &str = "other.internal";
+const IDLE: &str = "idle.internal";
+/// Every test's bound: generous for two cores, short enough to name a hang.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a test body under [`TEST_TIMEOUT`].
+async fn within<F: Future>(body: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, body)
+        .await
+        .expect("the test timed out")
+}
+
+/// A relay where group eng may reach [`WEB`], [`OTHER`] and [`IDLE`]; devices alice
+/// (eng) and bob (sales).
+async fn relay() -> RunningRelay {
+    TestRelay::new()
+        .allow(&[WEB, OTHER, IDLE], &["eng"])
+        .device("alice", "alice", &["eng"])
+        .device("bob", "bob", &["sales"])
+        .run()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_through_relay_and_connector_returns_the_origins_answer_with_the_identity() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+
+        let r = relay.client("alice").get(WEB, "/hello?x=1").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(
+            (v["origin"].as_str(), v["path"].as_str()),
+            (Some("web"), Some("/hello"))
+        );
+        let h = &v["headers"];
+        assert_eq!(h["portcullis-user"], "alice");
+        assert_eq!(h["portcullis-device"], "alice");
+        assert_eq!(h["portcullis-groups"], "eng");
+
+        // The same origin over HTTP/3, on the same in-process relay.
+        let mut h3 = H3Client::connect(&relay.world, &relay.addrs, "alice", WEB).await;
+        let r = h3.get(WEB, "/over-h3").await;
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["path"], "/over-h3");
+        assert_eq!(v["headers"]["portcullis-user"], "alice");
+        assert_eq!(
+            origin.requests(),
+            [format!("{WEB} /hello"), format!("{WEB} /over-h3")]
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_the_policy_does_not_allow_gets_403_and_nothing_reaches_the_origin() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+
+        let r = relay.client("bob").get(WEB, "/for-eng-only").await;
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert!(r.body.contains("policy does not allow"), "{}", r.body);
+        let denied = "portcullis_relay_policy_denials_total";
+        assert_eq!(relay.metric(denied).await, Some(1));
+        // The route itself works: alice's request is the only one the origin saw.
+        assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
+        assert_eq!(origin.requests(), [format!("{WEB} /")]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_are_refused_and_a_name_without_a_connector_online_gets_502() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        // IDLE may be published, but its connector never connects.
+        relay.issue_connector("spare", &[IDLE]).await;
+        let alice = relay.client("alice");
+
+        // A name nobody may publish: no certificate, the handshake is refused.
+        let refused = alice.try_get("nope.internal", "/").await;
+        assert!(refused.is_err(), "{refused:?}");
+        // The same name asked for on a connection to the relay's own name: 404.
+        let r = alice.get_via_relay_name("nope.internal", "/").await;
+        assert_eq!(r.status, 404, "{}", r.body);
+        // A published name with no connector online: 502, saying so.
+        let r = alice.get(IDLE, "/").await;
+        assert_eq!(r.status, 502, "{}", r.body);
+        assert!(r.body.contains("no connector is online"), "{}", r.body);
+        // Meanwhile the published, connected name is served.
+        assert_eq!(alice.get(WEB, "/").await.status, 200);
+        assert_eq!(alice.get_via_relay_name(WEB, "/").await.status, 200);
+        assert_eq!(origin.requests().len(), 2, "{:?}", origin.requests());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_cannot_take_a_hostname_it_was_not_issued() {
+    within(async {
+        let relay = relay().await;
+        let a = TestOrigin::start("a").await;
+        let b = TestOrigin::start("b").await;
+        let c1 = TestConnector::new(&relay).expose(WEB, a.addr).run().await;
+        // c2's certificate names OTHER only, yet it asks to publish WEB as well.
+        let _c2 = TestConnector::new(&relay)
+            .issued_for(&[OTHER])
+            .expose(OTHER, b.addr)
+            .expose(WEB, b.addr)
+            .run()
+            .await;
+        let alice = relay.client("alice");
+
+        // c2 is registered and serves what it was issued...
+        let r = alice.get(OTHER, "/").await;
+        assert_eq!((r.status, r.json()["origin"].as_str()), (200, Some("b")));
+        // ...but WEB goes to c1 only, however often it is asked for.
+        for i in 0..6 {
+            let r = alice.get(WEB, &format!("/{i}")).await;
+            assert_eq!((r.status, r.json()["origin"].as_str()), (200, Some("a")));
+        }
+        // With c1 gone, WEB has no connector at all: c2 never got it.
+        c1.stop().await.unwrap();
+        relay.wait_for_connectors(1).await;
+        let r = alice.get(WEB, "/").await;
+        assert_eq!(r.status, 502, "{}", r.body);
+        assert_eq!(b.requests(), [format!("{OTHER} /")]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connectors_share_a_name_and_one_leaving_loses_no_request() {
+    within(async {
+        let relay = relay().await;
+        let a = TestOrigin::start("a").await;
+        let b = TestOrigin::start("b").await;
+        let c1 = TestConnector::new(&relay).expose(WEB, a.addr).run().await;
+        let _c2 = TestConnector::new(&relay).expose(WEB, b.addr).run().await;
+        let alice = relay.client("alice");
+
+        // Round robin: consecutive requests reach both.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let r = alice.get(WEB, "/").await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            seen.insert(r.json()["origin"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["a", "b"]);
+        // c1 leaves gracefully: every later request is served by c2's origin.
+        c1.stop().await.unwrap();
+        relay.wait_for_connectors(1).await;
+        for _ in 0..4 {
+            let r = alice.get(WEB, "/").await;
+            assert_eq!((r.status, r.json()["origin"].as_str()), (200, Some("b")));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_connector_shutdown_still_delivers_the_in_flight_response() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        let alice = relay.client("alice");
+
+        // A request the origin holds until told.
+        let in_flight = tokio::spawn({
+            let alice = alice.clone();
+            async move { alice.get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+        let stopping = tokio::spawn(c1.stop());
+        // The drain has reached the relay once it routes nothing more to c1.
+        let drained = eventually(Duration::from_secs(10), || async {
+            let r = alice.get(WEB, "/").await;
+            assert!(matches!(r.status, 200 | 502), "{} {}", r.status, r.body);
+            (r.status == 502).then_some(())
+        })
+        .await;
+        assert!(
+            drained.is_some(),
+            "a draining connector must get no new requests"
+        );
+        assert!(
+            !stopping.is_finished(),
+            "c1 must wait for its in-flight stream"
+        );
+
+        origin.release();
+        let r = in_flight.await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "released by web"));
+        stopping.await.unwrap().expect("c1 stops cleanly");
+        relay.wait_for_connectors(0).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_shutdown_drains_the_in_flight_request_and_stops_cleanly() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        let alice = relay.client("alice");
+        let https = relay.addrs.https;
+
+        let in_flight = tokio::spawn({
+            let alice = alice.clone();
+            async move { alice.get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+        wait_for_tunnel_streams(relay.addrs.admin, 1).await;
+        let stopping = tokio::spawn(relay.stop());
+        // Draining: the relay no longer accepts connections.
+        let closed = eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(https)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+        assert!(closed.is_some(), "a stopping relay must stop accepting");
+        assert!(
+            !stopping.is_finished(),
+            "the relay must wait for its in-flight request"
+        );
+
+        origin.release();
+        let r = in_flight.await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "released by web"));
+        stopping.await.unwrap().expect("the relay stops cleanly");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_loses_its_live_request_and_is_refused_after() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        relay.issue_device("carol", "carol", &["eng"]).await;
+        let alice = relay.client("alice");
+        let carol = relay.client("carol");
+        assert_eq!(alice.get(WEB, "/").await.status, 200);
+        assert_eq!(carol.get(WEB, "/").await.status, 200);
+
+        let live = tokio::spawn({
+            let alice = alice.clone();
+            async move { alice.try_get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+        relay.revoke("device", "alice").await;
+        // Its open connection is closed: the held request never gets a response.
+        let cut = tokio::time::timeout(Duration::from_secs(10), live)
+            .await
+            .expect("the revoked device's connection must be closed")
+            .unwrap();
+        assert!(cut.is_err(), "{cut:?}");
+        // A new connection is refused; other devices are unaffected.
+        let refused = alice.try_get(WEB, "/").await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(carol.get(WEB, "/").await.status, 200);
+        origin.release();
+    })
+    .await;
+}
