@@ -16,6 +16,7 @@ use ring::rand::SecureRandom;
 use tokio::io::AsyncReadExt;
 
 use crate::clock::now;
+use crate::hardening::rate_limit::Refusal;
 use crate::state::State;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,14 +88,19 @@ async fn handle(
             csr,
             name,
         } => {
-            if !state.enroll_limit.allow(ip) {
+            if let Err(why) = state.enroll_limit.check(ip, std::time::Instant::now()) {
                 audit(
                     &state,
                     "enroll.refused",
                     &format!("token:{token_id}"),
-                    &format!("from {ip}: rate limited"),
+                    &format!("from {ip}: rate limited ({why:?})"),
                 );
-                return refused("too many enrolment attempts from your address; wait a minute");
+                return refused(match why {
+                    Refusal::Address => {
+                        "too many enrolment attempts from your address; wait a minute"
+                    }
+                    Refusal::Global => "the relay is busy enrolling; try again in a few seconds",
+                });
             }
             enroll(&state, ip, &token_id, &secret, &csr, name.as_deref())
         }
