@@ -13,7 +13,9 @@ use portcullis_shared::proto::{
     FrameDecoder, StreamHeader, TUNNEL_ALPN, encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
-use portcullis_shared::transport::{BiStream, QuicTransport, Transport, TransportError};
+use portcullis_shared::transport::{
+    BiStream, BoxFuture, QuicTransport, Transport, TransportError, TunnelRecv, TunnelSend,
+};
 use portcullis_shared::tunnel_io::{FrameReadError, read_frame};
 use quinn::VarInt;
 use quinn::crypto::rustls::QuicClientConfig;
@@ -222,11 +224,11 @@ async fn session(
         ConnectorSessionConfig::new(config.drain_grace),
     );
     let (finished_tx, finished) = tokio::sync::mpsc::unbounded_channel();
+    let BiStream { send, recv } = control;
     let mut driver = Driver {
         session,
-        control,
-        control_ended: false,
-        decoder: FrameDecoder::default(),
+        control: send,
+        frames: read_frames(recv),
         finished_tx,
         finished,
         draining: false,
@@ -234,13 +236,32 @@ async fn session(
     driver.run(transport, origins, shutdown, backoff).await
 }
 
+/// Reads the relay's control frames on a task of their own and hands them over, so the
+/// driver's loop waits on a channel rather than re-polling the stream on every wake-up.
+/// The last item is the stream's end (`Ok(None)`) or its error.
+fn read_frames(
+    mut recv: Box<dyn TunnelRecv>,
+) -> tokio::sync::mpsc::Receiver<Result<Option<ControlFrame>, FrameReadError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut decoder = FrameDecoder::default();
+        loop {
+            let frame = read_frame(&mut recv, &mut decoder).await;
+            let last = !matches!(frame, Ok(Some(_)));
+            if tx.send(frame).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// The async shell around one tunnel's [`ConnectorSession`].
 struct Driver {
     session: ConnectorSession,
-    control: BiStream,
-    /// The relay finished its control stream.
-    control_ended: bool,
-    decoder: FrameDecoder,
+    control: Box<dyn TunnelSend>,
+    /// The relay's control frames, from [`read_frames`].
+    frames: tokio::sync::mpsc::Receiver<Result<Option<ControlFrame>, FrameReadError>>,
     /// Each stream task says here when it ends.
     finished_tx: tokio::sync::mpsc::UnboundedSender<()>,
     finished: tokio::sync::mpsc::UnboundedReceiver<()>,
@@ -264,12 +285,14 @@ impl Driver {
         shutdown: &Shutdown,
         backoff: &mut Backoff,
     ) -> anyhow::Result<()> {
+        // One accept in flight for the tunnel's life, re-armed after each stream.
+        let mut accept = transport.accept_bi();
         loop {
             self.transmit().await?;
             if let Some(end) = self.act(transport, backoff) {
                 return end;
             }
-            let input = match self.next_input(transport, shutdown).await {
+            let input = match self.next_input(&mut accept, shutdown).await {
                 Ok(input) => input,
                 Err(e) => {
                     if let Some(why) = e.peer_code().and_then(close_reason) {
@@ -281,6 +304,7 @@ impl Driver {
             let now = Instant::now();
             match input {
                 Input::Stream(stream) => {
+                    accept = transport.accept_bi();
                     self.session.handle_stream_accepted(now);
                     let done = self.finished_tx.clone();
                     let task = serve_stream(stream, origins.clone());
@@ -296,17 +320,20 @@ impl Driver {
                     // The error is also queued as a Close event, acted on above.
                     let _ = self.session.handle_frame(now, frame);
                 }
-                Input::Frame(Ok(None)) => {
-                    self.control_ended = true;
-                    self.session.handle_control_closed(now);
-                }
+                Input::Frame(Ok(None)) => self.session.handle_control_closed(now),
                 Input::Frame(Err(FrameReadError::Decode(e))) => {
                     self.session.handle_decode_error(now, e);
                 }
                 Input::Frame(Err(FrameReadError::Io(e))) => {
                     return Err(e).context("reading the control stream");
                 }
-                Input::Finished => self.session.handle_stream_finished(now),
+                Input::Finished => {
+                    self.session.handle_stream_finished(now);
+                    // Take every other stream that has ended too, in one wake-up.
+                    while self.finished.try_recv().is_ok() {
+                        self.session.handle_stream_finished(now);
+                    }
+                }
                 Input::Timeout => self.session.handle_timeout(now),
                 Input::Shutdown => {
                     // Drain: the relay stops routing here; in-flight streams finish,
@@ -320,34 +347,19 @@ impl Driver {
 
     async fn next_input(
         &mut self,
-        transport: &dyn Transport,
+        accept: &mut BoxFuture<'_, Result<BiStream, TransportError>>,
         shutdown: &Shutdown,
     ) -> Result<Input, TransportError> {
-        let Self {
-            session,
-            control,
-            control_ended,
-            decoder,
-            finished,
-            draining,
-            ..
-        } = self;
-        let deadline = session.poll_timeout();
+        let deadline = self.session.poll_timeout();
         let timer = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
         };
-        let frame = async {
-            if *control_ended {
-                std::future::pending().await
-            } else {
-                read_frame(&mut control.recv, decoder).await
-            }
-        };
+        let draining = self.draining;
         let stop = async {
-            if *draining {
+            if draining {
                 std::future::pending().await
             } else {
                 shutdown.wait().await
@@ -356,9 +368,9 @@ impl Driver {
         // A finished stream before a new one, so the drain's accounting stays current.
         Ok(tokio::select! {
             biased;
-            Some(()) = finished.recv() => Input::Finished,
-            stream = transport.accept_bi() => Input::Stream(stream?),
-            frame = frame => Input::Frame(frame),
+            Some(()) = self.finished.recv() => Input::Finished,
+            stream = accept => Input::Stream(stream?),
+            Some(frame) = self.frames.recv() => Input::Frame(frame),
             () = timer => Input::Timeout,
             () = stop => Input::Shutdown,
         })
@@ -369,13 +381,12 @@ impl Driver {
     async fn transmit(&mut self) -> anyhow::Result<()> {
         while let Some(frame) = self.session.poll_transmit() {
             self.control
-                .send
                 .write_all(&encode_frame(&frame)?)
                 .await
                 .context("writing the control stream")?;
         }
         if self.session.poll_finish_control() {
-            let _ = self.control.send.shutdown().await;
+            let _ = self.control.shutdown().await;
         }
         Ok(())
     }
