@@ -126,6 +126,7 @@ impl Identity {
             config.server_name.clone(),
             registry.clone(),
             static_files,
+            config.tls.leaves_per_minute,
         )?;
         Ok(Self {
             ca,
@@ -250,11 +251,17 @@ fn serve(
         ready: false.into(),
         metrics: state.metrics.clone(),
         registry: id.registry.clone(),
+        resolver: id.resolver.clone(),
     });
     if let Some(listener) = listeners.admin {
         tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));
     }
-    let https_tls = tls::https_config(&id.ca, &id.registry, id.resolver.clone())?;
+    let https_tls = tls::https_config(
+        &id.ca,
+        &id.registry,
+        id.resolver.clone(),
+        state.config.tls.min_version,
+    )?;
     tasks.spawn(https::accept_loop(
         listeners.https,
         TlsAcceptor::from(Arc::new(https_tls)),

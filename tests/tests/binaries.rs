@@ -89,7 +89,8 @@ async fn policy_and_routing_refusals_get_the_right_status() {
     assert_eq!(r.status, 403, "{}", r.body);
     // No device certificate.
     assert_eq!(s.get(APP, "/", None).await.status, 403);
-    // An unknown hostname is refused at the TLS handshake, naming nothing internal.
+    // An unknown hostname gets the relay's own certificate, which curl refuses for that
+    // name: no response, nothing internal named.
     let r = s.get("nope.internal", "/", Some("alice")).await;
     assert_eq!(
         r.status, 0,
@@ -257,7 +258,8 @@ async fn revoking_a_connector_disconnects_it() {
     relay_ok(&["revoke", "connector", "c1", "--state", s.w.state()]);
     // Briefly a request may still be routed to the closing tunnel (502), or find its name
     // unpublished between the handshake and the request (404); then the names it alone
-    // published are no longer served at all (TLS refused).
+    // published are no longer served at all (the relay presents its own certificate, which
+    // curl refuses for the name).
     let r = portcullis_e2e::eventually(Duration::from_secs(5), || async {
         let r = s.get(APP, "/", Some("alice")).await;
         assert!(

@@ -8,9 +8,13 @@
 use std::time::Duration;
 
 use portcullis_e2e::{
-    H3Client, RunningRelay, TestConnector, TestOrigin, TestRelay, eventually,
-    wait_for_tunnel_streams,
+    H3Client, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestRelay, eventually,
+    tls_probe, wait_for_tunnel_streams,
 };
+use rustls::version::{TLS12, TLS13};
+
+/// TLS 1.3 only, as every client the relay accepts by default.
+const ONLY_TLS13: &[&rustls::SupportedProtocolVersion] = &[&TLS13];
 
 const WEB: &str = "web.internal";
 const OTHER: &str = "other.internal";
@@ -108,7 +112,30 @@ async fn unknown_names_are_refused_and_a_name_without_a_connector_online_gets_50
         relay.issue_connector("spare", &[IDLE]).await;
         let alice = relay.client("alice");
 
-        // A name nobody may publish: no certificate, the handshake is refused.
+        // A name nobody may publish: a normal handshake with the relay's own certificate
+        // (a stranger learns nothing from the handshake), then the usual refusals: 404
+        // for a device, 403 for a caller without a device certificate.
+        let https = relay.addrs.https;
+        let probe = |sni: &'static str, device: Option<&'static str>| {
+            tls_probe(&relay.world, https, sni, device, ONLY_TLS13)
+        };
+        let p = probe("nope.internal", Some("alice")).await.unwrap();
+        assert_eq!(
+            (p.names.as_slice(), p.status),
+            (&[RELAY_NAME.to_owned()][..], Some(404))
+        );
+        let p = probe("nope.internal", None).await.unwrap();
+        assert_eq!(
+            (p.names.as_slice(), p.status),
+            (&[RELAY_NAME.to_owned()][..], Some(403))
+        );
+        // A published name gets its own certificate.
+        let p = probe(WEB, None).await.unwrap();
+        assert_eq!(
+            (p.names.as_slice(), p.status),
+            (&[WEB.to_owned()][..], Some(403))
+        );
+        // A client that checks the certificate refuses the relay's for the unknown name.
         let refused = alice.try_get("nope.internal", "/").await;
         assert!(refused.is_err(), "{refused:?}");
         // The same name asked for on a connection to the relay's own name: 404.
@@ -305,6 +332,92 @@ async fn a_revoked_device_loses_its_live_request_and_is_refused_after() {
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(carol.get(WEB, "/").await.status, 200);
         origin.release();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_names_under_a_wildcard_mint_at_most_the_budget_and_deeper_names_share_a_leaf() {
+    within(async {
+        let relay = TestRelay::new()
+            .config("[tls]\nleaves_per_minute = 3")
+            .run()
+            .await;
+        relay.issue_connector("wild", &["*.wild.internal"]).await;
+        let https = relay.addrs.https;
+        let minted = "portcullis_relay_tls_leaves_minted_total";
+        let exhausted = "portcullis_relay_tls_mint_budget_exhausted_total";
+        let names = |sni: String| {
+            let world = &relay.world;
+            async move {
+                tls_probe(world, https, &sni, None, ONLY_TLS13)
+                    .await
+                    .unwrap()
+                    .names
+            }
+        };
+
+        // Two labels below the wildcard: one leaf for the parent name...
+        assert_eq!(
+            names("a.p0.wild.internal".into()).await,
+            ["*.p0.wild.internal"]
+        );
+        assert_eq!(relay.metric(minted).await, Some(1));
+        // ...that its siblings share: nothing new is minted for them.
+        assert_eq!(
+            names("b.p0.wild.internal".into()).await,
+            ["*.p0.wild.internal"]
+        );
+        assert_eq!(relay.metric(minted).await, Some(1));
+
+        // A stranger walking many parents gets leaves up to the budget, then the relay's
+        // own certificate.
+        let mut presented = Vec::new();
+        for i in 1..=10 {
+            presented.push(names(format!("x.p{i}.wild.internal")).await);
+        }
+        assert_eq!(relay.metric(minted).await, Some(3));
+        assert_eq!(relay.metric(exhausted).await, Some(8));
+        assert_eq!(presented[1], ["*.p2.wild.internal"]);
+        assert!(
+            presented[2..].iter().all(|n| n == &[RELAY_NAME.to_owned()]),
+            "{presented:?}"
+        );
+        // What was minted is still served from the cache.
+        assert_eq!(
+            names("c.p0.wild.internal".into()).await,
+            ["*.p0.wild.internal"]
+        );
+        assert_eq!(relay.metric(minted).await, Some(3));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_https_listener_speaks_tls_1_3_only_unless_configured() {
+    within(async {
+        let relay = relay().await;
+        let https = relay.addrs.https;
+        let tls12 = tls_probe(&relay.world, https, RELAY_NAME, Some("alice"), &[&TLS12]).await;
+        assert!(tls12.is_err(), "TLS 1.2 must be refused: {tls12:?}");
+        let tls13 = tls_probe(&relay.world, https, RELAY_NAME, Some("alice"), &[&TLS13]).await;
+        assert!(tls13.is_ok(), "{tls13:?}");
+
+        let relay = TestRelay::new()
+            .device("alice", "alice", &["eng"])
+            .config("[tls]\nmin_version = \"1.2\"")
+            .run()
+            .await;
+        let p = tls_probe(
+            &relay.world,
+            relay.addrs.https,
+            RELAY_NAME,
+            Some("alice"),
+            &[&TLS12],
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.names, [RELAY_NAME]);
     })
     .await;
 }

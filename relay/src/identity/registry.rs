@@ -50,9 +50,11 @@ impl Snapshot {
     }
 
     /// The name to put in the TLS certificate served for `host`, or `None` if no
-    /// unrevoked connector may publish it. A name one label below a wildcard pattern
-    /// shares one `*.suffix` certificate, so random names under a wildcard cannot make the
-    /// relay mint a certificate each.
+    /// unrevoked connector may publish it. Under a wildcard pattern a certificate covers
+    /// one label, so `host` gets `*.` and its parent name: a name one label below
+    /// `*.suffix` shares the `*.suffix` certificate, one deeper shares its parent's
+    /// (`a.b.suffix` and `c.b.suffix` both get `*.b.suffix`), so random names under a
+    /// wildcard cannot make the relay mint a certificate each.
     pub(crate) fn certificate_name(&self, host: &Hostname) -> Option<String> {
         let mut found = None;
         let patterns = self
@@ -63,14 +65,10 @@ impl Snapshot {
         for p in patterns {
             match p {
                 HostPattern::Exact(h) if h == host => return Some(host.to_string()),
-                HostPattern::Wildcard(suffix) if p.matches(host) => {
-                    let label = &host.as_str()[..host.as_str().len() - suffix.as_str().len() - 1];
-                    let name = if label.contains('.') {
-                        host.to_string()
-                    } else {
-                        format!("*.{suffix}")
-                    };
-                    found.get_or_insert(name);
+                HostPattern::Wildcard(_) if p.matches(host) => {
+                    // A wildcard match has at least one label above the suffix.
+                    let parent = host.as_str().split_once('.').map_or("", |(_, rest)| rest);
+                    found.get_or_insert_with(|| format!("*.{parent}"));
                 }
                 _ => {}
             }
@@ -132,6 +130,14 @@ impl Registry {
         let registry = Arc::new(Self::default());
         registry.replace(Snapshot::new(store.identities()?));
         Ok(registry)
+    }
+
+    /// A registry holding `records`, for tests.
+    #[cfg(test)]
+    pub(crate) fn with_records(records: Vec<IdentityRecord>) -> Arc<Self> {
+        let registry = Arc::new(Self::default());
+        registry.replace(Snapshot::new(records));
+        registry
     }
 
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::conn::RespBody;
 use crate::identity::registry::Registry;
+use crate::identity::tls::CertResolver;
 use crate::ops::metrics::Metrics;
 use crate::pipeline::{body, text};
 
@@ -21,6 +22,7 @@ pub(crate) struct AdminState {
     pub(crate) ready: AtomicBool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) resolver: Arc<CertResolver>,
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
@@ -30,7 +32,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         "/metrics" => body(
             StatusCode::OK,
-            state.metrics.render(&state.registry),
+            state.metrics.render(&state.registry, &state.resolver),
             "text/plain; version=0.0.4",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found"),

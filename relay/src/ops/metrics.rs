@@ -4,6 +4,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::identity::registry::Registry;
+use crate::identity::tls::CertResolver;
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -24,7 +25,7 @@ impl Metrics {
         self.responses[class].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, registry: &Registry) -> String {
+    pub(crate) fn render(&self, registry: &Registry, tls: &CertResolver) -> String {
         let mut out = String::new();
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
@@ -84,6 +85,18 @@ impl Metrics {
             "counter",
             "Reloads of relay.toml refused as invalid (the running configuration was kept).",
             c(&self.config_reload_errors) as i64,
+        );
+        one(
+            "portcullis_relay_tls_leaves_minted_total",
+            "counter",
+            "Certificates minted for published names (bounded by [tls] leaves_per_minute).",
+            tls.minted_total() as i64,
+        );
+        one(
+            "portcullis_relay_tls_mint_budget_exhausted_total",
+            "counter",
+            "Handshakes answered with the relay's own certificate because the minting budget was spent.",
+            tls.over_budget_total() as i64,
         );
         out.push_str("# HELP portcullis_certificate_expiry_timestamp_seconds Expiry of each active issued certificate.\n");
         out.push_str("# TYPE portcullis_certificate_expiry_timestamp_seconds gauge\n");

@@ -41,6 +41,9 @@ pub struct RelayConfig {
     /// Resource limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// TLS versions and the budget for minting certificates.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Allow rules; anything not allowed is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
@@ -89,6 +92,38 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The oldest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3. TLS 1.2 sends the client certificate, which names the device
+    /// and so its user, unencrypted.
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// `[tls]`: what the relay's TLS listeners accept and how many certificates it mints.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The oldest version the HTTPS listener accepts (QUIC is TLS 1.3 by definition).
+    pub min_version: TlsVersion,
+    /// New certificates the relay may mint for published names per minute (a burst of as
+    /// many, refilled evenly); beyond it a handshake gets the relay's own certificate.
+    pub leaves_per_minute: u32,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            min_version: TlsVersion::Tls13,
+            leaves_per_minute: 60,
+        }
+    }
+}
+
 impl RelayConfig {
     /// The settings that differ from `running` and only take effect after a restart
     /// (everything but the policy, which a running relay reloads).
@@ -105,6 +140,7 @@ impl RelayConfig {
             access_log,
             drain_grace,
             limits,
+            tls,
             policy: _,
         } = self;
         [
@@ -118,6 +154,7 @@ impl RelayConfig {
             ("access_log", *access_log != running.access_log),
             ("drain_grace", *drain_grace != running.drain_grace),
             ("limits", *limits != running.limits),
+            ("tls", *tls != running.tls),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -146,6 +183,9 @@ impl RelayConfig {
         };
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("set both tls_cert and tls_key, or neither".into()));
+        }
+        if self.tls.leaves_per_minute == 0 {
+            return Err(invalid("tls.leaves_per_minute must be at least 1".into()));
         }
         if !self.state_dir.join(crate::pki::CA_KEY_FILE).exists() {
             return Err(invalid(format!(
@@ -251,6 +291,19 @@ groups = ["eng"]
         assert!(err.to_string().starts_with("r.toml:4:"), "{err}");
         let text = GOOD.replace("*.eng.internal", "a.*.internal");
         assert!(parse_str::<RelayConfig>(Path::new("r.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn the_tls_table_parses_with_safe_defaults() {
+        let cfg: RelayConfig = parse_str(Path::new("relay.toml"), GOOD).unwrap();
+        assert_eq!(cfg.tls.min_version, TlsVersion::Tls13);
+        assert_eq!(cfg.tls.leaves_per_minute, 60);
+        let text = format!("{GOOD}[tls]\nmin_version = \"1.2\"\nleaves_per_minute = 5\n");
+        let cfg: RelayConfig = parse_str(Path::new("relay.toml"), &text).unwrap();
+        assert_eq!(cfg.tls.min_version, TlsVersion::Tls12);
+        assert_eq!(cfg.tls.leaves_per_minute, 5);
+        let text = format!("{GOOD}[tls]\nmin_version = \"1.1\"\n");
+        assert!(parse_str::<RelayConfig>(Path::new("relay.toml"), &text).is_err());
     }
 
     #[test]
