@@ -152,7 +152,7 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
         v["headers"]["portcullis-device"]
             .as_str()
             .unwrap()
-            .starts_with("carol-")
+            .starts_with("carol_")
     );
     // https:// through the proxy: TLS inside the CONNECT ends at the relay with its
     // org-CA leaf, and the identity is the agent's connection's.
@@ -351,14 +351,29 @@ async fn dns_query(port: u16, name: &str) -> (u8, Vec<[u8; 4]>) {
 async fn bad_tokens_are_refused_with_a_reason_and_nothing_is_issued() {
     let s = Stack::up().await;
     let home = |n: &str| s.w.path(&format!("home-{n}"));
-    // Reused. (A requested device name is always prefixed with the token's user, so no
-    // token can claim another user's device id.)
+    // Reused. (A requested device name always follows the token's user and `_`, which
+    // neither side can contain, so no token can claim another user's device id.)
     let token = device_token(&s, "dave", &[]);
     let out = enroll_with(&home("1"), &token, "file", &["--name", "ci-runner"]).await;
     assert!(out.status.success(), "{out:?}");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(home("1").join("agent.json")).unwrap()).unwrap();
-    assert_eq!(state["identity"], "device:dave-ci-runner");
+    let identity = |n: &str| -> serde_json::Value {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(home(n).join("agent.json")).unwrap()).unwrap();
+        state["identity"].clone()
+    };
+    assert_eq!(identity("1"), "device:dave_ci-runner");
+    // User "dave-ci" naming a device "runner" gets its own id, not dave's.
+    let other = device_token(&s, "dave-ci", &[]);
+    let out = enroll_with(&home("1b"), &other, "file", &["--name", "runner"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(identity("1b"), "device:dave-ci_runner");
+    // An id that is taken is refused, never replaced.
+    let again = device_token(&s, "dave", &[]);
+    let out = enroll_with(&home("1c"), &again, "file", &["--name", "ci-runner"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is taken"),
+        "{out:?}"
+    );
     let out = enroll(&home("2"), &token, "file").await;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("already used"),
