@@ -231,11 +231,11 @@ fn serve(
         Arc::downgrade(state),
         shutdown.clone(),
     ));
-    tasks.spawn(
-        id.registry
-            .clone()
-            .watch(id.store.clone(), shutdown.clone()),
-    );
+    tasks.spawn(id.registry.clone().watch(
+        id.store.clone(),
+        state.config.store.fail_closed_after,
+        shutdown.clone(),
+    ));
     tasks.spawn(reload::watch_tls_files(
         id.resolver.clone(),
         shutdown.clone(),

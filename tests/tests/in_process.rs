@@ -12,6 +12,7 @@ use portcullis_e2e::{
     tls_probe, wait_for_tunnel_streams,
 };
 use rustls::version::{TLS12, TLS13};
+use rustls_pki_types::pem::PemObject;
 
 /// TLS 1.3 only, as every client the relay accepts by default.
 const ONLY_TLS13: &[&rustls::SupportedProtocolVersion] = &[&TLS13];
@@ -418,6 +419,86 @@ async fn the_https_listener_speaks_tls_1_3_only_unless_configured() {
         .await
         .unwrap();
         assert_eq!(p.names, [RELAY_NAME]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_connection_is_closed_when_its_certificate_expires() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        relay.world.issue_device("eve", "eve", &["eng"], Some("4s"));
+        portcullis_e2e::wait_for_identity(relay.addrs.admin, "device", "eve", true).await;
+        let cert = std::fs::read(relay.world.path("out/eve.crt")).unwrap();
+        let der = rustls_pki_types::CertificateDer::pem_slice_iter(&cert)
+            .next()
+            .unwrap()
+            .unwrap();
+        let not_after = portcullis_shared::pki::inspect(&der).unwrap().not_after;
+        let eve = relay.client("eve");
+
+        // A request the origin holds past the certificate's expiry.
+        let live = tokio::spawn({
+            let eve = eve.clone();
+            async move { eve.try_get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+        let cut = tokio::time::timeout(Duration::from_secs(15), live)
+            .await
+            .expect("the connection must be closed when the certificate expires")
+            .unwrap();
+        assert!(cut.is_err(), "{cut:?}");
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            at >= not_after,
+            "cut at {at}, before the expiry {not_after}"
+        );
+        origin.release();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reissued_device_loses_its_live_connection_and_its_old_certificate() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        for ext in ["crt", "key"] {
+            let out = |name: &str| relay.world.path(&format!("out/{name}.{ext}"));
+            std::fs::copy(out("alice"), out("alice-v1")).unwrap();
+        }
+        let old = relay.client("alice-v1");
+        assert_eq!(old.get(WEB, "/").await.status, 200);
+        let live = tokio::spawn({
+            let old = old.clone();
+            async move { old.try_get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+
+        // Re-issued with a new key: the old certificate's connection is cut...
+        relay.world.issue_device("alice", "alice", &["eng"], None);
+        let cut = tokio::time::timeout(Duration::from_secs(10), live)
+            .await
+            .expect("the superseded certificate's connection must be closed")
+            .unwrap();
+        assert!(cut.is_err(), "{cut:?}");
+        // ...and refused at the handshake from then on; the new one works.
+        let refused = old.try_get(WEB, "/").await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
+        origin.release();
     })
     .await;
 }

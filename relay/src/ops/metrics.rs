@@ -98,6 +98,12 @@ impl Metrics {
             "Handshakes answered with the relay's own certificate because the minting budget was spent.",
             tls.over_budget_total() as i64,
         );
+        one(
+            "portcullis_relay_store_failed_closed",
+            "gauge",
+            "1 while the store has been unreadable for longer than [store] fail_closed_after: every certificate is refused.",
+            i64::from(registry.is_failed_closed()),
+        );
         out.push_str("# HELP portcullis_certificate_expiry_timestamp_seconds Expiry of each active issued certificate.\n");
         out.push_str("# TYPE portcullis_certificate_expiry_timestamp_seconds gauge\n");
         let snapshot = registry.snapshot();

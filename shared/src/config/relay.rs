@@ -44,6 +44,9 @@ pub struct RelayConfig {
     /// TLS versions and the budget for minting certificates.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// How the relay behaves when it cannot read its store.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Allow rules; anything not allowed is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
@@ -124,6 +127,25 @@ impl Default for TlsConfig {
     }
 }
 
+/// `[store]`: failing closed when the store cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// After the store has been unreadable this long, the relay refuses every certificate
+    /// at the handshake and closes every live connection until it can read the store
+    /// again.
+    #[serde(with = "humantime_serde")]
+    pub fail_closed_after: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            fail_closed_after: Duration::from_secs(30),
+        }
+    }
+}
+
 impl RelayConfig {
     /// The settings that differ from `running` and only take effect after a restart
     /// (everything but the policy, which a running relay reloads).
@@ -141,6 +163,7 @@ impl RelayConfig {
             drain_grace,
             limits,
             tls,
+            store,
             policy: _,
         } = self;
         [
@@ -155,6 +178,7 @@ impl RelayConfig {
             ("drain_grace", *drain_grace != running.drain_grace),
             ("limits", *limits != running.limits),
             ("tls", *tls != running.tls),
+            ("store", *store != running.store),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -186,6 +210,11 @@ impl RelayConfig {
         }
         if self.tls.leaves_per_minute == 0 {
             return Err(invalid("tls.leaves_per_minute must be at least 1".into()));
+        }
+        if self.store.fail_closed_after < Duration::from_secs(1) {
+            return Err(invalid(
+                "store.fail_closed_after must be at least 1s".into(),
+            ));
         }
         if !self.state_dir.join(crate::pki::CA_KEY_FILE).exists() {
             return Err(invalid(format!(
@@ -294,7 +323,7 @@ groups = ["eng"]
     }
 
     #[test]
-    fn the_tls_table_parses_with_safe_defaults() {
+    fn the_tls_and_store_tables_parse_with_safe_defaults() {
         let cfg: RelayConfig = parse_str(Path::new("relay.toml"), GOOD).unwrap();
         assert_eq!(cfg.tls.min_version, TlsVersion::Tls13);
         assert_eq!(cfg.tls.leaves_per_minute, 60);
@@ -302,6 +331,7 @@ groups = ["eng"]
         let cfg: RelayConfig = parse_str(Path::new("relay.toml"), &text).unwrap();
         assert_eq!(cfg.tls.min_version, TlsVersion::Tls12);
         assert_eq!(cfg.tls.leaves_per_minute, 5);
+        assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(5));
         let text = format!("{GOOD}[tls]\nmin_version = \"1.1\"\n");
         assert!(parse_str::<RelayConfig>(Path::new("relay.toml"), &text).is_err());
     }
