@@ -252,6 +252,8 @@ fn serve(
         metrics: state.metrics.clone(),
         registry: id.registry.clone(),
         resolver: id.resolver.clone(),
+        token: admin_token(&state.config)?,
+        device_ids: state.config.admin.metrics_device_ids,
     });
     if let Some(listener) = listeners.admin {
         tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));
@@ -274,6 +276,22 @@ fn serve(
         shutdown.clone(),
     ));
     Ok(admin)
+}
+
+/// The admin listener's bearer token, from `[admin] token_file`.
+fn admin_token(config: &RelayConfig) -> anyhow::Result<Option<String>> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the admin token_file {}", path.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the admin token_file {} must hold a token of at least 16 characters",
+        path.display()
+    );
+    Ok(Some(token.to_owned()))
 }
 
 /// Where tokens should send devices and connectors, unless an admin says otherwise.

@@ -526,7 +526,9 @@ fn bad_relay_config_exits_64_naming_file_and_line() {
     let cfg = w.write_relay_config("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "");
     let good = std::fs::read_to_string(&cfg).unwrap();
 
-    std::fs::write(&cfg, format!("{good}bogus_key = 1\n")).unwrap();
+    // An unknown top-level key on line 7, after the harness's six.
+    let (head, tail) = good.split_at(good.match_indices('\n').nth(5).unwrap().0 + 1);
+    std::fs::write(&cfg, format!("{head}bogus_key = 1\n{tail}")).unwrap();
     let (code, err) = run(&cfg);
     assert_eq!(code, Some(64), "{err}");
     assert!(

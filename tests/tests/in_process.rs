@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use portcullis_e2e::{
-    H3Client, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestRelay, eventually,
-    tls_probe, wait_for_tunnel_streams,
+    H3Client, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestRelay, admin_get_with,
+    eventually, tls_probe, wait_for_tunnel_streams,
 };
 use rustls::version::{TLS12, TLS13};
 use rustls_pki_types::pem::PemObject;
@@ -499,6 +499,37 @@ async fn a_reissued_device_loses_its_live_connection_and_its_old_certificate() {
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
         origin.release();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_wants_its_token_and_metrics_name_no_device_unless_asked() {
+    within(async {
+        let token = "s3cret-admin-token-0123456789";
+        let relay = TestRelay::new().device("alice", "alice", &["eng"]);
+        std::fs::write(relay.world().path("admin.token"), format!("{token}\n")).unwrap();
+        let relay = relay
+            .config("[admin]\ntoken_file = \"admin.token\"")
+            .run()
+            .await;
+        let admin = relay.addrs.admin;
+        for path in ["/healthz", "/metrics"] {
+            let (status, _) = admin_get_with(admin, path, None).await.unwrap();
+            assert_eq!(status, 401, "{path} without the token");
+            let (status, _) = admin_get_with(admin, path, Some("wrong")).await.unwrap();
+            assert_eq!(status, 401, "{path} with a wrong token");
+        }
+        let (status, text) = admin_get_with(admin, "/metrics", Some(token))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        // Device ids carry user names: only counted, not listed, by default.
+        assert!(
+            text.contains("portcullis_identities{role=\"device\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("alice"), "{text}");
     })
     .await;
 }

@@ -47,6 +47,9 @@ pub struct RelayConfig {
     /// How the relay behaves when it cannot read its store.
     #[serde(default)]
     pub store: StoreConfig,
+    /// Who may reach the admin listener, and what `/metrics` names.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Allow rules; anything not allowed is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
@@ -127,6 +130,20 @@ impl Default for TlsConfig {
     }
 }
 
+/// `[admin]`: the admin listener's exposure and what `/metrics` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Allow `admin_listen` on an address other than loopback; `token_file` is then
+    /// required.
+    pub allow_remote: bool,
+    /// A file holding the bearer token every admin request must then present
+    /// (`Authorization: Bearer <token>`); read at start.
+    pub token_file: Option<PathBuf>,
+    /// List each device's id (which carries its user's name) in `/metrics`.
+    pub metrics_device_ids: bool,
+}
+
 /// `[store]`: failing closed when the store cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -164,6 +181,7 @@ impl RelayConfig {
             limits,
             tls,
             store,
+            admin,
             policy: _,
         } = self;
         [
@@ -179,6 +197,7 @@ impl RelayConfig {
             ("limits", *limits != running.limits),
             ("tls", *tls != running.tls),
             ("store", *store != running.store),
+            ("admin", *admin != running.admin),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -189,9 +208,14 @@ impl RelayConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut cfg: Self = parse_file(path)?;
         cfg.state_dir = resolve(path, &cfg.state_dir);
-        for p in [&mut cfg.tls_cert, &mut cfg.tls_key, &mut cfg.access_log]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut cfg.tls_cert,
+            &mut cfg.tls_key,
+            &mut cfg.access_log,
+            &mut cfg.admin.token_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = resolve(path, p);
         }
@@ -207,6 +231,19 @@ impl RelayConfig {
         };
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("set both tls_cert and tls_key, or neither".into()));
+        }
+        if let Some(addr) = self.admin_listen
+            && !addr.ip().is_loopback()
+            && !self.admin.allow_remote
+        {
+            return Err(invalid(format!(
+                "admin_listen {addr} is not a loopback address: bind it to 127.0.0.1, or set [admin] allow_remote = true with a token_file"
+            )));
+        }
+        if self.admin.allow_remote && self.admin.token_file.is_none() {
+            return Err(invalid(
+                "[admin] allow_remote = true needs token_file, a file holding the bearer token admin requests must present".into(),
+            ));
         }
         if self.tls.leaves_per_minute == 0 {
             return Err(invalid("tls.leaves_per_minute must be at least 1".into()));
@@ -327,13 +364,41 @@ groups = ["eng"]
         let cfg: RelayConfig = parse_str(Path::new("relay.toml"), GOOD).unwrap();
         assert_eq!(cfg.tls.min_version, TlsVersion::Tls13);
         assert_eq!(cfg.tls.leaves_per_minute, 60);
-        let text = format!("{GOOD}[tls]\nmin_version = \"1.2\"\nleaves_per_minute = 5\n");
+        assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(30));
+        let text = format!(
+            "{GOOD}[tls]\nmin_version = \"1.2\"\nleaves_per_minute = 5\n[store]\nfail_closed_after = \"5s\"\n"
+        );
         let cfg: RelayConfig = parse_str(Path::new("relay.toml"), &text).unwrap();
         assert_eq!(cfg.tls.min_version, TlsVersion::Tls12);
         assert_eq!(cfg.tls.leaves_per_minute, 5);
         assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(5));
         let text = format!("{GOOD}[tls]\nmin_version = \"1.1\"\n");
         assert!(parse_str::<RelayConfig>(Path::new("relay.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn a_remote_admin_listener_needs_allow_remote_and_a_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::Ca::init(dir.path(), "Acme").unwrap();
+        let state = dir.path().display().to_string();
+        let base = GOOD.replace("/var/lib/portcullis", &state);
+        let check = |text: &str| {
+            let cfg: RelayConfig = parse_str(Path::new("r.toml"), text).unwrap();
+            cfg.validate(Path::new("r.toml")).map_err(|e| e.to_string())
+        };
+        assert!(check(&base).is_ok());
+        let cfg: RelayConfig = parse_str(Path::new("r.toml"), &base).unwrap();
+        assert_eq!(cfg.admin, AdminConfig::default());
+        assert!(!cfg.admin.metrics_device_ids);
+        let remote = base.replace("127.0.0.1:9090", "0.0.0.0:9090");
+        let err = check(&remote).unwrap_err();
+        assert!(err.contains("not a loopback address"), "{err}");
+        let err = check(&format!("{remote}[admin]\nallow_remote = true\n")).unwrap_err();
+        assert!(err.contains("token_file"), "{err}");
+        let ok = format!("{remote}[admin]\nallow_remote = true\ntoken_file = \"admin.token\"\n");
+        assert!(check(&ok).is_ok());
+        let v6 = base.replace("127.0.0.1:9090", "[::1]:9090");
+        assert!(check(&v6).is_ok());
     }
 
     #[test]
