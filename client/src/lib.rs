@@ -293,10 +293,8 @@ impl Agent {
 /// Writes `contents` to `path` atomically (a temporary file, then a rename), so a reader
 /// never sees half of it.
 fn write_ready_file(path: &Path, contents: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents.to_string())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    pki::write_public_file(path, contents.to_string().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn up(

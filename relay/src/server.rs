@@ -65,10 +65,9 @@ pub async fn run_from_file(config_path: &Path, ready_file: Option<&Path>) -> any
 }
 
 fn write_ready_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(bound)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    // A temporary file renamed into place: a reader never sees half of it.
+    portcullis_shared::pki::write_public_file(path, &serde_json::to_vec(bound)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Runs the relay with `config` until `shutdown` fires, then drains: stops accepting,
@@ -300,9 +299,9 @@ fn record_endpoint(state: &State, bound: Bound) {
         "relay": format!("{}:{}", state.config.server_name, bound.quic_listen.port()),
         "server_name": state.config.server_name.to_string(),
     });
-    if let Err(e) = std::fs::write(
-        state.config.state_dir.join(ENDPOINT_FILE),
-        public_endpoint.to_string(),
+    if let Err(e) = portcullis_shared::pki::write_public_file(
+        &state.config.state_dir.join(ENDPOINT_FILE),
+        public_endpoint.to_string().as_bytes(),
     ) {
         tracing::warn!(error = %e, "cannot record the relay's endpoint for tokens");
     }
