@@ -8,6 +8,7 @@
 mod dns;
 mod home;
 mod keystore;
+mod peer;
 mod proxy;
 mod pump;
 mod relay;
@@ -408,11 +409,15 @@ async fn tcp(
         write_ready_file(path, &serde_json::json!({ "listen": bound }))?;
     }
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
         let relay = agent.relay.clone();
         let target = target.to_owned();
         tokio::spawn(async move {
+            // The forward carries this device's identity: for this user only.
+            if !peer::allowed(peer, bound).await {
+                return;
+            }
             match relay.connect(&target).await {
                 Ok(stream) => {
                     let (r, w) = tcp.into_split();

@@ -882,3 +882,99 @@ async fn a_csr_naming_someone_else_is_refused_and_relay_can_be_overridden() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs `program` with `args` as user and group 65534 (nobody) through `setpriv`, if this
+/// test runs as root with `setpriv` installed; `None` otherwise.
+fn as_second_user(program: &str, args: &[&str]) -> Option<Command> {
+    let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+    let setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" || !setpriv {
+        return None;
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program)
+        .args(args);
+    Some(cmd)
+}
+
+#[tokio::test]
+async fn the_proxy_and_forwards_serve_only_the_user_running_the_agent() {
+    if as_second_user("true", &[]).is_none() {
+        assert!(
+            std::env::var_os("PORTCULLIS_REQUIRE_SECOND_USER").is_none(),
+            "the second-user test is required but needs root and setpriv"
+        );
+        eprintln!("\n!!! SKIPPED the second-user test: it needs root and setpriv\n");
+        return;
+    }
+    let s = Stack::up().await;
+    let token = device_token(&s, "olga", &[]);
+    let home = s.w.path("olga-home");
+    assert!(enroll(&home, &token, "file").await.status.success());
+    let Up {
+        agent: _agent,
+        port,
+        ..
+    } = up(&s, &home, &[]).await;
+    let echo_port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
+    let ready = s.w.path("tcp.ready");
+    let mut fwd = agent(&home);
+    fwd.args([
+        "tcp",
+        &format!("{DB}:{echo_port}"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--ready-file")
+    .arg(&ready);
+    let mut fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
+    let v: serde_json::Value = serde_json::from_str(&fwd.wait_ready_file(&ready).await).unwrap();
+    let forward = v["listen"].as_str().unwrap().to_owned();
+    // Sends a word to the forward and prints the first five bytes that come back (none if
+    // the connection is closed), as whoever runs it.
+    let echo = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{}; printf hello >&3; timeout 10 head -c 5 <&3",
+        forward.rsplit(':').next().unwrap()
+    );
+    let url = format!("http://{APP}/");
+    let proxy = format!("http://127.0.0.1:{port}");
+    let curl_args = [
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+        "-x",
+    ];
+
+    // The agent's own user is served by both.
+    assert_eq!(proxy_get(port, &url).await.0, 200);
+    let out = Command::new("bash")
+        .args(["-c", &echo])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello", "{out:?}");
+    // Another local user gets its connections closed without an answer.
+    let mut curl = as_second_user("curl", &curl_args).unwrap();
+    let out = curl.args([&proxy, &url]).output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000", "{out:?}");
+    let out = as_second_user("bash", &["-c", &echo])
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{out:?}");
+    let log = s.w.path("agent.log");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains("refusing a connection from another user"),
+        "{log}"
+    );
+}
