@@ -239,6 +239,7 @@ fn serve(
         id.resolver.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(reload::watch_jwt_keys(state.clone(), shutdown.clone()));
     if let Some(path) = source {
         tasks.spawn(reload::watch_config(
             path.to_owned(),

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use portcullis_e2e::{
     World, curl_cmd, curl_expect, identity_series, metric, relay_cli, relay_ok, run_curl,
     wait_for_connectors, wait_for_metric,
@@ -417,7 +418,7 @@ async fn admin_endpoints_report_health_and_metrics() {
 }
 
 #[tokio::test]
-async fn jwks_is_served_and_pkcs12_bundle_works_with_curl() {
+async fn jwks_is_served_rotates_with_an_overlap_and_pkcs12_bundle_works_with_curl() {
     let s = Stack::up().await;
     let r = s
         .get("relay.acme.test", "/.well-known/jwks.json", None)
@@ -425,6 +426,55 @@ async fn jwks_is_served_and_pkcs12_bundle_works_with_curl() {
     assert_eq!(r.status, 200, "{}", r.stderr);
     let v = json(&r.body);
     assert_eq!(v["keys"][0]["alg"], "ES256");
+    let first = v["keys"][0]["kid"].as_str().unwrap().to_owned();
+    // The kid an origin's assertion was signed with.
+    let signed_with = || async {
+        let r = s.get(APP, "/", Some("alice")).await;
+        let jwt = json(&r.body)["headers"]["portcullis-jwt-assertion"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let header = jwt.split('.').next().unwrap().to_owned();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        json(&String::from_utf8(header).unwrap())["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(signed_with().await, first);
+    let kids = || async {
+        let r = s
+            .get("relay.acme.test", "/.well-known/jwks.json", None)
+            .await;
+        let v = json(&r.body);
+        let kids: Vec<String> = v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect();
+        kids
+    };
+    // Rotation: the new key signs, the old one stays published for the overlap...
+    relay_ok(&["jwt", "rotate", "--state", s.w.state()]);
+    let rotated = portcullis_e2e::eventually(Duration::from_secs(10), || async {
+        let kids = kids().await;
+        (kids.len() == 2).then_some(kids)
+    })
+    .await
+    .expect("the running relay must publish both keys after a rotation");
+    assert_eq!(rotated[1], first);
+    assert_eq!(signed_with().await, rotated[0]);
+    // ...until it is retired.
+    relay_ok(&["jwt", "retire", "--state", s.w.state()]);
+    let retired = portcullis_e2e::eventually(Duration::from_secs(10), || async {
+        let kids = kids().await;
+        (kids.len() == 1).then_some(kids)
+    })
+    .await;
+    assert_eq!(retired, Some(vec![rotated[0].clone()]));
     // The browser bundle is a working PKCS#12 (empty password).
     let out = s.w.out();
     let mut cmd = tokio::process::Command::new("curl");
