@@ -8,6 +8,7 @@
 mod dns;
 mod home;
 mod keystore;
+mod peer;
 mod proxy;
 mod pump;
 mod relay;
@@ -293,10 +294,8 @@ impl Agent {
 /// Writes `contents` to `path` atomically (a temporary file, then a rename), so a reader
 /// never sees half of it.
 fn write_ready_file(path: &Path, contents: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents.to_string())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    pki::write_public_file(path, contents.to_string().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn up(
@@ -410,11 +409,15 @@ async fn tcp(
         write_ready_file(path, &serde_json::json!({ "listen": bound }))?;
     }
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
         let relay = agent.relay.clone();
         let target = target.to_owned();
         tokio::spawn(async move {
+            // The forward carries this device's identity: for this user only.
+            if !peer::allowed(peer, bound).await {
+                return;
+            }
             match relay.connect(&target).await {
                 Ok(stream) => {
                     let (r, w) = tcp.into_split();

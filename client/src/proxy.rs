@@ -1,4 +1,5 @@
-//! The local forward proxy (loopback only): plain `http://` requests (WebSocket upgrades
+//! The local forward proxy (loopback, and only for the user running the agent, see
+//! [`crate::peer`]): plain `http://` requests (WebSocket upgrades
 //! included) and `CONNECT`s for the organisation's private names go through the relay
 //! under the device's identity; every other name is refused (split tunnel: no open proxy).
 //! `/proxy.pac` serves the PAC file.
@@ -63,12 +64,16 @@ fn not_private(host: &str) -> Response<Body> {
 /// Accepts proxy clients until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            // The proxy carries this device's identity: for this user only.
+            if !crate::peer::allowed(peer, proxy.addr).await {
+                return;
+            }
             let svc = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(handle(proxy, req).await) }

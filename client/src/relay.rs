@@ -81,6 +81,9 @@ pub(crate) struct Relay {
     server_name: String,
     config: RwLock<quinn::ClientConfig>,
     current: tokio::sync::Mutex<Option<Arc<dyn RelayConnection>>>,
+    /// Set by a renewal: the next request opens a connection with the new certificate
+    /// (the relay closes the old one when its certificate expires).
+    renewed: std::sync::atomic::AtomicBool,
 }
 
 impl Relay {
@@ -95,12 +98,17 @@ impl Relay {
             server_name: state.server_name.clone(),
             config: RwLock::new(creds.client_config()?),
             current: tokio::sync::Mutex::new(None),
+            renewed: false.into(),
         })
     }
 
-    /// Uses renewed credentials for connections opened from now on.
+    /// Uses renewed credentials from the next request on, on a new connection; streams
+    /// open on the old one carry on until the relay closes it at the old certificate's
+    /// expiry.
     pub(crate) fn update_credentials(&self, creds: &Credentials) -> anyhow::Result<()> {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = creds.client_config()?;
+        self.renewed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -116,8 +124,12 @@ impl Relay {
     /// The live connection, opened if there is none (for status: RTT, transport).
     pub(crate) async fn connection(&self) -> anyhow::Result<Arc<dyn RelayConnection>> {
         let mut current = self.current.lock().await;
+        let renewed = self
+            .renewed
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
         if let Some(conn) = current.as_ref()
             && !conn.is_closed()
+            && !renewed
         {
             return Ok(conn.clone());
         }

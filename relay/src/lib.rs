@@ -29,7 +29,7 @@ mod tunnel;
 
 pub use cli::admin;
 
-use cli::{CaCommand, Cli, Command, IssueCommand, RevokeCommand};
+use cli::{CaCommand, Cli, Command, IssueCommand, JwtCommand, RevokeCommand};
 use portcullis_shared::Role;
 use portcullis_shared::config::ConfigError;
 
@@ -60,6 +60,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::List { state, json } => admin::list(&state.state, json),
         Command::Token(cmd) => admin::token(cmd),
+        Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state.state),
+        Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state.state),
         Command::Run { config, ready_file } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -1,6 +1,6 @@
 //! Hot reload of relay.toml: on SIGHUP and when the file's modification time changes.
-//! What a reload changes is [`State::reload`]'s business. Also the watcher of the public
-//! certificate files.
+//! What a reload changes is [`State::reload`]'s business. Also the watchers of the public
+//! certificate files and of the JWT signing keys.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +60,22 @@ pub(crate) async fn watch_tls_files(resolver: Arc<CertResolver>, shutdown: Shutd
             _ = tick.tick() => {
                 if let Err(e) = resolver.reload_static() {
                     tracing::warn!(error = %format!("{e:#}"), "keeping the previous tls_cert");
+                }
+            }
+            () = shutdown.wait() => return,
+        }
+    }
+}
+
+/// Re-reads the JWT signing keys every 2 s, so `portcullis-relay jwt rotate` and
+/// `jwt retire` take effect without a restart; a broken file keeps the keys in force.
+pub(crate) async fn watch_jwt_keys(state: Arc<State>, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = state.jwt.reload() {
+                    tracing::warn!(error = %format!("{e:#}"), "keeping the JWT signing keys in force");
                 }
             }
             () = shutdown.wait() => return,

@@ -65,10 +65,9 @@ pub async fn run_from_file(config_path: &Path, ready_file: Option<&Path>) -> any
 }
 
 fn write_ready_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(bound)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    // A temporary file renamed into place: a reader never sees half of it.
+    portcullis_shared::pki::write_public_file(path, &serde_json::to_vec(bound)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Runs the relay with `config` until `shutdown` fires, then drains: stops accepting,
@@ -126,6 +125,7 @@ impl Identity {
             config.server_name.clone(),
             registry.clone(),
             static_files,
+            config.tls.leaves_per_minute,
         )?;
         Ok(Self {
             ca,
@@ -230,15 +230,16 @@ fn serve(
         Arc::downgrade(state),
         shutdown.clone(),
     ));
-    tasks.spawn(
-        id.registry
-            .clone()
-            .watch(id.store.clone(), shutdown.clone()),
-    );
+    tasks.spawn(id.registry.clone().watch(
+        id.store.clone(),
+        state.config.store.fail_closed_after,
+        shutdown.clone(),
+    ));
     tasks.spawn(reload::watch_tls_files(
         id.resolver.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(reload::watch_jwt_keys(state.clone(), shutdown.clone()));
     if let Some(path) = source {
         tasks.spawn(reload::watch_config(
             path.to_owned(),
@@ -250,11 +251,19 @@ fn serve(
         ready: false.into(),
         metrics: state.metrics.clone(),
         registry: id.registry.clone(),
+        resolver: id.resolver.clone(),
+        token: admin_token(&state.config)?,
+        device_ids: state.config.admin.metrics_device_ids,
     });
     if let Some(listener) = listeners.admin {
         tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));
     }
-    let https_tls = tls::https_config(&id.ca, &id.registry, id.resolver.clone())?;
+    let https_tls = tls::https_config(
+        &id.ca,
+        &id.registry,
+        id.resolver.clone(),
+        state.config.tls.min_version,
+    )?;
     tasks.spawn(https::accept_loop(
         listeners.https,
         TlsAcceptor::from(Arc::new(https_tls)),
@@ -269,15 +278,31 @@ fn serve(
     Ok(admin)
 }
 
+/// The admin listener's bearer token, from `[admin] token_file`.
+fn admin_token(config: &RelayConfig) -> anyhow::Result<Option<String>> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the admin token_file {}", path.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the admin token_file {} must hold a token of at least 16 characters",
+        path.display()
+    );
+    Ok(Some(token.to_owned()))
+}
+
 /// Where tokens should send devices and connectors, unless an admin says otherwise.
 fn record_endpoint(state: &State, bound: Bound) {
     let public_endpoint = serde_json::json!({
         "relay": format!("{}:{}", state.config.server_name, bound.quic_listen.port()),
         "server_name": state.config.server_name.to_string(),
     });
-    if let Err(e) = std::fs::write(
-        state.config.state_dir.join(ENDPOINT_FILE),
-        public_endpoint.to_string(),
+    if let Err(e) = portcullis_shared::pki::write_public_file(
+        &state.config.state_dir.join(ENDPOINT_FILE),
+        public_endpoint.to_string().as_bytes(),
     ) {
         tracing::warn!(error = %e, "cannot record the relay's endpoint for tokens");
     }

@@ -95,6 +95,11 @@ impl TestRelay {
         self
     }
 
+    /// Its world: directory, CA, issued certificates (to place files before the start).
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
     /// Issues a device certificate for `id` (user `user`, in `groups`) before the start.
     pub fn device(self, id: &str, user: &str, groups: &[&str]) -> Self {
         self.world.issue_device(id, user, groups, None);

@@ -34,15 +34,25 @@ where
 /// GET `path` from the relay's admin listener: status and body, or `None` if it does not
 /// answer.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    admin_get_with(admin, path, None).await
+}
+
+/// Like [`admin_get`], presenting `Authorization: Bearer <token>` if given.
+pub async fn admin_get_with(
+    admin: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
     let tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .ok()?;
     tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, admin.to_string())
-        .body(Empty::<Bytes>::new())
-        .ok()?;
+    let mut req = http::Request::get(path).header(http::header::HOST, admin.to_string());
+    if let Some(token) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(Empty::<Bytes>::new()).ok()?;
     let resp = send.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.ok()?.to_bytes();

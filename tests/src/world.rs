@@ -90,13 +90,20 @@ impl World {
     }
 
     /// Writes `relay.toml` listening on the given addresses, plus `extra` TOML (policy).
+    /// Unless `extra` has an `[admin]` table of its own, `/metrics` lists device ids
+    /// (`[admin] metrics_device_ids`), which the harness waits on.
     pub fn write_relay_config(&self, quic: &str, https: &str, admin: &str, extra: &str) -> PathBuf {
         let path = self.path("relay.toml");
+        let admin_table = if extra.contains("[admin]") {
+            ""
+        } else {
+            "\n[admin]\nmetrics_device_ids = true\n"
+        };
         std::fs::write(
             &path,
             format!(
                 "state_dir = \"{}\"\nserver_name = \"relay.acme.test\"\nquic_listen = \"{quic}\"\n\
-                 https_listen = \"{https}\"\nadmin_listen = \"{admin}\"\ndrain_grace = \"5s\"\n{extra}",
+                 https_listen = \"{https}\"\nadmin_listen = \"{admin}\"\ndrain_grace = \"5s\"\n{extra}{admin_table}",
                 self.state()
             ),
         )

@@ -152,7 +152,7 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
         v["headers"]["portcullis-device"]
             .as_str()
             .unwrap()
-            .starts_with("carol-")
+            .starts_with("carol_")
     );
     // https:// through the proxy: TLS inside the CONNECT ends at the relay with its
     // org-CA leaf, and the identity is the agent's connection's.
@@ -351,14 +351,29 @@ async fn dns_query(port: u16, name: &str) -> (u8, Vec<[u8; 4]>) {
 async fn bad_tokens_are_refused_with_a_reason_and_nothing_is_issued() {
     let s = Stack::up().await;
     let home = |n: &str| s.w.path(&format!("home-{n}"));
-    // Reused. (A requested device name is always prefixed with the token's user, so no
-    // token can claim another user's device id.)
+    // Reused. (A requested device name always follows the token's user and `_`, which
+    // neither side can contain, so no token can claim another user's device id.)
     let token = device_token(&s, "dave", &[]);
     let out = enroll_with(&home("1"), &token, "file", &["--name", "ci-runner"]).await;
     assert!(out.status.success(), "{out:?}");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(home("1").join("agent.json")).unwrap()).unwrap();
-    assert_eq!(state["identity"], "device:dave-ci-runner");
+    let identity = |n: &str| -> serde_json::Value {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(home(n).join("agent.json")).unwrap()).unwrap();
+        state["identity"].clone()
+    };
+    assert_eq!(identity("1"), "device:dave_ci-runner");
+    // User "dave-ci" naming a device "runner" gets its own id, not dave's.
+    let other = device_token(&s, "dave-ci", &[]);
+    let out = enroll_with(&home("1b"), &other, "file", &["--name", "runner"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(identity("1b"), "device:dave-ci_runner");
+    // An id that is taken is refused, never replaced.
+    let again = device_token(&s, "dave", &[]);
+    let out = enroll_with(&home("1c"), &again, "file", &["--name", "ci-runner"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is taken"),
+        "{out:?}"
+    );
     let out = enroll(&home("2"), &token, "file").await;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("already used"),
@@ -865,5 +880,101 @@ async fn a_csr_naming_someone_else_is_refused_and_relay_can_be_overridden() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `program` with `args` as user and group 65534 (nobody) through `setpriv`, if this
+/// test runs as root with `setpriv` installed; `None` otherwise.
+fn as_second_user(program: &str, args: &[&str]) -> Option<Command> {
+    let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+    let setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" || !setpriv {
+        return None;
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program)
+        .args(args);
+    Some(cmd)
+}
+
+#[tokio::test]
+async fn the_proxy_and_forwards_serve_only_the_user_running_the_agent() {
+    if as_second_user("true", &[]).is_none() {
+        assert!(
+            std::env::var_os("PORTCULLIS_REQUIRE_SECOND_USER").is_none(),
+            "the second-user test is required but needs root and setpriv"
+        );
+        eprintln!("\n!!! SKIPPED the second-user test: it needs root and setpriv\n");
+        return;
+    }
+    let s = Stack::up().await;
+    let token = device_token(&s, "olga", &[]);
+    let home = s.w.path("olga-home");
+    assert!(enroll(&home, &token, "file").await.status.success());
+    let Up {
+        agent: _agent,
+        port,
+        ..
+    } = up(&s, &home, &[]).await;
+    let echo_port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
+    let ready = s.w.path("tcp.ready");
+    let mut fwd = agent(&home);
+    fwd.args([
+        "tcp",
+        &format!("{DB}:{echo_port}"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--ready-file")
+    .arg(&ready);
+    let mut fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
+    let v: serde_json::Value = serde_json::from_str(&fwd.wait_ready_file(&ready).await).unwrap();
+    let forward = v["listen"].as_str().unwrap().to_owned();
+    // Sends a word to the forward and prints the first five bytes that come back (none if
+    // the connection is closed), as whoever runs it.
+    let echo = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{}; printf hello >&3; timeout 10 head -c 5 <&3",
+        forward.rsplit(':').next().unwrap()
+    );
+    let url = format!("http://{APP}/");
+    let proxy = format!("http://127.0.0.1:{port}");
+    let curl_args = [
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+        "-x",
+    ];
+
+    // The agent's own user is served by both.
+    assert_eq!(proxy_get(port, &url).await.0, 200);
+    let out = Command::new("bash")
+        .args(["-c", &echo])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello", "{out:?}");
+    // Another local user gets its connections closed without an answer.
+    let mut curl = as_second_user("curl", &curl_args).unwrap();
+    let out = curl.args([&proxy, &url]).output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000", "{out:?}");
+    let out = as_second_user("bash", &["-c", &echo])
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{out:?}");
+    let log = s.w.path("agent.log");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains("refusing a connection from another user"),
+        "{log}"
     );
 }

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use portcullis_e2e::{
     World, curl_cmd, curl_expect, identity_series, metric, relay_cli, relay_ok, run_curl,
     wait_for_connectors, wait_for_metric,
@@ -89,7 +90,8 @@ async fn policy_and_routing_refusals_get_the_right_status() {
     assert_eq!(r.status, 403, "{}", r.body);
     // No device certificate.
     assert_eq!(s.get(APP, "/", None).await.status, 403);
-    // An unknown hostname is refused at the TLS handshake, naming nothing internal.
+    // An unknown hostname gets the relay's own certificate, which curl refuses for that
+    // name: no response, nothing internal named.
     let r = s.get("nope.internal", "/", Some("alice")).await;
     assert_eq!(
         r.status, 0,
@@ -257,7 +259,8 @@ async fn revoking_a_connector_disconnects_it() {
     relay_ok(&["revoke", "connector", "c1", "--state", s.w.state()]);
     // Briefly a request may still be routed to the closing tunnel (502), or find its name
     // unpublished between the handshake and the request (404); then the names it alone
-    // published are no longer served at all (TLS refused).
+    // published are no longer served at all (the relay presents its own certificate, which
+    // curl refuses for the name).
     let r = portcullis_e2e::eventually(Duration::from_secs(5), || async {
         let r = s.get(APP, "/", Some("alice")).await;
         assert!(
@@ -415,7 +418,7 @@ async fn admin_endpoints_report_health_and_metrics() {
 }
 
 #[tokio::test]
-async fn jwks_is_served_and_pkcs12_bundle_works_with_curl() {
+async fn jwks_is_served_rotates_with_an_overlap_and_pkcs12_bundle_works_with_curl() {
     let s = Stack::up().await;
     let r = s
         .get("relay.acme.test", "/.well-known/jwks.json", None)
@@ -423,6 +426,55 @@ async fn jwks_is_served_and_pkcs12_bundle_works_with_curl() {
     assert_eq!(r.status, 200, "{}", r.stderr);
     let v = json(&r.body);
     assert_eq!(v["keys"][0]["alg"], "ES256");
+    let first = v["keys"][0]["kid"].as_str().unwrap().to_owned();
+    // The kid an origin's assertion was signed with.
+    let signed_with = || async {
+        let r = s.get(APP, "/", Some("alice")).await;
+        let jwt = json(&r.body)["headers"]["portcullis-jwt-assertion"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let header = jwt.split('.').next().unwrap().to_owned();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        json(&String::from_utf8(header).unwrap())["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(signed_with().await, first);
+    let kids = || async {
+        let r = s
+            .get("relay.acme.test", "/.well-known/jwks.json", None)
+            .await;
+        let v = json(&r.body);
+        let kids: Vec<String> = v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect();
+        kids
+    };
+    // Rotation: the new key signs, the old one stays published for the overlap...
+    relay_ok(&["jwt", "rotate", "--state", s.w.state()]);
+    let rotated = portcullis_e2e::eventually(Duration::from_secs(10), || async {
+        let kids = kids().await;
+        (kids.len() == 2).then_some(kids)
+    })
+    .await
+    .expect("the running relay must publish both keys after a rotation");
+    assert_eq!(rotated[1], first);
+    assert_eq!(signed_with().await, rotated[0]);
+    // ...until it is retired.
+    relay_ok(&["jwt", "retire", "--state", s.w.state()]);
+    let retired = portcullis_e2e::eventually(Duration::from_secs(10), || async {
+        let kids = kids().await;
+        (kids.len() == 1).then_some(kids)
+    })
+    .await;
+    assert_eq!(retired, Some(vec![rotated[0].clone()]));
     // The browser bundle is a working PKCS#12 (empty password).
     let out = s.w.out();
     let mut cmd = tokio::process::Command::new("curl");
@@ -524,7 +576,9 @@ fn bad_relay_config_exits_64_naming_file_and_line() {
     let cfg = w.write_relay_config("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "");
     let good = std::fs::read_to_string(&cfg).unwrap();
 
-    std::fs::write(&cfg, format!("{good}bogus_key = 1\n")).unwrap();
+    // An unknown top-level key on line 7, after the harness's six.
+    let (head, tail) = good.split_at(good.match_indices('\n').nth(5).unwrap().0 + 1);
+    std::fs::write(&cfg, format!("{head}bogus_key = 1\n{tail}")).unwrap();
     let (code, err) = run(&cfg);
     assert_eq!(code, Some(64), "{err}");
     assert!(

@@ -8,9 +8,14 @@
 use std::time::Duration;
 
 use portcullis_e2e::{
-    H3Client, RunningRelay, TestConnector, TestOrigin, TestRelay, eventually,
-    wait_for_tunnel_streams,
+    H3Client, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestRelay, admin_get_with,
+    eventually, tls_probe, wait_for_tunnel_streams,
 };
+use rustls::version::{TLS12, TLS13};
+use rustls_pki_types::pem::PemObject;
+
+/// TLS 1.3 only, as every client the relay accepts by default.
+const ONLY_TLS13: &[&rustls::SupportedProtocolVersion] = &[&TLS13];
 
 const WEB: &str = "web.internal";
 const OTHER: &str = "other.internal";
@@ -108,7 +113,30 @@ async fn unknown_names_are_refused_and_a_name_without_a_connector_online_gets_50
         relay.issue_connector("spare", &[IDLE]).await;
         let alice = relay.client("alice");
 
-        // A name nobody may publish: no certificate, the handshake is refused.
+        // A name nobody may publish: a normal handshake with the relay's own certificate
+        // (a stranger learns nothing from the handshake), then the usual refusals: 404
+        // for a device, 403 for a caller without a device certificate.
+        let https = relay.addrs.https;
+        let probe = |sni: &'static str, device: Option<&'static str>| {
+            tls_probe(&relay.world, https, sni, device, ONLY_TLS13)
+        };
+        let p = probe("nope.internal", Some("alice")).await.unwrap();
+        assert_eq!(
+            (p.names.as_slice(), p.status),
+            (&[RELAY_NAME.to_owned()][..], Some(404))
+        );
+        let p = probe("nope.internal", None).await.unwrap();
+        assert_eq!(
+            (p.names.as_slice(), p.status),
+            (&[RELAY_NAME.to_owned()][..], Some(403))
+        );
+        // A published name gets its own certificate.
+        let p = probe(WEB, None).await.unwrap();
+        assert_eq!(
+            (p.names.as_slice(), p.status),
+            (&[WEB.to_owned()][..], Some(403))
+        );
+        // A client that checks the certificate refuses the relay's for the unknown name.
         let refused = alice.try_get("nope.internal", "/").await;
         assert!(refused.is_err(), "{refused:?}");
         // The same name asked for on a connection to the relay's own name: 404.
@@ -305,6 +333,203 @@ async fn a_revoked_device_loses_its_live_request_and_is_refused_after() {
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(carol.get(WEB, "/").await.status, 200);
         origin.release();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_names_under_a_wildcard_mint_at_most_the_budget_and_deeper_names_share_a_leaf() {
+    within(async {
+        let relay = TestRelay::new()
+            .config("[tls]\nleaves_per_minute = 3")
+            .run()
+            .await;
+        relay.issue_connector("wild", &["*.wild.internal"]).await;
+        let https = relay.addrs.https;
+        let minted = "portcullis_relay_tls_leaves_minted_total";
+        let exhausted = "portcullis_relay_tls_mint_budget_exhausted_total";
+        let names = |sni: String| {
+            let world = &relay.world;
+            async move {
+                tls_probe(world, https, &sni, None, ONLY_TLS13)
+                    .await
+                    .unwrap()
+                    .names
+            }
+        };
+
+        // Two labels below the wildcard: one leaf for the parent name...
+        assert_eq!(
+            names("a.p0.wild.internal".into()).await,
+            ["*.p0.wild.internal"]
+        );
+        assert_eq!(relay.metric(minted).await, Some(1));
+        // ...that its siblings share: nothing new is minted for them.
+        assert_eq!(
+            names("b.p0.wild.internal".into()).await,
+            ["*.p0.wild.internal"]
+        );
+        assert_eq!(relay.metric(minted).await, Some(1));
+
+        // A stranger walking many parents gets leaves up to the budget, then the relay's
+        // own certificate.
+        let mut presented = Vec::new();
+        for i in 1..=10 {
+            presented.push(names(format!("x.p{i}.wild.internal")).await);
+        }
+        assert_eq!(relay.metric(minted).await, Some(3));
+        assert_eq!(relay.metric(exhausted).await, Some(8));
+        assert_eq!(presented[1], ["*.p2.wild.internal"]);
+        assert!(
+            presented[2..].iter().all(|n| n == &[RELAY_NAME.to_owned()]),
+            "{presented:?}"
+        );
+        // What was minted is still served from the cache.
+        assert_eq!(
+            names("c.p0.wild.internal".into()).await,
+            ["*.p0.wild.internal"]
+        );
+        assert_eq!(relay.metric(minted).await, Some(3));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_https_listener_speaks_tls_1_3_only_unless_configured() {
+    within(async {
+        let relay = relay().await;
+        let https = relay.addrs.https;
+        let tls12 = tls_probe(&relay.world, https, RELAY_NAME, Some("alice"), &[&TLS12]).await;
+        assert!(tls12.is_err(), "TLS 1.2 must be refused: {tls12:?}");
+        let tls13 = tls_probe(&relay.world, https, RELAY_NAME, Some("alice"), &[&TLS13]).await;
+        assert!(tls13.is_ok(), "{tls13:?}");
+
+        let relay = TestRelay::new()
+            .device("alice", "alice", &["eng"])
+            .config("[tls]\nmin_version = \"1.2\"")
+            .run()
+            .await;
+        let p = tls_probe(
+            &relay.world,
+            relay.addrs.https,
+            RELAY_NAME,
+            Some("alice"),
+            &[&TLS12],
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.names, [RELAY_NAME]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_connection_is_closed_when_its_certificate_expires() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        relay.world.issue_device("eve", "eve", &["eng"], Some("4s"));
+        portcullis_e2e::wait_for_identity(relay.addrs.admin, "device", "eve", true).await;
+        let cert = std::fs::read(relay.world.path("out/eve.crt")).unwrap();
+        let der = rustls_pki_types::CertificateDer::pem_slice_iter(&cert)
+            .next()
+            .unwrap()
+            .unwrap();
+        let not_after = portcullis_shared::pki::inspect(&der).unwrap().not_after;
+        let eve = relay.client("eve");
+
+        // A request the origin holds past the certificate's expiry.
+        let live = tokio::spawn({
+            let eve = eve.clone();
+            async move { eve.try_get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+        let cut = tokio::time::timeout(Duration::from_secs(15), live)
+            .await
+            .expect("the connection must be closed when the certificate expires")
+            .unwrap();
+        assert!(cut.is_err(), "{cut:?}");
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            at >= not_after,
+            "cut at {at}, before the expiry {not_after}"
+        );
+        origin.release();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reissued_device_loses_its_live_connection_and_its_old_certificate() {
+    within(async {
+        let relay = relay().await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        for ext in ["crt", "key"] {
+            let out = |name: &str| relay.world.path(&format!("out/{name}.{ext}"));
+            std::fs::copy(out("alice"), out("alice-v1")).unwrap();
+        }
+        let old = relay.client("alice-v1");
+        assert_eq!(old.get(WEB, "/").await.status, 200);
+        let live = tokio::spawn({
+            let old = old.clone();
+            async move { old.try_get(WEB, "/hold").await }
+        });
+        origin.wait_held(1).await;
+
+        // Re-issued with a new key: the old certificate's connection is cut...
+        relay.world.issue_device("alice", "alice", &["eng"], None);
+        let cut = tokio::time::timeout(Duration::from_secs(10), live)
+            .await
+            .expect("the superseded certificate's connection must be closed")
+            .unwrap();
+        assert!(cut.is_err(), "{cut:?}");
+        // ...and refused at the handshake from then on; the new one works.
+        let refused = old.try_get(WEB, "/").await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
+        origin.release();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_wants_its_token_and_metrics_name_no_device_unless_asked() {
+    within(async {
+        let token = "s3cret-admin-token-0123456789";
+        let relay = TestRelay::new().device("alice", "alice", &["eng"]);
+        std::fs::write(relay.world().path("admin.token"), format!("{token}\n")).unwrap();
+        let relay = relay
+            .config("[admin]\ntoken_file = \"admin.token\"")
+            .run()
+            .await;
+        let admin = relay.addrs.admin;
+        for path in ["/healthz", "/metrics"] {
+            let (status, _) = admin_get_with(admin, path, None).await.unwrap();
+            assert_eq!(status, 401, "{path} without the token");
+            let (status, _) = admin_get_with(admin, path, Some("wrong")).await.unwrap();
+            assert_eq!(status, 401, "{path} with a wrong token");
+        }
+        let (status, text) = admin_get_with(admin, "/metrics", Some(token))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        // Device ids carry user names: only counted, not listed, by default.
+        assert!(
+            text.contains("portcullis_identities{role=\"device\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("alice"), "{text}");
     })
     .await;
 }

@@ -173,6 +173,34 @@ pub fn revoke(state: &Path, role: Role, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `jwt rotate`.
+pub fn jwt_rotate(state: &Path) -> anyhow::Result<()> {
+    let store = open_store(state)?;
+    let kid = crate::identity::jwt::rotate(state)?;
+    audit(
+        &store,
+        "jwt.rotate",
+        "jwt",
+        format!("new signing key {kid}"),
+    )?;
+    println!(
+        "JWTs are signed with key {kid} from now on (a running relay follows within 2 s); the previous key stays in the JWKS until `portcullis-relay jwt retire`"
+    );
+    Ok(())
+}
+
+/// `jwt retire`.
+pub fn jwt_retire(state: &Path) -> anyhow::Result<()> {
+    let store = open_store(state)?;
+    if crate::identity::jwt::retire(state)? {
+        audit(&store, "jwt.retire", "jwt", String::new())?;
+        println!("the previous JWT signing key is no longer published");
+    } else {
+        println!("there is no previous JWT signing key to retire");
+    }
+    Ok(())
+}
+
 /// `list`.
 pub fn list(state: &Path, json: bool) -> anyhow::Result<()> {
     let store = open_store(state)?;

@@ -40,6 +40,9 @@ pub enum Command {
     /// One-time enrolment tokens for devices and connectors.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Rotate the key that signs identity assertions (JWTs).
+    #[command(subcommand)]
+    Jwt(JwtCommand),
     /// List identities with their user, groups or hostnames, expiry and revocation.
     List {
         #[command(flatten)]
@@ -56,6 +59,22 @@ pub enum Command {
         /// Write the bound addresses here as JSON once listening (for tests and scripts).
         #[arg(long, hide = true)]
         ready_file: Option<PathBuf>,
+    },
+}
+
+/// `jwt` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Sign with a new key from now on; the old key stays in the JWKS (so tokens it
+    /// signed still verify) until `jwt retire`. A running relay follows within 2 s.
+    Rotate {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Stop publishing the previous key, ending the overlap `jwt rotate` began.
+    Retire {
+        #[command(flatten)]
+        state: StateArgs,
     },
 }
 

@@ -1,11 +1,12 @@
 //! The relay's live view of the store's identities: consulted on every handshake and
 //! request, refreshed within a quarter second of any change, and the place that closes
-//! live connections of revoked identities.
+//! live connections: of revoked identities, of superseded certificates, of certificates
+//! reaching their expiry, and all of them while the store cannot be read (failing closed).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portcullis_shared::identity::{HostPattern, Hostname, Identity, Role};
 use portcullis_shared::pki::IdentityCheck;
@@ -50,9 +51,11 @@ impl Snapshot {
     }
 
     /// The name to put in the TLS certificate served for `host`, or `None` if no
-    /// unrevoked connector may publish it. A name one label below a wildcard pattern
-    /// shares one `*.suffix` certificate, so random names under a wildcard cannot make the
-    /// relay mint a certificate each.
+    /// unrevoked connector may publish it. Under a wildcard pattern a certificate covers
+    /// one label, so `host` gets `*.` and its parent name: a name one label below
+    /// `*.suffix` shares the `*.suffix` certificate, one deeper shares its parent's
+    /// (`a.b.suffix` and `c.b.suffix` both get `*.b.suffix`), so random names under a
+    /// wildcard cannot make the relay mint a certificate each.
     pub(crate) fn certificate_name(&self, host: &Hostname) -> Option<String> {
         let mut found = None;
         let patterns = self
@@ -63,14 +66,10 @@ impl Snapshot {
         for p in patterns {
             match p {
                 HostPattern::Exact(h) if h == host => return Some(host.to_string()),
-                HostPattern::Wildcard(suffix) if p.matches(host) => {
-                    let label = &host.as_str()[..host.as_str().len() - suffix.as_str().len() - 1];
-                    let name = if label.contains('.') {
-                        host.to_string()
-                    } else {
-                        format!("*.{suffix}")
-                    };
-                    found.get_or_insert(name);
+                HostPattern::Wildcard(_) if p.matches(host) => {
+                    // A wildcard match has at least one label above the suffix.
+                    let parent = host.as_str().split_once('.').map_or("", |(_, rest)| rest);
+                    found.get_or_insert_with(|| format!("*.{parent}"));
                 }
                 _ => {}
             }
@@ -93,15 +92,21 @@ pub(crate) struct Registry {
     /// Live connections by identity: key → (certificate key fingerprint, token).
     live: Mutex<HashMap<Identity, LiveConnections>>,
     next: AtomicU64,
+    /// Set while the store has been unreadable for longer than allowed: every certificate
+    /// is refused and no connection is kept.
+    failed_closed: AtomicBool,
 }
 
-/// Held by a live connection; cancelled when its identity is revoked, deregistered on drop.
+/// Held by a live connection; cancelled when its identity is revoked, its certificate
+/// superseded or expired, or the registry fails closed; deregistered on drop.
 #[derive(Debug)]
 pub(crate) struct LiveGuard {
     registry: Arc<Registry>,
     identity: Identity,
     key: u64,
     token: CancellationToken,
+    /// Cancelled on drop, ending the expiry timer.
+    dropped: CancellationToken,
 }
 
 impl LiveGuard {
@@ -117,6 +122,7 @@ impl LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
+        self.dropped.cancel();
         let mut live = self.registry.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(conns) = live.get_mut(&self.identity) {
             conns.remove(&self.key);
@@ -132,6 +138,14 @@ impl Registry {
         let registry = Arc::new(Self::default());
         registry.replace(Snapshot::new(store.identities()?));
         Ok(registry)
+    }
+
+    /// A registry holding `records`, for tests.
+    #[cfg(test)]
+    pub(crate) fn with_records(records: Vec<IdentityRecord>) -> Arc<Self> {
+        let registry = Arc::new(Self::default());
+        registry.replace(Snapshot::new(records));
+        registry
     }
 
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
@@ -160,29 +174,73 @@ impl Registry {
     }
 
     /// Registers a live connection of `identity` made with a certificate for the key with
-    /// fingerprint `key_sha256`.
-    pub(crate) fn track(self: &Arc<Self>, identity: &Identity, key_sha256: &str) -> LiveGuard {
+    /// fingerprint `key_sha256` that expires at `not_after` (Unix seconds; `now` is the
+    /// current time in the same unit). The connection is cut when the certificate
+    /// expires, so no connection outlives the certificate it was opened with. Must be
+    /// called within the tokio runtime.
+    pub(crate) fn track(
+        self: &Arc<Self>,
+        identity: &Identity,
+        key_sha256: &str,
+        not_after: i64,
+        now: i64,
+    ) -> LiveGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
+        let dropped = CancellationToken::new();
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(identity.clone())
             .or_default()
             .insert(key, (key_sha256.to_owned(), token.clone()));
-        // Revoked or re-issued between handshake and now: cut at once.
-        if self
-            .snapshot()
-            .active(identity)
-            .is_none_or(|r| r.key_sha256 != key_sha256)
+        // Revoked or re-issued between handshake and now, or the store unreadable: cut at
+        // once.
+        if self.is_failed_closed()
+            || self
+                .snapshot()
+                .active(identity)
+                .is_none_or(|r| r.key_sha256 != key_sha256)
         {
             token.cancel();
         }
+        // `now` is whole seconds, rounded down: the cut comes at `not_after` or within the
+        // second after it, never before.
+        let left = Duration::from_secs(u64::try_from(not_after - now).unwrap_or(0));
+        let (expiring, done, who) = (token.clone(), dropped.clone(), identity.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(left) => {
+                    if !expiring.is_cancelled() {
+                        tracing::info!(identity = %who, "certificate expired: closing its connection");
+                        expiring.cancel();
+                    }
+                }
+                () = done.cancelled() => {}
+                () = expiring.cancelled() => {}
+            }
+        });
         LiveGuard {
             registry: self.clone(),
             identity: identity.clone(),
             key,
             token,
+            dropped,
+        }
+    }
+
+    /// Whether the registry has failed closed: the store has been unreadable for longer
+    /// than allowed.
+    pub(crate) fn is_failed_closed(&self) -> bool {
+        self.failed_closed.load(Ordering::Relaxed)
+    }
+
+    /// Refuses every certificate from now on and cuts every live connection.
+    fn fail_closed(&self) {
+        self.failed_closed.store(true, Ordering::Relaxed);
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, token) in live.values().flat_map(HashMap::values) {
+            token.cancel();
         }
     }
 
@@ -193,9 +251,20 @@ impl Registry {
         Ok(())
     }
 
-    /// Polls the store and applies changes until shutdown.
-    pub(crate) async fn watch(self: Arc<Self>, store: Arc<dyn Store>, shutdown: Shutdown) {
+    /// Polls the store and applies changes until shutdown. If the store cannot be read
+    /// (an error, or a read still unanswered) for `fail_closed_after`, the registry fails
+    /// closed until a read succeeds again.
+    pub(crate) async fn watch(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        fail_closed_after: Duration,
+        shutdown: Shutdown,
+    ) {
+        type Poll = anyhow::Result<Option<(u64, Vec<IdentityRecord>)>>;
         let mut seen = None;
+        let mut last_read = Instant::now();
+        // At most one read in flight: a store that hangs must not pile up blocked threads.
+        let mut pending: Option<tokio::task::JoinHandle<Poll>> = None;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -203,25 +272,47 @@ impl Registry {
                 _ = tick.tick() => {}
                 () = shutdown.wait() => return,
             }
-            let store = store.clone();
-            let result = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let generation = store.generation()?;
-                if Some(generation) == seen {
-                    return Ok(None);
+            let mut read = pending.take().unwrap_or_else(|| {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || -> Poll {
+                    let generation = store.generation()?;
+                    if Some(generation) == seen {
+                        return Ok(None);
+                    }
+                    Ok(Some((generation, store.identities()?)))
+                })
+            });
+            let ok = match tokio::time::timeout(POLL_INTERVAL, &mut read).await {
+                Err(_) => {
+                    pending = Some(read);
+                    false
                 }
-                Ok(Some((generation, store.identities()?)))
-            })
-            .await;
-            match result {
-                Ok(Ok(Some((generation, records)))) => {
+                Ok(Ok(Ok(Some((generation, records))))) => {
                     seen = Some(generation);
                     self.replace(Snapshot::new(records));
+                    true
                 }
-                Ok(Ok(None)) => {}
+                Ok(Ok(Ok(None))) => true,
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the store; keeping the last identities");
+                    false
+                }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot read the store; keeping the last identities")
+                    tracing::warn!(error = %e, "store poll task failed");
+                    false
                 }
-                Err(e) => tracing::warn!(error = %e, "store poll task failed"),
+            };
+            if ok {
+                last_read = Instant::now();
+                if self.failed_closed.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("the store can be read again: accepting certificates again");
+                }
+            } else if last_read.elapsed() >= fail_closed_after && !self.is_failed_closed() {
+                tracing::error!(
+                    unreadable_for = ?last_read.elapsed(),
+                    "the store cannot be read: failing closed (refusing every certificate, closing every connection)"
+                );
+                self.fail_closed();
             }
         }
     }
@@ -233,6 +324,11 @@ fn same_serial(a: &str, b: &str) -> bool {
 
 impl IdentityCheck for Registry {
     fn check(&self, identity: &Identity, serial: &str, key_sha256: &str) -> Result<(), String> {
+        if self.is_failed_closed() {
+            return Err(
+                "the relay cannot read its store: every certificate is refused until it can".into(),
+            );
+        }
         let snapshot = self.snapshot();
         match snapshot.by_identity.get(identity) {
             None => Err(format!("{identity} is not registered")),
@@ -245,5 +341,185 @@ impl IdentityCheck for Registry {
                 "{identity} presented a superseded certificate (serial {serial})"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use portcullis_shared::store::{AuditEvent, SqliteStore, StoreError, TokenRecord};
+
+    use super::*;
+
+    /// A store whose reads of identities fail while `broken` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: SqliteStore,
+        broken: AtomicBool,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.broken.load(Ordering::Relaxed) {
+                Err(StoreError::Corrupt {
+                    what: "identities".into(),
+                    why: "unreadable in this test".into(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Store for Flaky {
+        fn put_identity(&self, r: &IdentityRecord) -> Result<(), StoreError> {
+            self.inner.put_identity(r)
+        }
+        fn create_identity(&self, r: &IdentityRecord) -> Result<(), StoreError> {
+            self.inner.create_identity(r)
+        }
+        fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+            self.check()?;
+            self.inner.identities()
+        }
+        fn revoke(&self, i: &Identity, at: i64) -> Result<(), StoreError> {
+            self.inner.revoke(i, at)
+        }
+        fn audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
+            self.inner.audit(e)
+        }
+        fn audit_log(&self) -> Result<Vec<AuditEvent>, StoreError> {
+            self.inner.audit_log()
+        }
+        fn generation(&self) -> Result<u64, StoreError> {
+            self.check()?;
+            self.inner.generation()
+        }
+        fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+            self.inner.create_token(t)
+        }
+        fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+            self.inner.tokens()
+        }
+        fn revoke_token(&self, id: &str, at: i64) -> Result<(), StoreError> {
+            self.inner.revoke_token(id, at)
+        }
+        fn redeem_token(&self, id: &str, s: &str, now: i64) -> Result<TokenRecord, StoreError> {
+            self.inner.redeem_token(id, s, now)
+        }
+    }
+
+    fn device(id: &str, serial: &str, key: &str) -> IdentityRecord {
+        IdentityRecord {
+            identity: Identity::new(Role::Device, id).unwrap(),
+            user: Some("alice".into()),
+            groups: vec![],
+            hostnames: vec![],
+            serial: serial.into(),
+            key_sha256: key.into(),
+            not_after: i64::MAX,
+            issued_at: 0,
+            revoked_at: None,
+        }
+    }
+
+    /// Polls `f` every 20 ms for up to 5 s.
+    async fn soon(f: impl Fn() -> bool) -> bool {
+        for _ in 0..250 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_store_fails_closed_after_the_limit_and_recovers() {
+        let store = Arc::new(Flaky {
+            inner: SqliteStore::in_memory().unwrap(),
+            broken: AtomicBool::new(false),
+        });
+        store.put_identity(&device("alice", "0a", "k1")).unwrap();
+        let registry = Registry::load(&*store).unwrap();
+        let alice = Identity::new(Role::Device, "alice").unwrap();
+        let shutdown = Shutdown::new();
+        let watch = tokio::spawn(registry.clone().watch(
+            store.clone(),
+            Duration::from_millis(600),
+            shutdown.clone(),
+        ));
+        let live = registry.track(&alice, "k1", i64::MAX, 0);
+        assert!(registry.check(&alice, "a", "k1").is_ok());
+
+        store.broken.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        assert!(
+            soon(|| registry.is_failed_closed()).await,
+            "must fail closed"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        // Live connections are cut; new handshakes and connections are refused.
+        assert!(live.token().is_cancelled());
+        let err = registry.check(&alice, "a", "k1").unwrap_err();
+        assert!(err.contains("cannot read its store"), "{err}");
+        assert!(
+            registry
+                .track(&alice, "k1", i64::MAX, 0)
+                .token()
+                .is_cancelled()
+        );
+
+        store.broken.store(false, Ordering::Relaxed);
+        assert!(soon(|| !registry.is_failed_closed()).await, "must recover");
+        assert!(registry.check(&alice, "a", "k1").is_ok());
+        assert!(
+            !registry
+                .track(&alice, "k1", i64::MAX, 0)
+                .token()
+                .is_cancelled()
+        );
+        shutdown.trigger();
+        watch.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_live_connection_is_cut_when_its_certificate_expires() {
+        let registry = Registry::with_records(vec![device("alice", "0a", "k1")]);
+        let alice = Identity::new(Role::Device, "alice").unwrap();
+        let now = 1_000;
+        let lasting = registry.track(&alice, "k1", now + 3600, now);
+        let expiring = registry.track(&alice, "k1", now + 1, now);
+        let expired = registry.track(&alice, "k1", now - 1, now);
+        assert!(soon(|| expired.token().is_cancelled()).await);
+        let started = Instant::now();
+        assert!(soon(|| expiring.token().is_cancelled()).await);
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!lasting.token().is_cancelled());
+    }
+
+    #[test]
+    fn only_the_current_certificate_or_an_earlier_one_for_the_same_key_is_accepted() {
+        let registry = Registry::with_records(vec![device("alice", "0a1b", "k2")]);
+        let alice = Identity::new(Role::Device, "alice").unwrap();
+        // The current serial, with or without leading zeros.
+        assert!(registry.check(&alice, "a1b", "k2").is_ok());
+        assert!(registry.check(&alice, "000a1b", "k2").is_ok());
+        // A renewal's predecessor: another serial, the same key.
+        assert!(registry.check(&alice, "99", "k2").is_ok());
+        // A re-issue's predecessor: another serial and another key.
+        let err = registry.check(&alice, "99", "k1").unwrap_err();
+        assert!(err.contains("superseded"), "{err}");
+        let bob = Identity::new(Role::Device, "bob").unwrap();
+        assert!(registry.check(&bob, "a1b", "k2").is_err());
     }
 }

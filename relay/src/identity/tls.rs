@@ -4,13 +4,23 @@
 //! Published hostnames get a leaf minted from the org CA on first use and cached; an
 //! operator's `tls_cert`/`tls_key` replace those and are reloaded when the files change.
 //! The relay's own `server_name` always gets an org-CA leaf, since connectors trust only
-//! the org CA.
+//! the org CA, and so does every name the relay does not serve: the handshake completes
+//! as for any other name and the request path refuses the request, so the handshake's
+//! outcome says nothing about which names exist.
+//!
+//! What a stranger can make the relay spend here is bounded: leaves are minted only for
+//! published names, one per exact name and one per parent name under a wildcard
+//! (`*.b.example` serves `a.b.example` and every sibling), at most
+//! `[tls] leaves_per_minute` new ones a minute (beyond it a handshake gets the relay's own
+//! certificate), kept in a cache of [`MAX_CACHED`] entries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use portcullis_shared::config::TlsVersion;
 use portcullis_shared::identity::{Hostname, Role};
 use portcullis_shared::pki::{self, Ca, RoleVerifier};
 use rustls::ServerConfig;
@@ -22,8 +32,8 @@ use crate::identity::registry::Registry;
 
 /// Lifetime of minted leaves; re-minted when less than a third remains.
 const LEAF_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Cap on cached minted leaves (one per published name in use).
-const MAX_CACHED: usize = 4096;
+/// Cap on cached minted leaves (one per published name or wildcard parent in use).
+pub(crate) const MAX_CACHED: usize = 4096;
 
 #[derive(Debug)]
 struct StaticCert {
@@ -32,14 +42,66 @@ struct StaticCert {
     loaded: RwLock<Option<(SystemTime, Arc<CertifiedKey>)>>,
 }
 
+/// A minted leaf and its expiry (Unix seconds).
+type Leaf = (i64, Arc<CertifiedKey>);
+
+/// Minted leaves for published names: a map for the lookup, insertion order for evicting
+/// the oldest when full (both O(1)), and the minting budget.
+#[derive(Debug)]
+struct Leaves {
+    by_name: HashMap<String, Leaf>,
+    order: VecDeque<String>,
+    budget: MintBudget,
+}
+
+/// A token bucket: `per_minute` leaves in a burst, refilled evenly over a minute.
+#[derive(Debug)]
+struct MintBudget {
+    per_minute: f64,
+    tokens: f64,
+    refilled: Option<Instant>,
+}
+
+impl MintBudget {
+    fn new(per_minute: u32) -> Self {
+        let per_minute = f64::from(per_minute.max(1));
+        Self {
+            per_minute,
+            tokens: per_minute,
+            refilled: None,
+        }
+    }
+
+    /// Takes one leaf's worth at `at`, if there is one.
+    fn take(&mut self, at: Instant) -> bool {
+        if let Some(last) = self.refilled {
+            let earned = at.saturating_duration_since(last).as_secs_f64() * self.per_minute / 60.0;
+            self.tokens = (self.tokens + earned).min(self.per_minute);
+        }
+        self.refilled = Some(at);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Picks the certificate for each handshake by SNI.
 #[derive(Debug)]
 pub(crate) struct CertResolver {
     ca: Arc<Ca>,
     server_name: Hostname,
     registry: Arc<Registry>,
-    cache: Mutex<HashMap<String, (i64, Arc<CertifiedKey>)>>,
+    /// The relay's own leaf, outside the cache and the budget: it is always available.
+    own: Mutex<Option<Leaf>>,
+    leaves: Mutex<Leaves>,
     static_cert: Option<StaticCert>,
+    /// Leaves minted for published names (the relay's own excluded).
+    minted: AtomicU64,
+    /// Handshakes that got the relay's own certificate because the budget was spent.
+    over_budget: AtomicU64,
 }
 
 fn certified_key(
@@ -51,27 +113,51 @@ fn certified_key(
     Ok(Arc::new(CertifiedKey::new(cert, signer)))
 }
 
+/// Whether a leaf expiring at `not_after` still has more than a third of its life left.
+fn fresh(not_after: i64, now: i64) -> bool {
+    not_after - now > (LEAF_TTL.as_secs() / 3) as i64
+}
+
 impl CertResolver {
     pub(crate) fn new(
         ca: Arc<Ca>,
         server_name: Hostname,
         registry: Arc<Registry>,
         static_files: Option<(PathBuf, PathBuf)>,
+        leaves_per_minute: u32,
     ) -> anyhow::Result<Arc<Self>> {
         let resolver = Arc::new(Self {
             ca,
             server_name,
             registry,
-            cache: Mutex::default(),
+            own: Mutex::default(),
+            leaves: Mutex::new(Leaves {
+                by_name: HashMap::new(),
+                order: VecDeque::new(),
+                budget: MintBudget::new(leaves_per_minute),
+            }),
             static_cert: static_files.map(|(cert, key)| StaticCert {
                 cert,
                 key,
                 loaded: RwLock::new(None),
             }),
+            minted: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
         });
         // Fail at startup, not at the first handshake, if the operator's files are bad.
         resolver.reload_static()?;
         Ok(resolver)
+    }
+
+    /// Leaves minted for published names since start.
+    pub(crate) fn minted_total(&self) -> u64 {
+        self.minted.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes for published names answered with the relay's own certificate because
+    /// the minting budget was spent.
+    pub(crate) fn over_budget_total(&self) -> u64 {
+        self.over_budget.load(Ordering::Relaxed)
     }
 
     /// Re-reads `tls_cert`/`tls_key` if the certificate file changed. Called at startup and
@@ -105,19 +191,8 @@ impl CertResolver {
         Ok(())
     }
 
-    fn minted(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        let now = now();
-        if let Some((not_after, ck)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            && *not_after - now > (LEAF_TTL.as_secs() / 3) as i64
-        {
-            return Some(ck.clone());
-        }
-        // Signing happens outside the lock; two handshakes racing for a new name may both
-        // mint, and the last one is kept.
+    /// A new org-CA leaf for `name`.
+    fn mint(&self, name: &str) -> Option<Leaf> {
         let issued = match self.ca.issue_server(&[name.to_owned()], LEAF_TTL) {
             Ok(i) => i,
             Err(e) => {
@@ -132,44 +207,97 @@ impl CertResolver {
         )
         .inspect_err(|e| tracing::warn!(error = %e, "cannot load a minted certificate"))
         .ok()?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED {
-            // Names are bounded by the published patterns (see `certificate_name`), so this
-            // only trims names deep under wildcards; drop the oldest.
-            if let Some(oldest) = cache
-                .iter()
-                .min_by_key(|(_, (t, _))| *t)
-                .map(|(k, _)| k.clone())
-            {
-                cache.remove(&oldest);
-            }
+        Some((issued.not_after, ck))
+    }
+
+    /// The relay's own certificate, for its `server_name` and for every name it does not
+    /// serve.
+    fn own(&self) -> Option<Arc<CertifiedKey>> {
+        let now = now();
+        if let Some((not_after, ck)) = &*self.own.lock().unwrap_or_else(|p| p.into_inner())
+            && fresh(*not_after, now)
+        {
+            return Some(ck.clone());
         }
-        cache.insert(name.to_owned(), (issued.not_after, ck.clone()));
+        // Two handshakes racing here may both mint; the last one is kept.
+        let leaf = self.mint(self.server_name.as_str())?;
+        let ck = leaf.1.clone();
+        *self.own.lock().unwrap_or_else(|p| p.into_inner()) = Some(leaf);
         Some(ck)
     }
-}
 
-impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(sni) = hello.server_name() else {
-            // No SNI (a client dialling an IP): present the relay's own name; requests for
-            // published names then fail the SNI/Host check.
-            return self.minted(self.server_name.as_str());
+    /// The leaf for the published certificate name `name`: cached, or minted if the budget
+    /// allows, else an ageing cached one, else the relay's own.
+    fn leaf(&self, name: &str, at: Instant) -> Option<Arc<CertifiedKey>> {
+        let now = now();
+        let stale = {
+            let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+            let cached = leaves.by_name.get(name).cloned();
+            match cached {
+                Some((not_after, ck)) if fresh(not_after, now) => return Some(ck),
+                _ if !leaves.budget.take(at) => {
+                    drop(leaves);
+                    self.over_budget.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(name, "certificate minting budget spent");
+                    return match cached {
+                        Some((not_after, ck)) if not_after > now => Some(ck),
+                        _ => self.own(),
+                    };
+                }
+                _ => cached,
+            }
         };
-        let host = Hostname::parse(sni).ok()?;
+        // Signing happens outside the lock; two handshakes racing for a new name may both
+        // mint (each within the budget), and the last one is kept.
+        let Some(leaf) = self.mint(name) else {
+            return stale.map(|(_, ck)| ck);
+        };
+        self.minted.fetch_add(1, Ordering::Relaxed);
+        let ck = leaf.1.clone();
+        let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+        if leaves.by_name.insert(name.to_owned(), leaf).is_none() {
+            leaves.order.push_back(name.to_owned());
+            while leaves.by_name.len() > MAX_CACHED {
+                let Some(oldest) = leaves.order.pop_front() else {
+                    break;
+                };
+                leaves.by_name.remove(&oldest);
+            }
+        }
+        Some(ck)
+    }
+
+    /// The certificate for a handshake that asked for `sni`, at `at`.
+    fn choose(&self, sni: Option<&str>, at: Instant) -> Option<Arc<CertifiedKey>> {
+        // No SNI (a client dialling an IP), or a name that is not a valid hostname: the
+        // relay's own name; requests then fail the SNI/Host check.
+        let Some(host) = sni.and_then(|s| Hostname::parse(s).ok()) else {
+            return self.own();
+        };
         if host == self.server_name {
-            return self.minted(host.as_str());
+            return self.own();
         }
         let Some(cert_name) = self.registry.snapshot().certificate_name(&host) else {
-            tracing::debug!(sni, "refusing TLS for an unknown name");
-            return None;
+            // An unknown name gets the same kind of handshake as a known one (only the
+            // certificate differs), then the request path's refusal.
+            tracing::debug!(
+                sni = host.as_str(),
+                "TLS for a name the relay does not serve"
+            );
+            return self.own();
         };
         if let Some(s) = &self.static_cert
             && let Some((_, ck)) = &*s.loaded.read().unwrap_or_else(|p| p.into_inner())
         {
             return Some(ck.clone());
         }
-        self.minted(&cert_name)
+        self.leaf(&cert_name, at)
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.choose(hello.server_name(), Instant::now())
     }
 }
 
@@ -196,20 +324,20 @@ fn base_config(
 }
 
 /// TLS for the HTTPS listener: devices (optional at the handshake, required per request),
-/// HTTP/2 and HTTP/1.1.
+/// HTTP/2 and HTTP/1.1, TLS 1.3 unless `min_version` allows 1.2.
 pub(crate) fn https_config(
     ca: &Ca,
     registry: &Arc<Registry>,
     resolver: Arc<CertResolver>,
+    min_version: TlsVersion,
 ) -> anyhow::Result<ServerConfig> {
-    let mut cfg = base_config(
-        ca,
-        registry,
-        resolver,
-        &[Role::Device],
-        false,
-        &[&rustls::version::TLS13, &rustls::version::TLS12],
-    )?;
+    // TLS 1.2 sends the client certificate, which names the device and its user, in the
+    // clear: only when the operator asks for it.
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match min_version {
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut cfg = base_config(ca, registry, resolver, &[Role::Device], false, versions)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -253,4 +381,134 @@ pub(crate) fn inner_config(resolver: Arc<CertResolver>) -> anyhow::Result<Server
     cfg.max_early_data_size = 0;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_shared::identity::{HostPattern, Identity};
+    use portcullis_shared::store::IdentityRecord;
+
+    use super::*;
+
+    fn connector(name: &str, hostnames: &[&str]) -> IdentityRecord {
+        IdentityRecord {
+            identity: Identity::new(Role::Connector, name).unwrap(),
+            user: None,
+            groups: vec![],
+            hostnames: hostnames
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
+            serial: "1".into(),
+            key_sha256: String::new(),
+            not_after: i64::MAX,
+            issued_at: 0,
+            revoked_at: None,
+        }
+    }
+
+    /// A resolver for `relay.acme.test` with connector c1 publishing `app.acme.test` and
+    /// `*.wild.acme.test`, minting at most `per_minute` leaves a minute.
+    fn resolver(per_minute: u32) -> (tempfile::TempDir, Arc<CertResolver>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::init(dir.path(), "Acme").unwrap());
+        let registry = Registry::with_records(vec![connector(
+            "c1",
+            &["app.acme.test", "*.wild.acme.test"],
+        )]);
+        let name = Hostname::parse("relay.acme.test").unwrap();
+        let resolver = CertResolver::new(ca, name, registry, None, per_minute).unwrap();
+        (dir, resolver)
+    }
+
+    /// The DNS names in the certificate `r` presents for `sni` at `at`.
+    fn names(r: &CertResolver, sni: Option<&str>, at: Instant) -> Vec<String> {
+        let ck = r
+            .choose(sni, at)
+            .expect("a certificate for every handshake");
+        let (_, cert) = x509_parser::parse_x509_certificate(&ck.cert[0]).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unknown_and_invalid_names_get_the_relays_own_certificate_and_mint_nothing() {
+        let (_dir, r) = resolver(60);
+        let at = Instant::now();
+        for sni in [
+            Some("nope.acme.test"),
+            Some("wild.acme.test"),
+            Some("not a name"),
+            None,
+        ] {
+            assert_eq!(names(&r, sni, at), ["relay.acme.test"], "{sni:?}");
+        }
+        assert_eq!(r.minted_total(), 0);
+        assert_eq!(names(&r, Some("app.acme.test"), at), ["app.acme.test"]);
+        assert_eq!(r.minted_total(), 1);
+    }
+
+    #[test]
+    fn names_under_a_wildcard_share_one_leaf_per_parent_name() {
+        let (_dir, r) = resolver(60);
+        let at = Instant::now();
+        assert_eq!(
+            names(&r, Some("a.wild.acme.test"), at),
+            ["*.wild.acme.test"]
+        );
+        assert_eq!(
+            names(&r, Some("b.wild.acme.test"), at),
+            ["*.wild.acme.test"]
+        );
+        assert_eq!(r.minted_total(), 1);
+        // Two labels below the wildcard: one leaf for the parent, shared by its children.
+        let deep = names(&r, Some("x.b.wild.acme.test"), at);
+        assert_eq!(deep, ["*.b.wild.acme.test"]);
+        assert_eq!(r.minted_total(), 2);
+        for sni in ["y.b.wild.acme.test", "z.b.wild.acme.test"] {
+            assert_eq!(names(&r, Some(sni), at), ["*.b.wild.acme.test"]);
+        }
+        assert_eq!(r.minted_total(), 2);
+    }
+
+    #[test]
+    fn the_minting_budget_holds_and_refills_over_the_minute() {
+        let (_dir, r) = resolver(3);
+        let at = Instant::now();
+        let mut got = Vec::new();
+        for i in 0..10 {
+            got.push(names(&r, Some(&format!("x.p{i}.wild.acme.test")), at));
+        }
+        assert_eq!(r.minted_total(), 3);
+        assert_eq!(r.over_budget_total(), 7);
+        assert_eq!(got[2], ["*.p2.wild.acme.test"]);
+        assert!(
+            got[3..].iter().all(|n| n == &["relay.acme.test"]),
+            "{got:?}"
+        );
+        // What was minted stays served; the relay's own name is never refused.
+        assert_eq!(
+            names(&r, Some("y.p0.wild.acme.test"), at),
+            ["*.p0.wild.acme.test"]
+        );
+        assert_eq!(names(&r, Some("relay.acme.test"), at), ["relay.acme.test"]);
+        // 3 a minute: one more leaf 20 s later, then none again.
+        let later = at + Duration::from_secs(20);
+        assert_eq!(
+            names(&r, Some("x.p3.wild.acme.test"), later),
+            ["*.p3.wild.acme.test"]
+        );
+        assert_eq!(
+            names(&r, Some("x.p4.wild.acme.test"), later),
+            ["relay.acme.test"]
+        );
+        assert_eq!(r.minted_total(), 4);
+    }
 }

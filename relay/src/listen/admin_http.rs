@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz` and `/metrics`, plain HTTP/1.1 on a private
-//! address.
+//! address (loopback unless `[admin] allow_remote`, checked with the configuration), with
+//! a bearer token on every request when `[admin] token_file` is set.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::conn::RespBody;
 use crate::identity::registry::Registry;
+use crate::identity::tls::CertResolver;
 use crate::ops::metrics::Metrics;
 use crate::pipeline::{body, text};
 
@@ -21,16 +23,49 @@ pub(crate) struct AdminState {
     pub(crate) ready: AtomicBool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) resolver: Arc<CertResolver>,
+    /// The bearer token every request must present, if one is configured.
+    pub(crate) token: Option<String>,
+    /// Whether `/metrics` lists device ids.
+    pub(crate) device_ids: bool,
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>`, compared in constant time.
+fn authorized(token: &str, req: &Request<Incoming>) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, given)| given)
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
+    if let Some(token) = &state.token
+        && !authorized(token, req)
+    {
+        let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required");
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok"),
         "/readyz" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         "/metrics" => body(
             StatusCode::OK,
-            state.metrics.render(&state.registry),
+            state
+                .metrics
+                .render(&state.registry, &state.resolver, state.device_ids),
             "text/plain; version=0.0.4",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found"),

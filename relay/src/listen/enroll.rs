@@ -223,8 +223,9 @@ fn record(
     }
 }
 
-/// A device's id always starts with its user's name, so a token for one user can never
-/// claim an id (and the `devices` policy rules naming it) that belongs to someone else.
+/// A device's id is its user's part, `_`, then the device's name (see [`device_id`]), so
+/// a token for one user can never claim an id (and the `devices` policy rules naming it)
+/// that belongs to someone else.
 fn enroll_device(
     state: &State,
     grant: &portcullis_shared::store::TokenGrant,
@@ -255,18 +256,36 @@ fn enroll_device(
     anyhow::bail!("could not find a free device id; try again")
 }
 
+/// Longest user part and device name in an enrolled device's id (with the `_` between
+/// them, 61 of the 64 characters an id may have).
+const PART_LEN: usize = 30;
+
+/// The characters of `s` a device id may hold, but never `_`, the separator.
+fn id_chars(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .collect()
+}
+
+/// The user's part of a device id: the user's name itself when an id can hold it (1 to 30
+/// of `A-Z a-z 0-9 . -`); otherwise what of it can be kept, a dot and 10 hex digits of
+/// the name's SHA-256, so that two users whose names differ only in what an id cannot
+/// hold still get different ids.
+fn user_part(user: &str) -> String {
+    let kept = id_chars(user);
+    if kept == user && (1..=PART_LEN).contains(&user.len()) {
+        return kept;
+    }
+    let digest = sha256_hex(user.as_bytes());
+    let kept: String = kept.chars().take(PART_LEN - 11).collect();
+    format!("{kept}.{}", &digest[..10])
+}
+
+/// `<user part>_<name>`: `_` is never part of either side, so the id says whose device
+/// it is and no user can choose a name that lands in another user's ids. Without a
+/// usable name, 6 random hex digits.
 fn device_id(user: &str, name: Option<&str>) -> anyhow::Result<Identity> {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
-            .take(30)
-            .collect()
-    };
-    let base = match clean(user) {
-        b if b.is_empty() => "device".to_owned(),
-        b => b,
-    };
-    let suffix = match name.map(clean) {
+    let suffix = match name.map(|n| id_chars(n).chars().take(PART_LEN).collect::<String>()) {
         Some(n) if !n.is_empty() => n,
         _ => {
             let mut bytes = [0u8; 3];
@@ -274,7 +293,10 @@ fn device_id(user: &str, name: Option<&str>) -> anyhow::Result<Identity> {
             portcullis_shared::pki::hex(&bytes)
         }
     };
-    Ok(Identity::new(Role::Device, &format!("{base}-{suffix}"))?)
+    Ok(Identity::new(
+        Role::Device,
+        &format!("{}_{suffix}", user_part(user)),
+    )?)
 }
 
 fn issue(
@@ -370,5 +392,41 @@ fn renew(
         ca: state.ca.cert_pem().to_owned(),
         not_after: issued.not_after,
         hostnames: vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(user: &str, name: &str) -> String {
+        device_id(user, Some(name)).unwrap().id().to_owned()
+    }
+
+    #[test]
+    fn device_ids_name_their_user_and_cannot_collide_across_users() {
+        assert_eq!(id("alice", "laptop"), "alice_laptop");
+        // Names that would have met under a `-` separator stay apart.
+        assert_eq!(id("alice", "dev-x"), "alice_dev-x");
+        assert_eq!(id("alice-dev", "x"), "alice-dev_x");
+        // A name cannot smuggle in the separator to pose as another user's device.
+        assert_eq!(id("mallory", "alice_laptop"), "mallory_alicelaptop");
+        assert!(id("mallory", "_").starts_with("mallory_"));
+        // Users whose names an id cannot hold keep a readable part and a digest of the
+        // whole name, so near-identical names still differ.
+        let (a, b) = (id("alice@example.com", "x"), id("alice@example.org", "x"));
+        assert!(a.starts_with("aliceexample.com."), "{a}");
+        assert_ne!(a, b);
+        assert_ne!(id("alice!", "x"), id("alice", "x"));
+        assert_ne!(id("alice_x", "y"), id("alicex", "y"));
+        let long = "a".repeat(40);
+        assert_ne!(id(&long, "x"), id(&"a".repeat(41), "x"));
+        assert!(id(&long, &"n".repeat(80)).len() <= 64);
+        // Every id splits at its one `_` into the user's part and the name.
+        for (user, name) in [("alice", "dev-x"), ("bob@x.y", "a_b"), ("", "x")] {
+            let v = id(user, name);
+            assert_eq!(v.matches('_').count(), 1, "{v}");
+            assert_eq!(v.split_once('_').unwrap().0, user_part(user), "{v}");
+        }
     }
 }

@@ -36,7 +36,12 @@ pub(crate) async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let conn = transport.connection();
-    let live = Arc::new(state.registry.track(&device, &key_sha256));
+    let not_after = super::peer_not_after(&transport);
+    let live = Arc::new(
+        state
+            .registry
+            .track(&device, &key_sha256, not_after, crate::clock::now()),
+    );
     let info = Arc::new(ConnInfo {
         peer: transport.remote_address(),
         sni: transport.server_name(),

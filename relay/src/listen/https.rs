@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::clock::now;
 use crate::conn::{BoxError, ConflictingLength, ConnInfo, ExtendedConnect, RespBody};
 use crate::hardening::h1_framing::{Conflicts, Watched};
 use crate::hardening::idle::Activity;
@@ -111,9 +112,9 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|leaf| pki::inspect(leaf).ok());
-    let key_sha256 = cert
+    let (key_sha256, not_after) = cert
         .as_ref()
-        .map(|c| c.key_sha256.clone())
+        .map(|c| (c.key_sha256.clone(), c.not_after))
         .unwrap_or_default();
     let device = cert
         .and_then(|info| info.identity)
@@ -123,7 +124,7 @@ async fn serve_connection(
     }
     let live = device
         .as_ref()
-        .map(|d| Arc::new(state.registry.track(d, &key_sha256)));
+        .map(|d| Arc::new(state.registry.track(d, &key_sha256, not_after, now())));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let info = Arc::new(ConnInfo {
         peer,

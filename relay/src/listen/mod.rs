@@ -10,3 +10,16 @@ pub(crate) mod https;
 pub(crate) mod quic;
 pub(crate) mod terminate;
 pub(crate) mod tunnel;
+
+/// When the certificate the peer presented expires (Unix seconds); 0, so that the
+/// connection is cut at once, if there is none to read.
+pub(crate) fn peer_not_after(transport: &dyn portcullis_shared::transport::Transport) -> i64 {
+    transport
+        .peer_certificates()
+        .and_then(|certs| {
+            certs
+                .first()
+                .and_then(|c| portcullis_shared::pki::inspect(c).ok())
+        })
+        .map_or(0, |info| info.not_after)
+}

@@ -28,7 +28,10 @@ pub(crate) async fn serve_connector(
     key_sha256: String,
     state: Arc<State>,
 ) -> anyhow::Result<()> {
-    let live = state.registry.track(&identity, &key_sha256);
+    let not_after = super::peer_not_after(&*transport);
+    let live = state
+        .registry
+        .track(&identity, &key_sha256, not_after, crate::clock::now());
     let allowed = state
         .registry
         .snapshot()

@@ -35,10 +35,12 @@ pub(crate) struct Entry<'a> {
 
 impl AccessLog {
     pub(crate) fn open(path: &Path) -> anyhow::Result<Self> {
+        // Never through a symbolic link planted where the log goes.
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .with_context(|| format!("opening the access log {}", path.display()))?;
         Ok(Self {

@@ -3,7 +3,10 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use portcullis_shared::identity::Role;
+
 use crate::identity::registry::Registry;
+use crate::identity::tls::CertResolver;
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -24,7 +27,14 @@ impl Metrics {
         self.responses[class].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self, registry: &Registry) -> String {
+    /// The metrics as Prometheus text. Device ids carry their user's name, so their
+    /// certificates are listed one by one only with `device_ids`; connectors always are.
+    pub(crate) fn render(
+        &self,
+        registry: &Registry,
+        tls: &CertResolver,
+        device_ids: bool,
+    ) -> String {
         let mut out = String::new();
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
@@ -85,15 +95,44 @@ impl Metrics {
             "Reloads of relay.toml refused as invalid (the running configuration was kept).",
             c(&self.config_reload_errors) as i64,
         );
-        out.push_str("# HELP portcullis_certificate_expiry_timestamp_seconds Expiry of each active issued certificate.\n");
-        out.push_str("# TYPE portcullis_certificate_expiry_timestamp_seconds gauge\n");
+        one(
+            "portcullis_relay_tls_leaves_minted_total",
+            "counter",
+            "Certificates minted for published names (bounded by [tls] leaves_per_minute).",
+            tls.minted_total() as i64,
+        );
+        one(
+            "portcullis_relay_tls_mint_budget_exhausted_total",
+            "counter",
+            "Handshakes answered with the relay's own certificate because the minting budget was spent.",
+            tls.over_budget_total() as i64,
+        );
+        one(
+            "portcullis_relay_store_failed_closed",
+            "gauge",
+            "1 while the store has been unreadable for longer than [store] fail_closed_after: every certificate is refused.",
+            i64::from(registry.is_failed_closed()),
+        );
         let snapshot = registry.snapshot();
         let mut records: Vec<_> = snapshot
             .records()
             .filter(|r| r.revoked_at.is_none())
             .collect();
         records.sort_by(|a, b| a.identity.cmp(&b.identity));
-        for r in records {
+        out.push_str(
+            "# HELP portcullis_identities Active (issued, unrevoked) identities, by role.\n",
+        );
+        out.push_str("# TYPE portcullis_identities gauge\n");
+        for role in [Role::Connector, Role::Device] {
+            let n = records.iter().filter(|r| r.identity.role() == role).count();
+            let _ = writeln!(out, "portcullis_identities{{role=\"{role}\"}} {n}");
+        }
+        out.push_str("# HELP portcullis_certificate_expiry_timestamp_seconds Expiry of each active issued certificate (devices only with [admin] metrics_device_ids).\n");
+        out.push_str("# TYPE portcullis_certificate_expiry_timestamp_seconds gauge\n");
+        for r in records
+            .iter()
+            .filter(|r| device_ids || r.identity.role() != Role::Device)
+        {
             let _ = writeln!(
                 out,
                 "portcullis_certificate_expiry_timestamp_seconds{{role=\"{}\",id=\"{}\"}} {}",
@@ -103,5 +142,65 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use portcullis_shared::identity::{Hostname, Identity};
+    use portcullis_shared::pki::Ca;
+    use portcullis_shared::store::IdentityRecord;
+
+    use super::*;
+
+    fn record(role: Role, id: &str) -> IdentityRecord {
+        IdentityRecord {
+            identity: Identity::new(role, id).unwrap(),
+            user: Some("alice".into()),
+            groups: vec![],
+            hostnames: vec![],
+            serial: "1".into(),
+            key_sha256: String::new(),
+            not_after: 1234,
+            issued_at: 0,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn device_ids_are_listed_only_when_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::init(dir.path(), "Acme").unwrap());
+        let registry = Registry::with_records(vec![
+            record(Role::Device, "alice_laptop"),
+            record(Role::Connector, "c1"),
+        ]);
+        let name = Hostname::parse("relay.acme.test").unwrap();
+        let tls = CertResolver::new(ca, name, registry.clone(), None, 60).unwrap();
+        let metrics = Metrics::default();
+
+        let text = metrics.render(&registry, &tls, false);
+        assert!(!text.contains("alice"), "{text}");
+        assert!(
+            text.contains("portcullis_identities{role=\"device\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "portcullis_certificate_expiry_timestamp_seconds{role=\"connector\",id=\"c1\"} 1234"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_relay_store_failed_closed 0"),
+            "{text}"
+        );
+        let text = metrics.render(&registry, &tls, true);
+        assert!(
+            text.contains("portcullis_certificate_expiry_timestamp_seconds{role=\"device\",id=\"alice_laptop\"} 1234"),
+            "{text}"
+        );
     }
 }

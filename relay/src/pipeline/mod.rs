@@ -77,7 +77,7 @@ async fn serve(
     );
     access.user = decision.user;
     match decision.outcome {
-        Ok(Route::Jwks) => Ok(respond::json(StatusCode::OK, state.jwt.jwks())),
+        Ok(Route::Jwks) => Ok(respond::json(StatusCode::OK, &state.jwt.jwks())),
         Ok(Route::Services) => services::list(state, &registry, info),
         Ok(Route::Forward(grant)) => forward::forward(state, info, req, grant, access).await,
         Err(RequestError::Denied) => {

@@ -31,6 +31,31 @@ const HOP_BY_HOP: &[&str] = &[
     "expect",
 ];
 
+/// Headers in which clients or proxies state the client's address; a client could forge
+/// any of them, so they are removed (compared with `_` read as `-`), as is every
+/// `x-forwarded-*` and `portcullis-*` header, before the relay sets its own.
+const CLIENT_ADDRESS: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+];
+
+/// Whether `name` is a client's claim about who or where it is: `portcullis-*`,
+/// `x-forwarded-*` or a client-address header, in either spelling (some origin
+/// frameworks, CGI, WSGI, Rack and PHP among them, read `x_forwarded_for` as
+/// `x-forwarded-for`).
+fn is_spoofable(name: &HeaderName) -> bool {
+    let name = name.as_str().replace('_', "-");
+    name.starts_with("portcullis-")
+        || name.starts_with("x-forwarded-")
+        || CLIENT_ADDRESS.contains(&name.as_str())
+}
+
 /// Who the caller is, as the relay tells the origin.
 pub(crate) struct Caller<'a> {
     pub(crate) device: &'a Identity,
@@ -63,15 +88,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Removes client claims about identity, then adds the relay's own.
 fn set_identity(headers: &mut HeaderMap, host: &Hostname, id: &Caller<'_>) {
-    // Some origin frameworks (CGI, WSGI, Rack, PHP) read `portcullis_user` as
-    // `portcullis-user`, so both spellings are stripped, as are other client claims about
-    // who or where the caller is.
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| {
-            let name = k.as_str().replace('_', "-");
-            name.starts_with("portcullis-") || name == "x-real-ip" || name == "forwarded"
-        })
+        .filter(|k| is_spoofable(k))
         .cloned()
         .collect();
     for k in spoofed {
@@ -191,4 +210,79 @@ pub(crate) fn websocket_request(
         .or_insert(HeaderValue::from_static("13"));
     h.remove(header::TE);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_shared::identity::Role;
+
+    use super::*;
+
+    #[test]
+    fn forwarding_and_client_address_claims_are_stripped_in_every_spelling() {
+        let device = Identity::new(Role::Device, "alice_laptop").unwrap();
+        let caller = Caller {
+            device: &device,
+            user: "alice",
+            groups: &["eng".to_owned()],
+            jwt: None,
+            peer: "192.0.2.7:5555".parse().unwrap(),
+        };
+        let mut headers = HeaderMap::new();
+        let forged = [
+            "x-forwarded-for",
+            "X_Forwarded_For",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x_forwarded_port",
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+            "forwarded",
+            "true-client-ip",
+            "true_client_ip",
+            "x-real-ip",
+            "x_real_ip",
+            "x-client-ip",
+            "cf-connecting-ip",
+            "cf_connecting_ip",
+            "x-cluster-client-ip",
+            "portcullis-user",
+            "portcullis_groups",
+        ];
+        for name in forged {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("10.9.9.9"),
+            );
+        }
+        headers.insert("x-request-id", HeaderValue::from_static("kept"));
+        let host = Hostname::parse("app.internal").unwrap();
+        set_identity(&mut headers, &host, &caller);
+
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "portcullis-device",
+                "portcullis-groups",
+                "portcullis-user",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x-request-id",
+            ]
+        );
+        // One value each, the relay's own.
+        let one = |n: &str| {
+            let all: Vec<_> = headers.get_all(n).iter().collect();
+            assert_eq!(all.len(), 1, "{n}: {all:?}");
+            all[0].to_str().unwrap().to_owned()
+        };
+        assert_eq!(one("x-forwarded-for"), "192.0.2.7");
+        assert_eq!(one("x-forwarded-host"), "app.internal");
+        assert_eq!(one("x-forwarded-proto"), "https");
+        assert_eq!(one("portcullis-user"), "alice");
+        assert_eq!(one("portcullis-groups"), "eng");
+    }
 }

@@ -10,7 +10,7 @@ mod relay;
 use std::path::{Path, PathBuf};
 
 pub use connector::{ConnectorConfig, IngressRule, Scheme, ServiceUrl};
-pub use relay::{LimitsConfig, RelayConfig};
+pub use relay::{AdminConfig, LimitsConfig, RelayConfig, StoreConfig, TlsConfig, TlsVersion};
 
 /// Why a configuration file was refused. Binaries exit with status 64 on these.
 #[derive(Debug, thiserror::Error)]

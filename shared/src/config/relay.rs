@@ -41,6 +41,15 @@ pub struct RelayConfig {
     /// Resource limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// TLS versions and the budget for minting certificates.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// How the relay behaves when it cannot read its store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Who may reach the admin listener, and what `/metrics` names.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Allow rules; anything not allowed is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
@@ -89,6 +98,71 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The oldest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3. TLS 1.2 sends the client certificate, which names the device
+    /// and so its user, unencrypted.
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// `[tls]`: what the relay's TLS listeners accept and how many certificates it mints.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The oldest version the HTTPS listener accepts (QUIC is TLS 1.3 by definition).
+    pub min_version: TlsVersion,
+    /// New certificates the relay may mint for published names per minute (a burst of as
+    /// many, refilled evenly); beyond it a handshake gets the relay's own certificate.
+    pub leaves_per_minute: u32,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            min_version: TlsVersion::Tls13,
+            leaves_per_minute: 60,
+        }
+    }
+}
+
+/// `[admin]`: the admin listener's exposure and what `/metrics` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Allow `admin_listen` on an address other than loopback; `token_file` is then
+    /// required.
+    pub allow_remote: bool,
+    /// A file holding the bearer token every admin request must then present
+    /// (`Authorization: Bearer <token>`); read at start.
+    pub token_file: Option<PathBuf>,
+    /// List each device's id (which carries its user's name) in `/metrics`.
+    pub metrics_device_ids: bool,
+}
+
+/// `[store]`: failing closed when the store cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// After the store has been unreadable this long, the relay refuses every certificate
+    /// at the handshake and closes every live connection until it can read the store
+    /// again.
+    #[serde(with = "humantime_serde")]
+    pub fail_closed_after: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            fail_closed_after: Duration::from_secs(30),
+        }
+    }
+}
+
 impl RelayConfig {
     /// The settings that differ from `running` and only take effect after a restart
     /// (everything but the policy, which a running relay reloads).
@@ -105,6 +179,9 @@ impl RelayConfig {
             access_log,
             drain_grace,
             limits,
+            tls,
+            store,
+            admin,
             policy: _,
         } = self;
         [
@@ -118,6 +195,9 @@ impl RelayConfig {
             ("access_log", *access_log != running.access_log),
             ("drain_grace", *drain_grace != running.drain_grace),
             ("limits", *limits != running.limits),
+            ("tls", *tls != running.tls),
+            ("store", *store != running.store),
+            ("admin", *admin != running.admin),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -128,9 +208,14 @@ impl RelayConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut cfg: Self = parse_file(path)?;
         cfg.state_dir = resolve(path, &cfg.state_dir);
-        for p in [&mut cfg.tls_cert, &mut cfg.tls_key, &mut cfg.access_log]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut cfg.tls_cert,
+            &mut cfg.tls_key,
+            &mut cfg.access_log,
+            &mut cfg.admin.token_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = resolve(path, p);
         }
@@ -146,6 +231,27 @@ impl RelayConfig {
         };
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("set both tls_cert and tls_key, or neither".into()));
+        }
+        if let Some(addr) = self.admin_listen
+            && !addr.ip().is_loopback()
+            && !self.admin.allow_remote
+        {
+            return Err(invalid(format!(
+                "admin_listen {addr} is not a loopback address: bind it to 127.0.0.1, or set [admin] allow_remote = true with a token_file"
+            )));
+        }
+        if self.admin.allow_remote && self.admin.token_file.is_none() {
+            return Err(invalid(
+                "[admin] allow_remote = true needs token_file, a file holding the bearer token admin requests must present".into(),
+            ));
+        }
+        if self.tls.leaves_per_minute == 0 {
+            return Err(invalid("tls.leaves_per_minute must be at least 1".into()));
+        }
+        if self.store.fail_closed_after < Duration::from_secs(1) {
+            return Err(invalid(
+                "store.fail_closed_after must be at least 1s".into(),
+            ));
         }
         if !self.state_dir.join(crate::pki::CA_KEY_FILE).exists() {
             return Err(invalid(format!(
@@ -251,6 +357,48 @@ groups = ["eng"]
         assert!(err.to_string().starts_with("r.toml:4:"), "{err}");
         let text = GOOD.replace("*.eng.internal", "a.*.internal");
         assert!(parse_str::<RelayConfig>(Path::new("r.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn the_tls_and_store_tables_parse_with_safe_defaults() {
+        let cfg: RelayConfig = parse_str(Path::new("relay.toml"), GOOD).unwrap();
+        assert_eq!(cfg.tls.min_version, TlsVersion::Tls13);
+        assert_eq!(cfg.tls.leaves_per_minute, 60);
+        assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(30));
+        let text = format!(
+            "{GOOD}[tls]\nmin_version = \"1.2\"\nleaves_per_minute = 5\n[store]\nfail_closed_after = \"5s\"\n"
+        );
+        let cfg: RelayConfig = parse_str(Path::new("relay.toml"), &text).unwrap();
+        assert_eq!(cfg.tls.min_version, TlsVersion::Tls12);
+        assert_eq!(cfg.tls.leaves_per_minute, 5);
+        assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(5));
+        let text = format!("{GOOD}[tls]\nmin_version = \"1.1\"\n");
+        assert!(parse_str::<RelayConfig>(Path::new("relay.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn a_remote_admin_listener_needs_allow_remote_and_a_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::Ca::init(dir.path(), "Acme").unwrap();
+        let state = dir.path().display().to_string();
+        let base = GOOD.replace("/var/lib/portcullis", &state);
+        let check = |text: &str| {
+            let cfg: RelayConfig = parse_str(Path::new("r.toml"), text).unwrap();
+            cfg.validate(Path::new("r.toml")).map_err(|e| e.to_string())
+        };
+        assert!(check(&base).is_ok());
+        let cfg: RelayConfig = parse_str(Path::new("r.toml"), &base).unwrap();
+        assert_eq!(cfg.admin, AdminConfig::default());
+        assert!(!cfg.admin.metrics_device_ids);
+        let remote = base.replace("127.0.0.1:9090", "0.0.0.0:9090");
+        let err = check(&remote).unwrap_err();
+        assert!(err.contains("not a loopback address"), "{err}");
+        let err = check(&format!("{remote}[admin]\nallow_remote = true\n")).unwrap_err();
+        assert!(err.contains("token_file"), "{err}");
+        let ok = format!("{remote}[admin]\nallow_remote = true\ntoken_file = \"admin.token\"\n");
+        assert!(check(&ok).is_ok());
+        let v6 = base.replace("127.0.0.1:9090", "[::1]:9090");
+        assert!(check(&v6).is_ok());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 
 use crate::identity::{Identity, IdentityError};
 
-pub use files::{load_certs, load_key, write_private_file, write_public_file};
+pub use files::{force_private_dir, load_certs, load_key, write_private_file, write_public_file};
 pub use verify::{IdentityCheck, RoleVerifier};
 
 /// Why a PKI operation failed.
@@ -115,7 +115,8 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// Creates a new CA in `state_dir` (made 0700 if missing). Refuses if one exists.
+    /// Creates a new CA in `state_dir` (created if missing, and made 0700 either way).
+    /// Refuses if one exists.
     pub fn init(state_dir: &Path, org: &str) -> Result<Self, PkiError> {
         let key_path = state_dir.join(CA_KEY_FILE);
         if key_path.exists() || state_dir.join(CA_CERT_FILE).exists() {
@@ -161,13 +162,15 @@ impl Ca {
         })
     }
 
-    /// Loads the CA from `state_dir`.
+    /// Loads the CA from `state_dir`, and makes the directory private (0700) if it is
+    /// not.
     pub fn load(state_dir: &Path) -> Result<Self, PkiError> {
         let key_path = state_dir.join(CA_KEY_FILE);
         let cert_path = state_dir.join(CA_CERT_FILE);
         if !key_path.exists() {
             return Err(PkiError::NoCa(state_dir.to_owned()));
         }
+        force_private_dir(state_dir);
         let key_pem = files::read_to_string(&key_path)?;
         let cert_pem = files::read_to_string(&cert_path)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {

@@ -23,6 +23,14 @@ pub enum StoreError {
     /// The database could not be opened, read or written.
     #[error("store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The database file could not be created or made private.
+    #[error("store {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// The id is already taken.
     #[error("{0} already exists")]
     Exists(Identity),

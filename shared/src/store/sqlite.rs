@@ -1,5 +1,6 @@
 //! SQLite implementation of [`Store`].
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -50,9 +51,37 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store at `path`.
+    /// Opens (creating if needed) the store at `path`. The database and its WAL and
+    /// shared-memory files are made readable by their owner only (0600): they hold who
+    /// may connect and the audit log.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::setup(Connection::open(path)?)
+        let io = |e: std::io::Error| StoreError::Io {
+            path: path.to_owned(),
+            source: e,
+        };
+        // Created here, 0600 and never through a symbolic link, before SQLite opens it;
+        // SQLite gives the WAL and shared-memory files the database's mode.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+        let store = Self::setup(Connection::open(path)?)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            let file = std::path::PathBuf::from(file);
+            match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
+        }
+        Ok(store)
     }
 
     /// A private in-memory store, for tests.
@@ -486,6 +515,28 @@ mod tests {
             "unknown token"
         );
         assert_eq!(store.tokens().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.put_identity(&record("alice")).unwrap();
+        let mode = |suffix: &str| {
+            let p = dir.path().join(format!("s.db{suffix}"));
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(
+            (mode(""), mode("-wal"), mode("-shm")),
+            (0o600, 0o600, 0o600)
+        );
+        // An existing database left world-readable is made private when opened.
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _store = SqliteStore::open(&path).unwrap();
+        assert_eq!(mode(""), 0o600);
     }
 
     #[test]
