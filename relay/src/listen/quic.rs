@@ -115,6 +115,9 @@ fn transport(limits: &LimitsConfig) -> anyhow::Result<quinn::TransportConfig> {
     t.stream_receive_window(limits.quic_stream_window.into());
     t.receive_window(STRANGER_WINDOW.into());
     t.send_window(u64::from(limits.quic_connection_window));
+    // No unreliable datagrams: nothing uses them, and quinn would otherwise buffer over
+    // 1 MB of them for any peer, a stranger included.
+    t.datagram_receive_buffer_size(None);
     Ok(t)
 }
 
@@ -203,6 +206,9 @@ fn admit(incoming: quinn::Incoming, state: &State) -> Option<Admitted> {
     })
 }
 
+/// Each protocol's future is boxed once the handshake says which it is, so that a
+/// stranger's task holds only what its own protocol needs (HTTP/3's state is the largest
+/// by far).
 async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> anyhow::Result<()> {
     let Admitted {
         incoming,
@@ -236,7 +242,8 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         // Enrolment needs no certificate (renewal presents one), and keeps a stranger's
         // limits.
         let caller = peer_identity(&transport).ok();
-        return crate::listen::enroll::serve(transport.connection().clone(), caller, state).await;
+        let conn = transport.connection().clone();
+        return Box::pin(crate::listen::enroll::serve(conn, caller, state)).await;
     }
     let (identity, key_sha256) = match peer_identity(&transport) {
         Ok(found) => found,
@@ -249,13 +256,19 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         (Some(TUNNEL_ALPN), Role::Connector) => {
             tracing::Span::current().record("connector.name", identity.id());
             open_up(transport.connection(), limits);
-            crate::listen::tunnel::serve_connector(Arc::new(transport), identity, key_sha256, state)
-                .await
+            let transport = Arc::new(transport);
+            Box::pin(crate::listen::tunnel::serve_connector(
+                transport, identity, key_sha256, state,
+            ))
+            .await
         }
         (Some(b"h3"), Role::Device) => {
             tracing::Span::current().record("device.id", identity.id());
             open_up(transport.connection(), limits);
-            crate::listen::http3::serve(transport, identity, key_sha256, state, shutdown).await
+            Box::pin(crate::listen::http3::serve(
+                transport, identity, key_sha256, state, shutdown,
+            ))
+            .await
         }
         _ => {
             transport.close(
