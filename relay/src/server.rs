@@ -21,6 +21,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_rustls::TlsAcceptor;
 
 use crate::conn::Terminated;
+use crate::hardening::conn_limit::ConnLimit;
+use crate::hardening::overload::{Overload, Thresholds};
 use crate::hardening::rate_limit::RateLimit;
 use crate::identity::jwt::JwtSigner;
 use crate::identity::registry::Registry;
@@ -28,7 +30,8 @@ use crate::identity::tls::{self, CertResolver};
 use crate::listen::admin_http::{self, AdminState};
 use crate::listen::{https, quic, terminate};
 use crate::ops::access_log::AccessLog;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{Listener, Metrics};
+use crate::ops::sampler::{self, Sampled};
 use crate::reload;
 use crate::state::State;
 use crate::tunnel::Router;
@@ -189,12 +192,27 @@ fn build_state(
     let jwt =
         JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
     let (terminator, terminated) = tokio::sync::mpsc::unbounded_channel();
+    let limits = &config.limits;
+    let metrics = Arc::new(Metrics::default());
+    let conn_limit = |l: Listener| {
+        let gauge = metrics.open_connections[l as usize].clone();
+        ConnLimit::new(
+            limits.max_connections,
+            limits.max_connections_per_address,
+            gauge,
+        )
+    };
+    let (quic_conns, https_conns) = (conn_limit(Listener::Quic), conn_limit(Listener::Https));
+    let overload = Arc::new(Overload::new(Thresholds {
+        memory: limits.overload_memory,
+        connections: limits.overload_connections,
+    }));
     let state = Arc::new(State {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         config,
         registry: id.registry.clone(),
         router: Router::default(),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         jwt,
         access_log,
         alt_svc: http::HeaderValue::from_str(&format!(
@@ -206,6 +224,10 @@ fn build_state(
         ca: id.ca.clone(),
         store: id.store.clone(),
         enroll_limit: RateLimit::default(),
+        quic_conns,
+        https_conns,
+        quic_pending: Default::default(),
+        overload,
         terminator,
         shutdown: shutdown.clone(),
     });
@@ -213,7 +235,8 @@ fn build_state(
 }
 
 /// Starts every task of the running relay on the shutdown tracker: the listeners' accept
-/// loops, the TLS terminator, the registry and configuration watchers.
+/// loops, the TLS terminator, the registry and configuration watchers, the overload
+/// sampler.
 fn serve(
     state: &Arc<State>,
     id: &Identity,
@@ -223,6 +246,16 @@ fn serve(
     shutdown: &Shutdown,
 ) -> anyhow::Result<Arc<AdminState>> {
     let tasks = shutdown.tracker();
+    let sampled = Sampled {
+        overload: state.overload.clone(),
+        quic: state.quic_conns.clone(),
+        https: state.https_conns.clone(),
+        metrics: state.metrics.clone(),
+    };
+    tasks.spawn(sampler::run(
+        sampled,
+        shutdown.token().clone().cancelled_owned(),
+    ));
     let inner_tls = TlsAcceptor::from(Arc::new(tls::inner_config(id.resolver.clone())?));
     tasks.spawn(terminate::terminator(
         terminated,

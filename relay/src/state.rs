@@ -17,6 +17,8 @@ use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::conn::Terminated;
+use crate::hardening::conn_limit::{ConnLimit, Pending};
+use crate::hardening::overload::Overload;
 use crate::hardening::rate_limit::RateLimit;
 use crate::identity::jwt::JwtSigner;
 use crate::identity::registry::Registry;
@@ -41,6 +43,14 @@ pub(crate) struct State {
     pub(crate) ca: Arc<Ca>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) enroll_limit: RateLimit,
+    /// Open connections on the QUIC listener (`max_connections`, per address).
+    pub(crate) quic_conns: Arc<ConnLimit>,
+    /// Open connections on the HTTPS listener (`max_connections`, per address).
+    pub(crate) https_conns: Arc<ConnLimit>,
+    /// QUIC handshakes in progress from unvalidated addresses (`quic_retry_threshold`).
+    pub(crate) quic_pending: Pending,
+    /// The overload level, set by the sampler.
+    pub(crate) overload: Arc<Overload>,
     /// Serves HTTPS inside CONNECT tunnels whose TLS ends at the relay.
     pub(crate) terminator: UnboundedSender<Terminated>,
     pub(crate) device_slots: Mutex<HashMap<String, Arc<Semaphore>>>,

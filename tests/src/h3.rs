@@ -40,9 +40,20 @@ impl H3Client {
         device: &str,
         sni: &str,
     ) -> anyhow::Result<Self> {
+        Self::try_connect_from(w, relay, device, sni, [127, 0, 0, 1].into()).await
+    }
+
+    /// Connects with TLS name `sni` from loopback address `source`.
+    pub async fn try_connect_from(
+        w: &World,
+        relay: &RelayAddrs,
+        device: &str,
+        sni: &str,
+        source: std::net::IpAddr,
+    ) -> anyhow::Result<Self> {
         let tls = client_tls(w, device, &[b"h3"]);
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::new(source, 0))?;
         endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
         let conn = endpoint.connect(relay.quic, sni)?.await?;
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;

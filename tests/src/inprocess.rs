@@ -13,9 +13,10 @@
 //!
 //! Each relay has its own [`World`] (temporary directory and CA; certificates are issued
 //! with the relay's CLI). Clients are in process too: [`TestClient`] speaks HTTP/1.1 over
-//! TLS as a device, and the HTTP/2 and HTTP/3 helpers take `relay.world` and `relay.addrs`.
+//! TLS as a device (from any loopback address), and the HTTP/2, HTTP/3 and stranger
+//! helpers take `relay.world` and `relay.addrs`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,7 +30,9 @@ use portcullis_shared::shutdown::Shutdown;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::{RelayAddrs, World, client_tls, metric, relay_ok, wait_for_identity, wait_for_metric};
+use crate::{
+    RelayAddrs, World, client_tls, metric, relay_ok, tls_from, wait_for_identity, wait_for_metric,
+};
 
 /// The relay's TLS name in every [`World`].
 pub const RELAY_NAME: &str = "relay.acme.test";
@@ -356,6 +359,7 @@ impl TestResponse {
 pub struct TestClient {
     tls: Arc<rustls::ClientConfig>,
     https: SocketAddr,
+    source: IpAddr,
 }
 
 impl TestClient {
@@ -364,7 +368,14 @@ impl TestClient {
         Self {
             tls: Arc::new(client_tls(&relay.world, device, &[b"http/1.1"])),
             https: relay.addrs.https,
+            source: IpAddr::from([127, 0, 0, 1]),
         }
+    }
+
+    /// The same client, connecting from loopback address `source` (see [`loopback`]).
+    pub fn from_address(mut self, source: IpAddr) -> Self {
+        self.source = source;
+        self
     }
 
     /// GET `https://host/path`; panics if there is no response (e.g. TLS refused).
@@ -389,11 +400,7 @@ impl TestClient {
     }
 
     async fn request(&self, sni: &str, host: &str, path: &str) -> anyhow::Result<TestResponse> {
-        let tcp = tokio::net::TcpStream::connect(self.https).await?;
-        tcp.set_nodelay(true)?;
-        let name = rustls_pki_types::ServerName::try_from(sni.to_owned())?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
+        let tls = tls_from(self.source, self.https, sni, self.tls.clone())
             .await
             .context("TLS handshake")?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;

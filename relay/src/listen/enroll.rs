@@ -2,9 +2,12 @@
 //! connector redeems a one-time token with a CSR and gets a certificate for the identity
 //! the token grants; an enrolled device renews its own certificate with its current key.
 //! Attempts are rate-limited per client address and every one is written to the audit log.
+//! A connection lives at most `enroll_timeout`, and while the relay sheds new work its
+//! requests are refused.
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,23 +19,45 @@ use ring::rand::SecureRandom;
 use tokio::io::AsyncReadExt;
 
 use crate::clock::now;
+use crate::hardening::overload::Shed;
 use crate::hardening::rate_limit::Refusal;
 use crate::state::State;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The reason sent with the close at the connection's deadline.
+pub(crate) const DEADLINE_REASON: &[u8] = b"enrolment deadline passed";
 
-/// Serves enrolment requests on one connection until the peer closes it.
+/// Serves enrolment requests on one connection, one stream at a time (the connection
+/// keeps a stranger's transport limits: one bidirectional stream, a 64 KiB window), until
+/// the peer closes it or `enroll_timeout` after it was accepted, when the relay closes it.
+/// A request already being handled at the deadline is answered first.
 pub(crate) async fn serve(
     conn: quinn::Connection,
     caller: Option<(Identity, String)>,
     state: Arc<State>,
 ) -> anyhow::Result<()> {
     let ip = conn.remote_address().ip();
+    let deadline = tokio::time::Instant::now() + state.config.limits.enroll_timeout;
+    let expired = || {
+        state
+            .metrics
+            .enroll_deadline_closes
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("enrolment connection closed at its deadline");
+        conn.close(
+            quinn::VarInt::from_u32(CloseCode::Normal.code()),
+            DEADLINE_REASON,
+        );
+    };
     loop {
         let (mut send, mut recv) = tokio::select! {
-            stream = conn.accept_bi() => match stream {
-                Ok(stream) => stream,
-                Err(_) => break,
+            stream = tokio::time::timeout_at(deadline, conn.accept_bi()) => match stream {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    expired();
+                    break;
+                }
             },
             () = state.shutdown.wait() => {
                 conn.close(
@@ -43,8 +68,8 @@ pub(crate) async fn serve(
             }
         };
         let mut buf = Vec::new();
-        let read = tokio::time::timeout(
-            REQUEST_TIMEOUT,
+        let read = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT),
             (&mut recv)
                 .take(MAX_ENROLL_LEN as u64 + 1)
                 .read_to_end(&mut buf),
@@ -53,6 +78,10 @@ pub(crate) async fn serve(
         let response = match read {
             Ok(Ok(_)) if buf.len() <= MAX_ENROLL_LEN => {
                 match serde_json::from_slice::<EnrollRequest>(&buf) {
+                    Ok(_) if state.overload.sheds_handshakes() => {
+                        state.metrics.shed(Shed::Enrolment);
+                        refused("the relay is overloaded; try again in a minute")
+                    }
                     Ok(req) => handle(&state, ip, caller.as_ref(), req).await,
                     Err(_) => refused("malformed enrolment request"),
                 }
@@ -61,8 +90,22 @@ pub(crate) async fn serve(
             _ => refused("enrolment request incomplete"),
         };
         let body = serde_json::to_vec(&response)?;
-        send.write_all(&body).await?;
+        // The answer to a request already handled may take the deadline plus a moment.
+        let grace = deadline.max(tokio::time::Instant::now()) + REQUEST_TIMEOUT;
+        match tokio::time::timeout_at(grace, send.write_all(&body)).await {
+            Ok(written) => written?,
+            Err(_) => {
+                expired();
+                break;
+            }
+        }
         send.finish()?;
+        if tokio::time::Instant::now() >= deadline {
+            // Closing discards unsent data: let the answer arrive first.
+            let _ = tokio::time::timeout_at(grace, send.stopped()).await;
+            expired();
+            break;
+        }
     }
     Ok(())
 }

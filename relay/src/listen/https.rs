@@ -23,9 +23,12 @@ use tracing::Instrument;
 
 use crate::clock::now;
 use crate::conn::{BoxError, ConflictingLength, ConnInfo, ExtendedConnect, RespBody};
+use crate::hardening::conn_limit::ConnGuard;
 use crate::hardening::h1_framing::{Conflicts, Watched};
 use crate::hardening::idle::Activity;
+use crate::hardening::overload::Shed;
 use crate::hardening::reset_flood::ResetFlood;
+use crate::ops::metrics::Listener;
 use crate::pipeline::{self, Tunnel};
 use crate::state::State;
 
@@ -48,13 +51,37 @@ pub(crate) async fn accept_loop(
             },
             () = shutdown.wait() => return,
         };
+        // Dropping the socket closes it before any TLS work.
+        let Some(place) = admit(&state, peer) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let span =
             tracing::debug_span!("https", client.addr = %peer, device.id = tracing::field::Empty);
+        let conn = Accepted { tcp, peer, place };
         shutdown.tracker().spawn(
-            serve_connection(tcp, peer, acceptor.clone(), state.clone(), shutdown.clone())
+            serve_connection(conn, acceptor.clone(), state.clone(), shutdown.clone())
                 .instrument(span),
         );
+    }
+}
+
+/// Whether a new TCP connection may go on to its TLS handshake: not while the relay
+/// sheds handshakes, nor beyond the connection caps. Its place in the caps, held for the
+/// connection's life.
+fn admit(state: &State, peer: SocketAddr) -> Option<ConnGuard> {
+    if state.overload.sheds_handshakes() {
+        state.metrics.shed(Shed::HttpsHandshake);
+        tracing::debug!(client.addr = %peer, "overloaded: connection closed before TLS");
+        return None;
+    }
+    match state.https_conns.try_acquire(peer.ip()) {
+        Ok(place) => Some(place),
+        Err(why) => {
+            state.metrics.refused(Listener::Https, why);
+            tracing::debug!(client.addr = %peer, limit = why.label(), "connection refused");
+            None
+        }
     }
 }
 
@@ -80,13 +107,25 @@ pub(crate) fn http_builder(
     builder
 }
 
-async fn serve_connection(
+/// A TCP connection admitted past the caps.
+struct Accepted {
     tcp: TcpStream,
     peer: SocketAddr,
+    /// Its place in the connection caps, given back when the connection ends.
+    place: ConnGuard,
+}
+
+async fn serve_connection(
+    conn: Accepted,
     acceptor: TlsAcceptor,
     state: Arc<State>,
     shutdown: Shutdown,
 ) {
+    let Accepted {
+        tcp,
+        peer,
+        place: _place,
+    } = conn;
     let limits = &state.config.limits;
     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,

@@ -2,20 +2,29 @@
 //! certificate role — connector tunnels (connector certificates), HTTP/3 (device
 //! certificates) and enrolment (no certificate needed). A certificate whose role does not
 //! match the protocol it asked for is closed with [`CloseCode::WrongRole`].
+//!
+//! Before any handshake work each attempt is admitted or not (overload, Retry, the
+//! connection caps; see [`admit`]), and the handshake itself runs under
+//! `handshake_timeout`. Every connection starts with a stranger's small limits, raised
+//! once its certificate shows a connector or a device.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, bail};
 use portcullis_shared::config::{LimitsConfig, RelayConfig};
 use portcullis_shared::identity::{Identity, Role};
 use portcullis_shared::pki;
-use portcullis_shared::proto::{CloseCode, ENROLL_ALPN, TUNNEL_ALPN};
+use portcullis_shared::proto::{CloseCode, ENROLL_ALPN, MAX_ENROLL_LEN, TUNNEL_ALPN};
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::transport::{QuicTransport, Transport, quic_alpn};
 use quinn::crypto::rustls::QuicServerConfig;
 use tracing::Instrument;
 
+use crate::hardening::conn_limit::{ConnGuard, PendingGuard};
+use crate::hardening::overload::Shed;
+use crate::ops::metrics::Listener;
 use crate::state::State;
 
 /// Binds the QUIC endpoint on `quic_listen` with the relay's TLS config and transport
@@ -28,6 +37,12 @@ pub(crate) fn bind(
         QuicServerConfig::try_from(tls).context("QUIC TLS config")?,
     ));
     server.transport_config(Arc::new(transport(&config.limits)?));
+    // Connection attempts not yet taken by the accept loop: quinn refuses beyond
+    // MAX_INCOMING, and buffers little for each (0-RTT is never accepted, so a client has
+    // nothing to send before the relay answers).
+    server.max_incoming(MAX_INCOMING);
+    server.incoming_buffer_size(INCOMING_BUFFER);
+    server.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     let socket = std::net::UdpSocket::bind(config.quic_listen).with_context(|| {
         format!(
             "binding QUIC on {}: is the port in use?",
@@ -73,21 +88,46 @@ fn endpoint_config(state_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
     Ok(config)
 }
 
+/// Connection attempts quinn holds for the accept loop at most.
+const MAX_INCOMING: usize = 4096;
+/// Bytes buffered for one connection attempt beyond its first packet.
+const INCOMING_BUFFER: u64 = 16 * 1024;
+/// Bytes buffered for all connection attempts together beyond their first packets.
+const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
+/// The connection flow-control window until the peer's certificate says what it is:
+/// enough for one enrolment request (`MAX_ENROLL_LEN`).
+const STRANGER_WINDOW: u32 = MAX_ENROLL_LEN as u32;
+
+/// The transport parameters every connection starts with are a stranger's: one
+/// bidirectional stream at a time, no unidirectional ones, a 64 KiB connection window.
+/// QUIC lets limits grow but never shrink, so [`open_up`] raises them once the
+/// certificate shows a connector or a device; enrolment keeps them.
 fn transport(limits: &LimitsConfig) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(limits.idle_timeout)?));
     // PINGs keep a busy connection up (a request waiting on a slow origin sends nothing);
-    // an idle one is closed by its listener (see crate::hardening::idle), not by QUIC.
+    // an idle one is closed by its listener (see crate::hardening::idle), not by QUIC. An
+    // enrolment connection is closed at its deadline however it is kept up.
     t.keep_alive_interval(Some(limits.idle_timeout / 3));
-    // Devices open one bidirectional stream per HTTP/3 request (connectors open only their
-    // control stream); HTTP/3 needs three unidirectional control streams per side.
-    t.max_concurrent_bidi_streams(limits.max_concurrent_streams.into());
-    t.max_concurrent_uni_streams(8u32.into());
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
     // Explicit windows: quinn's default connection window is effectively unbounded.
     t.stream_receive_window(limits.quic_stream_window.into());
-    t.receive_window(limits.quic_connection_window.into());
+    t.receive_window(STRANGER_WINDOW.into());
     t.send_window(u64::from(limits.quic_connection_window));
+    // No unreliable datagrams: nothing uses them, and quinn would otherwise buffer over
+    // 1 MB of them for any peer, a stranger included.
+    t.datagram_receive_buffer_size(None);
     Ok(t)
+}
+
+/// Raises an authenticated connection's limits to the relay's: devices open one
+/// bidirectional stream per HTTP/3 request (connectors open only their control stream);
+/// HTTP/3 needs three unidirectional control streams per side.
+fn open_up(conn: &quinn::Connection, limits: &LimitsConfig) {
+    conn.set_max_concurrent_bi_streams(limits.max_concurrent_streams.into());
+    conn.set_max_concurrent_uni_streams(8u32.into());
+    conn.set_receive_window(limits.quic_connection_window.into());
 }
 
 /// Accepts QUIC connections until shutdown; each is served on the shutdown tracker.
@@ -100,12 +140,15 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, sh
             },
             () = shutdown.wait() => return,
         };
-        let span = tracing::info_span!("quic", client.addr = %incoming.remote_address(), connector.name = tracing::field::Empty, device.id = tracing::field::Empty);
+        let Some(admitted) = admit(incoming, &state) else {
+            continue;
+        };
+        let span = tracing::info_span!("quic", client.addr = %admitted.incoming.remote_address(), connector.name = tracing::field::Empty, device.id = tracing::field::Empty);
         let state = state.clone();
         let task_shutdown = shutdown.clone();
         shutdown.tracker().spawn(
             async move {
-                if let Err(e) = serve(incoming, state, task_shutdown).await {
+                if let Err(e) = serve(admitted, state, task_shutdown).await {
                     tracing::info!(error = %format!("{e:#}"), "QUIC connection ended");
                 }
             }
@@ -114,18 +157,93 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, sh
     }
 }
 
-async fn serve(
+/// A connection attempt the listener took on.
+struct Admitted {
     incoming: quinn::Incoming,
-    state: Arc<State>,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let conn = incoming.await.context("handshake")?;
+    /// Its place in the connection caps, held for the connection's life.
+    place: ConnGuard,
+    /// Counts it among unvalidated handshakes until the handshake ends.
+    pending: Option<PendingGuard>,
+}
+
+/// Decides a connection attempt before any handshake work, in this order: refused while
+/// the relay sheds handshakes; asked to Retry if its address is unvalidated and
+/// `quic_retry_threshold` unvalidated handshakes are in progress; refused beyond the
+/// connection caps. Retry comes before the caps so that packets with a spoofed source
+/// address hold at most `quic_retry_threshold` places of the address they claim, each for
+/// at most `handshake_timeout`.
+fn admit(incoming: quinn::Incoming, state: &State) -> Option<Admitted> {
+    let peer = incoming.remote_address();
+    if state.overload.sheds_handshakes() {
+        state.metrics.shed(Shed::QuicHandshake);
+        tracing::debug!(client.addr = %peer, "overloaded: QUIC connection refused");
+        incoming.refuse();
+        return None;
+    }
+    let validated = incoming.remote_address_validated();
+    let threshold = state.config.limits.quic_retry_threshold;
+    if state.quic_pending.must_retry(validated, threshold) && incoming.may_retry() {
+        state.metrics.quic_retries.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        return None;
+    }
+    let place = match state.quic_conns.try_acquire(peer.ip()) {
+        Ok(place) => place,
+        Err(why) => {
+            state.metrics.refused(Listener::Quic, why);
+            tracing::debug!(client.addr = %peer, limit = why.label(), "QUIC connection refused");
+            incoming.refuse();
+            return None;
+        }
+    };
+    let pending = (!validated).then(|| state.quic_pending.enter());
+    Some(Admitted {
+        incoming,
+        place,
+        pending,
+    })
+}
+
+/// Each protocol's future is boxed once the handshake says which it is, so that a
+/// stranger's task holds only what its own protocol needs (HTTP/3's state is the largest
+/// by far).
+async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> anyhow::Result<()> {
+    let Admitted {
+        incoming,
+        place: _place,
+        pending,
+    } = admitted;
+    let limits = &state.config.limits;
+    let handshake = tokio::time::timeout(limits.handshake_timeout, incoming).await;
+    drop(pending);
+    let conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            state
+                .metrics
+                .quic_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(e).context("handshake");
+        }
+        Err(_) => {
+            // Dropping the handshake's future closes the connection.
+            state
+                .metrics
+                .quic_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            bail!("handshake timed out after {:?}", limits.handshake_timeout);
+        }
+    };
     let alpn = quic_alpn(&conn);
     let transport = QuicTransport::new(conn);
     if alpn.as_deref() == Some(ENROLL_ALPN) {
-        // Enrolment needs no certificate (renewal presents one).
+        // Enrolment needs no certificate (renewal presents one), and keeps a stranger's
+        // limits.
         let caller = peer_identity(&transport).ok();
-        return crate::listen::enroll::serve(transport.connection().clone(), caller, state).await;
+        let conn = transport.connection().clone();
+        return Box::pin(crate::listen::enroll::serve(conn, caller, state)).await;
     }
     let (identity, key_sha256) = match peer_identity(&transport) {
         Ok(found) => found,
@@ -137,12 +255,20 @@ async fn serve(
     match (alpn.as_deref(), identity.role()) {
         (Some(TUNNEL_ALPN), Role::Connector) => {
             tracing::Span::current().record("connector.name", identity.id());
-            crate::listen::tunnel::serve_connector(Arc::new(transport), identity, key_sha256, state)
-                .await
+            open_up(transport.connection(), limits);
+            let transport = Arc::new(transport);
+            Box::pin(crate::listen::tunnel::serve_connector(
+                transport, identity, key_sha256, state,
+            ))
+            .await
         }
         (Some(b"h3"), Role::Device) => {
             tracing::Span::current().record("device.id", identity.id());
-            crate::listen::http3::serve(transport, identity, key_sha256, state, shutdown).await
+            open_up(transport.connection(), limits);
+            Box::pin(crate::listen::http3::serve(
+                transport, identity, key_sha256, state, shutdown,
+            ))
+            .await
         }
         _ => {
             transport.close(

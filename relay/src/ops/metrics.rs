@@ -1,12 +1,33 @@
 //! Prometheus counters and gauges of the relay, rendered as text on `/metrics`.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use portcullis_shared::identity::Role;
 
+use crate::hardening::conn_limit::Refusal;
+use crate::hardening::overload::Shed;
 use crate::identity::registry::Registry;
 use crate::identity::tls::CertResolver;
+
+/// A client listener, as labelled in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    Quic = 0,
+    Https = 1,
+}
+
+impl Listener {
+    const ALL: [Self; 2] = [Self::Quic, Self::Https];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Https => "https",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -19,12 +40,43 @@ pub(crate) struct Metrics {
     pub(crate) denied: AtomicU64,
     pub(crate) config_reloads: AtomicU64,
     pub(crate) config_reload_errors: AtomicU64,
+    /// Open connections per [`Listener`], handshakes included (kept by its `ConnLimit`).
+    pub(crate) open_connections: [Arc<AtomicI64>; 2],
+    /// Refused before any handshake work, per [`Listener`]: over `max_connections`, over
+    /// `max_connections_per_address`.
+    refused: [[AtomicU64; 2]; 2],
+    /// New QUIC connections asked to prove their address first.
+    pub(crate) quic_retries: AtomicU64,
+    /// QUIC handshakes that failed or timed out.
+    pub(crate) quic_handshake_failures: AtomicU64,
+    /// Enrolment connections closed at their deadline.
+    pub(crate) enroll_deadline_closes: AtomicU64,
+    /// Work turned away while overloaded, per [`Shed`].
+    shed: [AtomicU64; 4],
+    /// The overload level in force (0, 1, 2; set by the sampler).
+    pub(crate) overload_level: AtomicI64,
+    /// Resident memory at the last sample.
+    pub(crate) resident_bytes: AtomicI64,
 }
 
 impl Metrics {
     pub(crate) fn response(&self, status: u16) {
         let class = usize::from(status / 100).min(5);
         self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection refused by a cap.
+    pub(crate) fn refused(&self, listener: Listener, why: Refusal) {
+        let reason = match why {
+            Refusal::Global => 0,
+            Refusal::Address => 1,
+        };
+        self.refused[listener as usize][reason].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts work shed while overloaded.
+    pub(crate) fn shed(&self, work: Shed) {
+        self.shed[work as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The metrics as Prometheus text. Device ids carry their user's name, so their
@@ -113,6 +165,7 @@ impl Metrics {
             "1 while the store has been unreadable for longer than [store] fail_closed_after: every certificate is refused.",
             i64::from(registry.is_failed_closed()),
         );
+        self.render_abuse(&mut out);
         let snapshot = registry.snapshot();
         let mut records: Vec<_> = snapshot
             .records()
@@ -142,6 +195,97 @@ impl Metrics {
             );
         }
         out
+    }
+
+    /// The connection caps, Retry, handshake failures, the enrolment deadline and the
+    /// overload manager.
+    fn render_abuse(&self, out: &mut String) {
+        let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(
+            out,
+            "portcullis_relay_open_connections",
+            "gauge",
+            "Open client connections per listener, handshakes included.",
+        );
+        for l in Listener::ALL {
+            let _ = writeln!(
+                out,
+                "portcullis_relay_open_connections{{listener=\"{}\"}} {}",
+                l.label(),
+                g(&self.open_connections[l as usize])
+            );
+        }
+        head(
+            out,
+            "portcullis_relay_connections_refused_total",
+            "counter",
+            "New client connections refused before any handshake work by a connection cap.",
+        );
+        for l in Listener::ALL {
+            for why in [Refusal::Global, Refusal::Address] {
+                let reason = usize::from(why == Refusal::Address);
+                let _ = writeln!(
+                    out,
+                    "portcullis_relay_connections_refused_total{{listener=\"{}\",reason=\"{}\"}} {}",
+                    l.label(),
+                    why.label(),
+                    c(&self.refused[l as usize][reason])
+                );
+            }
+        }
+        head(
+            out,
+            "portcullis_relay_overload_shed_total",
+            "counter",
+            "Work turned away while overloaded.",
+        );
+        for work in Shed::ALL {
+            let _ = writeln!(
+                out,
+                "portcullis_relay_overload_shed_total{{work=\"{}\"}} {}",
+                work.label(),
+                c(&self.shed[work as usize])
+            );
+        }
+        for (name, kind, help, value) in [
+            (
+                "portcullis_relay_quic_retries_total",
+                "counter",
+                "New QUIC connections asked to prove their address with a Retry.",
+                c(&self.quic_retries) as i64,
+            ),
+            (
+                "portcullis_relay_quic_handshake_failures_total",
+                "counter",
+                "QUIC handshakes that failed or timed out.",
+                c(&self.quic_handshake_failures) as i64,
+            ),
+            (
+                "portcullis_relay_enrolment_deadline_closes_total",
+                "counter",
+                "Enrolment connections closed at their deadline.",
+                c(&self.enroll_deadline_closes) as i64,
+            ),
+            (
+                "portcullis_relay_overload_level",
+                "gauge",
+                "Overload level: 0 normal, 1 shedding handshakes and enrolment, 2 also new requests.",
+                g(&self.overload_level),
+            ),
+            (
+                "portcullis_relay_resident_memory_bytes",
+                "gauge",
+                "The relay's resident memory at the last overload sample.",
+                g(&self.resident_bytes),
+            ),
+        ] {
+            head(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
     }
 }
 

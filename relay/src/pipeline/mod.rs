@@ -27,6 +27,7 @@ pub(crate) use upgrade::{Tunnel, TunnelParts, join_hyper};
 use self::access::Access;
 use self::authorize::{Context, Facts, Kind, Route, authorize};
 use crate::conn::{ConflictingLength, ConnInfo, ReqBody, RespBody};
+use crate::hardening::overload::Shed;
 use crate::state::State;
 
 /// Handles one request from any listener.
@@ -58,6 +59,12 @@ async fn serve(
     // and hyper drops the Content-Length, so the listener marks such requests.
     if req.extensions().get::<ConflictingLength>().is_some() {
         return Err(RequestError::ConflictingLength);
+    }
+    // Shed before any work: a new request only (this runs once per request; what is
+    // already streaming never comes back here).
+    if state.overload.sheds_requests() {
+        state.metrics.shed(Shed::Request);
+        return Err(RequestError::Overloaded);
     }
     let policy = state.policy();
     let registry = state.registry.snapshot();

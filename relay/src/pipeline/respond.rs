@@ -40,6 +40,9 @@ pub(crate) enum RequestError {
     BadConnect,
     /// Something on the relay itself failed.
     Internal,
+    /// The relay is overloaded (resident memory at `overload_memory`) and takes no new
+    /// requests; requests already in flight go on.
+    Overloaded,
 }
 
 impl RequestError {
@@ -55,7 +58,7 @@ impl RequestError {
             Self::UnknownHost => StatusCode::NOT_FOUND,
             Self::NoConnector | Self::TunnelFailed => StatusCode::BAD_GATEWAY,
             Self::DeviceLimit => StatusCode::TOO_MANY_REQUESTS,
-            Self::ConnectorLimit => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectorLimit | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -78,6 +81,7 @@ impl RequestError {
             Self::BadRequest => "bad request",
             Self::BadConnect => "bad connect",
             Self::Internal => "rng",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -101,6 +105,7 @@ impl RequestError {
             Self::BadRequest => "malformed request",
             Self::BadConnect => "CONNECT needs a host:port target",
             Self::Internal => "internal error",
+            Self::Overloaded => "the relay is overloaded; retry shortly",
         }
     }
 
@@ -153,6 +158,7 @@ mod tests {
             BadRequest,
             BadConnect,
             Internal,
+            Overloaded,
         ] {
             let resp = e.response();
             assert!(resp.status().is_client_error() || resp.status().is_server_error());
@@ -164,5 +170,6 @@ mod tests {
         );
         assert_eq!(SniMismatch.status(), 421);
         assert_eq!(Denied.status(), 403);
+        assert_eq!(Overloaded.status(), 503);
     }
 }

@@ -80,6 +80,24 @@ pub struct LimitsConfig {
     /// Idle time after which a client or connector connection is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Open connections one listener (QUIC, HTTPS) holds at most, handshakes included;
+    /// beyond it new ones are refused before any handshake work.
+    pub max_connections: usize,
+    /// Open connections one client address (IPv4 address, IPv6 /64) may hold on one
+    /// listener; beyond it its new ones are refused before any handshake work.
+    pub max_connections_per_address: usize,
+    /// QUIC handshakes from unvalidated addresses in progress at which a new one must
+    /// first prove its address with a Retry (0: always).
+    pub quic_retry_threshold: usize,
+    /// How long an enrolment connection (ALPN `portcullis-enroll/1`) may stay open.
+    #[serde(with = "humantime_serde")]
+    pub enroll_timeout: Duration,
+    /// Resident memory, in bytes, at which the relay answers new requests 503; from three
+    /// quarters of it, it sheds new handshakes and enrolment.
+    pub overload_memory: u64,
+    /// Open client connections (both listeners together, handshakes included) at which
+    /// the relay sheds new handshakes and enrolment.
+    pub overload_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -94,6 +112,12 @@ impl Default for LimitsConfig {
             quic_stream_window: 1024 * 1024,
             quic_connection_window: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_connections_per_address: 500,
+            quic_retry_threshold: 64,
+            enroll_timeout: Duration::from_secs(30),
+            overload_memory: 1024 * 1024 * 1024,
+            overload_connections: 16_000,
         }
     }
 }
@@ -291,6 +315,22 @@ impl RelayConfig {
         if l.idle_timeout < Duration::from_secs(2) {
             return Err(invalid("limits.idle_timeout must be at least 2s".into()));
         }
+        if l.max_connections == 0
+            || l.max_connections_per_address == 0
+            || l.overload_connections == 0
+        {
+            return Err(invalid(
+                "limits: max_connections, max_connections_per_address and overload_connections must be at least 1".into(),
+            ));
+        }
+        if l.enroll_timeout < Duration::from_secs(1) {
+            return Err(invalid("limits.enroll_timeout must be at least 1s".into()));
+        }
+        if l.overload_memory < 16 * 1024 * 1024 {
+            return Err(invalid(
+                "limits.overload_memory must be at least 16777216 (16 MiB)".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -399,6 +439,43 @@ groups = ["eng"]
         assert!(check(&ok).is_ok());
         let v6 = base.replace("127.0.0.1:9090", "[::1]:9090");
         assert!(check(&v6).is_ok());
+    }
+
+    #[test]
+    fn connection_limits_parse_and_nonsense_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        std::fs::write(dir.path().join("state").join(crate::pki::CA_KEY_FILE), "").unwrap();
+        let path = dir.path().join("relay.toml");
+        let base = GOOD.replace("/var/lib/portcullis", "state");
+        let limits = "[limits]\nmax_connections = 50\nmax_connections_per_address = 5\n\
+                      quic_retry_threshold = 0\nenroll_timeout = \"5s\"\n\
+                      overload_memory = 268435456\noverload_connections = 40\n";
+        std::fs::write(&path, format!("{base}\n{limits}")).unwrap();
+        let cfg = RelayConfig::load(&path).unwrap();
+        assert_eq!(
+            (
+                cfg.limits.max_connections,
+                cfg.limits.max_connections_per_address,
+                cfg.limits.quic_retry_threshold,
+                cfg.limits.enroll_timeout,
+                cfg.limits.overload_memory,
+                cfg.limits.overload_connections,
+            ),
+            (50, 5, 0, Duration::from_secs(5), 256 << 20, 40)
+        );
+        for bad in [
+            "max_connections = 0",
+            "max_connections_per_address = 0",
+            "overload_connections = 0",
+            "enroll_timeout = \"0s\"",
+            "overload_memory = 1024",
+        ] {
+            std::fs::write(&path, format!("{base}\n[limits]\n{bad}\n")).unwrap();
+            let err = RelayConfig::load(&path).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]
