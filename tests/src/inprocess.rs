@@ -372,7 +372,7 @@ impl TestClient {
         }
     }
 
-    /// The same client, connecting from loopback address `source` (see [`loopback`]).
+    /// The same client, connecting from loopback address `source` (see [`crate::loopback`]).
     pub fn from_address(mut self, source: IpAddr) -> Self {
         self.source = source;
         self
