@@ -140,6 +140,26 @@ impl Registry {
         Ok(registry)
     }
 
+    /// An unrevoked, never-expiring record of `role` `id` publishing `hostnames`, for
+    /// tests to adjust with struct update syntax.
+    #[cfg(test)]
+    pub(crate) fn test_record(role: Role, id: &str, hostnames: &[&str]) -> IdentityRecord {
+        IdentityRecord {
+            identity: Identity::new(role, id).expect("a valid test id"),
+            user: None,
+            groups: vec![],
+            hostnames: hostnames
+                .iter()
+                .map(|h| HostPattern::parse(h).expect("a valid pattern"))
+                .collect(),
+            serial: "1".into(),
+            key_sha256: String::new(),
+            not_after: i64::MAX,
+            issued_at: 0,
+            revoked_at: None,
+        }
+    }
+
     /// A registry holding `records`, for tests.
     #[cfg(test)]
     pub(crate) fn with_records(records: Vec<IdentityRecord>) -> Arc<Self> {
@@ -412,15 +432,10 @@ mod tests {
 
     fn device(id: &str, serial: &str, key: &str) -> IdentityRecord {
         IdentityRecord {
-            identity: Identity::new(Role::Device, id).unwrap(),
             user: Some("alice".into()),
-            groups: vec![],
-            hostnames: vec![],
             serial: serial.into(),
             key_sha256: key.into(),
-            not_after: i64::MAX,
-            issued_at: 0,
-            revoked_at: None,
+            ..Registry::test_record(Role::Device, id, &[])
         }
     }
 

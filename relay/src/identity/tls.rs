@@ -385,26 +385,13 @@ pub(crate) fn inner_config(resolver: Arc<CertResolver>) -> anyhow::Result<Server
 
 #[cfg(test)]
 mod tests {
-    use portcullis_shared::identity::{HostPattern, Identity};
+
     use portcullis_shared::store::IdentityRecord;
 
     use super::*;
 
     fn connector(name: &str, hostnames: &[&str]) -> IdentityRecord {
-        IdentityRecord {
-            identity: Identity::new(Role::Connector, name).unwrap(),
-            user: None,
-            groups: vec![],
-            hostnames: hostnames
-                .iter()
-                .map(|h| HostPattern::parse(h).unwrap())
-                .collect(),
-            serial: "1".into(),
-            key_sha256: String::new(),
-            not_after: i64::MAX,
-            issued_at: 0,
-            revoked_at: None,
-        }
+        Registry::test_record(Role::Connector, name, hostnames)
     }
 
     /// A resolver for `relay.acme.test` with connector c1 publishing `app.acme.test` and

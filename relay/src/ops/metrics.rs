@@ -293,7 +293,7 @@ impl Metrics {
 mod tests {
     use std::sync::Arc;
 
-    use portcullis_shared::identity::{Hostname, Identity};
+    use portcullis_shared::identity::Hostname;
     use portcullis_shared::pki::Ca;
     use portcullis_shared::store::IdentityRecord;
 
@@ -301,15 +301,9 @@ mod tests {
 
     fn record(role: Role, id: &str) -> IdentityRecord {
         IdentityRecord {
-            identity: Identity::new(role, id).unwrap(),
             user: Some("alice".into()),
-            groups: vec![],
-            hostnames: vec![],
-            serial: "1".into(),
-            key_sha256: String::new(),
             not_after: 1234,
-            issued_at: 0,
-            revoked_at: None,
+            ..Registry::test_record(role, id, &[])
         }
     }
 

@@ -203,6 +203,7 @@ mod tests {
     use portcullis_shared::store::IdentityRecord;
 
     use super::*;
+    use crate::identity::registry::Registry;
 
     fn id(s: &str) -> Identity {
         let (role, name) = s.split_once(':').unwrap();
@@ -210,19 +211,11 @@ mod tests {
     }
 
     fn record(identity: &str, user: Option<&str>, hostnames: &[&str]) -> IdentityRecord {
+        let id = id(identity);
         IdentityRecord {
-            identity: id(identity),
             user: user.map(str::to_owned),
             groups: vec!["eng".into()],
-            hostnames: hostnames
-                .iter()
-                .map(|h| HostPattern::parse(h).unwrap())
-                .collect(),
-            serial: "1".into(),
-            key_sha256: String::new(),
-            not_after: i64::MAX,
-            issued_at: 0,
-            revoked_at: None,
+            ..Registry::test_record(id.role(), id.id(), hostnames)
         }
     }
 
