@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use portcullis_e2e::{
-    H3Client, QuicDialer, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestRelay,
+    H3Client, QuicDialer, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestRelay, UdpPath,
     client_tls, loopback, refused, rss, tls_from, wait_for_metric,
 };
 use portcullis_shared::proto::ENROLL_ALPN;
@@ -177,8 +177,12 @@ async fn past_its_retry_threshold_the_relay_validates_every_new_address_with_a_r
         let r = h3.get(RELAY_NAME, "/.well-known/jwks.json").await;
         assert_eq!(r.status, 200);
         assert_eq!(relay.metric(RETRIES).await, Some(1));
+        // A stranger's handshake, watched on the wire: the relay's first answer is a
+        // Retry, and the handshake completes once the client echoes its token.
+        let path = UdpPath::start(relay.addrs.quic).await;
         let stranger = QuicDialer::stranger(&relay.world, loopback(2), ENROLL_ALPN);
-        let conn = stranger.dial(relay.addrs.quic, RELAY_NAME).await.unwrap();
+        let conn = stranger.dial(path.addr, RELAY_NAME).await.unwrap();
+        assert_eq!(path.retries(), 1);
         assert_eq!(relay.metric(RETRIES).await, Some(2));
         conn.close(0u32.into(), b"");
 
@@ -188,6 +192,16 @@ async fn past_its_retry_threshold_the_relay_validates_every_new_address_with_a_r
         assert_eq!(
             h3.get(RELAY_NAME, "/.well-known/jwks.json").await.status,
             200
+        );
+        let path = UdpPath::start(calm.addrs.quic).await;
+        let stranger = QuicDialer::stranger(&calm.world, loopback(2), ENROLL_ALPN);
+        stranger.dial(path.addr, RELAY_NAME).await.unwrap();
+        assert_eq!(path.retries(), 0);
+        assert!(
+            path.counts
+                .to_clients
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
         );
         assert_eq!(calm.metric(RETRIES).await, Some(0));
     })

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use portcullis_shared::identity::{HostPattern, Hostname, Identity, Role};
 use portcullis_shared::pki::IdentityCheck;
 use portcullis_shared::shutdown::Shutdown;
-use portcullis_shared::store::{IdentityRecord, Store};
+use portcullis_shared::store::{IdentityRecord, RENEWAL_OVERLAP_SECS, Store};
 use tokio_util::sync::CancellationToken;
 
 /// How often the store's generation counter is polled.
@@ -153,6 +153,7 @@ impl Registry {
                 .map(|h| HostPattern::parse(h).expect("a valid pattern"))
                 .collect(),
             serial: "1".into(),
+            previous_serial: None,
             key_sha256: String::new(),
             not_after: i64::MAX,
             issued_at: 0,
@@ -342,8 +343,17 @@ fn same_serial(a: &str, b: &str) -> bool {
     a.trim_start_matches('0') == b.trim_start_matches('0')
 }
 
+/// Whether `serial` is `record`'s certificate at `now`: the current one, or the one a
+/// renewal replaced, for [`RENEWAL_OVERLAP_SECS`] after the renewal.
+fn accepts(record: &IdentityRecord, serial: &str, now: i64) -> bool {
+    same_serial(&record.serial, serial)
+        || record.previous_serial.as_deref().is_some_and(|previous| {
+            same_serial(previous, serial) && now < record.issued_at + RENEWAL_OVERLAP_SECS
+        })
+}
+
 impl IdentityCheck for Registry {
-    fn check(&self, identity: &Identity, serial: &str, key_sha256: &str) -> Result<(), String> {
+    fn check(&self, identity: &Identity, serial: &str, _key_sha256: &str) -> Result<(), String> {
         if self.is_failed_closed() {
             return Err(
                 "the relay cannot read its store: every certificate is refused until it can".into(),
@@ -353,10 +363,7 @@ impl IdentityCheck for Registry {
         match snapshot.by_identity.get(identity) {
             None => Err(format!("{identity} is not registered")),
             Some(r) if r.revoked_at.is_some() => Err(format!("{identity} is revoked")),
-            // The current certificate, or an earlier one for the same key (a renewal whose
-            // answer the device has not stored yet); a re-issue with a new key retires
-            // the old certificates.
-            Some(r) if same_serial(&r.serial, serial) || r.key_sha256 == key_sha256 => Ok(()),
+            Some(r) if accepts(r, serial, crate::clock::now()) => Ok(()),
             Some(_) => Err(format!(
                 "{identity} presented a superseded certificate (serial {serial})"
             )),
@@ -434,6 +441,7 @@ mod tests {
         IdentityRecord {
             user: Some("alice".into()),
             serial: serial.into(),
+            previous_serial: None,
             key_sha256: key.into(),
             ..Registry::test_record(Role::Device, id, &[])
         }
@@ -523,18 +531,38 @@ mod tests {
     }
 
     #[test]
-    fn only_the_current_certificate_or_an_earlier_one_for_the_same_key_is_accepted() {
+    fn only_the_exact_current_certificate_is_accepted_and_a_renewed_one_briefly() {
         let registry = Registry::with_records(vec![device("alice", "0a1b", "k2")]);
         let alice = Identity::new(Role::Device, "alice").unwrap();
         // The current serial, with or without leading zeros.
         assert!(registry.check(&alice, "a1b", "k2").is_ok());
         assert!(registry.check(&alice, "000a1b", "k2").is_ok());
-        // A renewal's predecessor: another serial, the same key.
-        assert!(registry.check(&alice, "99", "k2").is_ok());
-        // A re-issue's predecessor: another serial and another key.
-        let err = registry.check(&alice, "99", "k1").unwrap_err();
-        assert!(err.contains("superseded"), "{err}");
+        // Any other serial is superseded, whatever its key.
+        for key in ["k2", "k1"] {
+            let err = registry.check(&alice, "99", key).unwrap_err();
+            assert!(err.contains("superseded"), "{err}");
+        }
         let bob = Identity::new(Role::Device, "bob").unwrap();
         assert!(registry.check(&bob, "a1b", "k2").is_err());
+    }
+
+    #[test]
+    fn the_certificate_a_renewal_replaced_is_accepted_only_for_the_overlap() {
+        let renewed = IdentityRecord {
+            previous_serial: Some("99".into()),
+            issued_at: 1_000,
+            ..device("alice", "a1b", "k")
+        };
+        let end = 1_000 + RENEWAL_OVERLAP_SECS;
+        assert!(accepts(&renewed, "a1b", end + 1));
+        assert!(accepts(&renewed, "0099", 1_000));
+        assert!(accepts(&renewed, "99", end - 1));
+        assert!(!accepts(&renewed, "99", end));
+        assert!(!accepts(&renewed, "98", 1_000));
+        let reissued = IdentityRecord {
+            previous_serial: None,
+            ..renewed
+        };
+        assert!(!accepts(&reissued, "99", 1_000));
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use portcullis_shared::identity::{Identity, Role};
+use portcullis_shared::pki;
 use portcullis_shared::proto::{CloseCode, EnrollRequest, EnrollResponse, MAX_ENROLL_LEN};
 use portcullis_shared::store::{AuditEvent, IdentityRecord, StoreError};
 use portcullis_shared::token::sha256_hex;
@@ -33,7 +34,7 @@ pub(crate) const DEADLINE_REASON: &[u8] = b"enrolment deadline passed";
 /// A request already being handled at the deadline is answered first.
 pub(crate) async fn serve(
     conn: quinn::Connection,
-    caller: Option<(Identity, String)>,
+    caller: Option<(Identity, pki::CertInfo)>,
     state: Arc<State>,
 ) -> anyhow::Result<()> {
     let ip = conn.remote_address().ip();
@@ -119,7 +120,7 @@ fn refused(reason: &str) -> EnrollResponse {
 async fn handle(
     state: &Arc<State>,
     ip: IpAddr,
-    caller: Option<&(Identity, String)>,
+    caller: Option<&(Identity, pki::CertInfo)>,
     req: EnrollRequest,
 ) -> EnrollResponse {
     let state = state.clone();
@@ -148,8 +149,8 @@ async fn handle(
             enroll(&state, ip, &token_id, &secret, &csr, name.as_deref())
         }
         EnrollRequest::Renew { csr } => match caller {
-            Some((identity, key)) if identity.role() == Role::Device => {
-                renew(&state, ip, &identity, &key, &csr)
+            Some((identity, cert)) if identity.role() == Role::Device => {
+                renew(&state, ip, &identity, &cert, &csr)
             }
             _ => refused("renewal needs the device's current certificate"),
         },
@@ -181,7 +182,7 @@ fn enroll(
 ) -> EnrollResponse {
     let subject = format!("token:{token_id}");
     // Check the request before spending the one-time token on it.
-    if let Err(e) = portcullis_shared::pki::check_enrolment_csr(csr) {
+    if let Err(e) = pki::check_enrolment_csr(csr) {
         audit(
             state,
             "enroll.refused",
@@ -251,7 +252,7 @@ fn enroll(
 fn record(
     identity: &Identity,
     grant: &portcullis_shared::store::TokenGrant,
-    i: &portcullis_shared::pki::Issued,
+    i: &pki::Issued,
 ) -> IdentityRecord {
     IdentityRecord {
         identity: identity.clone(),
@@ -259,6 +260,7 @@ fn record(
         groups: grant.groups.clone(),
         hostnames: grant.hostnames.clone(),
         serial: i.serial.clone(),
+        previous_serial: None,
         key_sha256: i.key_sha256.clone(),
         not_after: i.not_after,
         issued_at: now(),
@@ -333,7 +335,7 @@ fn device_id(user: &str, name: Option<&str>) -> anyhow::Result<Identity> {
         _ => {
             let mut bytes = [0u8; 3];
             let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-            portcullis_shared::pki::hex(&bytes)
+            pki::hex(&bytes)
         }
     };
     Ok(Identity::new(
@@ -348,7 +350,7 @@ fn issue(
     csr: &str,
     ttl: Duration,
     new_only: bool,
-    record: impl FnOnce(&portcullis_shared::pki::Issued) -> IdentityRecord,
+    record: impl FnOnce(&pki::Issued) -> IdentityRecord,
 ) -> anyhow::Result<(Identity, EnrollResponse)> {
     let issued = state.ca.issue_for_csr(identity, csr, ttl)?;
     let rec = record(&issued);
@@ -378,7 +380,7 @@ fn renew(
     state: &State,
     ip: IpAddr,
     identity: &Identity,
-    key_sha256: &str,
+    presented: &pki::CertInfo,
     csr: &str,
 ) -> EnrollResponse {
     let subject = identity.to_string();
@@ -395,9 +397,12 @@ fn renew(
         return refuse("this device is revoked or unknown".into());
     };
     // Renewal keeps the key, and waits until half the lifetime has passed (the agent
-    // renews at two thirds), so a device cannot churn certificates.
+    // renews at two thirds), so a device cannot churn certificates. A device presenting
+    // the certificate its last renewal replaced never got the answer (the handshake
+    // accepts that certificate only briefly), so it is answered again.
     let lifetime = (current.not_after - current.issued_at).max(5);
-    if now() - current.issued_at < lifetime / 2 {
+    let answer_lost = current.previous_serial.as_deref() == Some(presented.serial.as_str());
+    if !answer_lost && now() - current.issued_at < lifetime / 2 {
         return refuse(
             "too early to renew: wait until half the certificate's lifetime has passed".into(),
         );
@@ -407,11 +412,17 @@ fn renew(
         Ok(i) => i,
         Err(e) => return refuse(e.to_string()),
     };
-    if issued.key_sha256 != key_sha256 {
+    if issued.key_sha256 != presented.key_sha256 {
         return refuse("renewal must keep the device's current key".into());
     }
     let rec = IdentityRecord {
         serial: issued.serial.clone(),
+        // A repeated answer keeps the serial the device holds as the one it replaces.
+        previous_serial: Some(if answer_lost {
+            presented.serial.clone()
+        } else {
+            current.serial.clone()
+        }),
         key_sha256: issued.key_sha256.clone(),
         not_after: issued.not_after,
         issued_at: now(),

@@ -246,7 +246,7 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         return Box::pin(crate::listen::enroll::serve(conn, caller, state)).await;
     }
     let (identity, key_sha256) = match peer_identity(&transport) {
-        Ok(found) => found,
+        Ok((identity, cert)) => (identity, cert.key_sha256),
         Err(e) => {
             transport.close(CloseCode::WrongRole, "a client certificate is required");
             return Err(e);
@@ -281,7 +281,8 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
 }
 
 /// The identity and key hash of the peer's certificate.
-fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, String)> {
+/// The identity the peer's certificate names, and what else the relay reads from it.
+fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, pki::CertInfo)> {
     let certs = transport
         .peer_certificates()
         .context("no client certificate")?;
@@ -289,6 +290,7 @@ fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, String)
     let info = pki::inspect(leaf)?;
     let identity = info
         .identity
+        .clone()
         .context("client certificate names no identity")?;
-    Ok((identity, info.key_sha256))
+    Ok((identity, info))
 }

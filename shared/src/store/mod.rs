@@ -12,7 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{HostPattern, Identity, Role};
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+
+/// How long after a renewal the certificate it replaced is still accepted, seconds: long
+/// enough for a device whose renewal answer was lost to retry (the agent retries every
+/// minute), short enough that an older certificate is not a second credential.
+pub const RENEWAL_OVERLAP_SECS: i64 = 600;
 
 /// File name of the SQLite store inside the state directory.
 pub const STORE_FILE: &str = "portcullis.db";
@@ -46,6 +51,16 @@ pub enum StoreError {
     /// No token with that id.
     #[error("no token {0}")]
     NoSuchToken(String),
+    /// The store was written by a newer release whose schema this one does not know.
+    #[error(
+        "the store's schema is version {found}, newer than this release knows ({supported}); run the newer release or restore a backup"
+    )]
+    SchemaTooNew {
+        /// The store's version.
+        found: i64,
+        /// The newest this binary knows.
+        supported: i64,
+    },
     /// A stored row could not be decoded (the file was edited by hand or is corrupt).
     #[error("store row for {what} is corrupt: {why}")]
     Corrupt {
@@ -70,6 +85,10 @@ pub struct IdentityRecord {
     /// Serial of the current certificate (lower-case hex, no leading zeros). Older
     /// certificates of the same identity are no longer accepted for new connections.
     pub serial: String,
+    /// After a renewal, the serial of the certificate it replaced. The relay accepts that
+    /// certificate for [`RENEWAL_OVERLAP_SECS`] after `issued_at`, so a device whose
+    /// renewal answer was lost can connect and renew again; an issue or enrolment clears it.
+    pub previous_serial: Option<String>,
     /// SHA-256 of the current certificate's public key (hex). A renewal keeps the key, so
     /// live connections survive it; a re-issue with a new key cuts them.
     pub key_sha256: String,

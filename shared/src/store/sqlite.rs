@@ -10,7 +10,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{AuditEvent, IdentityRecord, Store, StoreError, TokenRecord};
 use crate::identity::{HostPattern, Identity, Role};
 
-const SCHEMA: &str = "
+/// The schema, as numbered migrations: migration `n` (1-based) takes the store from version
+/// `n - 1` to `n`. Each runs in one transaction with the version bump, so a store is
+/// always at one version; a release only ever appends to this list.
+const MIGRATIONS: &[&str] = &[
+    // 1: identities, the audit log, enrolment tokens and the change counter.
+    "
 CREATE TABLE IF NOT EXISTS identities (
     role       TEXT NOT NULL,
     id         TEXT NOT NULL,
@@ -40,9 +45,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     used_at       INTEGER,
     revoked_at    INTEGER
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
-";
+",
+    // 2: the certificate a renewal replaced, accepted for a short overlap.
+    "ALTER TABLE identities ADD COLUMN previous_serial TEXT;",
+];
+
+/// The newest schema version this release knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// A [`Store`] in one SQLite file (WAL mode, 5 s busy timeout).
 #[derive(Debug)]
@@ -89,11 +99,11 @@ impl SqliteStore {
         Self::setup(Connection::open_in_memory()?)
     }
 
-    fn setup(conn: Connection) -> Result<Self, StoreError> {
+    fn setup(mut conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -108,6 +118,39 @@ impl SqliteStore {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
     }
+}
+
+/// Brings the store to [`SCHEMA_VERSION`], or refuses a store written by a newer release.
+/// Stores made before versioning have the first migration's tables (created with `IF NOT
+/// EXISTS`, so it is a no-op for them) and no version row.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    )?;
+    let found: i64 = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+            params![i as i64 + 1],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 fn bump(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
@@ -128,8 +171,9 @@ fn insert(
     Ok(tx.execute(
         &format!(
             "{verb} INTO identities
-             (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9)"
+             (role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256,
+              previous_serial)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10)"
         ),
         params![
             r.identity.role().as_str(),
@@ -141,6 +185,7 @@ fn insert(
             r.not_after,
             r.issued_at,
             r.key_sha256,
+            r.previous_serial,
         ],
     )?)
 }
@@ -186,7 +231,8 @@ impl Store for SqliteStore {
     fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256
+                "SELECT role, id, user, groups, hostnames, serial, not_after, issued_at, revoked_at, key_sha256,
+                        previous_serial
                  FROM identities ORDER BY role, id",
             )?;
             let rows = stmt.query_map([], |row| {
@@ -201,6 +247,7 @@ impl Store for SqliteStore {
                     row.get::<_, i64>(7)?,
                     row.get::<_, Option<i64>>(8)?,
                     row.get::<_, String>(9)?,
+                    row.get::<_, Option<String>>(10)?,
                 ))
             })?;
             let mut out = Vec::new();
@@ -216,6 +263,7 @@ impl Store for SqliteStore {
                     issued_at,
                     revoked_at,
                     key_sha256,
+                    previous_serial,
                 ) = row?;
                 let what = format!("{role}:{id}");
                 let corrupt = |why: String| StoreError::Corrupt {
@@ -234,6 +282,7 @@ impl Store for SqliteStore {
                     groups,
                     hostnames,
                     serial,
+                    previous_serial,
                     key_sha256,
                     not_after,
                     issued_at,
@@ -417,6 +466,7 @@ mod tests {
             groups: vec!["eng".into()],
             hostnames: vec![],
             serial: "abc".into(),
+            previous_serial: None,
             key_sha256: "k".into(),
             not_after: 100,
             issued_at: 1,
@@ -549,5 +599,70 @@ mod tests {
         admin.put_identity(&record("bob")).unwrap();
         assert!(relay.generation().unwrap() > g);
         assert_eq!(relay.identities().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_from_before_versioning_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The first release's schema: no version row, no previous serial.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);")
+                .unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO identities (role, id, user, groups, hostnames, serial, key_sha256,
+                 not_after, issued_at) VALUES ('device', 'alice', 'alice', '[]', '[]', 'abc', 'k', 9, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let rows = store.identities().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].serial, "abc");
+        assert_eq!(rows[0].previous_serial, None);
+        let renewed = IdentityRecord {
+            previous_serial: Some("abc".into()),
+            serial: "abd".into(),
+            ..rows[0].clone()
+        };
+        store.put_identity(&renewed).unwrap();
+        assert_eq!(store.identities().unwrap(), vec![renewed]);
+        drop(store);
+        // Opening again is a no-op.
+        assert_eq!(
+            SqliteStore::open(&path)
+                .unwrap()
+                .identities()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_store_from_a_newer_release_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                params![SCHEMA_VERSION + 1],
+            )
+            .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found, supported }
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("newer than this release knows"),
+            "{err}"
+        );
     }
 }
