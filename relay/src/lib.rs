@@ -36,14 +36,14 @@ use portcullis_shared::config::ConfigError;
 /// Runs the command line's command to completion.
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ca(CaCommand::Init { state, org }) => admin::ca_init(&state.state, &org),
+        Command::Ca(CaCommand::Init { state, org }) => admin::ca_init(&state, &org),
         Command::Issue(IssueCommand::Connector {
             name,
             hostnames,
             ttl,
             state,
             out,
-        }) => admin::issue_connector(&state.state, &name, &hostnames, ttl, &out),
+        }) => admin::issue_connector(&state, &name, &hostnames, ttl, &out),
         Command::Issue(IssueCommand::Device {
             id,
             user,
@@ -51,17 +51,17 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             ttl,
             state,
             out,
-        }) => admin::issue_device(&state.state, &id, &user, &groups, ttl, &out),
+        }) => admin::issue_device(&state, &id, &user, &groups, ttl, &out),
         Command::Revoke(RevokeCommand::Device { id, state }) => {
-            admin::revoke(&state.state, Role::Device, &id)
+            admin::revoke(&state, Role::Device, &id)
         }
         Command::Revoke(RevokeCommand::Connector { name, state }) => {
-            admin::revoke(&state.state, Role::Connector, &name)
+            admin::revoke(&state, Role::Connector, &name)
         }
-        Command::List { state, json } => admin::list(&state.state, json),
+        Command::List { state, json } => admin::list(&state, json),
         Command::Token(cmd) => admin::token(cmd),
-        Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state.state),
-        Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state.state),
+        Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state),
+        Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state),
         Command::Run { config, ready_file } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

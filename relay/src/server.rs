@@ -15,7 +15,7 @@ use portcullis_shared::config::RelayConfig;
 use portcullis_shared::pki::Ca;
 use portcullis_shared::proto::CloseCode;
 use portcullis_shared::shutdown::Shutdown;
-use portcullis_shared::store::{STORE_FILE, SqliteStore, Store};
+use portcullis_shared::store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_rustls::TlsAcceptor;
@@ -117,10 +117,8 @@ struct Identity {
 impl Identity {
     fn load(config: &RelayConfig) -> anyhow::Result<Self> {
         let ca = Arc::new(Ca::load(&config.state_dir)?);
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.state_dir.join(STORE_FILE))
-                .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
-        );
+        let store = crate::identity::store::open(&config.state_dir, config.store.url.as_deref())?;
+        tracing::info!(store = %store.describe(), "store opened");
         let registry = Registry::load(&*store)?;
         let static_files = config.tls_cert.clone().zip(config.tls_key.clone());
         let resolver = CertResolver::new(

@@ -30,9 +30,7 @@ use portcullis_shared::shutdown::Shutdown;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::{
-    RelayAddrs, World, client_tls, metric, relay_ok, tls_from, wait_for_identity, wait_for_metric,
-};
+use crate::{RelayAddrs, World, client_tls, metric, tls_from, wait_for_identity, wait_for_metric};
 
 /// The relay's TLS name in every [`World`].
 pub const RELAY_NAME: &str = "relay.acme.test";
@@ -69,8 +67,14 @@ pub struct TestRelay {
 impl TestRelay {
     /// A relay with a fresh world (directory, CA), no policy (default deny), no devices.
     pub fn new() -> Self {
+        Self::in_world(World::new())
+    }
+
+    /// A relay in `world` (e.g. [`World::with_store`], or [`World::copy_of`] another
+    /// relay's for a second relay on the same store).
+    pub fn in_world(world: World) -> Self {
         Self {
-            world: World::new(),
+            world,
             config: String::new(),
         }
     }
@@ -183,7 +187,7 @@ impl RunningRelay {
     /// Revokes `role` (`device` or `connector`) `id` with the relay's CLI and returns once
     /// the running relay has read the revocation.
     pub async fn revoke(&self, role: &str, id: &str) {
-        relay_ok(&["revoke", role, id, "--state", self.world.state()]);
+        self.world.admin(&["revoke", role, id]);
         wait_for_identity(self.addrs.admin, role, id, false).await;
     }
 

@@ -2,6 +2,7 @@
 //! issued certificates, relay and connector configuration files, and the binaries started
 //! from them (relay, connector, test origin) with their ready files.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use tokio::process::Command;
@@ -24,21 +25,75 @@ pub struct RelayAddrs {
 pub struct World {
     /// Temporary directory, removed on drop.
     pub dir: tempfile::TempDir,
+    /// The shared store (`postgres://...`) the relay and its admin commands use, if not
+    /// the SQLite file in `state/`.
+    pub store: Option<String>,
 }
 
 impl World {
     /// A new directory with an initialised CA (`state/`) and issued files in `out/`.
     pub fn new() -> Self {
+        Self::init(None)
+    }
+
+    /// A new world whose relay keeps its state in the PostgreSQL database at `url`.
+    pub fn with_store(url: &str) -> Self {
+        Self::init(Some(url.to_owned()))
+    }
+
+    /// A second relay's world beside `first`'s: its own directory, with a copy of the
+    /// first's state directory (CA, JWT key) and issued files, on the same store; this
+    /// is how an operator makes a second relay.
+    pub fn copy_of(first: &Self) -> Self {
+        let w = Self {
+            dir: Self::tempdir(),
+            store: first.store.clone(),
+        };
+        for sub in ["state", "out"] {
+            let to = w.path(sub);
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o700)).unwrap();
+            for entry in std::fs::read_dir(first.path(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+                }
+            }
+        }
+        w
+    }
+
+    fn init(store: Option<String>) -> Self {
+        let w = Self {
+            dir: Self::tempdir(),
+            store,
+        };
+        w.admin(&["ca", "init", "--org", "Acme"]);
+        w
+    }
+
+    fn tempdir() -> tempfile::TempDir {
         // PORTCULLIS_KEEP_TEST_DIRS=1 keeps each test's directory (logs, configs) for a look.
         let keep = std::env::var_os("PORTCULLIS_KEEP_TEST_DIRS").is_some();
-        let dir = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix("pc-e2e-")
             .disable_cleanup(keep)
             .tempdir()
-            .unwrap();
-        let w = Self { dir };
-        relay_ok(&["ca", "init", "--state", w.state(), "--org", "Acme"]);
-        w
+            .unwrap()
+    }
+
+    /// Runs the relay's admin command `args` against this world's state directory and
+    /// store, asserting success; its standard output.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--state", self.state()]);
+        if let Some(url) = &self.store {
+            all.extend(["--store", url.as_str()]);
+        }
+        relay_ok(&all)
     }
 
     /// `state/` as a string.
@@ -72,8 +127,8 @@ impl World {
         for h in hostnames {
             args.extend(["--hostname", h]);
         }
-        args.extend(["--state", self.state(), "--out", self.out()]);
-        relay_ok(&args);
+        args.extend(["--out", self.out()]);
+        self.admin(&args);
     }
 
     /// Issues a device certificate.
@@ -85,8 +140,8 @@ impl World {
         if let Some(ttl) = ttl {
             args.extend(["--ttl", ttl]);
         }
-        args.extend(["--state", self.state(), "--out", self.out()]);
-        relay_ok(&args);
+        args.extend(["--out", self.out()]);
+        self.admin(&args);
     }
 
     /// Writes `relay.toml` listening on the given addresses, plus `extra` TOML (policy).
@@ -99,11 +154,15 @@ impl World {
         } else {
             "\n[admin]\nmetrics_device_ids = true\n"
         };
+        let store = match &self.store {
+            Some(url) if !extra.contains("[store]") => format!("store = {url:?}\n"),
+            _ => String::new(),
+        };
         std::fs::write(
             &path,
             format!(
                 "state_dir = \"{}\"\nserver_name = \"relay.acme.test\"\nquic_listen = \"{quic}\"\n\
-                 https_listen = \"{https}\"\nadmin_listen = \"{admin}\"\ndrain_grace = \"5s\"\n{extra}{admin_table}",
+                 https_listen = \"{https}\"\nadmin_listen = \"{admin}\"\ndrain_grace = \"5s\"\n{store}{extra}{admin_table}",
                 self.state()
             ),
         )

@@ -5,31 +5,22 @@
 #![allow(clippy::print_stdout)] // these commands' output is their product
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
 use portcullis_shared::identity::{HostPattern, Identity, Role};
 use portcullis_shared::pki::{self, Ca};
-use portcullis_shared::store::{
-    AuditEvent, IdentityRecord, STORE_FILE, SqliteStore, Store, TokenGrant, TokenRecord,
-};
+use portcullis_shared::store::{AuditEvent, IdentityRecord, Store, TokenGrant, TokenRecord};
 use portcullis_shared::token::{EnrollToken, sha256_hex};
 
-use crate::cli::{TokenCommand, TokenCreate};
+use crate::cli::{StateArgs, TokenCommand, TokenCreate};
 use crate::clock::now;
 
-/// Opens the store of an initialised state directory.
-pub fn open_store(state: &Path) -> anyhow::Result<SqliteStore> {
-    if !state.join(pki::CA_KEY_FILE).exists() {
-        bail!(
-            "{} holds no CA: run `portcullis-relay ca init --state {}` first",
-            state.display(),
-            state.display()
-        );
-    }
-    SqliteStore::open(&state.join(STORE_FILE))
-        .with_context(|| format!("opening the store in {}", state.display()))
+/// Opens the store the command names: `--store URL`, or the state directory's SQLite file.
+pub fn open_store(at: &StateArgs) -> anyhow::Result<Arc<dyn Store>> {
+    crate::identity::store::open(&at.state, at.store.as_deref())
 }
 
 fn audit(store: &dyn Store, action: &str, subject: &str, detail: String) -> anyhow::Result<()> {
@@ -44,10 +35,11 @@ fn audit(store: &dyn Store, action: &str, subject: &str, detail: String) -> anyh
 }
 
 /// `ca init`.
-pub fn ca_init(state: &Path, org: &str) -> anyhow::Result<()> {
+pub fn ca_init(at: &StateArgs, org: &str) -> anyhow::Result<()> {
+    let state = &at.state;
     let ca = Ca::init(state, org)?;
-    let store = open_store(state)?;
-    audit(&store, "ca.init", "ca", format!("organisation {org}"))?;
+    let store = open_store(at)?;
+    audit(&*store, "ca.init", "ca", format!("organisation {org}"))?;
     let _ = ca;
     println!(
         "created the {org} CA in {}; clients and connectors trust {}",
@@ -58,14 +50,14 @@ pub fn ca_init(state: &Path, org: &str) -> anyhow::Result<()> {
 }
 
 fn issue(
-    state: &Path,
+    at: &StateArgs,
     identity: &Identity,
     ttl: Duration,
     out: &Path,
     record: impl FnOnce(&pki::Issued) -> IdentityRecord,
 ) -> anyhow::Result<pki::Issued> {
-    let ca = Ca::load(state)?;
-    let store = open_store(state)?;
+    let ca = Ca::load(&at.state)?;
+    let store = open_store(at)?;
     if let Some(existing) = store
         .identities()?
         .into_iter()
@@ -85,7 +77,7 @@ fn issue(
     pki::write_public_file(&out.join(pki::CA_CERT_FILE), ca.cert_pem().as_bytes())?;
     store.put_identity(&record(&issued))?;
     audit(
-        &store,
+        &*store,
         "issue",
         &identity.to_string(),
         format!("serial {} valid until {}", issued.serial, issued.not_after),
@@ -99,7 +91,7 @@ fn issue(
 
 /// `issue connector`.
 pub fn issue_connector(
-    state: &Path,
+    at: &StateArgs,
     name: &str,
     hostnames: &[String],
     ttl: Duration,
@@ -110,7 +102,7 @@ pub fn issue_connector(
         .iter()
         .map(|h| HostPattern::parse(h))
         .collect::<Result<Vec<_>, _>>()?;
-    issue(state, &identity, ttl, out, |i| IdentityRecord {
+    issue(at, &identity, ttl, out, |i| IdentityRecord {
         identity: identity.clone(),
         user: None,
         groups: vec![],
@@ -132,7 +124,7 @@ pub fn issue_connector(
 
 /// `issue device`.
 pub fn issue_device(
-    state: &Path,
+    at: &StateArgs,
     id: &str,
     user: &str,
     groups: &[String],
@@ -145,7 +137,7 @@ pub fn issue_device(
     for g in groups {
         check_plain("--group", g)?;
     }
-    issue(state, &identity, ttl, out, |i| IdentityRecord {
+    issue(at, &identity, ttl, out, |i| IdentityRecord {
         identity: identity.clone(),
         user: Some(user.to_owned()),
         groups: groups.to_vec(),
@@ -166,21 +158,21 @@ pub fn issue_device(
 }
 
 /// `revoke device|connector`.
-pub fn revoke(state: &Path, role: Role, id: &str) -> anyhow::Result<()> {
+pub fn revoke(at: &StateArgs, role: Role, id: &str) -> anyhow::Result<()> {
     let identity = Identity::new(role, id)?;
-    let store = open_store(state)?;
+    let store = open_store(at)?;
     store.revoke(&identity, now())?;
-    audit(&store, "revoke", &identity.to_string(), String::new())?;
+    audit(&*store, "revoke", &identity.to_string(), String::new())?;
     println!("revoked {identity}; a running relay drops its connections within a second");
     Ok(())
 }
 
 /// `jwt rotate`.
-pub fn jwt_rotate(state: &Path) -> anyhow::Result<()> {
-    let store = open_store(state)?;
-    let kid = crate::identity::jwt::rotate(state)?;
+pub fn jwt_rotate(at: &StateArgs) -> anyhow::Result<()> {
+    let store = open_store(at)?;
+    let kid = crate::identity::jwt::rotate(&at.state)?;
     audit(
-        &store,
+        &*store,
         "jwt.rotate",
         "jwt",
         format!("new signing key {kid}"),
@@ -192,10 +184,10 @@ pub fn jwt_rotate(state: &Path) -> anyhow::Result<()> {
 }
 
 /// `jwt retire`.
-pub fn jwt_retire(state: &Path) -> anyhow::Result<()> {
-    let store = open_store(state)?;
-    if crate::identity::jwt::retire(state)? {
-        audit(&store, "jwt.retire", "jwt", String::new())?;
+pub fn jwt_retire(at: &StateArgs) -> anyhow::Result<()> {
+    let store = open_store(at)?;
+    if crate::identity::jwt::retire(&at.state)? {
+        audit(&*store, "jwt.retire", "jwt", String::new())?;
         println!("the previous JWT signing key is no longer published");
     } else {
         println!("there is no previous JWT signing key to retire");
@@ -204,8 +196,8 @@ pub fn jwt_retire(state: &Path) -> anyhow::Result<()> {
 }
 
 /// `list`.
-pub fn list(state: &Path, json: bool) -> anyhow::Result<()> {
-    let store = open_store(state)?;
+pub fn list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
+    let store = open_store(at)?;
     let records = store.identities()?;
     if json {
         let rows: Vec<_> = records
@@ -311,8 +303,8 @@ fn endpoint(state: &Path, args: &crate::cli::EndpointArgs) -> anyhow::Result<(St
 pub fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create(create) => token_create(&create),
-        TokenCommand::List { state, json } => token_list(&state.state, json),
-        TokenCommand::Revoke { id, state } => token_revoke(&state.state, &id),
+        TokenCommand::List { state, json } => token_list(&state, json),
+        TokenCommand::Revoke { id, state } => token_revoke(&state, &id),
     }
 }
 
@@ -373,10 +365,9 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
             )
         }
     };
-    let state = &state.state;
-    let ca = Ca::load(state)?;
     let store = open_store(state)?;
-    let (relay, server_name) = endpoint(state, endpoint_args)?;
+    let ca = Ca::load(&state.state)?;
+    let (relay, server_name) = endpoint(&state.state, endpoint_args)?;
     let id = random_b64(6)?;
     let secret = random_b64(32)?;
     let created = now();
@@ -390,7 +381,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
         revoked_at: None,
     })?;
     audit(
-        &store,
+        &*store,
         "token.create",
         &format!("token:{id}"),
         format!("{} token", grant.role),
@@ -412,8 +403,8 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
 }
 
 /// Lists tokens with their status, as a table or JSON.
-fn token_list(state: &Path, json: bool) -> anyhow::Result<()> {
-    let store = open_store(state)?;
+fn token_list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
+    let store = open_store(at)?;
     let tokens = store.tokens()?;
     let now = now();
     let status = |t: &TokenRecord| {
@@ -477,11 +468,11 @@ fn token_list(state: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 /// Revokes an unused token.
-fn token_revoke(state: &Path, id: &str) -> anyhow::Result<()> {
-    let store = open_store(state)?;
+fn token_revoke(at: &StateArgs, id: &str) -> anyhow::Result<()> {
+    let store = open_store(at)?;
     store.revoke_token(id, now())?;
     audit(
-        &store,
+        &*store,
         "token.revoke",
         &format!("token:{id}"),
         String::new(),

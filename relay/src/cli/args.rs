@@ -23,6 +23,10 @@ pub struct StateArgs {
     /// The relay's state directory (the one given to `ca init`).
     #[arg(long, env = "PORTCULLIS_STATE")]
     pub state: PathBuf,
+    /// The shared store several relays use, `postgres://user:password@host:port/db`;
+    /// without it, the SQLite file in the state directory.
+    #[arg(long, env = "PORTCULLIS_STORE", value_name = "URL")]
+    pub store: Option<String>,
 }
 
 /// Top-level commands.

@@ -4,4 +4,5 @@
 
 pub(crate) mod jwt;
 pub(crate) mod registry;
+pub(crate) mod store;
 pub(crate) mod tls;

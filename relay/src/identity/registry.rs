@@ -95,6 +95,8 @@ pub(crate) struct Registry {
     /// Set while the store has been unreadable for longer than allowed: every certificate
     /// is refused and no connection is kept.
     failed_closed: AtomicBool,
+    /// Set while the last read of the store failed (the relay serves its last good view).
+    unreadable: AtomicBool,
 }
 
 /// Held by a live connection; cancelled when its identity is revoked, its certificate
@@ -250,6 +252,11 @@ impl Registry {
         }
     }
 
+    /// Whether the last read of the store failed.
+    pub(crate) fn is_store_unreadable(&self) -> bool {
+        self.unreadable.load(Ordering::Relaxed)
+    }
+
     /// Whether the registry has failed closed: the store has been unreadable for longer
     /// than allowed.
     pub(crate) fn is_failed_closed(&self) -> bool {
@@ -288,9 +295,19 @@ impl Registry {
         let mut pending: Option<tokio::task::JoinHandle<Poll>> = None;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A store that announces changes (PostgreSQL) is read as soon as one is announced;
+        // the poll stays as the backstop.
+        let changes = store.changes();
+        let announced = || async {
+            match &changes {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                () = announced() => {}
                 () = shutdown.wait() => return,
             }
             let mut read = pending.take().unwrap_or_else(|| {
@@ -315,7 +332,9 @@ impl Registry {
                 }
                 Ok(Ok(Ok(None))) => true,
                 Ok(Ok(Err(e))) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot read the store; keeping the last identities");
+                    if !self.unreadable.load(Ordering::Relaxed) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot read the store; serving with the last identities read, refusing enrolment and renewal");
+                    }
                     false
                 }
                 Ok(Err(e)) => {
@@ -323,6 +342,11 @@ impl Registry {
                     false
                 }
             };
+            if !ok {
+                self.unreadable.store(true, Ordering::Relaxed);
+            } else if self.unreadable.swap(false, Ordering::Relaxed) {
+                tracing::info!("the store can be read again");
+            }
             if ok {
                 last_read = Instant::now();
                 if self.failed_closed.swap(false, Ordering::Relaxed) {
@@ -434,6 +458,12 @@ mod tests {
         }
         fn redeem_token(&self, id: &str, s: &str, now: i64) -> Result<TokenRecord, StoreError> {
             self.inner.redeem_token(id, s, now)
+        }
+        fn bind_ca(&self, ca_sha256: &str) -> Result<(), StoreError> {
+            self.inner.bind_ca(ca_sha256)
+        }
+        fn describe(&self) -> String {
+            "a store that breaks on demand".into()
         }
     }
 

@@ -25,6 +25,8 @@ use crate::hardening::rate_limit::Refusal;
 use crate::state::State;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The answer to enrolment and renewal while the store cannot be reached.
+const STORE_UNAVAILABLE: &str = "the relay cannot reach its store right now, so it cannot enrol or renew; try again in a minute";
 /// The reason sent with the close at the connection's deadline.
 pub(crate) const DEADLINE_REASON: &[u8] = b"enrolment deadline passed";
 
@@ -125,6 +127,9 @@ async fn handle(
 ) -> EnrollResponse {
     let state = state.clone();
     let caller = caller.cloned();
+    if state.registry.is_store_unreadable() {
+        return refused(STORE_UNAVAILABLE);
+    }
     let result = tokio::task::spawn_blocking(move || match req {
         EnrollRequest::Enroll {
             token_id,
@@ -204,6 +209,10 @@ fn enroll(
                 &format!("from {ip}: {why}"),
             );
             return refused(&format!("{why}: ask your administrator for a new one"));
+        }
+        Err(e @ StoreError::Unavailable { .. }) => {
+            tracing::warn!(error = %e, "enrolment refused: the store is unavailable");
+            return refused(STORE_UNAVAILABLE);
         }
         Err(e) => {
             tracing::warn!(error = %e, "enrolment store error");
@@ -437,7 +446,10 @@ fn renew(
                 why: e.to_string(),
             })
     }) {
-        return refuse(e.to_string());
+        return match e {
+            StoreError::Unavailable { .. } => refuse(STORE_UNAVAILABLE.into()),
+            e => refuse(e.to_string()),
+        };
     }
     audit(state, "renew", &subject, &format!("from {ip}"));
     EnrollResponse::Issued {

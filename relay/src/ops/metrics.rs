@@ -160,6 +160,12 @@ impl Metrics {
             tls.over_budget_total() as i64,
         );
         one(
+            "portcullis_relay_store_unreadable",
+            "gauge",
+            "1 while the relay's last read of its store failed: it serves with the identities it read last and refuses enrolment and renewal.",
+            i64::from(registry.is_store_unreadable()),
+        );
+        one(
             "portcullis_relay_store_failed_closed",
             "gauge",
             "1 while the store has been unreadable for longer than [store] fail_closed_after: every certificate is refused.",

@@ -44,7 +44,8 @@ pub struct RelayConfig {
     /// TLS versions and the budget for minting certificates.
     #[serde(default)]
     pub tls: TlsConfig,
-    /// How the relay behaves when it cannot read its store.
+    /// Where the store is (`store = "postgres://..."`, or `url` in a `[store]` table), and
+    /// how the relay behaves when it cannot read it.
     #[serde(default)]
     pub store: StoreConfig,
     /// Who may reach the admin listener, and what `/metrics` names.
@@ -168,21 +169,59 @@ pub struct AdminConfig {
     pub metrics_device_ids: bool,
 }
 
-/// `[store]`: failing closed when the store cannot be read.
+/// `store`: where the store is and failing closed when it cannot be read. Written either
+/// as a URL (`store = "postgres://user:password@host:port/db"`) or as a `[store]` table
+/// with `url` and `fail_closed_after`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "StoreSetting")]
 pub struct StoreConfig {
+    /// The PostgreSQL database several relays share; absent, the SQLite file in
+    /// `state_dir`.
+    pub url: Option<String>,
     /// After the store has been unreadable this long, the relay refuses every certificate
     /// at the handshake and closes every live connection until it can read the store
     /// again.
-    #[serde(with = "humantime_serde")]
     pub fail_closed_after: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            url: None,
             fail_closed_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The two ways to write `store`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoreSetting {
+    Url(String),
+    Table(StoreTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreTable {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    fail_closed_after: Option<Duration>,
+}
+
+impl From<StoreSetting> for StoreConfig {
+    fn from(s: StoreSetting) -> Self {
+        let default = Self::default();
+        match s {
+            StoreSetting::Url(url) => Self {
+                url: Some(url),
+                ..default
+            },
+            StoreSetting::Table(t) => Self {
+                url: t.url,
+                fail_closed_after: t.fail_closed_after.unwrap_or(default.fail_closed_after),
+            },
         }
     }
 }
@@ -271,6 +310,14 @@ impl RelayConfig {
         }
         if self.tls.leaves_per_minute == 0 {
             return Err(invalid("tls.leaves_per_minute must be at least 1".into()));
+        }
+        if let Some(url) = &self.store.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(format!(
+                "store {:?} is not a PostgreSQL URL: write store = \"postgres://user:password@host:port/db\", or leave it out for the SQLite file in state_dir",
+                crate::store::mask_url(url)
+            )));
         }
         if self.store.fail_closed_after < Duration::from_secs(1) {
             return Err(invalid(

@@ -6,12 +6,16 @@
 //! an admin command and the running relay can use it at once. The store never reads the
 //! clock: callers pass timestamps.
 
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{HostPattern, Identity, Role};
 
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
 /// How long after a renewal the certificate it replaced is still accepted, seconds: long
@@ -60,6 +64,28 @@ pub enum StoreError {
         found: i64,
         /// The newest this binary knows.
         supported: i64,
+    },
+    /// PostgreSQL refused or failed a statement, or the connection to it broke.
+    #[cfg(feature = "postgres")]
+    #[error("store: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The shared store could not be reached or did not answer in time.
+    #[error("the store at {url} is unavailable: {why}")]
+    Unavailable {
+        /// Where it is, password masked.
+        url: String,
+        /// What happened.
+        why: String,
+    },
+    /// The store was made with another CA than the one in this relay's state directory.
+    #[error(
+        "the store belongs to the CA with fingerprint {store}, but this relay's CA is {ours}: copy the state directory (ca.crt, ca.key, jwt-signing.key) of a relay that uses this store"
+    )]
+    CaMismatch {
+        /// SHA-256 of the store's CA certificate (DER), hex.
+        store: String,
+        /// SHA-256 of this relay's.
+        ours: String,
     },
     /// A stored row could not be decoded (the file was edited by hand or is corrupt).
     #[error("store row for {what} is corrupt: {why}")]
@@ -196,4 +222,108 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         secret_sha256: &str,
         now: i64,
     ) -> Result<TokenRecord, StoreError>;
+
+    /// Binds the store to the CA whose certificate has SHA-256 `ca_sha256` (hex): the
+    /// first caller records it, and later callers with another CA get
+    /// [`StoreError::CaMismatch`], so relays with different keys cannot share a store.
+    fn bind_ca(&self, ca_sha256: &str) -> Result<(), StoreError>;
+
+    /// Woken whenever another process may have changed identities, for stores that can
+    /// tell (PostgreSQL's LISTEN/NOTIFY); callers still poll [`Store::generation`] as a
+    /// backstop.
+    fn changes(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
+    /// Where the store is, for logs and errors (passwords masked).
+    fn describe(&self) -> String;
+}
+
+/// `url` with its password, if any, replaced by `***`, for logs and errors.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Decodes the stored fields of an identity row that are not plain strings and numbers.
+#[allow(clippy::too_many_arguments)]
+fn identity_row(
+    role: &str,
+    id: &str,
+    user: Option<String>,
+    groups: &str,
+    hostnames: &str,
+    serial: String,
+    previous_serial: Option<String>,
+    key_sha256: String,
+    not_after: i64,
+    issued_at: i64,
+    revoked_at: Option<i64>,
+) -> Result<IdentityRecord, StoreError> {
+    let corrupt = |why: String| StoreError::Corrupt {
+        what: format!("{role}:{id}"),
+        why,
+    };
+    let role = Role::parse(role).ok_or_else(|| corrupt("unknown role".into()))?;
+    let identity = Identity::new(role, id).map_err(|e| corrupt(e.to_string()))?;
+    let groups: Vec<String> = serde_json::from_str(groups).map_err(|e| corrupt(e.to_string()))?;
+    let hostnames: Vec<HostPattern> =
+        serde_json::from_str(hostnames).map_err(|e| corrupt(e.to_string()))?;
+    Ok(IdentityRecord {
+        identity,
+        user,
+        groups,
+        hostnames,
+        serial,
+        previous_serial,
+        key_sha256,
+        not_after,
+        issued_at,
+        revoked_at,
+    })
+}
+
+/// A token grant as stored (JSON).
+fn grant_row(id: &str, json: &str) -> Result<TokenGrant, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        what: format!("token {id}"),
+        why: e.to_string(),
+    })
+}
+
+/// JSON for a stored list.
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+/// Why `token` cannot be redeemed with `secret_sha256` at `now`, if it cannot.
+fn redeemable(token: &TokenRecord, secret_sha256: &str, now: i64) -> Result<(), StoreError> {
+    let refused = |why: &str| StoreError::TokenRefused(why.to_owned());
+    if !constant_time_eq(token.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
+        return Err(refused("unknown token"));
+    }
+    if token.revoked_at.is_some() {
+        return Err(refused("the token was revoked"));
+    }
+    if token.used_at.is_some() {
+        return Err(refused("the token was already used"));
+    }
+    if token.expires_at <= now {
+        return Err(refused("the token has expired"));
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{AuditEvent, IdentityRecord, Store, StoreError, TokenRecord};
-use crate::identity::{HostPattern, Identity, Role};
+use super::{
+    AuditEvent, IdentityRecord, Store, StoreError, TokenRecord, grant_row, identity_row, json,
+    redeemable,
+};
+use crate::identity::Identity;
 
 /// The schema, as numbered migrations: migration `n` (1-based) takes the store from version
 /// `n - 1` to `n`. Each runs in one transaction with the version bump, so a store is
@@ -49,6 +52,8 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
 ",
     // 2: the certificate a renewal replaced, accepted for a short overlap.
     "ALTER TABLE identities ADD COLUMN previous_serial TEXT;",
+    // 3: settings that are text, such as the CA the store belongs to.
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
 /// The newest schema version this release knows.
@@ -58,6 +63,7 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: Option<std::path::PathBuf>,
 }
 
 impl SqliteStore {
@@ -81,7 +87,8 @@ impl SqliteStore {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io(e)),
         }
-        let store = Self::setup(Connection::open(path)?)?;
+        let mut store = Self::setup(Connection::open(path)?)?;
+        store.path = Some(path.to_owned());
         for suffix in ["", "-wal", "-shm"] {
             let mut file = path.as_os_str().to_owned();
             file.push(suffix);
@@ -106,6 +113,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            path: None,
         })
     }
 
@@ -190,10 +198,6 @@ fn insert(
     )?)
 }
 
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
-}
-
 impl Store for SqliteStore {
     fn put_identity(&self, r: &IdentityRecord) -> Result<(), StoreError> {
         self.with(|conn| {
@@ -265,29 +269,19 @@ impl Store for SqliteStore {
                     key_sha256,
                     previous_serial,
                 ) = row?;
-                let what = format!("{role}:{id}");
-                let corrupt = |why: String| StoreError::Corrupt {
-                    what: what.clone(),
-                    why,
-                };
-                let role = Role::parse(&role).ok_or_else(|| corrupt("unknown role".into()))?;
-                let identity = Identity::new(role, &id).map_err(|e| corrupt(e.to_string()))?;
-                let groups: Vec<String> =
-                    serde_json::from_str(&groups).map_err(|e| corrupt(e.to_string()))?;
-                let hostnames: Vec<HostPattern> =
-                    serde_json::from_str(&hostnames).map_err(|e| corrupt(e.to_string()))?;
-                out.push(IdentityRecord {
-                    identity,
+                out.push(identity_row(
+                    &role,
+                    &id,
                     user,
-                    groups,
-                    hostnames,
+                    &groups,
+                    &hostnames,
                     serial,
                     previous_serial,
                     key_sha256,
                     not_after,
                     issued_at,
                     revoked_at,
-                });
+                )?);
             }
             Ok(out)
         })
@@ -393,20 +387,9 @@ impl Store for SqliteStore {
                     token_row,
                 )
                 .optional()?;
-            let refused = |why: &str| StoreError::TokenRefused(why.to_owned());
-            let token = found.ok_or_else(|| refused("unknown token"))??;
-            if !constant_time_eq(token.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
-                return Err(refused("unknown token"));
-            }
-            if token.revoked_at.is_some() {
-                return Err(refused("the token was revoked"));
-            }
-            if token.used_at.is_some() {
-                return Err(refused("the token was already used"));
-            }
-            if token.expires_at <= now {
-                return Err(refused("the token has expired"));
-            }
+            let token = found
+                .ok_or_else(|| StoreError::TokenRefused("unknown token".into()))??;
+            redeemable(&token, secret_sha256, now)?;
             tx.execute("UPDATE tokens SET used_at = ?2 WHERE id = ?1", params![id, now])?;
             tx.commit()?;
             Ok(TokenRecord {
@@ -414,6 +397,36 @@ impl Store for SqliteStore {
                 ..token
             })
         })
+    }
+
+    fn bind_ca(&self, ca_sha256: &str) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO settings (key, value) VALUES ('ca_sha256', ?1)",
+                params![ca_sha256],
+            )?;
+            let bound: String = tx.query_row(
+                "SELECT value FROM settings WHERE key = 'ca_sha256'",
+                [],
+                |row| row.get(0),
+            )?;
+            tx.commit()?;
+            if bound != ca_sha256 {
+                return Err(StoreError::CaMismatch {
+                    store: bound,
+                    ours: ca_sha256.to_owned(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(p) => format!("SQLite {}", p.display()),
+            None => "SQLite in memory".into(),
+        }
     }
 
     fn generation(&self) -> Result<u64, StoreError> {
@@ -428,21 +441,12 @@ impl Store for SqliteStore {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenRecord, StoreError>> {
     let id: String = row.get(0)?;
     let grant: String = row.get(2)?;
-    let grant = match serde_json::from_str(&grant) {
+    let grant = match grant_row(&id, &grant) {
         Ok(g) => g,
-        Err(e) => {
-            return Ok(Err(StoreError::Corrupt {
-                what: format!("token {id}"),
-                why: e.to_string(),
-            }));
-        }
+        Err(e) => return Ok(Err(e)),
     };
     Ok(Ok(TokenRecord {
         id,
@@ -458,6 +462,7 @@ fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenRecord, St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::Role;
 
     fn record(id: &str) -> IdentityRecord {
         IdentityRecord {

@@ -1,0 +1,337 @@
+//! Several relays on one PostgreSQL store, started by the test itself (see
+//! [`TestPostgres`]): what one relay or the admin CLI writes, every relay applies; an
+//! enrolment token is single-use across relays; relays with other keys are refused; and
+//! a store outage leaves relays serving with their last good view, then failing closed.
+//!
+//! Each test skips when PostgreSQL is not installed, unless `PORTCULLIS_REQUIRE_POSTGRES`
+//! is set (CI sets it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{
+    H3Client, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestPostgres, TestRelay, World,
+    bin, relay_cli, wait_for_identity, wait_for_metric,
+};
+use portcullis_shared::Role;
+use portcullis_shared::store::{PostgresStore, Store, StoreError, TokenGrant, TokenRecord};
+use portcullis_shared::token::EnrollToken;
+
+const WEB: &str = "web.internal";
+/// Every test's bound: generous for two cores, short enough to name a hang.
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn within<F: Future>(body: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, body)
+        .await
+        .expect("the test timed out")
+}
+
+/// A relay on `world` where group eng may reach [`WEB`].
+async fn relay_in(world: World, extra: &str) -> RunningRelay {
+    TestRelay::in_world(world)
+        .allow(&[WEB], &["eng"])
+        .config(extra)
+        .run()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_share_identities_and_a_revocation_on_either_cuts_connections_on_both() {
+    within(async {
+        let Some(pg) = TestPostgres::start().await else {
+            return;
+        };
+        let first = World::with_store(&pg.url);
+        first.issue_device("alice", "alice", &["eng"], None);
+        let second = World::copy_of(&first);
+        let r1 = relay_in(first, "").await;
+        let r2 = relay_in(second, "").await;
+
+        // Issued through the first relay's state, known to the second.
+        r1.world.issue_device("bob", "bob", &["eng"], None);
+        wait_for_identity(r2.addrs.admin, "device", "bob", true).await;
+        // (Bob's certificate is in the first world's files.)
+        let mut bob = H3Client::connect(&r1.world, &r2.addrs, "bob", RELAY_NAME).await;
+        assert_eq!(
+            bob.get(RELAY_NAME, "/.well-known/jwks.json").await.status,
+            200
+        );
+
+        // Alice is connected to both; revoked through the second relay's admin CLI.
+        let mut on_r1 = H3Client::connect(&r1.world, &r1.addrs, "alice", RELAY_NAME).await;
+        let mut on_r2 = H3Client::connect(&r2.world, &r2.addrs, "alice", RELAY_NAME).await;
+        for c in [&mut on_r1, &mut on_r2] {
+            assert_eq!(
+                c.get(RELAY_NAME, "/.well-known/jwks.json").await.status,
+                200
+            );
+        }
+        r2.world.admin(&["revoke", "device", "alice"]);
+        let revoked = Instant::now();
+        assert!(on_r1.closed_within(Duration::from_secs(1)).await);
+        assert!(on_r2.closed_within(Duration::from_secs(1)).await);
+        let took = revoked.elapsed();
+        assert!(took < Duration::from_secs(1), "both cut after {took:?}");
+        assert!(
+            H3Client::try_connect(&r1.world, &r1.addrs, "alice", RELAY_NAME)
+                .await
+                .is_err()
+        );
+        // Bob is untouched.
+        assert_eq!(
+            bob.get(RELAY_NAME, "/.well-known/jwks.json").await.status,
+            200
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolment_token_is_used_once_across_relays_under_a_race() {
+    within(async {
+        let Some(pg) = TestPostgres::start().await else {
+            return;
+        };
+        let first = World::with_store(&pg.url);
+        let second = World::copy_of(&first);
+        let r1 = relay_in(first, "").await;
+        let r2 = relay_in(second, "").await;
+
+        // Several rounds: each time two agents enrol with one token at once, one through
+        // each relay; exactly one gets a certificate.
+        for round in 0..3 {
+            let out = r1.world.admin(&[
+                "token",
+                "create",
+                "device",
+                "--user",
+                &format!("carol{round}"),
+                "--group",
+                "eng",
+                "--relay",
+                &r1.addrs.quic.to_string(),
+            ]);
+            let token = EnrollToken::decode(out.lines().last().unwrap()).unwrap();
+            let via_r2 = EnrollToken {
+                relay: r2.addrs.quic.to_string(),
+                ..token.clone()
+            };
+            let enrol = |t: &EnrollToken, who: &str| {
+                let home = r1.world.path(&format!("{who}-{round}"));
+                let file = r1.world.path(&format!("{who}-{round}.token"));
+                std::fs::write(&file, t.encode()).unwrap();
+                tokio::process::Command::new(bin("portcullis"))
+                    .arg("--home")
+                    .arg(home)
+                    .args(["enroll", "--key-store", "file", "--token-file"])
+                    .arg(file)
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .output()
+            };
+            let (a, b) = tokio::join!(enrol(&token, "a"), enrol(&via_r2, "b"));
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let won = [&a, &b].iter().filter(|o| o.status.success()).count();
+            let said = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+            assert_eq!(won, 1, "round {round}: {}\n{}", said(&a), said(&b));
+            let loser = if a.status.success() { &b } else { &a };
+            assert!(
+                said(loser).contains("already used"),
+                "round {round}: {}",
+                said(loser)
+            );
+        }
+
+        // And at the store itself, eight relays' worth of handles racing on one token.
+        let url = pg.url.clone();
+        let won = tokio::task::spawn_blocking(move || race_at_the_store(&url, 8))
+            .await
+            .unwrap();
+        assert_eq!(won, 1);
+    })
+    .await;
+}
+
+/// Redeems one token from `n` store handles on `n` threads at once; how many succeeded.
+fn race_at_the_store(url: &str, n: usize) -> usize {
+    let stores: Vec<Arc<PostgresStore>> = (0..n)
+        .map(|_| Arc::new(PostgresStore::connect(url).unwrap()))
+        .collect();
+    stores[0]
+        .create_token(&TokenRecord {
+            id: "race".into(),
+            secret_sha256: "s".into(),
+            grant: TokenGrant {
+                role: Role::Device,
+                user: Some("dora".into()),
+                groups: vec![],
+                name: None,
+                hostnames: vec![],
+                cert_ttl_secs: 60,
+            },
+            created_at: 0,
+            expires_at: i64::MAX,
+            used_at: None,
+            revoked_at: None,
+        })
+        .unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = stores
+        .into_iter()
+        .map(|store| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                match store.redeem_token("race", "s", 1) {
+                    Ok(_) => true,
+                    Err(StoreError::TokenRefused(why)) => {
+                        assert_eq!(why, "the token was already used");
+                        false
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|won| *won)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_other_keys_is_refused_by_the_store_and_a_newer_schema_is_refused() {
+    within(async {
+        let Some(pg) = TestPostgres::start().await else {
+            return;
+        };
+        let _first = World::with_store(&pg.url);
+        // Another organisation's CA, pointed at the same store.
+        let stranger = World::new();
+        let out = relay_cli(&["list", "--state", stranger.state(), "--store", &pg.url]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("belongs to the CA"), "{err}");
+        assert!(
+            !err.contains("s3cret"),
+            "the password must be masked: {err}"
+        );
+
+        // A store migrated by a newer release.
+        pg.execute("UPDATE meta SET value = 999 WHERE key = 'schema_version'")
+            .await
+            .unwrap();
+        let out = relay_cli(&["list", "--state", _first.state(), "--store", &pg.url]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("newer than this release knows"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_at_start_is_one_clear_line_with_the_password_masked() {
+    within(async {
+        let w = World::new();
+        // Port 1 on loopback: nothing listens there.
+        let url = "postgres://relay:hunter2@127.0.0.1:1/portcullis";
+        let out = relay_cli(&["list", "--state", w.state(), "--store", url]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("postgres://relay:***@127.0.0.1:1/portcullis") && !err.contains("hunter2"),
+            "{err}"
+        );
+        // The relay itself, with the URL in relay.toml.
+        let config = w.write_relay_config(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &format!("store = {url:?}\n"),
+        );
+        let out = std::process::Command::new(bin("portcullis-relay"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("postgres://relay:***@127.0.0.1:1/portcullis") && !err.contains("hunter2"),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_store_outage_relays_serve_refuse_enrolment_fail_closed_and_catch_up() {
+    within(async {
+        let Some(mut pg) = TestPostgres::start().await else {
+            return;
+        };
+        let world = World::with_store(&pg.url);
+        world.issue_device("alice", "alice", &["eng"], None);
+        let store = format!("[store]\nurl = {:?}\nfail_closed_after = \"4s\"\n", pg.url);
+        let relay = relay_in(world, &store).await;
+        let origin = TestOrigin::start("web").await;
+        let _c = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
+
+        pg.stop();
+        let unreadable = "portcullis_relay_store_unreadable";
+        wait_for_metric(relay.addrs.admin, unreadable, "store down", |v| {
+            v == Some(1)
+        })
+        .await;
+        // Still served from the last good view, on a new connection too.
+        assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
+        // Issuing needs the store: one clear line, the password masked.
+        let out = relay_cli(&[
+            "issue",
+            "device",
+            "erin",
+            "--user",
+            "erin",
+            "--state",
+            relay.world.state(),
+            "--out",
+            relay.world.out(),
+            "--store",
+            &pg.url,
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unavailable") && !err.contains("s3cret"),
+            "{err}"
+        );
+
+        // Past fail_closed_after, every certificate is refused.
+        let closed = "portcullis_relay_store_failed_closed";
+        wait_for_metric(relay.addrs.admin, closed, "failed closed", |v| v == Some(1)).await;
+        assert!(relay.client("alice").try_get(WEB, "/").await.is_err());
+
+        // Back: serving again, and changes made meanwhile are picked up.
+        pg.restart().await;
+        wait_for_metric(relay.addrs.admin, closed, "open again", |v| v == Some(0)).await;
+        wait_for_metric(relay.addrs.admin, unreadable, "store up", |v| v == Some(0)).await;
+        // Failing closed closed the connector's tunnel too; it comes back by itself.
+        relay.wait_for_connectors(1).await;
+        assert_eq!(relay.client("alice").get(WEB, "/").await.status, 200);
+        relay.world.admin(&["revoke", "device", "alice"]);
+        wait_for_identity(relay.addrs.admin, "device", "alice", false).await;
+        assert!(relay.client("alice").try_get(WEB, "/").await.is_err());
+    })
+    .await;
+}
