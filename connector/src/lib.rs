@@ -4,7 +4,10 @@
 
 mod enroll;
 mod origin;
+mod relays;
 mod tunnel;
+
+pub use relays::{TunnelState, TunnelStatus};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +39,15 @@ pub enum Command {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+    /// Show each relay tunnel's state, as the running connector last wrote it.
+    Status {
+        /// The connector's configuration file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Enrol with a one-time token: makes a key here, gets a certificate, and writes a
     /// ready configuration into the state directory. The token comes from --token-file,
     /// PORTCULLIS_TOKEN or standard input (never the command line).
@@ -56,10 +68,38 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Run { config } => rt.block_on(run_from_file(&config)),
+        Command::Status { config, json } => status(&config, json),
         Command::Enroll { token_file, state } => {
             rt.block_on(enroll::enroll(token_file.as_deref(), &state))
         }
     }
+}
+
+/// `status`: every tunnel's state from the running connector's status file.
+#[allow(clippy::print_stdout)] // the command's output is its product
+fn status(config: &Path, json: bool) -> anyhow::Result<()> {
+    let config = ConnectorConfig::load(config)?;
+    let path = config
+        .status_file
+        .context("the configuration names no status file")?;
+    let tunnels = relays::read_status(&path)?;
+    if json {
+        println!("{}", serde_json::json!({ "tunnels": tunnels }));
+        return Ok(());
+    }
+    println!("{:<28} {:<28} state", "relay", "address");
+    for t in tunnels {
+        let state = match &t.state {
+            TunnelState::Connecting => "connecting".to_owned(),
+            TunnelState::Up { published, .. } => {
+                format!("up, publishing {}", published.join(", "))
+            }
+            TunnelState::Down { error, .. } => format!("down: {error}"),
+            TunnelState::Draining => "draining".to_owned(),
+        };
+        println!("{:<28} {:<28} {state}", t.relay, t.address.to_string());
+    }
+    Ok(())
 }
 
 /// The process exit status for an error: 64 (EX_USAGE) for bad configuration, else 1.
@@ -86,22 +126,11 @@ pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
 pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let origins = Arc::new(origin::Origins::new(&config)?);
     let client = tunnel::client_config(&config)?;
-    let addrs = tunnel::resolve_relay(&config, &shutdown).await?;
-    let mut tasks = Vec::new();
-    for addr in addrs {
-        let endpoint = tunnel::endpoint_for(addr)?;
-        tasks.push(tokio::spawn(tunnel::supervise(
-            endpoint,
-            addr,
-            client.clone(),
-            config.clone(),
-            origins.clone(),
-            shutdown.clone(),
-        )));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+    let status = Arc::new(relays::Status::new(
+        config.status_file.clone(),
+        shutdown.clone(),
+    ));
+    relays::run(config.clone(), client, origins, shutdown.clone(), status).await?;
     if !shutdown.drain(config.drain_grace).await {
         tracing::warn!(grace = ?config.drain_grace, "drain grace expired with streams in flight");
     }

@@ -1,12 +1,12 @@
 //! The connector's side of the tunnel: resolving and dialling the relay, registering,
 //! accepting the relay's streams, reconnecting with jittered backoff, and draining.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use portcullis_shared::config::ConnectorConfig;
+use anyhow::Context;
+use portcullis_shared::config::{ConnectorConfig, RelayTarget};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{
     CloseCode, ConnectorEvent, ConnectorSession, ConnectorSessionConfig, ControlFrame,
@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
 use crate::origin::Origins;
+use crate::relays::{Status, TunnelState};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// The cap is short so that a relay back from a long outage (beyond the stateless-reset
@@ -78,42 +79,6 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     Ok(client)
 }
 
-/// Every address the relay's host resolves to (an IP literal is itself), retrying until
-/// resolution succeeds or shutdown.
-pub(crate) async fn resolve_relay(
-    config: &ConnectorConfig,
-    shutdown: &Shutdown,
-) -> anyhow::Result<Vec<SocketAddr>> {
-    let (host, port) = config.relay_host_port().context("relay is not host:port")?;
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    let resolver = hickory_resolver::TokioResolver::builder_tokio()
-        .and_then(|b| b.build())
-        .context("reading the system's DNS configuration")?;
-    let mut backoff = Backoff::default();
-    loop {
-        match resolver.lookup_ip(host).await {
-            Ok(ips) => {
-                let mut addrs: Vec<_> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
-                addrs.sort();
-                addrs.dedup();
-                if !addrs.is_empty() {
-                    tracing::info!(relay = host, addresses = addrs.len(), "resolved the relay");
-                    return Ok(addrs);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(relay = host, error = %e, "cannot resolve the relay; retrying")
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff.next_delay()) => {}
-            () = shutdown.wait() => bail!("shut down before the relay's name resolved"),
-        }
-    }
-}
-
 /// A client endpoint for dialling `addr`: bound to an ephemeral port, never listening.
 pub(crate) fn endpoint_for(addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -145,20 +110,57 @@ impl Backoff {
     }
 }
 
-/// Keeps one tunnel to `addr` up until shutdown.
+/// Where one tunnel goes, and where it reports its state.
+pub(crate) struct Tunnel {
+    pub(crate) relay: RelayTarget,
+    pub(crate) addr: SocketAddr,
+    pub(crate) status: Arc<Status>,
+}
+
+impl Tunnel {
+    fn set(&self, state: TunnelState) {
+        self.status.set(&self.relay, self.addr, state);
+    }
+
+    fn down(&self, error: String) {
+        tracing::warn!(error = %error, "tunnel down");
+        self.set(TunnelState::Down {
+            error,
+            since: unix_now(),
+        });
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Keeps one tunnel to `addr` (an address of `relay`) up until `shutdown`, reconnecting
+/// with jittered exponential backoff, independently of every other tunnel.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn supervise(
     endpoint: quinn::Endpoint,
+    relay: RelayTarget,
     addr: SocketAddr,
     client: quinn::ClientConfig,
     config: ConnectorConfig,
     origins: Arc<Origins>,
     shutdown: Shutdown,
+    status: Arc<Status>,
 ) {
-    let server_name = config.relay_server_name().unwrap_or_default();
+    let server_name = config.relay_server_name(&relay).unwrap_or_default();
     let mut backoff = Backoff::default();
-    let span = tracing::info_span!("tunnel", relay.addr = %addr);
+    let span = tracing::info_span!("tunnel", relay = %relay, relay.addr = %addr);
+    let tunnel = Tunnel {
+        relay,
+        addr,
+        status,
+    };
     async {
         while !shutdown.is_triggered() {
+            tunnel.set(TunnelState::Connecting);
             let connecting = match endpoint.connect_with(client.clone(), addr, &server_name) {
                 Ok(c) => c,
                 Err(e) => {
@@ -173,13 +175,22 @@ pub(crate) async fn supervise(
             match attempt {
                 Ok(Ok(conn)) => {
                     let transport = QuicTransport::new(conn);
-                    match session(&transport, &config, &origins, &shutdown, &mut backoff).await {
+                    match session(
+                        &transport,
+                        &config,
+                        &origins,
+                        &shutdown,
+                        &mut backoff,
+                        &tunnel,
+                    )
+                    .await
+                    {
                         Ok(()) => {}
-                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "tunnel lost"),
+                        Err(e) => tunnel.down(format!("tunnel lost: {e:#}")),
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot connect to the relay"),
-                Err(_) => tracing::warn!("connecting to the relay timed out"),
+                Ok(Err(e)) => tunnel.down(format!("cannot connect to the relay: {e}")),
+                Err(_) => tunnel.down("connecting to the relay timed out".into()),
             }
             if shutdown.is_triggered() {
                 break;
@@ -192,6 +203,8 @@ pub(crate) async fn supervise(
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tunnel.status.remove(addr);
+        tracing::info!("tunnel closed");
     }
     .instrument(span)
     .await;
@@ -206,6 +219,7 @@ async fn session(
     origins: &Arc<Origins>,
     shutdown: &Shutdown,
     backoff: &mut Backoff,
+    tunnel: &Tunnel,
 ) -> anyhow::Result<()> {
     let control = transport
         .open_bi()
@@ -233,7 +247,9 @@ async fn session(
         finished,
         draining: false,
     };
-    driver.run(transport, origins, shutdown, backoff).await
+    driver
+        .run(transport, origins, shutdown, backoff, tunnel)
+        .await
 }
 
 /// Reads the relay's control frames on a task of their own and hands them over, so the
@@ -284,12 +300,13 @@ impl Driver {
         origins: &Arc<Origins>,
         shutdown: &Shutdown,
         backoff: &mut Backoff,
+        tunnel: &Tunnel,
     ) -> anyhow::Result<()> {
         // One accept in flight for the tunnel's life, re-armed after each stream.
         let mut accept = transport.accept_bi();
         loop {
             self.transmit().await?;
-            if let Some(end) = self.act(transport, backoff) {
+            if let Some(end) = self.act(transport, backoff, tunnel) {
                 return end;
             }
             let input = match self.next_input(&mut accept, shutdown).await {
@@ -340,6 +357,7 @@ impl Driver {
                     // streams it opened before it read the Drain are still accepted.
                     self.draining = true;
                     self.session.start_drain(now);
+                    tunnel.set(TunnelState::Draining);
                 }
             }
         }
@@ -396,6 +414,7 @@ impl Driver {
         &mut self,
         transport: &dyn Transport,
         backoff: &mut Backoff,
+        tunnel: &Tunnel,
     ) -> Option<anyhow::Result<()>> {
         while let Some(event) = self.session.poll_event() {
             match event {
@@ -404,6 +423,10 @@ impl Driver {
                         tracing::error!(hostname = %r.hostname, reason = %r.reason, "the relay refused to publish this hostname; check the connector's certificate (issue connector --hostname)");
                     }
                     tracing::info!(published = ?accepted, "tunnel up");
+                    tunnel.set(TunnelState::Up {
+                        published: accepted.iter().map(ToString::to_string).collect(),
+                        since: unix_now(),
+                    });
                     // Only a registration the relay answered counts as success: a refused
                     // certificate fails after the QUIC handshake and must keep backing off.
                     backoff.reset();

@@ -34,6 +34,16 @@ impl Shutdown {
         self.token.cancelled().await;
     }
 
+    /// A handle that is triggered with this one or on its own, and shares its tracker:
+    /// for stopping one part (say, one relay's tunnel) while the process goes on, its
+    /// tasks still awaited at exit.
+    pub fn child(&self) -> Self {
+        Self {
+            token: self.token.child_token(),
+            tracker: self.tracker.clone(),
+        }
+    }
+
     /// The underlying token, for child tokens.
     pub fn token(&self) -> &CancellationToken {
         &self.token

@@ -229,6 +229,7 @@ impl Drop for RunningRelay {
 /// what its certificate allows.
 pub struct TestConnector<'r> {
     relay: &'r RunningRelay,
+    also: Vec<&'r RunningRelay>,
     name: Option<String>,
     ingress: Vec<(String, String)>,
     issued: Option<Vec<String>>,
@@ -239,10 +240,17 @@ impl<'r> TestConnector<'r> {
     pub fn new(relay: &'r RunningRelay) -> Self {
         Self {
             relay,
+            also: Vec::new(),
             name: None,
             ingress: Vec::new(),
             issued: None,
         }
+    }
+
+    /// Also keeps a tunnel to `other` (a relay on the same store), as `relay = [...]`.
+    pub fn also(mut self, other: &'r RunningRelay) -> Self {
+        self.also.push(other);
+        self
     }
 
     /// Its name (and certificate id).
@@ -285,21 +293,33 @@ impl<'r> TestConnector<'r> {
             .iter()
             .map(|(h, s)| (h.as_str(), s.as_str()))
             .collect();
-        let path =
-            relay
-                .world
-                .write_connector_config(&name, &relay.addrs.quic.to_string(), &ingress);
+        let relays: Vec<&RunningRelay> = std::iter::once(relay)
+            .chain(self.also.iter().copied())
+            .collect();
+        let addrs: Vec<String> = relays.iter().map(|r| r.addrs.quic.to_string()).collect();
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let path = relay
+            .world
+            .write_connector_config_for(&name, &addrs, &ingress);
         let config = ConnectorConfig::load(&path).unwrap();
-        let before = relay.metric(CONNECTORS).await.unwrap_or(0);
+        let mut before = Vec::new();
+        for r in &relays {
+            before.push(r.metric(CONNECTORS).await.unwrap_or(0));
+        }
         let shutdown = Shutdown::new();
         let mut task = tokio::spawn(
             portcullis_connector::run(config, shutdown.clone())
                 .instrument(tracing::info_span!("connector", name = %name)),
         );
-        let what = format!("connector {name} must register");
-        let registered = wait_for_metric(relay.addrs.admin, CONNECTORS, &what, |n| {
-            n.unwrap_or(0) > before
-        });
+        let what = format!("connector {name} must register with every relay");
+        let registered = async {
+            for (r, before) in relays.iter().zip(before) {
+                wait_for_metric(r.addrs.admin, CONNECTORS, &what, |n| {
+                    n.unwrap_or(0) > before
+                })
+                .await;
+            }
+        };
         tokio::select! {
             () = registered => {}
             r = &mut task => panic!("connector {name} stopped before it registered: {r:?}"),

@@ -219,9 +219,23 @@ impl World {
         relay: &str,
         ingress: &[(&str, &str)],
     ) -> PathBuf {
+        self.write_connector_config_for(name, &[relay], ingress)
+    }
+
+    /// [`World::write_connector_config`] with several relays (`relay = [...]`).
+    pub fn write_connector_config_for(
+        &self,
+        name: &str,
+        relays: &[&str],
+        ingress: &[(&str, &str)],
+    ) -> PathBuf {
         let out = self.out();
+        let relay = match relays {
+            [one] => format!("{one:?}"),
+            many => format!("{many:?}"),
+        };
         let mut text = format!(
-            "relay = \"{relay}\"\nserver_name = \"relay.acme.test\"\nca = \"{out}/ca.crt\"\n\
+            "relay = {relay}\nserver_name = \"relay.acme.test\"\nca = \"{out}/ca.crt\"\n\
              cert = \"{out}/{name}.crt\"\nkey = \"{out}/{name}.key\"\ndrain_grace = \"5s\"\n"
         );
         for (h, s) in ingress {

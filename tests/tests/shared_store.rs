@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_e2e::{
     H3Client, RELAY_NAME, RunningRelay, TestConnector, TestOrigin, TestPostgres, TestRelay, World,
-    bin, relay_cli, wait_for_identity, wait_for_metric,
+    bin, eventually, relay_cli, wait_for_identity, wait_for_metric,
 };
 use portcullis_shared::Role;
 use portcullis_shared::store::{PostgresStore, Store, StoreError, TokenGrant, TokenRecord};
@@ -39,17 +39,22 @@ async fn relay_in(world: World, extra: &str) -> RunningRelay {
         .await
 }
 
+/// Two relays on `pg`'s store, the second made from a copy of the first's state
+/// directory; device alice (eng) was issued before the copy, so both worlds hold her files.
+async fn two_relays(pg: &TestPostgres) -> (RunningRelay, RunningRelay) {
+    let first = World::with_store(&pg.url);
+    first.issue_device("alice", "alice", &["eng"], None);
+    let second = World::copy_of(&first);
+    (relay_in(first, "").await, relay_in(second, "").await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_share_identities_and_a_revocation_on_either_cuts_connections_on_both() {
     within(async {
         let Some(pg) = TestPostgres::start().await else {
             return;
         };
-        let first = World::with_store(&pg.url);
-        first.issue_device("alice", "alice", &["eng"], None);
-        let second = World::copy_of(&first);
-        let r1 = relay_in(first, "").await;
-        let r2 = relay_in(second, "").await;
+        let (r1, r2) = two_relays(&pg).await;
 
         // Issued through the first relay's state, known to the second.
         r1.world.issue_device("bob", "bob", &["eng"], None);
@@ -96,10 +101,7 @@ async fn an_enrolment_token_is_used_once_across_relays_under_a_race() {
         let Some(pg) = TestPostgres::start().await else {
             return;
         };
-        let first = World::with_store(&pg.url);
-        let second = World::copy_of(&first);
-        let r1 = relay_in(first, "").await;
-        let r2 = relay_in(second, "").await;
+        let (r1, r2) = two_relays(&pg).await;
 
         // Several rounds: each time two agents enrol with one token at once, one through
         // each relay; exactly one gets a certificate.
@@ -332,6 +334,62 @@ async fn through_a_store_outage_relays_serve_refuse_enrolment_fail_closed_and_ca
         relay.world.admin(&["revoke", "device", "alice"]);
         wait_for_identity(relay.addrs.admin, "device", "alice", false).await;
         assert!(relay.client("alice").try_get(WEB, "/").await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_keeps_a_tunnel_to_every_relay_and_serves_through_each() {
+    within(async {
+        let Some(pg) = TestPostgres::start().await else {
+            return;
+        };
+        let (r1, r2) = two_relays(&pg).await;
+        let origin = TestOrigin::start("web").await;
+        let c = TestConnector::new(&r1)
+            .also(&r2)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        for r in [&r1, &r2] {
+            let got = r.client("alice").get(WEB, "/").await;
+            assert_eq!(got.status, 200, "{}", got.body);
+        }
+        // Its status lists both tunnels up.
+        let status = r1.world.path("out/status.json");
+        let tunnels = |want: usize| {
+            let status = status.clone();
+            async move {
+                eventually(Duration::from_secs(20), || async {
+                    let text = std::fs::read_to_string(&status).ok()?;
+                    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                    let list: Vec<portcullis_connector::TunnelStatus> =
+                        serde_json::from_value(v["tunnels"].clone()).ok()?;
+                    let up = list
+                        .iter()
+                        .filter(|t| matches!(t.state, portcullis_connector::TunnelState::Up { .. }))
+                        .count();
+                    (up == want).then_some(list)
+                })
+                .await
+            }
+        };
+        let both = tunnels(2).await.expect("two tunnels up in the status file");
+        assert_eq!(both.len(), 2);
+
+        // One relay gone: the other still serves, and the status says which is down.
+        let r2_quic = r2.addrs.quic;
+        r2.stop().await.unwrap();
+        let one = tunnels(1)
+            .await
+            .expect("one tunnel up once a relay is gone");
+        let gone = one.iter().find(|t| t.address == r2_quic).unwrap();
+        assert!(!matches!(
+            gone.state,
+            portcullis_connector::TunnelState::Up { .. }
+        ));
+        assert_eq!(r1.client("alice").get(WEB, "/").await.status, 200);
+        c.stop().await.unwrap();
     })
     .await;
 }

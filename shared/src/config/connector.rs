@@ -14,8 +14,14 @@ use crate::identity::{HostPattern, Hostname};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
-    /// The relay as `host:port`; every address the host resolves to is dialled.
-    pub relay: String,
+    /// The relays as `"host:port"` or a list of them; the connector keeps a tunnel to
+    /// every address each host resolves to, re-resolving names every
+    /// `relay_resolve_interval`.
+    pub relay: RelayList,
+    /// How often relay names are resolved again, so relays added to or removed from a
+    /// name are followed without a restart.
+    #[serde(default = "default_resolve_interval", with = "humantime_serde")]
+    pub relay_resolve_interval: Duration,
     /// The relay's TLS name, when `relay` is an IP address or another name.
     #[serde(default)]
     pub server_name: Option<Hostname>,
@@ -28,8 +34,67 @@ pub struct ConnectorConfig {
     /// How long in-flight streams may take to finish after SIGTERM.
     #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// Where the running connector writes each tunnel's state (read by
+    /// `portcullis-connector status`); default `status.json` beside `cert`.
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
     /// The services this connector publishes.
     pub ingress: Vec<IngressRule>,
+}
+
+fn default_resolve_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `relay`: one `"host:port"` or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for RelayList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => Ok(Self(vec![s])),
+            OneOrMany::Many(v) => Ok(Self(v)),
+        }
+    }
+}
+
+/// A relay as configured: a host (a name to resolve, or an IP address) and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RelayTarget {
+    /// Host name or IP address, without brackets.
+    pub host: String,
+    /// UDP port (QUIC).
+    pub port: u16,
+}
+
+impl RelayTarget {
+    /// Parses `host:port` (`[v6]:port` for IPv6 literals).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (host, port) = s.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = port.parse().ok().filter(|p| *p != 0)?;
+        (!host.is_empty()).then(|| Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for RelayTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// One `[[ingress]]` table: a published hostname and the origin behind it.
@@ -164,6 +229,14 @@ impl ConnectorConfig {
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
             *p = resolve(path, p);
         }
+        cfg.status_file = Some(match &cfg.status_file {
+            Some(p) => resolve(path, p),
+            None => cfg
+                .cert
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("status.json"),
+        });
         for rule in &mut cfg.ingress {
             if let Some(p) = &mut rule.origin_ca {
                 *p = resolve(path, p);
@@ -173,21 +246,24 @@ impl ConnectorConfig {
         Ok(cfg)
     }
 
-    /// The relay's host and port, split.
-    pub fn relay_host_port(&self) -> Option<(&str, u16)> {
-        let (host, port) = self.relay.rsplit_once(':')?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = port.parse().ok().filter(|p| *p != 0)?;
-        (!host.is_empty()).then_some((host, port))
+    /// The configured relays, parsed; `None` if one is not `host:port`.
+    pub fn relays(&self) -> Option<Vec<RelayTarget>> {
+        let mut out: Vec<RelayTarget> = Vec::new();
+        for s in &self.relay.0 {
+            let t = RelayTarget::parse(s)?;
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        Some(out)
     }
 
-    /// The TLS name to verify the relay against.
-    pub fn relay_server_name(&self) -> Option<String> {
+    /// The TLS name to verify `relay` against: `server_name` if set, else its host.
+    pub fn relay_server_name(&self, relay: &RelayTarget) -> Option<String> {
         if let Some(name) = &self.server_name {
             return Some(name.to_string());
         }
-        let (host, _) = self.relay_host_port()?;
-        Hostname::parse(host).ok().map(|h| h.to_string())
+        Hostname::parse(&relay.host).ok().map(|h| h.to_string())
     }
 
     /// Checks values serde cannot.
@@ -196,16 +272,25 @@ impl ConnectorConfig {
             path: path.to_owned(),
             message,
         };
-        if self.relay_host_port().is_none() {
-            return Err(invalid(format!(
-                "relay {:?} is not host:port (for example relay.example.com:4433)",
-                self.relay
-            )));
-        }
-        if self.relay_server_name().is_none() {
+        if self.relay.0.is_empty() {
             return Err(invalid(
-                "relay is an IP address: set server_name to the relay's TLS name".into(),
+                "relay lists no relay: give \"host:port\" or a list of them".into(),
             ));
+        }
+        for r in &self.relay.0 {
+            let Some(target) = RelayTarget::parse(r) else {
+                return Err(invalid(format!(
+                    "relay {r:?} is not host:port (for example relay.example.com:4433)"
+                )));
+            };
+            if self.relay_server_name(&target).is_none() {
+                return Err(invalid(format!(
+                    "relay {r:?} is an IP address: set server_name to the relay's TLS name"
+                )));
+            }
+        }
+        if self.relay_resolve_interval < Duration::from_secs(1) {
+            return Err(invalid("relay_resolve_interval must be at least 1s".into()));
         }
         if self.ingress.is_empty() {
             return Err(invalid("no [[ingress]] rules: nothing to publish".into()));
@@ -269,10 +354,13 @@ service = "https://[::1]"
     #[test]
     fn documented_example_parses() {
         let cfg = parse(GOOD).unwrap();
+        let relays = cfg.relays().unwrap();
+        assert_eq!(relays.len(), 1);
         assert_eq!(
-            cfg.relay_server_name().as_deref(),
+            cfg.relay_server_name(&relays[0]).as_deref(),
             Some("relay.example.com")
         );
+        assert_eq!(cfg.relay_resolve_interval, Duration::from_secs(30));
         assert_eq!(cfg.ingress[1].service.authority(), "[::1]:443");
         let host = Hostname::parse("ci.eng.internal").unwrap();
         assert_eq!(cfg.rule_for(&host).unwrap().service.port, 443);
@@ -285,6 +373,33 @@ service = "https://[::1]"
         assert!(err.contains("server_name"), "{err}");
         let text = format!("server_name = \"relay.example.com\"\n{text}");
         assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn relay_may_be_a_list_and_each_entry_is_checked() {
+        let text = GOOD.replace(
+            "relay = \"relay.example.com:4433\"",
+            "relay = [\"r1.example.com:4433\", \"[::1]:4433\", \"r1.example.com:4433\"]\nserver_name = \"relay.example.com\"",
+        );
+        let cfg = parse(&text).unwrap();
+        let relays = cfg.relays().unwrap();
+        assert_eq!(
+            relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["r1.example.com:4433", "[::1]:4433"]
+        );
+        // With server_name set, every relay is verified against it.
+        assert_eq!(
+            cfg.relay_server_name(&relays[1]).as_deref(),
+            Some("relay.example.com")
+        );
+        let bad = GOOD.replace(
+            "relay = \"relay.example.com:4433\"",
+            "relay = [\"r1.example.com:4433\", \"r2.example.com\"]",
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("\"r2.example.com\" is not host:port"), "{err}");
+        let empty = GOOD.replace("relay = \"relay.example.com:4433\"", "relay = []");
+        assert!(parse(&empty).unwrap_err().to_string().contains("no relay"));
     }
 
     #[test]
