@@ -62,10 +62,12 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     tls.enable_early_data = false;
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut t = quinn::TransportConfig::default();
-    // Frequent keep-alives make a restarted relay answer with a stateless reset within a
-    // second of coming back (it keeps its reset key), and a dead one noticed in 10 s.
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(10_000))));
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Keep-alives every 250 ms let the relay route around a connector it has not heard
+    // from for a second, make a restarted relay answer with a stateless reset at once (it
+    // keeps its reset key), and with the 3 s idle timeout (the smaller of the two ends'
+    // wins) a dead relay or connector is noticed, and its streams failed, within 3 s.
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(3_000))));
+    t.keep_alive_interval(Some(Duration::from_millis(250)));
     // Retransmit a lost Initial after ~300 ms rather than ~1 s, so a relay that comes back
     // during a dial is reached quickly.
     t.initial_rtt(Duration::from_millis(100));

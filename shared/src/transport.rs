@@ -148,6 +148,11 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// The current round-trip time estimate.
     fn rtt(&self) -> Duration;
+
+    /// How much has arrived from the peer so far (datagrams for QUIC). It grows while the
+    /// peer is alive, so a value that stops growing for longer than the peer's keep-alive
+    /// interval says the peer has gone silent.
+    fn received(&self) -> u64;
 }
 
 /// [`Transport`] over a quinn connection.
@@ -237,6 +242,10 @@ impl Transport for QuicTransport {
 
     fn rtt(&self) -> Duration {
         self.0.rtt()
+    }
+
+    fn received(&self) -> u64 {
+        self.0.stats().udp_rx.datagrams
     }
 }
 

@@ -230,6 +230,7 @@ impl Drop for RunningRelay {
 pub struct TestConnector<'r> {
     relay: &'r RunningRelay,
     also: Vec<&'r RunningRelay>,
+    via: Option<SocketAddr>,
     name: Option<String>,
     ingress: Vec<(String, String)>,
     issued: Option<Vec<String>>,
@@ -241,10 +242,17 @@ impl<'r> TestConnector<'r> {
         Self {
             relay,
             also: Vec::new(),
+            via: None,
             name: None,
             ingress: Vec::new(),
             issued: None,
         }
+    }
+
+    /// Dials the relay at `addr` (say, a [`crate::UdpPath`] in front of it) instead.
+    pub fn via(mut self, addr: SocketAddr) -> Self {
+        self.via = Some(addr);
+        self
     }
 
     /// Also keeps a tunnel to `other` (a relay on the same store), as `relay = [...]`.
@@ -296,7 +304,10 @@ impl<'r> TestConnector<'r> {
         let relays: Vec<&RunningRelay> = std::iter::once(relay)
             .chain(self.also.iter().copied())
             .collect();
-        let addrs: Vec<String> = relays.iter().map(|r| r.addrs.quic.to_string()).collect();
+        let mut addrs: Vec<String> = relays.iter().map(|r| r.addrs.quic.to_string()).collect();
+        if let Some(via) = self.via {
+            addrs[0] = via.to_string();
+        }
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let path = relay
             .world

@@ -57,6 +57,8 @@ pub struct PathCounts {
     pub retries: AtomicU64,
     /// Every datagram towards the server.
     pub to_server: AtomicU64,
+    /// While set, datagrams are dropped both ways (a path gone dark, a peer gone).
+    pub blackhole: std::sync::atomic::AtomicBool,
 }
 
 /// A forwarding UDP path on `127.0.0.1`: each client address gets its own socket towards
@@ -82,6 +84,11 @@ impl UdpPath {
             counts,
             tasks,
         }
+    }
+
+    /// Drops every datagram from now on, both ways, or forwards them again.
+    pub fn set_blackhole(&self, on: bool) {
+        self.counts.blackhole.store(on, Ordering::Relaxed);
     }
 
     /// How many Retry packets went from the server to a client.
@@ -124,6 +131,9 @@ async fn forward(front: Arc<UdpSocket>, server: SocketAddr, counts: Arc<PathCoun
                 back
             }
         };
+        if counts.blackhole.load(Ordering::Relaxed) {
+            continue;
+        }
         counts.to_server.fetch_add(1, Ordering::Relaxed);
         // A full socket buffer loses the datagram, as a congested path would.
         let _ = back.send(&buf[..n]).await;
@@ -138,6 +148,9 @@ async fn back_to_client(
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     while let Ok(n) = back.recv(&mut buf).await {
+        if counts.blackhole.load(Ordering::Relaxed) {
+            continue;
+        }
         counts.to_clients.fetch_add(1, Ordering::Relaxed);
         if QuicPacket::of(&buf[..n]) == Some(QuicPacket::Retry) {
             counts.retries.fetch_add(1, Ordering::Relaxed);

@@ -51,6 +51,10 @@ pub(crate) async fn serve_connector(
         session,
         state.config.limits.max_streams_per_connector,
     ));
+    state
+        .shutdown
+        .tracker()
+        .spawn(crate::tunnel::watch_liveness(handle.clone()));
     let mut driver = Driver {
         handle: handle.clone(),
         state: state.clone(),

@@ -4,4 +4,4 @@
 
 mod router;
 
-pub(crate) use router::{ConnectorHandle, Router, TunnelStream};
+pub(crate) use router::{ConnectorHandle, Router, TunnelStream, watch_liveness};

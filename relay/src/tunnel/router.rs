@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use portcullis_shared::identity::{HostPattern, Hostname};
@@ -27,6 +28,11 @@ pub(crate) struct ConnectorHandle {
     pub(crate) wake: Notify,
     /// Set when opening a stream failed: the connection is gone, route elsewhere.
     retired: AtomicBool,
+    /// Set while nothing has been heard from the connector for longer than its
+    /// keep-alives allow (see [`watch_liveness`]): route elsewhere until it is heard again.
+    silent: AtomicBool,
+    /// The most streams this connector may carry at once.
+    max_streams: usize,
     /// Concurrent requests and tunnels through this connector, at most
     /// `limits.max_streams_per_connector`.
     pub(crate) slots: Arc<Semaphore>,
@@ -47,8 +53,26 @@ impl ConnectorHandle {
             session: Mutex::new(session),
             wake: Notify::new(),
             retired: AtomicBool::new(false),
+            silent: AtomicBool::new(false),
+            max_streams,
             slots: Arc::new(Semaphore::new(max_streams)),
         }
+    }
+
+    /// Requests and tunnels in flight through this connector.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.max_streams
+            .saturating_sub(self.slots.available_permits())
+    }
+
+    /// What sending one more stream here costs, to compare replicas: the streams it would
+    /// then carry, times a weight that grows by one for every [`RTT_STEP`] of round-trip
+    /// time. Replicas within a step of each other weigh the same, so noise in the RTT
+    /// does not decide between neighbours, while one 50 ms away weighs six times one
+    /// nearby. The cheapest replica gets the stream: least outstanding, weighted by RTT.
+    fn cost(&self) -> u128 {
+        let weight = 1 + self.transport.rtt().as_micros() / RTT_STEP.as_micros();
+        (self.outstanding() as u128 + 1) * weight
     }
 
     /// The tunnel session. Never held across an await.
@@ -62,7 +86,9 @@ impl ConnectorHandle {
     }
 
     fn routable(&self) -> bool {
-        !self.retired.load(Ordering::Relaxed) && self.session().may_open()
+        !self.retired.load(Ordering::Relaxed)
+            && !self.silent.load(Ordering::Relaxed)
+            && self.session().may_open()
     }
 
     /// Opens a tunnel stream for one HTTP exchange to `host` and writes its header. The
@@ -123,7 +149,44 @@ impl Drop for SettleOpen<'_> {
     }
 }
 
-/// Hostname → connectors serving it, round-robin among them.
+/// The round-trip time that adds one to a replica's weight (see [`ConnectorHandle::cost`]).
+const RTT_STEP: Duration = Duration::from_millis(10);
+
+/// How long a connector may go unheard before it is routed around. Connectors send a
+/// keep-alive every 250 ms, so a second of silence means a dead process or path.
+const SILENT_AFTER: Duration = Duration::from_secs(1);
+/// How often liveness is checked.
+const LIVENESS_CHECK: Duration = Duration::from_millis(200);
+
+/// Watches that `handle`'s connector is still heard from, until its connection ends:
+/// while it has been silent for [`SILENT_AFTER`] it gets no new streams (its transport's
+/// idle timeout then closes it, failing what was in flight).
+pub(crate) async fn watch_liveness(handle: Arc<ConnectorHandle>) {
+    let mut heard = handle.transport.received();
+    let mut heard_at = Instant::now();
+    let closed = handle.transport.closed();
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            _ = &mut closed => return,
+            () = tokio::time::sleep(LIVENESS_CHECK) => {}
+        }
+        let now = handle.transport.received();
+        if now != heard {
+            heard = now;
+            heard_at = Instant::now();
+            if handle.silent.swap(false, Ordering::Relaxed) {
+                tracing::info!(connector = %handle.name, "connector heard again; routing to it");
+            }
+        } else if heard_at.elapsed() >= SILENT_AFTER && !handle.silent.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(connector = %handle.name, silent_for = ?heard_at.elapsed(), "connector silent; routing elsewhere");
+        }
+    }
+}
+
+/// Hostname → connectors serving it; each stream goes to the cheapest routable replica
+/// (see [`ConnectorHandle::cost`]).
 #[derive(Debug, Default)]
 pub(crate) struct Router {
     routes: RwLock<HashMap<HostPattern, Vec<Arc<ConnectorHandle>>>>,
@@ -159,14 +222,18 @@ impl Router {
         if let [only] = candidates.as_slice() {
             return only.routable().then(|| only.clone());
         }
-        // Round robin over the routable ones, without allocating per request.
-        let routable = |c: &&Arc<ConnectorHandle>| c.routable();
-        let n = candidates.iter().filter(routable).count();
-        if n == 0 {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        candidates.iter().filter(routable).nth(i).cloned()
+        // The cheapest routable replica; equal costs are taken in turn (the scan starts
+        // one further each time), so idle replicas share the load.
+        let n = candidates.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        candidates
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(n)
+            .filter(|c| c.routable())
+            .min_by_key(|c| c.cost())
+            .cloned()
     }
 
     /// Routes `patterns` to `handle`.
