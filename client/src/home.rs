@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 pub(crate) struct AgentState {
     /// `device:<id>`.
     pub(crate) identity: String,
-    /// The relay's QUIC address.
+    /// The relay's QUIC address: the preferred one.
     pub(crate) relay: String,
+    /// More relays, tried in order when `relay` cannot be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) more_relays: Vec<String>,
     /// The relay's TLS name.
     pub(crate) server_name: String,
     /// SHA-256 of the org CA.
@@ -23,6 +26,15 @@ pub(crate) struct AgentState {
     /// The current certificate's validity, Unix seconds.
     pub(crate) issued_at: i64,
     pub(crate) not_after: i64,
+}
+
+impl AgentState {
+    /// Every relay, the preferred one first.
+    pub(crate) fn relays(&self) -> Vec<String> {
+        std::iter::once(self.relay.clone())
+            .chain(self.more_relays.iter().cloned())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -157,7 +157,11 @@ async fn enroll(
         );
     }
     let token = enroll_client::read_token(token_file.as_deref())?;
-    let relay_addr = relay.unwrap_or_else(|| token.relay.clone());
+    // `--relay` replaces the token's relays.
+    let relays = match relay {
+        Some(r) => vec![r],
+        None => token.relays(),
+    };
     let (key, csr) = pki::generate_enrolment_csr()?;
     let request = EnrollRequest::Enroll {
         token_id: token.id.clone(),
@@ -165,8 +169,8 @@ async fn enroll(
         csr,
         name,
     };
-    let answer = enroll_client::exchange(
-        &relay_addr,
+    let answer = enroll_client::exchange_any(
+        &relays,
         &token.server_name,
         &token.ca_sha256,
         None,
@@ -190,7 +194,8 @@ async fn enroll(
     pki::write_public_file(&home.ca(), ca.as_bytes())?;
     home.save(&AgentState {
         identity: identity.clone(),
-        relay: relay_addr,
+        relay: relays[0].clone(),
+        more_relays: relays[1..].to_vec(),
         server_name: token.server_name,
         ca_sha256: token.ca_sha256,
         key_store: key_store.to_owned(),
@@ -265,8 +270,8 @@ impl Agent {
             .and_then(|(r, id)| Identity::new(portcullis_shared::Role::parse(r)?, id).ok())
             .context("agent.json names no valid identity")?;
         let csr = pki::csr_for_existing_key(&identity, &creds.key_der)?;
-        let answer = enroll_client::exchange(
-            &state.relay,
+        let answer = enroll_client::exchange_any(
+            &state.relays(),
             &state.server_name,
             &state.ca_sha256,
             Some((creds.certs.clone(), creds.key.clone_key())),
@@ -444,6 +449,7 @@ async fn status(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
     let mut report = serde_json::json!({
         "identity": state.identity,
         "relay": state.relay,
+        "relays": state.relays(),
         "certificate_expires": expires.to_string(),
         "key_store": state.key_store,
     });
@@ -451,13 +457,15 @@ async fn status(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
         let agent = Agent::start(home).await?;
         let services = Services::default();
         let listing = services.refresh(&agent.relay, &state.server_name).await?;
-        let rtt = agent.relay.connection().await?.rtt();
-        anyhow::Ok((listing, rtt))
+        let conn = agent.relay.connection().await?;
+        anyhow::Ok((listing, conn.rtt(), conn.remote_address(), conn.kind()))
     }
     .await;
     let code = match connected {
-        Ok((listing, rtt)) => {
+        Ok((listing, rtt, via, kind)) => {
             report["state"] = "connected".into();
+            report["connected_to"] = via.to_string().into();
+            report["transport"] = kind.as_str().into();
             report["rtt_ms"] = (rtt.as_secs_f64() * 1000.0).into();
             report["user"] = listing["user"].clone();
             report["groups"] = listing["groups"].clone();
@@ -475,8 +483,14 @@ async fn status(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         println!("identity:     {}", state.identity);
         println!("certificate:  expires {expires}");
-        println!("relay:        {}", state.relay);
+        println!("relays:       {}", state.relays().join(", "));
         println!("state:        {}", report["state"].as_str().unwrap_or(""));
+        if let Some(via) = report["connected_to"].as_str() {
+            println!(
+                "connected to: {via} ({})",
+                report["transport"].as_str().unwrap_or("")
+            );
+        }
         if let Some(rtt) = report["rtt_ms"].as_f64() {
             println!("rtt:          {rtt:.2} ms");
         }

@@ -2,9 +2,10 @@
 //! reopened when it drops (relay restart), rebindable to a new local socket (roaming:
 //! QUIC migration keeps open streams alive). No 0-RTT: the relay refuses replayable data.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use portcullis_shared::pki;
@@ -62,7 +63,7 @@ impl Credentials {
             quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
         ));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
         transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
             10_000,
         ))));
@@ -72,15 +73,43 @@ impl Credentials {
     }
 }
 
-/// The connection to the relay and what it takes to reopen it.
+/// How long a relay that failed is passed over before it is tried again first.
+const COOLDOWN: Duration = Duration::from_secs(30);
+/// How long the agent stays on a relay other than its preferred one before it tries the
+/// preferred one again (for new requests; open ones finish where they are).
+const FAILBACK_AFTER: Duration = Duration::from_secs(30);
+/// How long a relay may take to answer a new connection before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The agent's keep-alive interval: the relay answers each, so silence means it is gone.
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// How long the relay may go unheard before its connection is given up: streams on it
+/// fail with a clear error and new ones go to another relay.
+const SILENT_AFTER: Duration = Duration::from_millis(1500);
+
+/// The current connection, where it goes, and since when.
+struct Current {
+    conn: Arc<dyn RelayConnection>,
+    /// Index of its address in the candidate list it was chosen from (0: preferred).
+    rank: usize,
+    since: Instant,
+}
+
+/// The connection to a relay and what it takes to open another: every relay the agent
+/// knows, in order of preference. A new connection goes to the first that answers,
+/// passing over those that failed within [`COOLDOWN`]; a relay that goes away (GOAWAY,
+/// or silence past [`SILENT_AFTER`]) is left for the next, and the preferred one is
+/// tried again after [`FAILBACK_AFTER`].
 pub(crate) struct Relay {
     endpoint: quinn::Endpoint,
-    /// `host:port`, resolved again for every new connection (the relay may move).
-    relay: String,
+    /// `host:port` each, resolved again for every new connection (relays move, and a name
+    /// with several addresses counts as several relays).
+    relays: Vec<String>,
     addr: SocketAddr,
     server_name: String,
     config: RwLock<quinn::ClientConfig>,
-    current: tokio::sync::Mutex<Option<Arc<dyn RelayConnection>>>,
+    current: tokio::sync::Mutex<Option<Current>>,
+    /// Addresses that failed, and when.
+    failed: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
     /// Set by a renewal: the next request opens a connection with the new certificate
     /// (the relay closes the old one when its certificate expires).
     renewed: std::sync::atomic::AtomicBool,
@@ -88,16 +117,28 @@ pub(crate) struct Relay {
 
 impl Relay {
     pub(crate) async fn new(state: &AgentState, creds: &Credentials) -> anyhow::Result<Self> {
-        let addr = portcullis_shared::enroll_client::resolve(&state.relay).await?;
+        let relays = state.relays();
+        let mut addr = None;
+        for r in &relays {
+            if let Ok(a) = portcullis_shared::enroll_client::resolve(r).await {
+                addr = Some(a);
+                break;
+            }
+        }
+        let addr = match addr {
+            Some(a) => a,
+            None => portcullis_shared::enroll_client::resolve(&relays[0]).await?,
+        };
         let endpoint =
             quinn::Endpoint::client(local_any(addr)).context("creating the agent's QUIC socket")?;
         Ok(Self {
             endpoint,
-            relay: state.relay.clone(),
+            relays,
             addr,
             server_name: state.server_name.clone(),
             config: RwLock::new(creds.client_config()?),
             current: tokio::sync::Mutex::new(None),
+            failed: std::sync::Mutex::new(HashMap::new()),
             renewed: false.into(),
         })
     }
@@ -121,37 +162,139 @@ impl Relay {
         Ok(local)
     }
 
+    /// Every relay address, in order of preference.
+    async fn candidates(&self) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for r in &self.relays {
+            match tokio::net::lookup_host(r.as_str()).await {
+                Ok(addrs) => {
+                    for a in addrs {
+                        if !out.contains(&a) {
+                            out.push(a);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(relay = %r, error = %e, "cannot resolve the relay"),
+            }
+        }
+        if out.is_empty() {
+            out.push(self.addr);
+        }
+        out
+    }
+
+    fn cooling(&self, addr: SocketAddr) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .is_some_and(|at| at.elapsed() < COOLDOWN)
+    }
+
+    fn mark_failed(&self, addr: SocketAddr) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, Instant::now());
+    }
+
     /// The live connection, opened if there is none (for status: RTT, transport).
     pub(crate) async fn connection(&self) -> anyhow::Result<Arc<dyn RelayConnection>> {
         let mut current = self.current.lock().await;
         let renewed = self
             .renewed
             .swap(false, std::sync::atomic::Ordering::Relaxed);
-        if let Some(conn) = current.as_ref()
-            && !conn.is_closed()
+        if let Some(c) = current.as_mut()
+            && !c.conn.is_closed()
             && !renewed
         {
-            return Ok(conn.clone());
+            if c.rank == 0 || c.since.elapsed() < FAILBACK_AFTER {
+                return Ok(c.conn.clone());
+            }
+            // On a fallback long enough: try the preferred relays once, quickly.
+            c.since = Instant::now();
+            let keep = c.conn.clone();
+            let candidates = self.candidates().await;
+            let better: Vec<_> = candidates
+                .iter()
+                .copied()
+                .take(c.rank)
+                .filter(|a| !self.cooling(*a))
+                .collect();
+            for addr in better {
+                if let Ok(conn) = self.open(addr).await {
+                    tracing::info!(relay = %addr, "back on a preferred relay");
+                    let rank = candidates.iter().position(|a| *a == addr).unwrap_or(0);
+                    *current = Some(Current {
+                        conn: conn.clone(),
+                        rank,
+                        since: Instant::now(),
+                    });
+                    return Ok(conn);
+                }
+                self.mark_failed(addr);
+            }
+            return Ok(keep);
         }
+        if let Some(old) = current.take() {
+            // Left for a reason: gone, or going away; not the first choice for a while.
+            if !renewed {
+                self.mark_failed(old.conn.remote_address());
+            }
+        }
+        let candidates = self.candidates().await;
+        // Relays not known to have failed first, in order; then the others.
+        let order: Vec<(usize, SocketAddr)> = candidates
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, a)| !self.cooling(*a))
+            .chain(
+                candidates
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|(_, a)| self.cooling(*a)),
+            )
+            .collect();
+        let mut last = None;
+        for (rank, addr) in order {
+            match self.open(addr).await {
+                Ok(conn) => {
+                    *current = Some(Current {
+                        conn: conn.clone(),
+                        rank,
+                        since: Instant::now(),
+                    });
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %addr, error = %format!("{e:#}"), "cannot connect to the relay; trying the next");
+                    self.mark_failed(addr);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no relay to connect to")))
+    }
+
+    /// A new connection to `addr`, with HTTP/3 started on it and its liveness watched.
+    async fn open(&self, addr: SocketAddr) -> anyhow::Result<Arc<dyn RelayConnection>> {
         let config = self
             .config
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // Resolved again for each new connection: the relay may have moved.
-        let addr = portcullis_shared::enroll_client::resolve(&self.relay)
-            .await
-            .unwrap_or(self.addr);
         let connecting = self
             .endpoint
             .connect_with(config, addr, &self.server_name)
             .context("dialling the relay")?;
-        let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => bail!(
                 "the relay {addr} refused or failed the connection ({e}); if this device was revoked, ask your administrator"
             ),
-            Err(_) => bail!("the relay {addr} is unreachable (no answer in 5 s)"),
+            Err(_) => bail!("the relay {addr} is unreachable (no answer in {CONNECT_TIMEOUT:?})"),
         };
         let conn: Arc<dyn RelayConnection> = Arc::new(
             H3Connection::start(conn)
@@ -160,20 +303,31 @@ impl Relay {
                 .context("starting HTTP/3 with the relay")?,
         );
         tracing::info!(relay = %addr, transport = conn.kind().as_str(), "connected to the relay");
-        *current = Some(conn.clone());
+        tokio::spawn(watch_liveness(conn.clone()));
         Ok(conn)
+    }
+
+    /// Stops using `conn` for new requests (it failed, or the relay is going away); its
+    /// open streams carry on if they can.
+    async fn leave(&self, conn: &Arc<dyn RelayConnection>) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.conn, conn)) {
+            self.mark_failed(conn.remote_address());
+            *current = None;
+        }
     }
 
     /// Sends a request head; the caller streams the body and reads the response.
     pub(crate) async fn send(&self, req: http::Request<()>) -> anyhow::Result<Stream> {
-        // One retry: a connection found dead only now (relay restarted) is reopened.
+        // One retry: a connection found dead or going away only now (a relay restarting)
+        // is left for another; its open streams finish where they are.
         for attempt in 0..2 {
             let conn = self.connection().await?;
             match conn.send_request(req.clone()).await {
                 Ok(stream) => return Ok(stream),
                 Err(e) if attempt == 0 => {
-                    tracing::debug!(error = %e, "relay connection lost; reconnecting");
-                    conn.close("reconnecting");
+                    tracing::info!(relay = %conn.remote_address(), error = %e, "the relay connection cannot take requests; moving on");
+                    self.leave(&conn).await;
                 }
                 Err(e) => {
                     return Err(anyhow::anyhow!(e)).context("sending the request to the relay");
@@ -206,6 +360,26 @@ impl Relay {
             );
         }
         Ok(stream)
+    }
+}
+
+/// Closes `conn` once the relay has been silent for [`SILENT_AFTER`] (it answers every
+/// keep-alive, so silence means the relay or the path is gone): its streams fail at once
+/// with a clear error rather than waiting out the idle timeout, and the next request
+/// goes to another relay.
+async fn watch_liveness(conn: Arc<dyn RelayConnection>) {
+    let mut heard = conn.received();
+    let mut heard_at = Instant::now();
+    while !conn.is_closed() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = conn.received();
+        if now != heard {
+            (heard, heard_at) = (now, Instant::now());
+        } else if heard_at.elapsed() >= SILENT_AFTER {
+            tracing::warn!(relay = %conn.remote_address(), silent_for = ?heard_at.elapsed(), "the relay stopped answering; giving its connection up");
+            conn.close("the relay stopped answering");
+            return;
+        }
     }
 }
 

@@ -70,6 +70,11 @@ pub(crate) trait RelayConnection: Send + Sync {
     fn close(&self, reason: &str);
     /// The current round-trip time estimate.
     fn rtt(&self) -> Duration;
+    /// How much has arrived from the relay so far; it grows while the relay is alive
+    /// (keep-alives are answered), so a value that stops growing says it is gone.
+    fn received(&self) -> u64;
+    /// Where the connection goes.
+    fn remote_address(&self) -> std::net::SocketAddr;
 }
 
 type Sender = SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -118,6 +123,14 @@ impl RelayConnection for H3Connection {
 
     fn rtt(&self) -> Duration {
         self.conn.rtt()
+    }
+
+    fn received(&self) -> u64 {
+        self.conn.stats().udp_rx.datagrams
+    }
+
+    fn remote_address(&self) -> std::net::SocketAddr {
+        self.conn.remote_address()
     }
 }
 

@@ -26,8 +26,8 @@ pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::R
         csr,
         name: None,
     };
-    let answer = enroll_client::exchange(
-        &token.relay,
+    let answer = enroll_client::exchange_any(
+        &token.relays(),
         &token.server_name,
         &token.ca_sha256,
         None,
@@ -50,10 +50,14 @@ pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::R
     )?;
     pki::write_public_file(&state.join("connector.crt"), cert.as_bytes())?;
     pki::write_public_file(&state.join("ca.crt"), ca.as_bytes())?;
+    let relays = match token.relays().as_slice() {
+        [one] => format!("{one:?}"),
+        many => format!("{many:?}"),
+    };
     let mut config = format!(
         "# Written by `portcullis-connector enroll` for {identity}.\n\
-         relay = \"{}\"\nserver_name = \"{}\"\nca = \"ca.crt\"\ncert = \"connector.crt\"\nkey = \"connector.key\"\n",
-        token.relay, token.server_name
+         relay = {relays}\nserver_name = \"{}\"\nca = \"ca.crt\"\ncert = \"connector.crt\"\nkey = \"connector.key\"\n",
+        token.server_name
     );
     for h in &hostnames {
         config.push_str(&format!(

@@ -158,6 +158,32 @@ pub async fn resolve(relay: &str) -> Result<SocketAddr, EnrollError> {
         .ok_or_else(|| EnrollError::Resolve(relay.to_owned(), "no addresses".into()))
 }
 
+/// [`exchange`] with the first of `relays` that can be reached: a relay that does not
+/// resolve or answer is skipped (its error is returned if none answers); a relay that
+/// answers, even with a refusal, is the answer.
+pub async fn exchange_any(
+    relays: &[String],
+    server_name: &str,
+    ca_sha256: &str,
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    request: &EnrollRequest,
+) -> Result<EnrollResponse, EnrollError> {
+    let mut last = EnrollError::Resolve(String::new(), "no relay given".into());
+    for relay in relays {
+        let auth = client_auth
+            .as_ref()
+            .map(|(certs, key)| (certs.clone(), key.clone_key()));
+        match exchange(relay, server_name, ca_sha256, auth, request).await {
+            Err(e @ (EnrollError::Resolve(..) | EnrollError::Connect(..))) => {
+                tracing::warn!(relay = %relay, error = %e, "relay unreachable; trying the next");
+                last = e;
+            }
+            other => return other,
+        }
+    }
+    Err(last)
+}
+
 /// Sends one request on the enrolment ALPN. `client_auth` presents a certificate (renewal).
 pub async fn exchange(
     relay: &str,

@@ -34,6 +34,10 @@ pub struct EnrollToken {
     pub secret: String,
     /// The relay's QUIC address, `host:port`.
     pub relay: String,
+    /// More relays (`host:port`), tried in order when `relay` cannot be reached; left out
+    /// of single-relay tokens, so agents that predate it read those as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_relays: Vec<String>,
     /// The relay's TLS name.
     pub server_name: String,
     /// SHA-256 of the organisation CA certificate (DER), lower-case hex.
@@ -41,6 +45,13 @@ pub struct EnrollToken {
 }
 
 impl EnrollToken {
+    /// Every relay the token names, `relay` first.
+    pub fn relays(&self) -> Vec<String> {
+        std::iter::once(self.relay.clone())
+            .chain(self.more_relays.iter().cloned())
+            .collect()
+    }
+
     /// The token as handed to a person.
     pub fn encode(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
@@ -78,6 +89,7 @@ mod tests {
             id: "t1".into(),
             secret: "c2VjcmV0".into(),
             relay: "relay.example.com:4433".into(),
+            more_relays: vec![],
             server_name: "relay.example.com".into(),
             ca_sha256: "a".repeat(64),
         }

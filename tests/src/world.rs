@@ -212,6 +212,19 @@ impl World {
         Daemon::spawn(cmd, self.path(&format!("{name}.log")))
     }
 
+    /// Starts connector `name` with a tunnel to each of `relays`.
+    pub fn start_connector_for(
+        &self,
+        name: &str,
+        relays: &[&str],
+        ingress: &[(&str, &str)],
+    ) -> Daemon {
+        let path = self.write_connector_config_for(name, relays, ingress);
+        let mut cmd = Command::new(bin("portcullis-connector"));
+        cmd.args(["run", "--config"]).arg(&path);
+        Daemon::spawn(cmd, self.path(&format!("{name}.log")))
+    }
+
     /// Writes `NAME.toml` for a connector.
     pub fn write_connector_config(
         &self,

@@ -274,7 +274,10 @@ fn random_b64(len: usize) -> anyhow::Result<String> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
-fn endpoint(state: &Path, args: &crate::cli::EndpointArgs) -> anyhow::Result<(String, String)> {
+fn endpoint(
+    state: &Path,
+    args: &crate::cli::EndpointArgs,
+) -> anyhow::Result<(Vec<String>, String)> {
     let recorded: Option<serde_json::Value> =
         std::fs::read(state.join(crate::server::ENDPOINT_FILE))
             .ok()
@@ -285,17 +288,21 @@ fn endpoint(state: &Path, args: &crate::cli::EndpointArgs) -> anyhow::Result<(St
             .and_then(|v| v[k].as_str())
             .map(str::to_owned)
     };
-    let relay = args.relay.clone().or_else(|| field("relay")).context(
-        "no relay address known: pass --relay HOST:PORT (the relay's public QUIC address), \
-         or start the relay once so it records it",
-    )?;
+    let relays = if args.relay.is_empty() {
+        vec![field("relay").context(
+            "no relay address known: pass --relay HOST:PORT (the relay's public QUIC address), \
+             or start the relay once so it records it",
+        )?]
+    } else {
+        args.relay.clone()
+    };
     let server_name = args
         .server_name
         .clone()
         .or_else(|| field("server_name"))
-        .or_else(|| relay.rsplit_once(':').map(|(h, _)| h.to_owned()))
+        .or_else(|| relays[0].rsplit_once(':').map(|(h, _)| h.to_owned()))
         .context("pass --server-name")?;
-    Ok((relay, server_name))
+    Ok((relays, server_name))
 }
 
 /// `token ...`.
@@ -367,7 +374,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
     };
     let store = open_store(state)?;
     let ca = Ca::load(&state.state)?;
-    let (relay, server_name) = endpoint(&state.state, endpoint_args)?;
+    let (relays, server_name) = endpoint(&state.state, endpoint_args)?;
     let id = random_b64(6)?;
     let secret = random_b64(32)?;
     let created = now();
@@ -389,13 +396,15 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
     let token = EnrollToken {
         id: id.clone(),
         secret,
-        relay: relay.clone(),
+        relay: relays[0].clone(),
+        more_relays: relays[1..].to_vec(),
         server_name,
         ca_sha256: sha256_hex(ca.cert_der()),
     };
     eprintln!(
-        "token {id}: enrols one {} via {relay}, usable for {}; hand it over privately",
+        "token {id}: enrols one {} via {}, usable for {}; hand it over privately",
         grant.role,
+        relays.join(", "),
         humantime::format_duration(*ttl)
     );
     println!("{}", token.encode());

@@ -158,9 +158,10 @@ pub enum RevokeCommand {
 /// relay recorded in the state directory: its `server_name` and QUIC port).
 #[derive(Debug, Args)]
 pub struct EndpointArgs {
-    /// The relay's public QUIC address, `host:port`.
+    /// The relay's public QUIC address, `host:port`; repeat it for several relays (the
+    /// agent uses the first it can reach and moves to another when that one fails).
     #[arg(long)]
-    pub relay: Option<String>,
+    pub relay: Vec<String>,
     /// The relay's TLS name.
     #[arg(long)]
     pub server_name: Option<String>,

@@ -1,0 +1,180 @@
+//! No single relay: two relay processes on one PostgreSQL store (started by the test), a
+//! connector with a tunnel to each, and an agent enrolled with a token naming both. When
+//! a relay dies or restarts, the agent moves to the other and requests keep succeeding.
+//!
+//! Skips without PostgreSQL unless `PORTCULLIS_REQUIRE_POSTGRES` is set (CI sets it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{
+    APP, Daemon, POLICY, RelayAddrs, TestPostgres, World, bin, eventually, wait_for_connectors,
+};
+use tokio::process::Command;
+
+const ANY: &str = "127.0.0.1:0";
+
+/// Two relays on `pg`'s store (the second from a copy of the first's state directory),
+/// a connector publishing [`APP`] through both, and its origin.
+struct Pair {
+    w1: World,
+    _w2: World,
+    relays: Vec<(Daemon, RelayAddrs)>,
+    _connector: Daemon,
+    _origin: Daemon,
+}
+
+impl Pair {
+    async fn up(pg: &TestPostgres) -> Self {
+        let w1 = World::with_store(&pg.url);
+        w1.issue_connector("c1", &[APP]);
+        let w2 = World::copy_of(&w1);
+        let mut relays = Vec::new();
+        for w in [&w1, &w2] {
+            w.write_relay_config(ANY, ANY, ANY, POLICY);
+            relays.push(w.start_relay().await);
+        }
+        let (origin, origin_addr) = w1.start_origin().await;
+        let quic: Vec<String> = relays.iter().map(|(_, a)| a.quic.to_string()).collect();
+        let quic: Vec<&str> = quic.iter().map(String::as_str).collect();
+        let service = format!("http://{origin_addr}");
+        let connector = w1.start_connector_for("c1", &quic, &[(APP, &service)]);
+        for (_, a) in &relays {
+            wait_for_connectors(a.admin, 1).await;
+        }
+        Self {
+            w1,
+            _w2: w2,
+            relays,
+            _connector: connector,
+            _origin: origin,
+        }
+    }
+
+    /// Enrols an agent with a token naming both relays, and starts `portcullis up`;
+    /// the agent and its proxy port.
+    async fn agent(&self, home: &Path) -> (Daemon, u16) {
+        let mut args = vec![
+            "token", "create", "device", "--user", "alice", "--group", "eng",
+        ];
+        let quic: Vec<String> = self
+            .relays
+            .iter()
+            .map(|(_, a)| a.quic.to_string())
+            .collect();
+        for q in &quic {
+            args.extend(["--relay", q.as_str()]);
+        }
+        args.extend(["--server-name", "relay.acme.test"]);
+        let token = self.w1.admin(&args).lines().last().unwrap().to_owned();
+        let token_file = self.w1.path("alice.token");
+        std::fs::write(&token_file, token).unwrap();
+        let out = agent_cmd(home)
+            .args(["enroll", "--key-store", "file", "--token-file"])
+            .arg(&token_file)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ready = self.w1.path("agent.ready");
+        let mut cmd = agent_cmd(home);
+        cmd.args(["up", "--proxy", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready);
+        let mut agent = Daemon::spawn_logged(cmd, self.w1.path("agent.log"));
+        let v: serde_json::Value =
+            serde_json::from_str(&agent.wait_ready_file(&ready).await).unwrap();
+        let port = v["proxy"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .port();
+        (agent, port)
+    }
+}
+
+fn agent_cmd(home: &Path) -> Command {
+    let mut cmd = Command::new(bin("portcullis"));
+    cmd.arg("--home")
+        .arg(home)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// GET through the agent's proxy with curl: the status (0 when curl failed).
+async fn proxy_get(port: u16, url: &str) -> u16 {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-x", &format!("http://127.0.0.1:{port}"), url])
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The relay address `portcullis status --json` says the agent is connected to.
+async fn connected_to(home: &Path) -> String {
+    let out = agent_cmd(home)
+        .args(["status", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["connected_to"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn the_agent_moves_to_the_other_relay_when_its_relay_dies() {
+    let Some(pg) = TestPostgres::start().await else {
+        return;
+    };
+    let mut pair = Pair::up(&pg).await;
+    let home = pair.w1.path("alice-home");
+    let (agent, port) = pair.agent(&home).await;
+    let url = format!("http://{APP}/");
+    assert_eq!(proxy_get(port, &url).await, 200, "{}", agent.log_text());
+    let first = pair.relays[0].1.quic.to_string();
+    let second = pair.relays[1].1.quic.to_string();
+    assert_eq!(connected_to(&home).await, first);
+
+    // The preferred relay dies without a word.
+    pair.relays[0].0.child.start_kill().unwrap();
+    let died = Instant::now();
+    let back = eventually(Duration::from_secs(20), || async {
+        (proxy_get(port, &url).await == 200).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "no request succeeded after the relay died: {}",
+        agent.log_text()
+    );
+    let took = died.elapsed();
+    // Generous bound for a shared machine; the figure itself is in the log.
+    assert!(took < Duration::from_secs(8), "back after {took:?}");
+    eprintln!("requests succeeded again {took:?} after the relay died");
+    for _ in 0..5 {
+        assert_eq!(proxy_get(port, &url).await, 200, "{}", agent.log_text());
+    }
+    assert!(agent.log_text().contains("connected to the relay"));
+    assert_eq!(connected_to(&home).await, second);
+}
