@@ -238,20 +238,31 @@ async fn forward(
             out = out.header(name, value);
         }
     }
-    let mut stream = proxy.relay.send(out.body(())?).await?;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            stream
-                .send_data(data)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
+    let out = out.body(())?;
+    // A request without a body that the relay did not process (it was going away) is
+    // sent once more, on another connection: nothing of it reached an origin.
+    let bodiless = hyper::body::Body::is_end_stream(&body);
+    let mut again = bodiless;
+    let (mut stream, resp) = loop {
+        let mut stream = proxy.relay.send(out.clone()).await?;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                stream
+                    .send_data(data)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            }
         }
-    }
-    stream.finish().await.map_err(|e| anyhow::anyhow!(e))?;
-    let resp = stream
-        .recv_response()
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+        stream.finish().await.map_err(|e| anyhow::anyhow!(e))?;
+        match stream.recv_response().await {
+            Ok(resp) => break (stream, resp),
+            Err(e) if again && crate::transport::unprocessed(&e) => {
+                tracing::debug!(error = %e, "the relay did not process the request; sending it again");
+                again = false;
+            }
+            Err(e) => return Err(anyhow::anyhow!(e)),
+        }
+    };
     let (tx, body) = ChannelBody::channel(4);
     tokio::spawn(async move {
         loop {

@@ -77,6 +77,19 @@ pub(crate) trait RelayConnection: Send + Sync {
     fn remote_address(&self) -> std::net::SocketAddr;
 }
 
+/// Whether a request that failed with `e` was certainly not processed by the relay, so it
+/// may be sent again elsewhere: refused (`H3_REQUEST_REJECTED`), sent after the relay
+/// said it was going away, or on a connection the relay closed gracefully without
+/// answering it (a relay closes gracefully only once every request it accepted has been
+/// answered, RFC 9114 section 5.2).
+pub(crate) fn unprocessed(e: &BoxError) -> bool {
+    use h3::error::{Code, StreamError};
+    e.downcast_ref::<StreamError>().is_some_and(|e| {
+        e.is_h3_no_error()
+            || matches!(e, StreamError::RemoteTerminate { code, .. } if *code == Code::H3_REQUEST_REJECTED)
+    })
+}
+
 type Sender = SendRequest<h3_quinn::OpenStreams, Bytes>;
 
 /// HTTP/3 on a QUIC connection.

@@ -8,7 +8,13 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 
 use portcullis_e2e::{
     APP, Daemon, POLICY, RelayAddrs, TestPostgres, World, bin, eventually, wait_for_connectors,
@@ -177,4 +183,115 @@ async fn the_agent_moves_to_the_other_relay_when_its_relay_dies() {
     }
     assert!(agent.log_text().contains("connected to the relay"));
     assert_eq!(connected_to(&home).await, second);
+}
+
+/// Requests answered 200 through the agent, and the others.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    why: std::sync::Mutex<Vec<String>>,
+}
+
+/// `loops` clients, each on one keep-alive HTTP/1.1 connection to the agent's proxy,
+/// sending GETs for [`APP`] one after another until `stop`.
+async fn load_through_agent(
+    port: u16,
+    loops: usize,
+    tally: Arc<Tally>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..loops {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (tally, stop) = (tally.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !*stop.borrow() {
+                let req = http::Request::get(format!("http://{APP}/"))
+                    .header(http::header::HOST, APP)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let outcome = async {
+                    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status().as_u16();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((status, body.to_bytes()))
+                }
+                .await;
+                match outcome {
+                    Ok((200, _)) => {
+                        tally.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        tally.failed.fetch_add(1, Ordering::Relaxed);
+                        tally.why.lock().unwrap().push(format!("{other:?}"));
+                    }
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+#[tokio::test]
+async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
+    let Some(pg) = TestPostgres::start().await else {
+        return;
+    };
+    let mut pair = Pair::up(&pg).await;
+    let home = pair.w1.path("alice-home");
+    let (agent, port) = pair.agent(&home).await;
+    assert_eq!(proxy_get(port, &format!("http://{APP}/")).await, 200);
+    let tally = Arc::new(Tally::default());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let load = load_through_agent(port, 4, tally.clone(), stop).await;
+    let reach = |n: usize| {
+        let tally = tally.clone();
+        async move {
+            let got = eventually(Duration::from_secs(90), || async {
+                (tally.ok.load(Ordering::Relaxed) >= n).then_some(())
+            })
+            .await;
+            assert!(got.is_some(), "the load stalled");
+        }
+    };
+    const N: usize = 5_000;
+    reach(N / 5).await;
+    // Each relay in turn: SIGTERM (it drains: GOAWAY to agents, in-flight requests
+    // finish), then back on the same ports, and the connector's tunnel to it again.
+    for i in 0..2 {
+        let worlds = [&pair.w1, &pair._w2];
+        let (daemon, addrs) = &mut pair.relays[i];
+        daemon.signal("TERM");
+        daemon.wait(Duration::from_secs(30)).await;
+        let a = *addrs;
+        let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
+        worlds[i].write_relay_config(&quic, &https, &admin, POLICY);
+        pair.relays[i] = worlds[i].start_relay().await;
+        wait_for_connectors(pair.relays[i].1.admin, 1).await;
+        reach(N / 5 * (2 + 2 * i)).await;
+    }
+    reach(N).await;
+    stop_tx.send(true).unwrap();
+    for l in load {
+        l.await.unwrap();
+    }
+    let failed = tally.failed.load(Ordering::Relaxed);
+    assert_eq!(
+        failed,
+        0,
+        "{:?}\n{}",
+        tally.why.lock().unwrap(),
+        agent.log_text()
+    );
 }

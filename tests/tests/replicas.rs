@@ -7,7 +7,14 @@
 
 use std::time::Duration;
 
-use portcullis_e2e::{RunningRelay, TestConnector, TestOrigin, TestRelay, UdpPath, eventually};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http_body_util::BodyExt;
+use portcullis_e2e::{
+    H3Client, RunningRelay, TestConnector, TestOrigin, TestRelay, UdpPath, client_tls, eventually,
+    h2_connect, h2_read_all, loopback, tls_from,
+};
 
 const WEB: &str = "web.internal";
 /// Every test's bound: generous for two cores, short enough to name a hang.
@@ -127,6 +134,161 @@ async fn a_replica_gone_silent_is_routed_around_and_its_requests_fail_with_502()
             assert_eq!(r.status, 200, "{}", r.body);
         }
         assert_eq!(reached(&gone), before);
+    })
+    .await;
+}
+
+/// Requests each protocol's client has had answered 200, and those that failed.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    why: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn record(&self, outcome: Result<u16, String>) {
+        match outcome {
+            Ok(200) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            other => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.why.lock().unwrap().push(format!("{other:?}"));
+            }
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+}
+
+/// Sends GETs for [`WEB`] one after another on one connection of each protocol (HTTP/1.1
+/// keep-alive, HTTP/2, HTTP/3) until `stop`, counting outcomes in `tally`.
+async fn steady_load(
+    relay: &RunningRelay,
+    tally: Arc<Tally>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let tls = Arc::new(client_tls(&relay.world, "alice", &[b"http/1.1"]));
+    let io = tls_from(loopback(1), relay.addrs.https, WEB, tls)
+        .await
+        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2_connect(&relay.world, &relay.addrs, "alice", WEB).await;
+    let mut h3 = H3Client::connect(&relay.world, &relay.addrs, "alice", WEB).await;
+    let h1 = {
+        let (tally, stop) = (tally.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !*stop.borrow() {
+                let req = http::Request::get("/")
+                    .header(http::header::HOST, WEB)
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let outcome = async {
+                    let resp = h1.send_request(req).await.map_err(|e| format!("h1: {e}"))?;
+                    let status = resp.status().as_u16();
+                    resp.into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| format!("h1 body: {e}"))?;
+                    Ok(status)
+                }
+                .await;
+                tally.record(outcome);
+            }
+        })
+    };
+    let h2 = {
+        let (tally, stop) = (tally.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !*stop.borrow() {
+                let req = http::Request::get(format!("https://{WEB}/"))
+                    .body(())
+                    .unwrap();
+                let outcome = async {
+                    let (resp, _) = h2.send_request(req, true).map_err(|e| format!("h2: {e}"))?;
+                    let resp = resp.await.map_err(|e| format!("h2: {e}"))?;
+                    let status = resp.status().as_u16();
+                    h2_read_all(&mut resp.into_body()).await;
+                    Ok(status)
+                }
+                .await;
+                tally.record(outcome);
+            }
+        })
+    };
+    let h3 = tokio::spawn(async move {
+        while !*stop.borrow() {
+            let req = http::Request::get(format!("https://{WEB}/"))
+                .body(())
+                .unwrap();
+            let r = h3.try_request(req, None).await;
+            tally.record(r.map(|r| r.status).map_err(|e| format!("h3: {e:#}")));
+        }
+    });
+    vec![h1, h2, h3]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_each_of_two_connector_replicas_under_load_loses_no_request() {
+    within(async {
+        let relay = relay().await;
+        let a = TestOrigin::start("a").await;
+        let b = TestOrigin::start("b").await;
+        let c1 = TestConnector::new(&relay)
+            .name("c1")
+            .expose(WEB, a.addr)
+            .run()
+            .await;
+        let c2 = TestConnector::new(&relay)
+            .name("c2")
+            .expose(WEB, b.addr)
+            .run()
+            .await;
+        let tally = Arc::new(Tally::default());
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let load = steady_load(&relay, tally.clone(), stop).await;
+        let reach = |n: usize| {
+            let tally = tally.clone();
+            async move {
+                let got = eventually(Duration::from_secs(60), || async {
+                    (tally.ok() >= n).then_some(())
+                })
+                .await;
+                assert!(got.is_some(), "the load stalled at {} answered", tally.ok());
+            }
+        };
+        const N: usize = 5_000;
+        reach(N / 5).await;
+        // A rolling restart: each replica in turn drains, stops and comes back.
+        c1.stop().await.unwrap();
+        let _c1 = TestConnector::new(&relay)
+            .name("c1")
+            .expose(WEB, a.addr)
+            .run()
+            .await;
+        reach(N / 2).await;
+        c2.stop().await.unwrap();
+        let _c2 = TestConnector::new(&relay)
+            .name("c2")
+            .expose(WEB, b.addr)
+            .run()
+            .await;
+        reach(N).await;
+        stop_tx.send(true).unwrap();
+        for l in load {
+            l.await.unwrap();
+        }
+        let failed = tally.failed.load(Ordering::Relaxed);
+        assert_eq!(failed, 0, "{:?}", tally.why.lock().unwrap());
+        assert!(tally.ok() >= N);
+        // Both origins served, before and after their restarts.
+        assert!(!a.requests().is_empty() && !b.requests().is_empty());
     })
     .await;
 }
