@@ -98,7 +98,16 @@ pub(crate) struct Backoff {
 }
 
 impl Backoff {
+    /// The wait before the next attempt. The first after a tunnel that was up is drawn
+    /// over the whole of [`BACKOFF_MAX`]: when a relay restarts, every connector loses its
+    /// tunnel at the same moment, and this spreads their return over two seconds rather
+    /// than a few milliseconds. Later ones grow from [`BACKOFF_MIN`] to [`BACKOFF_MAX`],
+    /// jittered over their upper half.
     pub(crate) fn next_delay(&mut self) -> Duration {
+        if self.attempt == 0 {
+            self.attempt = 1;
+            return BACKOFF_MAX.mul_f64(fastrand::f64());
+        }
         let ceiling = BACKOFF_MIN
             .saturating_mul(1 << self.attempt.min(16))
             .min(BACKOFF_MAX);
@@ -507,16 +516,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
+    fn backoff_spreads_the_first_retry_then_grows_with_jitter_and_is_capped() {
+        // The first retries of many connectors spread over the whole window.
+        let firsts: Vec<Duration> = (0..200).map(|_| Backoff::default().next_delay()).collect();
+        assert!(firsts.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(firsts.iter().any(|d| *d < BACKOFF_MAX / 4));
+        assert!(firsts.iter().any(|d| *d > BACKOFF_MAX * 3 / 4));
         let mut b = Backoff::default();
-        let first = b.next_delay();
-        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN);
+        b.next_delay();
+        let second = b.next_delay();
+        assert!(
+            second >= BACKOFF_MIN && second <= BACKOFF_MIN * 2,
+            "{second:?}"
+        );
         for _ in 0..40 {
             assert!(b.next_delay() <= BACKOFF_MAX);
         }
         let late = b.next_delay();
         assert!(late >= BACKOFF_MAX / 2 && late <= BACKOFF_MAX, "{late:?}");
         b.reset();
-        assert!(b.next_delay() <= BACKOFF_MIN);
+        assert!(b.next_delay() <= BACKOFF_MAX);
     }
 }

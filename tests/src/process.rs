@@ -178,3 +178,28 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// A process's user and system CPU time so far, in clock ticks (`/proc/PID/stat`).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name, which may contain spaces, from field 3 (state) on:
+    // utime and stime are fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// [`cpu_ticks`] in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    cpu_ticks(pid) as f64 / rustix::param::clock_ticks_per_second() as f64
+}

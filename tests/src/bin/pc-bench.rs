@@ -490,7 +490,7 @@ async fn abuse(s: &Stack, conns: usize) -> anyhow::Result<String> {
         width: flood_width,
     };
     let flood = tokio::spawn(flood(f, stop.clone()));
-    let cpu_before = cpu_ticks(pid);
+    let cpu_before = portcullis_e2e::cpu_ticks(pid);
     let held_from = Instant::now();
     let (mut rss_max, mut open_min) = (0, usize::MAX);
     // Holding them is the point: the relay is sampled meanwhile.
@@ -499,7 +499,7 @@ async fn abuse(s: &Stack, conns: usize) -> anyhow::Result<String> {
         rss_max = rss_max.max(portcullis_e2e::rss(pid));
         open_min = open_min.min(open_now().await);
     }
-    let cpu = (cpu_ticks(pid).saturating_sub(cpu_before)) as f64
+    let cpu = (portcullis_e2e::cpu_ticks(pid).saturating_sub(cpu_before)) as f64
         / rustix::param::clock_ticks_per_second() as f64
         / held_from.elapsed().as_secs_f64();
     let rss_peak = portcullis_e2e::peak_rss(pid);
@@ -847,24 +847,4 @@ impl Legit {
     async fn finish(self) -> anyhow::Result<(Outcomes, Outcomes)> {
         Ok((self.h3.await?, self.fresh.await?))
     }
-}
-
-/// A process's user and system CPU time so far, in clock ticks (`/proc/PID/stat`).
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the command name, which may contain spaces, from field 3 (state) on:
-    // utime and stime are fields 14 and 15.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
 }
