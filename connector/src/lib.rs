@@ -3,6 +3,7 @@
 //! opens by proxying one HTTP exchange to the origin.
 
 mod enroll;
+mod health;
 mod origin;
 mod relays;
 mod tunnel;
@@ -130,7 +131,16 @@ pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> anyhow::Result<
         config.status_file.clone(),
         shutdown.clone(),
     ));
-    relays::run(config.clone(), client, origins, shutdown.clone(), status).await?;
+    let withdrawn = health::start(&config, &shutdown)?;
+    relays::run(
+        config.clone(),
+        client,
+        origins,
+        shutdown.clone(),
+        status,
+        withdrawn,
+    )
+    .await?;
     if !shutdown.drain(config.drain_grace).await {
         tracing::warn!(grace = ?config.drain_grace, "drain grace expired with streams in flight");
     }

@@ -38,7 +38,7 @@ pub(crate) struct Origins {
     config: ConnectorConfig,
 }
 
-fn tls_for(rule: &IngressRule) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_for(rule: &IngressRule) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     match &rule.origin_ca {
         Some(path) => {

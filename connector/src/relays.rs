@@ -145,6 +145,7 @@ pub(crate) async fn run(
     origins: Arc<Origins>,
     shutdown: Shutdown,
     status: Arc<Status>,
+    withdrawn: crate::health::Withdrawn,
 ) -> anyhow::Result<()> {
     let targets = config
         .relays()
@@ -209,6 +210,7 @@ pub(crate) async fn run(
                 origins.clone(),
                 stop.clone(),
                 status.clone(),
+                withdrawn.clone(),
             ));
             tunnels.insert(
                 *addr,

@@ -22,6 +22,7 @@ use quinn::crypto::rustls::QuicClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
+use crate::health::Withdrawn;
 use crate::origin::Origins;
 use crate::relays::{Status, TunnelState};
 
@@ -126,6 +127,8 @@ pub(crate) struct Tunnel {
     pub(crate) relay: RelayTarget,
     pub(crate) addr: SocketAddr,
     pub(crate) status: Arc<Status>,
+    /// Hostnames withdrawn because their origin is unhealthy.
+    pub(crate) withdrawn: Withdrawn,
 }
 
 impl Tunnel {
@@ -160,6 +163,7 @@ pub(crate) async fn supervise(
     origins: Arc<Origins>,
     shutdown: Shutdown,
     status: Arc<Status>,
+    withdrawn: Withdrawn,
 ) {
     let server_name = config.relay_server_name(&relay).unwrap_or_default();
     let mut backoff = Backoff::default();
@@ -168,6 +172,7 @@ pub(crate) async fn supervise(
         relay,
         addr,
         status,
+        withdrawn,
     };
     async {
         while !shutdown.is_triggered() {
@@ -257,6 +262,8 @@ async fn session(
         finished_tx,
         finished,
         draining: false,
+        accepted: Vec::new(),
+        withdrawn: tunnel.withdrawn.clone(),
     };
     driver
         .run(transport, origins, shutdown, backoff, tunnel)
@@ -293,6 +300,10 @@ struct Driver {
     finished_tx: tokio::sync::mpsc::UnboundedSender<()>,
     finished: tokio::sync::mpsc::UnboundedReceiver<()>,
     draining: bool,
+    /// The hostnames the relay accepted, once registered.
+    accepted: Vec<String>,
+    /// Follows the hostnames withdrawn for unhealthy origins.
+    withdrawn: Withdrawn,
 }
 
 /// What woke the driver.
@@ -302,6 +313,8 @@ enum Input {
     Finished,
     Timeout,
     Shutdown,
+    /// The set of withdrawn hostnames changed.
+    Health,
 }
 
 impl Driver {
@@ -363,6 +376,7 @@ impl Driver {
                     }
                 }
                 Input::Timeout => self.session.handle_timeout(now),
+                Input::Health => self.publish(tunnel),
                 Input::Shutdown => {
                     // Drain: the relay stops routing here; in-flight streams finish,
                     // streams it opened before it read the Drain are still accepted.
@@ -402,7 +416,25 @@ impl Driver {
             Some(frame) = self.frames.recv() => Input::Frame(frame),
             () = timer => Input::Timeout,
             () = stop => Input::Shutdown,
+            Ok(()) = self.withdrawn.changed() => Input::Health,
         })
+    }
+
+    /// Tells the relay to route the accepted hostnames whose origins are healthy.
+    fn publish(&mut self, tunnel: &Tunnel) {
+        let withdrawn = self.withdrawn.borrow_and_update().clone();
+        let published: Vec<String> = self
+            .accepted
+            .iter()
+            .filter(|h| !withdrawn.contains(*h))
+            .cloned()
+            .collect();
+        if self.session.publish(published.clone()) {
+            tunnel.set(TunnelState::Up {
+                published,
+                since: unix_now(),
+            });
+        }
     }
 
     /// Writes every frame the session queued, and finishes the control stream when the
@@ -434,10 +466,16 @@ impl Driver {
                         tracing::error!(hostname = %r.hostname, reason = %r.reason, "the relay refused to publish this hostname; check the connector's certificate (issue connector --hostname)");
                     }
                     tracing::info!(published = ?accepted, "tunnel up");
-                    tunnel.set(TunnelState::Up {
-                        published: accepted.iter().map(ToString::to_string).collect(),
-                        since: unix_now(),
-                    });
+                    self.accepted = accepted.clone();
+                    // Origins already known to be unhealthy are withdrawn at once.
+                    if !self.withdrawn.borrow_and_update().is_empty() {
+                        self.publish(tunnel);
+                    } else {
+                        tunnel.set(TunnelState::Up {
+                            published: accepted,
+                            since: unix_now(),
+                        });
+                    }
                     // Only a registration the relay answered counts as success: a refused
                     // certificate fails after the QUIC handshake and must keep backing off.
                     backoff.reset();

@@ -283,6 +283,7 @@ fn serve(
         metrics: state.metrics.clone(),
         registry: id.registry.clone(),
         resolver: id.resolver.clone(),
+        relay: state.clone(),
         token: admin_token(&state.config)?,
         device_ids: state.config.admin.metrics_device_ids,
     });

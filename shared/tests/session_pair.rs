@@ -61,6 +61,65 @@ fn registration_publishes_allowed_names_and_refuses_the_rest() {
 }
 
 #[test]
+fn publish_withdraws_and_restores_registered_names_and_refuses_others() {
+    let mut pair = Pair::new(
+        &["app.internal", "db.internal"],
+        &["app.internal", "db.internal"],
+    );
+    pair.run();
+    pair.relay_events();
+    pair.connector_events();
+
+    // Before registration nothing is queued; after it, Publish reaches the relay.
+    assert!(pair.connector.publish(vec!["db.internal".into()]));
+    pair.run();
+    assert_eq!(
+        pair.relay_events(),
+        [RelayEvent::Published {
+            patterns: vec![pat("db.internal")]
+        }]
+    );
+    assert!(pair.connector.publish(vec![]));
+    assert!(
+        pair.connector
+            .publish(vec!["app.internal".into(), "db.internal".into()])
+    );
+    pair.run();
+    assert_eq!(
+        pair.relay_events(),
+        [
+            RelayEvent::Published { patterns: vec![] },
+            RelayEvent::Published {
+                patterns: vec![pat("app.internal"), pat("db.internal")]
+            }
+        ]
+    );
+    // A name never registered is a protocol error.
+    let err = pair
+        .relay
+        .handle_frame(
+            Instant::now(),
+            ControlFrame::Publish {
+                hostnames: vec!["other.internal".into()],
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::Protocol);
+    assert!(err.to_string().contains("other.internal"), "{err}");
+}
+
+#[test]
+fn a_connector_publishes_only_once_registered() {
+    let mut connector = ConnectorSession::new(
+        Instant::now(),
+        vec!["app.internal".into()],
+        "test-agent".into(),
+        ConnectorSessionConfig::new(GRACE),
+    );
+    assert!(!connector.publish(vec![]));
+}
+
+#[test]
 fn a_first_frame_other_than_register_closes_with_protocol() {
     let mut pair = Pair::new(&["app.internal"], &["app.internal"]);
     pair.to_relay.write(&ControlFrame::Drain);

@@ -231,6 +231,7 @@ pub struct TestConnector<'r> {
     relay: &'r RunningRelay,
     also: Vec<&'r RunningRelay>,
     via: Option<SocketAddr>,
+    extra: String,
     name: Option<String>,
     ingress: Vec<(String, String)>,
     issued: Option<Vec<String>>,
@@ -243,10 +244,19 @@ impl<'r> TestConnector<'r> {
             relay,
             also: Vec::new(),
             via: None,
+            extra: String::new(),
             name: None,
             ingress: Vec::new(),
             issued: None,
         }
+    }
+
+    /// Extra connector.toml text, appended after the ingress rules (so a
+    /// `[ingress.health_check]` table applies to the last rule).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
     }
 
     /// Dials the relay at `addr` (say, a [`crate::UdpPath`] in front of it) instead.
@@ -312,6 +322,11 @@ impl<'r> TestConnector<'r> {
         let path = relay
             .world
             .write_connector_config_for(&name, &addrs, &ingress);
+        if !self.extra.is_empty() {
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text.push_str(&self.extra);
+            std::fs::write(&path, text).unwrap();
+        }
         let config = ConnectorConfig::load(&path).unwrap();
         let mut before = Vec::new();
         for r in &relays {

@@ -26,6 +26,8 @@ struct State {
     held: watch::Sender<usize>,
     /// Whether `/hold` requests may be answered.
     released: watch::Sender<bool>,
+    /// Whether `/healthz` answers 200 (else 503).
+    healthy: std::sync::atomic::AtomicBool,
 }
 
 /// A running in-process origin; stops accepting when dropped.
@@ -47,6 +49,7 @@ impl TestOrigin {
             seen: Mutex::default(),
             held: watch::Sender::new(0),
             released: watch::Sender::new(false),
+            healthy: true.into(),
         });
         let serving = state.clone();
         let task = tokio::spawn(
@@ -98,6 +101,14 @@ impl TestOrigin {
     pub fn release(&self) {
         self.state.released.send_replace(true);
     }
+
+    /// Makes `/healthz` answer 200 (healthy) or 503. Health checks are not counted in
+    /// [`TestOrigin::requests`].
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state
+            .healthy
+            .store(healthy, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for TestOrigin {
@@ -117,6 +128,18 @@ async fn handle(
         .unwrap_or("")
         .to_owned();
     let path = req.uri().path().to_owned();
+    if path == "/healthz" {
+        let healthy = state.healthy.load(std::sync::atomic::Ordering::Relaxed);
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(if healthy {
+            "ok"
+        } else {
+            "unhealthy"
+        })));
+        if !healthy {
+            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return Ok(resp);
+    }
     tracing::info!(%host, %path, method = %req.method(), "origin request");
     state
         .seen

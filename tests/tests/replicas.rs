@@ -5,15 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use portcullis_e2e::{
     H3Client, RunningRelay, TestConnector, TestOrigin, TestRelay, UdpPath, client_tls, eventually,
-    h2_connect, h2_read_all, loopback, tls_from,
+    h2_connect, h2_read_all, loopback, tls_from, wait_for_metric,
 };
 
 const WEB: &str = "web.internal";
@@ -107,7 +106,7 @@ async fn a_replica_gone_silent_is_routed_around_and_its_requests_fail_with_502()
             // Until one lands on the replica that holds it (the other answers at once).
             for _ in 0..10 {
                 let r = client.get(WEB, "/hold").await;
-                if r.body.contains("\"origin\":\"alive\"") {
+                if r.body.contains("released by alive") {
                     continue;
                 }
                 last = Some(r);
@@ -289,6 +288,49 @@ async fn restarting_each_of_two_connector_replicas_under_load_loses_no_request()
         assert!(tally.ok() >= N);
         // Both origins served, before and after their restarts.
         assert!(!a.requests().is_empty() && !b.requests().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_origin_is_withdrawn_and_restored_and_the_relay_counts_healthy_replicas() {
+    within(async {
+        let relay = relay().await;
+        let sick = TestOrigin::start("sick").await;
+        let well = TestOrigin::start("well").await;
+        let check = "[ingress.health_check]\npath = \"/healthz\"\ninterval = \"200ms\"\nrise = 2\nfall = 2\n";
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, sick.addr)
+            .config(check)
+            .run()
+            .await;
+        let _c2 = TestConnector::new(&relay)
+            .expose(WEB, well.addr)
+            .config(check)
+            .run()
+            .await;
+        let replicas = format!("portcullis_relay_hostname_replicas{{hostname=\"{WEB}\"}}");
+        wait_for_metric(relay.addrs.admin, &replicas, "two healthy", |v| v == Some(2)).await;
+
+        // The first origin fails its checks: its hostname is withdrawn from the relay.
+        sick.set_healthy(false);
+        wait_for_metric(relay.addrs.admin, &replicas, "one healthy", |v| v == Some(1)).await;
+        let before = reached(&sick);
+        for _ in 0..10 {
+            let r = relay.client("alice").get(WEB, "/").await;
+            assert_eq!((r.status, r.json()["origin"].as_str()), (200, Some("well")));
+        }
+        assert_eq!(reached(&sick), before);
+
+        // Healthy again: published again, and it gets requests again.
+        sick.set_healthy(true);
+        wait_for_metric(relay.addrs.admin, &replicas, "two again", |v| v == Some(2)).await;
+        let mut origins = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            let r = relay.client("alice").get(WEB, "/").await;
+            origins.insert(r.json()["origin"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(origins.into_iter().collect::<Vec<_>>(), ["sick", "well"]);
     })
     .await;
 }

@@ -24,6 +24,8 @@ pub(crate) struct AdminState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) resolver: Arc<CertResolver>,
+    /// The relay's state, for the routing table (the replicas each published name has).
+    pub(crate) relay: Arc<crate::state::State>,
     /// The bearer token every request must present, if one is configured.
     pub(crate) token: Option<String>,
     /// Whether `/metrics` lists device ids.
@@ -63,9 +65,12 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         "/metrics" => body(
             StatusCode::OK,
-            state
-                .metrics
-                .render(&state.registry, &state.resolver, state.device_ids),
+            state.metrics.render(
+                &state.registry,
+                &state.resolver,
+                &state.relay.router.replicas(),
+                state.device_ids,
+            ),
             "text/plain; version=0.0.4",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found"),

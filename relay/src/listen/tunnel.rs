@@ -245,6 +245,11 @@ impl Driver {
                     tracing::info!("connector draining");
                     self.state.router.unroute(&self.handle);
                 }
+                RelayEvent::Published { patterns } => {
+                    tracing::info!(hostnames = ?patterns.iter().map(ToString::to_string).collect::<Vec<_>>(), "connector changed what it publishes");
+                    self.state.router.unroute(&self.handle);
+                    self.state.router.add(&self.handle, &patterns);
+                }
                 RelayEvent::Close { code, reason } => {
                     self.handle.transport.close(code, &reason.to_string());
                     return Err(anyhow::Error::new(reason).context("tunnel protocol"));

@@ -85,6 +85,7 @@ impl Metrics {
         &self,
         registry: &Registry,
         tls: &CertResolver,
+        replicas: &[(String, usize)],
         device_ids: bool,
     ) -> String {
         let mut out = String::new();
@@ -172,6 +173,14 @@ impl Metrics {
             i64::from(registry.is_failed_closed()),
         );
         self.render_abuse(&mut out);
+        out.push_str("# HELP portcullis_relay_hostname_replicas Connectors that may take a new stream for each published hostname now (not draining, not silent, origin healthy).\n");
+        out.push_str("# TYPE portcullis_relay_hostname_replicas gauge\n");
+        for (hostname, n) in replicas {
+            let _ = writeln!(
+                out,
+                "portcullis_relay_hostname_replicas{{hostname=\"{hostname}\"}} {n}"
+            );
+        }
         let snapshot = registry.snapshot();
         let mut records: Vec<_> = snapshot
             .records()
@@ -325,7 +334,7 @@ mod tests {
         let tls = CertResolver::new(ca, name, registry.clone(), None, 60).unwrap();
         let metrics = Metrics::default();
 
-        let text = metrics.render(&registry, &tls, false);
+        let text = metrics.render(&registry, &tls, &[], false);
         assert!(!text.contains("alice"), "{text}");
         assert!(
             text.contains("portcullis_identities{role=\"device\"} 1"),
@@ -341,7 +350,7 @@ mod tests {
             text.contains("portcullis_relay_store_failed_closed 0"),
             "{text}"
         );
-        let text = metrics.render(&registry, &tls, true);
+        let text = metrics.render(&registry, &tls, &[], true);
         assert!(
             text.contains("portcullis_certificate_expiry_timestamp_seconds{role=\"device\",id=\"alice_laptop\"} 1234"),
             "{text}"

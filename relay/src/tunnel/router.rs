@@ -266,6 +266,18 @@ impl Router {
             .remove(&handle.id);
     }
 
+    /// Each published name and how many replicas may take a stream for it now (routed,
+    /// not draining, not silent), for `/metrics`.
+    pub(crate) fn replicas(&self) -> Vec<(String, usize)> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, usize)> = routes
+            .iter()
+            .map(|(p, list)| (p.to_string(), list.iter().filter(|c| c.routable()).count()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Closes every connector connection (relay shutdown).
     pub(crate) fn close_all(&self, code: CloseCode) {
         let all = self.all.lock().unwrap_or_else(|p| p.into_inner());

@@ -108,6 +108,48 @@ pub struct IngressRule {
     /// For `https://` origins: a CA file (PEM) to trust instead of the system roots.
     #[serde(default)]
     pub origin_ca: Option<PathBuf>,
+    /// Checks the origin; while it fails, the hostname is withdrawn from the relay.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `[ingress.health_check]`: how the connector checks an origin, and how many results in
+/// a row change its state.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// An HTTP path to GET (healthy on any 2xx or 3xx answer); absent, the check is a TCP
+    /// connect to the service.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Time between checks.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long one check may take.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Successes in a row that make an unhealthy origin healthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures in a row that make a healthy origin unhealthy.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_rise() -> u32 {
+    2
+}
+
+fn default_fall() -> u32 {
+    3
 }
 
 /// Origin URL scheme.
@@ -305,6 +347,26 @@ impl ConnectorConfig {
                     rule.hostname
                 )));
             }
+            if let Some(check) = &rule.health_check {
+                let bad =
+                    |why: &str| invalid(format!("ingress {}: health_check {why}", rule.hostname));
+                if check.rise == 0 || check.fall == 0 {
+                    return Err(bad("rise and fall must be at least 1"));
+                }
+                if check.interval < Duration::from_millis(100) || check.timeout.is_zero() {
+                    return Err(bad("interval must be at least 100ms and timeout above 0"));
+                }
+                if let Some(path) = &check.path {
+                    if rule.service.scheme == Scheme::Tcp {
+                        return Err(bad(
+                            "path applies to HTTP services; a tcp:// service is checked by connecting",
+                        ));
+                    }
+                    if !path.starts_with('/') {
+                        return Err(bad("path must start with /"));
+                    }
+                }
+            }
             if rule.service.scheme != Scheme::Https && rule.origin_ca.is_some() {
                 return Err(invalid(format!(
                     "ingress {}: origin_ca applies to https:// services only",
@@ -400,6 +462,26 @@ service = "https://[::1]"
         assert!(err.contains("\"r2.example.com\" is not host:port"), "{err}");
         let empty = GOOD.replace("relay = \"relay.example.com:4433\"", "relay = []");
         assert!(parse(&empty).unwrap_err().to_string().contains("no relay"));
+    }
+
+    #[test]
+    fn a_health_check_parses_with_defaults_and_is_checked() {
+        let text =
+            format!("{GOOD}[ingress.health_check]\npath = \"/healthz\"\ninterval = \"1s\"\n");
+        let cfg = parse(&text).unwrap();
+        let check = cfg.ingress[1].health_check.clone().unwrap();
+        assert_eq!(check.path.as_deref(), Some("/healthz"));
+        assert_eq!(check.interval, Duration::from_secs(1));
+        assert_eq!(
+            (check.timeout, check.rise, check.fall),
+            (Duration::from_secs(2), 2, 3)
+        );
+        assert!(cfg.ingress[0].health_check.is_none());
+        for bad in ["rise = 0", "path = \"healthz\"", "interval = \"1ms\""] {
+            let text = format!("{GOOD}[ingress.health_check]\n{bad}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("health_check"), "{bad}: {err}");
+        }
     }
 
     #[test]

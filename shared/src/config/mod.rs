@@ -9,7 +9,9 @@ mod relay;
 
 use std::path::{Path, PathBuf};
 
-pub use connector::{ConnectorConfig, IngressRule, RelayList, RelayTarget, Scheme, ServiceUrl};
+pub use connector::{
+    ConnectorConfig, HealthCheck, IngressRule, RelayList, RelayTarget, Scheme, ServiceUrl,
+};
 pub use relay::{AdminConfig, LimitsConfig, RelayConfig, StoreConfig, TlsConfig, TlsVersion};
 
 /// Why a configuration file was refused. Binaries exit with status 64 on these.

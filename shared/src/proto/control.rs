@@ -32,6 +32,13 @@ pub enum ControlFrame {
         /// Bidirectional streams the relay opened on this connection.
         opened: u64,
     },
+    /// Connector → relay, after `Registered`: route exactly these of the accepted
+    /// hostnames here from now on; the others are withdrawn (their origin is unhealthy)
+    /// until a later `Publish` names them again.
+    Publish {
+        /// A subset of the hostnames the relay accepted, as the connector sent them.
+        hostnames: Vec<String>,
+    },
 }
 
 /// A hostname the relay refused to route to a connector, and why.
@@ -50,6 +57,7 @@ impl ControlFrame {
             Self::Registered { .. } => 2,
             Self::Drain => 3,
             Self::Drained { .. } => 4,
+            Self::Publish { .. } => 5,
         }
     }
 }
@@ -94,7 +102,7 @@ impl FrameDecoder {
             return Err(DecodeError::Version(self.buf[0]));
         }
         let ty = self.buf[1];
-        if !(1..=4).contains(&ty) {
+        if !(1..=5).contains(&ty) {
             return Err(DecodeError::UnknownType(ty));
         }
         let len = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]) as usize;
@@ -138,6 +146,9 @@ mod tests {
             },
             ControlFrame::Drain,
             ControlFrame::Drained { opened: 7 },
+            ControlFrame::Publish {
+                hostnames: vec!["a.internal".into()],
+            },
         ]
     }
 

@@ -157,6 +157,12 @@ pub enum ProtocolError {
         /// The frame that came instead.
         frame: &'static str,
     },
+    /// Relay side: `Publish` named a hostname the relay did not accept at registration.
+    #[error("Publish names {hostname}, which was not accepted at registration")]
+    NotRegistered {
+        /// The hostname.
+        hostname: String,
+    },
     /// Either side: the peer's bytes on the control stream are not a valid frame.
     #[error("control stream: {0}")]
     Decode(#[from] DecodeError),
@@ -172,6 +178,7 @@ impl ProtocolError {
             | Self::ControlStreamClosed
             | Self::RegistrationNotAnswered { .. }
             | Self::UnexpectedReply { .. }
+            | Self::NotRegistered { .. }
             | Self::Decode(_) => CloseCode::Protocol,
         }
     }

@@ -61,6 +61,7 @@ fn frame_name(frame: &ControlFrame) -> &'static str {
         ControlFrame::Registered { .. } => "Registered",
         ControlFrame::Drain => "Drain",
         ControlFrame::Drained { .. } => "Drained",
+        ControlFrame::Publish { .. } => "Publish",
     }
 }
 
@@ -96,6 +97,12 @@ pub enum RelayEvent {
     /// The connector is draining: stop routing to it. The session already refuses further
     /// opens; `Drained` is queued as soon as no open is in progress.
     Draining,
+    /// The connector changed what it publishes (an origin turned unhealthy, or healthy
+    /// again): route exactly `patterns` to it from now on.
+    Published {
+        /// The hostnames now routed to it, parsed; a subset of those registered.
+        patterns: Vec<HostPattern>,
+    },
     /// The connector broke the protocol: close the connection with `code`, and
     /// `reason`'s text as the close reason.
     Close {
@@ -154,6 +161,8 @@ pub struct RelaySession {
     opening: u64,
     /// `Drain` was read and `Drained` waits for the opens in progress.
     drained_owed: bool,
+    /// The hostnames accepted at registration, as sent and parsed.
+    accepted: Vec<(String, HostPattern)>,
     transmit: VecDeque<ControlFrame>,
     events: VecDeque<RelayEvent>,
 }
@@ -178,6 +187,7 @@ impl RelaySession {
             opened: 0,
             opening: 0,
             drained_owed: false,
+            accepted: Vec::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -210,6 +220,22 @@ impl RelaySession {
                 self.answer_drain();
                 Ok(())
             }
+            (RelayState::Routing, ControlFrame::Publish { hostnames }) => {
+                let mut patterns = Vec::with_capacity(hostnames.len());
+                for name in hostnames {
+                    match self.accepted.iter().find(|(n, _)| *n == name) {
+                        Some((_, p)) => patterns.push(p.clone()),
+                        None => {
+                            return Err(self.close(ProtocolError::NotRegistered { hostname: name }));
+                        }
+                    }
+                }
+                self.events.push_back(RelayEvent::Published { patterns });
+                Ok(())
+            }
+            // A change of what is published while draining changes nothing: nothing new
+            // is routed here anyway.
+            (RelayState::Draining, ControlFrame::Publish { .. }) => Ok(()),
             (RelayState::Routing | RelayState::Draining, other) => {
                 Err(self.close(ProtocolError::UnexpectedFrame {
                     frame: frame_name(&other),
@@ -316,6 +342,7 @@ impl RelaySession {
         for name in hostnames {
             match HostPattern::parse(&name) {
                 Ok(p) if may_publish(&self.allowed, &p) => {
+                    self.accepted.push((name.clone(), p.clone()));
                     patterns.push(p);
                     accepted.push(name);
                 }
@@ -580,6 +607,17 @@ impl ConnectorSession {
         );
         self.finished = (self.finished + 1).min(self.accepted);
         self.check_drain();
+    }
+
+    /// Queues `Publish`: the relay routes exactly `hostnames` (a subset of those it
+    /// accepted) here from now on. Only once registered and before draining; returns
+    /// whether it was queued.
+    pub fn publish(&mut self, hostnames: Vec<String>) -> bool {
+        if self.register_deadline.is_some() || self.phase != ConnectorPhase::Running {
+            return false;
+        }
+        self.transmit.push_back(ControlFrame::Publish { hostnames });
+        true
     }
 
     /// Starts draining at `now` (shutdown): queues `Drain`, after which
