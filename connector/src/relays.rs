@@ -150,15 +150,7 @@ pub(crate) async fn run(
     let targets = config
         .relays()
         .ok_or_else(|| anyhow::anyhow!("relay is not host:port"))?;
-    let resolver = if targets.iter().all(|t| t.host.parse::<IpAddr>().is_ok()) {
-        None
-    } else {
-        Some(
-            hickory_resolver::TokioResolver::builder_tokio()
-                .and_then(|b| b.build())
-                .map_err(|e| anyhow::anyhow!("reading the system's DNS configuration: {e}"))?,
-        )
-    };
+    let names = targets.iter().any(|t| t.host.parse::<IpAddr>().is_err());
     let mut known: HashMap<RelayTarget, Vec<SocketAddr>> = HashMap::new();
     let mut tunnels: HashMap<SocketAddr, Tunnel> = HashMap::new();
     let mut tick = tokio::time::interval(config.relay_resolve_interval);
@@ -167,6 +159,19 @@ pub(crate) async fn run(
     let mut backoff = tunnel::Backoff::default();
     loop {
         let mut all_resolved = true;
+        // A resolver built afresh each round reads the system's configuration and hosts
+        // file again, so changes to either are followed too.
+        let resolver = if names {
+            match hickory_resolver::TokioResolver::builder_tokio().and_then(|b| b.build()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the system's DNS configuration");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         for target in &targets {
             match resolve(resolver.as_ref(), target).await {
                 Ok(addrs) => {
