@@ -295,3 +295,52 @@ async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
         agent.log_text()
     );
 }
+
+#[tokio::test]
+async fn a_download_through_a_relay_killed_midway_fails_promptly_and_the_next_request_succeeds() {
+    let Some(pg) = TestPostgres::start().await else {
+        return;
+    };
+    let mut pair = Pair::up(&pg).await;
+    let home = pair.w1.path("alice-home");
+    let (agent, port) = pair.agent(&home).await;
+    // Ten seconds of chunks, one every 100 ms.
+    let mut download = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "30", "-o", "/dev/null"])
+        .args(["-x", &format!("http://127.0.0.1:{port}")])
+        .arg(format!("http://{APP}/stream?n=100&ms=100"))
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Under way: the origin is streaming it.
+    let origin_log = pair.w1.path("origin.log");
+    let streaming = eventually(Duration::from_secs(10), || async {
+        let log = std::fs::read_to_string(&origin_log).unwrap_or_default();
+        log.contains("/stream?n=100").then_some(())
+    })
+    .await;
+    assert!(streaming.is_some(), "the download never reached the origin");
+    pair.relays[0].0.child.start_kill().unwrap();
+    let killed = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(20), download.wait())
+        .await
+        .expect("the download must not hang when its relay dies")
+        .unwrap();
+    let took = killed.elapsed();
+    assert!(
+        !status.success(),
+        "the cut download must fail, not look complete"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "it failed only after {took:?}"
+    );
+    eprintln!("the download failed {took:?} after its relay died");
+    // The connector's tunnel to the other relay serves the next request.
+    let next = eventually(Duration::from_secs(10), || async {
+        (proxy_get(port, &format!("http://{APP}/")).await == 200).then_some(())
+    })
+    .await;
+    assert!(next.is_some(), "{}", agent.log_text());
+}
