@@ -83,6 +83,10 @@ pub async fn run(
     shutdown: Shutdown,
     on_ready: impl FnOnce(Bound) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    // `shutdown` is the caller's (a signal, or a test); the listeners stop on `serving`,
+    // triggered after `shutdown_delay`.
+    let stop = shutdown;
+    let shutdown = Shutdown::new();
     let identity = Identity::load(&config)?;
     let listeners = Listeners::bind(&config, &identity).await?;
     let bound = listeners.bound()?;
@@ -98,8 +102,18 @@ pub async fn run(
         admin = ?bound.admin_listen,
         "relay up"
     );
-    shutdown.wait().await;
+    tokio::select! {
+        () = stop.wait() => {}
+        // Something inside stopped the relay (none does today), or it is being dropped.
+        () = shutdown.wait() => {}
+    }
     admin.ready.store(false, Ordering::Relaxed);
+    let delay = state.config.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(?delay, "not ready: serving on until load balancers have noticed");
+        tokio::time::sleep(delay).await;
+    }
+    shutdown.trigger();
     drain(&state, &shutdown, &endpoint).await;
     tracing::info!("relay stopped");
     Ok(())
@@ -228,6 +242,7 @@ fn build_state(
         overload,
         terminator,
         shutdown: shutdown.clone(),
+        clients: tokio_util::task::TaskTracker::new(),
     });
     Ok((state, terminated))
 }
@@ -344,6 +359,8 @@ fn record_endpoint(state: &State, bound: Bound) {
 /// `drain_grace`, then connector tunnels are closed and QUIC is given a moment to send
 /// the closes.
 async fn drain(state: &State, shutdown: &Shutdown, endpoint: &quinn::Endpoint) {
+    // Connector tunnels close once every client connection has ended (see `clients`).
+    state.clients.close();
     let grace = state.config.drain_grace;
     if !shutdown.drain(grace).await {
         tracing::warn!(?grace, "drain grace expired with requests in flight");

@@ -57,6 +57,10 @@ pub(crate) struct State {
     /// Tasks started on behalf of a request (tunnel connections, body readers, upgraded
     /// streams) run on its tracker, so the drain waits for them.
     pub(crate) shutdown: Shutdown,
+    /// Every open client connection (HTTPS, and devices' HTTP/3) holds a token of this
+    /// tracker. At shutdown the connector tunnels stay up until it is empty, so a request
+    /// a client sent while its connection was winding down still reaches a connector.
+    pub(crate) clients: tokio_util::task::TaskTracker,
 }
 
 impl State {

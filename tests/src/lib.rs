@@ -12,6 +12,7 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod balancer;
 mod h2;
 mod h3;
 mod http;
@@ -27,6 +28,7 @@ mod wait;
 mod websocket;
 mod world;
 
+pub use balancer::*;
 pub use h2::*;
 pub use h3::*;
 pub use http::*;

@@ -1,6 +1,8 @@
 //! No single relay: two relay processes on one PostgreSQL store (started by the test), a
-//! connector with a tunnel to each, and an agent enrolled with a token naming both. When
-//! a relay dies or restarts, the agent moves to the other and requests keep succeeding.
+//! connector with a tunnel to each, an agent enrolled with a token naming both, and
+//! HTTP/1.1 and HTTP/2 devices reaching them through a load balancer that follows each
+//! relay's `/readyz`. When a relay dies or restarts, the agent moves to the other, the
+//! balancer sends new connections to the other, and requests keep succeeding.
 //!
 //! Skips without PostgreSQL unless `PORTCULLIS_REQUIRE_POSTGRES` is set (CI sets it).
 
@@ -17,11 +19,19 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use portcullis_e2e::{
-    APP, Daemon, POLICY, RelayAddrs, TestPostgres, World, bin, eventually, wait_for_connectors,
+    APP, Balancer, Daemon, POLICY, RelayAddrs, TestPostgres, World, bin, client_tls, eventually,
+    h2_read_all, loopback, tls_from, wait_for_connectors,
 };
 use tokio::process::Command;
 
 const ANY: &str = "127.0.0.1:0";
+
+/// The relays' extra configuration: the policy, and half a second of serving on after
+/// SIGTERM with `/readyz` at 503, so the balancer (checking every 100 ms) stops sending
+/// new connections before the relay stops accepting them.
+fn relay_toml() -> String {
+    format!("shutdown_delay = \"500ms\"\n{POLICY}")
+}
 
 /// Two relays on `pg`'s store (the second from a copy of the first's state directory),
 /// a connector publishing [`APP`] through both, and its origin.
@@ -37,10 +47,12 @@ impl Pair {
     async fn up(pg: &TestPostgres) -> Self {
         let w1 = World::with_store(&pg.url);
         w1.issue_connector("c1", &[APP]);
+        // A device that reaches the relays directly, through a load balancer.
+        w1.issue_device("dave", "dave", &["eng"], None);
         let w2 = World::copy_of(&w1);
         let mut relays = Vec::new();
         for w in [&w1, &w2] {
-            w.write_relay_config(ANY, ANY, ANY, POLICY);
+            w.write_relay_config(ANY, ANY, ANY, &relay_toml());
             relays.push(w.start_relay().await);
         }
         let (origin, origin_addr) = w1.start_origin().await;
@@ -243,6 +255,122 @@ async fn load_through_agent(
     tasks
 }
 
+/// One client of `alpn` (`http/1.1` or `h2`) as device dave, through `balancer`, sending
+/// GETs for [`APP`] one after another until `stop`. As browsers and curl do, a request
+/// that fails because its reused connection closed is sent once more on a new connection
+/// (through the balancer, so to a relay that is ready); only a second failure counts.
+fn direct_load(
+    w: &World,
+    balancer: std::net::SocketAddr,
+    alpn: &'static [u8],
+    tally: Arc<Tally>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let tls = Arc::new(client_tls(w, "dave", &[alpn]));
+    tokio::spawn(async move {
+        let mut conn: Option<DirectConn> = None;
+        while !*stop.borrow() {
+            let mut outcome = Err(String::new());
+            for _attempt in 0..2 {
+                let c = match conn.take() {
+                    Some(c) => c,
+                    None => match DirectConn::open(balancer, tls.clone(), alpn).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            outcome = Err(e);
+                            continue;
+                        }
+                    },
+                };
+                let (c, result) = c.get().await;
+                conn = c;
+                outcome = result;
+                if outcome.is_ok() {
+                    break;
+                }
+            }
+            match outcome {
+                Ok(200) => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                other => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    let what = String::from_utf8_lossy(alpn);
+                    tally.why.lock().unwrap().push(format!("{what}: {other:?}"));
+                }
+            }
+        }
+    })
+}
+
+/// A device's connection to a relay, HTTP/1.1 or HTTP/2.
+enum DirectConn {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(h2::client::SendRequest<Bytes>),
+}
+
+impl DirectConn {
+    async fn open(
+        to: std::net::SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        alpn: &[u8],
+    ) -> Result<Self, String> {
+        let io = tls_from(loopback(1), to, APP, tls)
+            .await
+            .map_err(|e| format!("connect: {e:#}"))?;
+        if alpn == b"h2" {
+            let (send, conn) = h2::client::handshake(io).await.map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(Self::H2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(Self::H1(send))
+        }
+    }
+
+    /// One GET; the connection back if it may be reused, and the status.
+    async fn get(self) -> (Option<Self>, Result<u16, String>) {
+        match self {
+            Self::H1(mut send) => {
+                let req = http::Request::get("/")
+                    .header(http::header::HOST, APP)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let result = async {
+                    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status().as_u16();
+                    resp.into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(status)
+                }
+                .await;
+                let reuse = result.is_ok() && !send.is_closed();
+                (reuse.then_some(Self::H1(send)), result)
+            }
+            Self::H2(send) => {
+                let req = http::Request::get(format!("https://{APP}/"))
+                    .body(())
+                    .unwrap();
+                let result = async {
+                    let mut ready = send.clone().ready().await.map_err(|e| e.to_string())?;
+                    let (resp, _) = ready.send_request(req, true).map_err(|e| e.to_string())?;
+                    let resp = resp.await.map_err(|e| e.to_string())?;
+                    let status = resp.status().as_u16();
+                    h2_read_all(&mut resp.into_body()).await;
+                    Ok(status)
+                }
+                .await;
+                (result.is_ok().then_some(Self::H2(send)), result)
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
     let Some(pg) = TestPostgres::start().await else {
@@ -254,7 +382,26 @@ async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
     assert_eq!(proxy_get(port, &format!("http://{APP}/")).await, 200);
     let tally = Arc::new(Tally::default());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let load = load_through_agent(port, 4, tally.clone(), stop).await;
+    let mut load = load_through_agent(port, 2, tally.clone(), stop.clone()).await;
+    // HTTP/1.1 and HTTP/2 clients reach the relays through a load balancer that follows
+    // their /readyz, as an operator runs one.
+    let balancer = Balancer::start(
+        &pair
+            .relays
+            .iter()
+            .map(|(_, a)| (a.https, a.admin))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for alpn in [b"http/1.1".as_slice(), b"h2".as_slice()] {
+        load.push(direct_load(
+            &pair.w1,
+            balancer.addr,
+            alpn,
+            tally.clone(),
+            stop.clone(),
+        ));
+    }
     let reach = |n: usize| {
         let tally = tally.clone();
         async move {
@@ -276,7 +423,7 @@ async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
         daemon.wait(Duration::from_secs(30)).await;
         let a = *addrs;
         let (quic, https, admin) = (a.quic.to_string(), a.https.to_string(), a.admin.to_string());
-        worlds[i].write_relay_config(&quic, &https, &admin, POLICY);
+        worlds[i].write_relay_config(&quic, &https, &admin, &relay_toml());
         pair.relays[i] = worlds[i].start_relay().await;
         wait_for_connectors(pair.relays[i].1.admin, 1).await;
         reach(N / 5 * (2 + 2 * i)).await;

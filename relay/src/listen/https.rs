@@ -59,9 +59,14 @@ pub(crate) async fn accept_loop(
         let span =
             tracing::debug_span!("https", client.addr = %peer, device.id = tracing::field::Empty);
         let conn = Accepted { tcp, peer, place };
+        let client = state.clients.token();
+        let serve = serve_connection(conn, acceptor.clone(), state.clone(), shutdown.clone());
         shutdown.tracker().spawn(
-            serve_connection(conn, acceptor.clone(), state.clone(), shutdown.clone())
-                .instrument(span),
+            async move {
+                serve.await;
+                drop(client);
+            }
+            .instrument(span),
         );
     }
 }

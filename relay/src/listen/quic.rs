@@ -265,6 +265,7 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         (Some(b"h3"), Role::Device) => {
             tracing::Span::current().record("device.id", identity.id());
             open_up(transport.connection(), limits);
+            let _client = state.clients.token();
             Box::pin(crate::listen::http3::serve(
                 transport, identity, key_sha256, state, shutdown,
             ))
@@ -280,7 +281,6 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
     }
 }
 
-/// The identity and key hash of the peer's certificate.
 /// The identity the peer's certificate names, and what else the relay reads from it.
 fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, pki::CertInfo)> {
     let certs = transport

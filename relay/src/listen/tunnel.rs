@@ -163,9 +163,11 @@ impl Driver {
                 state.shutdown.wait().await
             }
         };
-        // Every stream slot free again: the requests on this tunnel have finished.
+        // Every client connection gone (none can send another request), then every stream
+        // slot free again: the requests on this tunnel have finished.
         let idle = async {
             if stopping {
+                state.clients.wait().await;
                 let all = u32::try_from(state.config.limits.max_streams_per_connector)
                     .unwrap_or(u32::MAX);
                 let _ = handle.slots.acquire_many(all).await;

@@ -38,6 +38,11 @@ pub struct RelayConfig {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// After SIGTERM, how long the relay goes on serving normally with `/readyz` already
+    /// answering 503, so a load balancer that checks it stops sending new connections
+    /// before the relay stops accepting them; then the drain starts.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// Resource limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -241,6 +246,7 @@ impl RelayConfig {
             tls_key,
             access_log,
             drain_grace,
+            shutdown_delay,
             limits,
             tls,
             store,
@@ -257,6 +263,7 @@ impl RelayConfig {
             ("tls_key", *tls_key != running.tls_key),
             ("access_log", *access_log != running.access_log),
             ("drain_grace", *drain_grace != running.drain_grace),
+            ("shutdown_delay", *shutdown_delay != running.shutdown_delay),
             ("limits", *limits != running.limits),
             ("tls", *tls != running.tls),
             ("store", *store != running.store),
