@@ -110,7 +110,10 @@ pub async fn run(
     admin.ready.store(false, Ordering::Relaxed);
     let delay = state.config.shutdown_delay;
     if !delay.is_zero() {
-        tracing::info!(?delay, "not ready: serving on until load balancers have noticed");
+        tracing::info!(
+            ?delay,
+            "not ready: serving on until load balancers have noticed"
+        );
         tokio::time::sleep(delay).await;
     }
     shutdown.trigger();
