@@ -11,7 +11,6 @@
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,8 +18,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use portcullis_e2e::{
-    APP, Balancer, Daemon, POLICY, RelayAddrs, TestPostgres, World, bin, client_tls, eventually,
-    h2_read_all, loopback, tls_from, wait_for_connectors,
+    APP, Balancer, Daemon, POLICY, RelayAddrs, Tally, TestPostgres, World, bin, client_tls,
+    eventually, h2_read_all, loopback, tls_from, wait_for_connectors,
 };
 use tokio::process::Command;
 
@@ -197,14 +196,6 @@ async fn the_agent_moves_to_the_other_relay_when_its_relay_dies() {
     assert_eq!(connected_to(&home).await, second);
 }
 
-/// Requests answered 200 through the agent, and the others.
-#[derive(Default)]
-struct Tally {
-    ok: AtomicUsize,
-    failed: AtomicUsize,
-    why: std::sync::Mutex<Vec<String>>,
-}
-
 /// `loops` clients, each on one keep-alive HTTP/1.1 connection to the agent's proxy,
 /// sending GETs for [`APP`] one after another until `stop`.
 async fn load_through_agent(
@@ -240,15 +231,11 @@ async fn load_through_agent(
                     Ok::<_, String>((status, body.to_bytes()))
                 }
                 .await;
-                match outcome {
-                    Ok((200, _)) => {
-                        tally.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        tally.failed.fetch_add(1, Ordering::Relaxed);
-                        tally.why.lock().unwrap().push(format!("{other:?}"));
-                    }
-                }
+                tally.record(match outcome {
+                    Ok((200, _)) => Ok(200),
+                    Ok((status, body)) => Err(format!("agent: {status} {body:?}")),
+                    Err(e) => Err(format!("agent: {e}")),
+                });
             }
         }));
     }
@@ -289,16 +276,12 @@ fn direct_load(
                     break;
                 }
             }
-            match outcome {
-                Ok(200) => {
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                other => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                    let what = String::from_utf8_lossy(alpn);
-                    tally.why.lock().unwrap().push(format!("{what}: {other:?}"));
-                }
-            }
+            let what = String::from_utf8_lossy(alpn);
+            tally.record(match outcome {
+                Ok(200) => Ok(200),
+                Ok(status) => Err(format!("{what}: {status}")),
+                Err(e) => Err(format!("{what}: {e}")),
+            });
         }
     })
 }
@@ -406,7 +389,7 @@ async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
         let tally = tally.clone();
         async move {
             let got = eventually(Duration::from_secs(90), || async {
-                (tally.ok.load(Ordering::Relaxed) >= n).then_some(())
+                (tally.ok() >= n).then_some(())
             })
             .await;
             assert!(got.is_some(), "the load stalled");
@@ -433,14 +416,8 @@ async fn restarting_each_relay_in_turn_under_load_loses_no_request() {
     for l in load {
         l.await.unwrap();
     }
-    let failed = tally.failed.load(Ordering::Relaxed);
-    assert_eq!(
-        failed,
-        0,
-        "{:?}\n{}",
-        tally.why.lock().unwrap(),
-        agent.log_text()
-    );
+    let failed = tally.failed();
+    assert_eq!(failed, 0, "{:?}\n{}", tally.why(), agent.log_text());
 }
 
 #[tokio::test]

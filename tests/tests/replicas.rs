@@ -6,13 +6,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use portcullis_e2e::{
-    H3Client, RunningRelay, TestConnector, TestOrigin, TestRelay, UdpPath, client_tls, eventually,
-    h2_connect, h2_read_all, loopback, tls_from, wait_for_metric,
+    H3Client, RunningRelay, Tally, TestConnector, TestOrigin, TestRelay, UdpPath, client_tls,
+    eventually, h2_connect, h2_read_all, loopback, tls_from, wait_for_metric,
 };
 
 const WEB: &str = "web.internal";
@@ -137,32 +136,6 @@ async fn a_replica_gone_silent_is_routed_around_and_its_requests_fail_with_502()
     .await;
 }
 
-/// Requests each protocol's client has had answered 200, and those that failed.
-#[derive(Default)]
-struct Tally {
-    ok: AtomicUsize,
-    failed: AtomicUsize,
-    why: std::sync::Mutex<Vec<String>>,
-}
-
-impl Tally {
-    fn record(&self, outcome: Result<u16, String>) {
-        match outcome {
-            Ok(200) => {
-                self.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            other => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                self.why.lock().unwrap().push(format!("{other:?}"));
-            }
-        }
-    }
-
-    fn ok(&self) -> usize {
-        self.ok.load(Ordering::Relaxed)
-    }
-}
-
 /// Sends GETs for [`WEB`] one after another on one connection of each protocol (HTTP/1.1
 /// keep-alive, HTTP/2, HTTP/3) until `stop`, counting outcomes in `tally`.
 async fn steady_load(
@@ -283,8 +256,8 @@ async fn restarting_each_of_two_connector_replicas_under_load_loses_no_request()
         for l in load {
             l.await.unwrap();
         }
-        let failed = tally.failed.load(Ordering::Relaxed);
-        assert_eq!(failed, 0, "{:?}", tally.why.lock().unwrap());
+        let failed = tally.failed();
+        assert_eq!(failed, 0, "{:?}", tally.why());
         assert!(tally.ok() >= N);
         // Both origins served, before and after their restarts.
         assert!(!a.requests().is_empty() && !b.requests().is_empty());

@@ -33,6 +33,9 @@ pub(crate) struct ConnectorHandle {
     silent: AtomicBool,
     /// The most streams this connector may carry at once.
     max_streams: usize,
+    /// The transport's round-trip time in microseconds, sampled by [`watch_liveness`], so
+    /// picking a replica reads an atomic rather than locking each connection's state.
+    rtt_micros: AtomicU64,
     /// Concurrent requests and tunnels through this connector, at most
     /// `limits.max_streams_per_connector`.
     pub(crate) slots: Arc<Semaphore>,
@@ -55,6 +58,7 @@ impl ConnectorHandle {
             retired: AtomicBool::new(false),
             silent: AtomicBool::new(false),
             max_streams,
+            rtt_micros: AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(max_streams)),
         }
     }
@@ -71,7 +75,8 @@ impl ConnectorHandle {
     /// does not decide between neighbours, while one 50 ms away weighs six times one
     /// nearby. The cheapest replica gets the stream: least outstanding, weighted by RTT.
     fn cost(&self) -> u128 {
-        let weight = 1 + self.transport.rtt().as_micros() / RTT_STEP.as_micros();
+        let rtt = u128::from(self.rtt_micros.load(Ordering::Relaxed));
+        let weight = 1 + rtt / RTT_STEP.as_micros();
         (self.outstanding() as u128 + 1) * weight
     }
 
@@ -158,7 +163,8 @@ const SILENT_AFTER: Duration = Duration::from_secs(1);
 /// How often liveness is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(200);
 
-/// Watches that `handle`'s connector is still heard from, until its connection ends:
+/// Watches that `handle`'s connector is still heard from, and samples its round-trip time
+/// for [`ConnectorHandle::cost`], until its connection ends:
 /// while it has been silent for [`SILENT_AFTER`] it gets no new streams (its transport's
 /// idle timeout then closes it, failing what was in flight).
 pub(crate) async fn watch_liveness(handle: Arc<ConnectorHandle>) {
@@ -171,6 +177,10 @@ pub(crate) async fn watch_liveness(handle: Arc<ConnectorHandle>) {
             _ = &mut closed => return,
             () = tokio::time::sleep(LIVENESS_CHECK) => {}
         }
+        let rtt = handle.transport.rtt().as_micros();
+        handle
+            .rtt_micros
+            .store(u64::try_from(rtt).unwrap_or(u64::MAX), Ordering::Relaxed);
         let now = handle.transport.received();
         if now != heard {
             heard = now;
