@@ -92,8 +92,12 @@ fn status(config: &Path, json: bool) -> anyhow::Result<()> {
     for t in tunnels {
         let state = match &t.state {
             TunnelState::Connecting => "connecting".to_owned(),
-            TunnelState::Up { published, .. } => {
-                format!("up, publishing {}", published.join(", "))
+            TunnelState::Up {
+                published,
+                transport,
+                ..
+            } => {
+                format!("up over {transport}, publishing {}", published.join(", "))
             }
             TunnelState::Down { error, .. } => format!("down: {error}"),
             TunnelState::Draining => "draining".to_owned(),
@@ -126,7 +130,7 @@ pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
 /// new streams here, lets in-flight ones finish within `drain_grace`, and closes.
 pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let origins = Arc::new(origin::Origins::new(&config)?);
-    let client = tunnel::client_config(&config)?;
+    let dialer = tunnel::Dialer::new(&config)?;
     let status = Arc::new(relays::Status::new(
         config.status_file.clone(),
         shutdown.clone(),
@@ -134,7 +138,7 @@ pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> anyhow::Result<
     let withdrawn = health::start(&config, &shutdown)?;
     relays::run(
         config.clone(),
-        client,
+        dialer,
         origins,
         shutdown.clone(),
         status,

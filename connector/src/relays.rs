@@ -27,6 +27,9 @@ pub enum TunnelState {
         published: Vec<String>,
         /// Unix seconds.
         since: i64,
+        /// `quic`, or `tcp` where UDP to the relay is blocked.
+        #[serde(default)]
+        transport: String,
     },
     /// Lost or refused; a retry follows.
     Down {
@@ -141,7 +144,7 @@ pub(crate) fn read_status(path: &Path) -> anyhow::Result<Vec<TunnelStatus>> {
 /// drained and closed.
 pub(crate) async fn run(
     config: ConnectorConfig,
-    client: quinn::ClientConfig,
+    dialer: tunnel::Dialer,
     origins: Arc<Origins>,
     shutdown: Shutdown,
     status: Arc<Status>,
@@ -207,15 +210,14 @@ pub(crate) async fn run(
             let stop = shutdown.child();
             let endpoint = tunnel::endpoint_for(*addr)?;
             let task = tokio::spawn(tunnel::supervise(
-                endpoint,
-                (*target).clone(),
-                *addr,
-                client.clone(),
-                config.clone(),
-                origins.clone(),
-                stop.clone(),
-                status.clone(),
-                withdrawn.clone(),
+                tunnel::TunnelContext {
+                    endpoint,
+                    dialer: dialer.clone(),
+                    config: config.clone(),
+                    origins: origins.clone(),
+                    shutdown: stop.clone(),
+                },
+                tunnel::Tunnel::new((*target).clone(), *addr, status.clone(), withdrawn.clone()),
             ));
             tunnels.insert(
                 *addr,

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,11 +11,13 @@ use portcullis_shared::config::{ConnectorConfig, RelayTarget};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{
     CloseCode, ConnectorEvent, ConnectorSession, ConnectorSessionConfig, ControlFrame,
-    FrameDecoder, StreamHeader, TUNNEL_ALPN, encode_frame,
+    FrameDecoder, StreamHeader, TUNNEL_ALPN, TUNNEL_TCP_ALPN, encode_frame,
 };
 use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::tcp_transport::{PeerInfo, TcpSettings, TcpTransport};
 use portcullis_shared::transport::{
-    BiStream, BoxFuture, QuicTransport, Transport, TransportError, TunnelRecv, TunnelSend,
+    BiStream, BoxFuture, QuicTransport, Transport, TransportError, TransportKind, TunnelRecv,
+    TunnelSend,
 };
 use portcullis_shared::tunnel_io::{FrameReadError, read_frame};
 use quinn::VarInt;
@@ -30,14 +33,115 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// The cap is short so that a relay back from a long outage (beyond the stateless-reset
 /// fast path) is found again within about two seconds; a dial is one small UDP packet.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a QUIC handshake may take before the tunnel goes over TCP instead. With the
+/// first retry after a lost tunnel (at most [`BACKOFF_MAX`]) and the TCP handshake, a
+/// connector whose UDP is blocked is back within 5 s of losing its tunnel.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A QUIC handshake tried while on TCP may take this long (it costs nothing to wait).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first wait before trying QUIC again while on TCP; it doubles up to
+/// [`PROBE_MAX`], so UDP that returns is used again within about 20 s.
+const PROBE_MIN: Duration = Duration::from_secs(1);
+const PROBE_MAX: Duration = Duration::from_secs(15);
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A PING (QUIC or HTTP/2) this often; see [`client_config`].
+const KEEP_ALIVE: Duration = Duration::from_millis(250);
+/// Nothing from the relay for this long and the tunnel is gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a finished stream's task waits for the relay to acknowledge its data.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The QUIC client config: org CA as the only root, this connector's certificate, the
-/// tunnel ALPN, and no 0-RTT.
-pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::ClientConfig> {
+/// How this connector reaches a relay: QUIC, and TLS on TCP where UDP is blocked, both
+/// with the org CA as the only root and this connector's certificate.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    quic: quinn::ClientConfig,
+    tcp: tokio_rustls::TlsConnector,
+    /// The relays' HTTPS port (`relay_tcp_port`); `None`: the QUIC port.
+    tcp_port: Option<u16>,
+}
+
+impl Dialer {
+    pub(crate) fn new(config: &ConnectorConfig) -> anyhow::Result<Self> {
+        let quic = client_config(config)?;
+        let tcp = tokio_rustls::TlsConnector::from(Arc::new(tls_config(config, TUNNEL_TCP_ALPN)?));
+        Ok(Self {
+            quic,
+            tcp,
+            tcp_port: config.relay_tcp_port,
+        })
+    }
+
+    /// Where the TCP fallback for the relay at `addr` (its QUIC address) goes.
+    fn tcp_addr(&self, addr: SocketAddr) -> SocketAddr {
+        SocketAddr::new(addr.ip(), self.tcp_port.unwrap_or(addr.port()))
+    }
+
+    /// A QUIC handshake with the relay at `addr`, bounded by `timeout`.
+    async fn quic(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<quinn::Connection> {
+        let connecting = endpoint
+            .connect_with(self.quic.clone(), addr, server_name)
+            .context("cannot dial the relay")?;
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| anyhow::anyhow!("QUIC handshake with {addr} timed out after {timeout:?}"))?
+            .with_context(|| format!("QUIC handshake with {addr}"))
+    }
+
+    /// A tunnel over TLS on TCP to the relay's HTTPS port.
+    async fn tcp(&self, addr: SocketAddr, server_name: &str) -> anyhow::Result<TcpTransport> {
+        let addr = self.tcp_addr(addr);
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+            .with_context(|| format!("{server_name:?} is not a TLS name"))?;
+        let dial = async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("TCP connection to {addr}"))?;
+            let _ = tcp.set_nodelay(true);
+            let tls = self
+                .tcp
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {addr}"))?;
+            let peer = PeerInfo {
+                certificates: tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
+                server_name: None,
+                remote: addr,
+            };
+            TcpTransport::connector(tls, peer, tcp_settings())
+                .await
+                .with_context(|| format!("HTTP/2 with {addr}"))
+        };
+        tokio::time::timeout(TCP_CONNECT_TIMEOUT, dial)
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting over TCP to {addr} timed out"))?
+    }
+}
+
+/// The HTTP/2 settings of the tunnel over TCP: the windows and timers of the QUIC tunnel.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings {
+        stream_window: 1 << 20,
+        connection_window: 16 << 20,
+        keep_alive: KEEP_ALIVE,
+        idle_timeout: IDLE_TIMEOUT,
+        max_streams: 1024,
+    }
+}
+
+/// The rustls client config for the tunnel's ALPN `alpn`.
+fn tls_config(config: &ConnectorConfig, alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in pki::load_certs(&config.ca)? {
         roots
@@ -59,16 +163,25 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
             config.key.display()
         )
     })?;
-    tls.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     tls.enable_early_data = false;
+    Ok(tls)
+}
+
+/// The QUIC client config: org CA as the only root, this connector's certificate, the
+/// tunnel ALPN, and no 0-RTT.
+pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::ClientConfig> {
+    let tls = tls_config(config, TUNNEL_ALPN)?;
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut t = quinn::TransportConfig::default();
     // Keep-alives every 250 ms let the relay route around a connector it has not heard
     // from for a second, make a restarted relay answer with a stateless reset at once (it
     // keeps its reset key), and with the 3 s idle timeout (the smaller of the two ends'
     // wins) a dead relay or connector is noticed, and its streams failed, within 3 s.
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(3_000))));
-    t.keep_alive_interval(Some(Duration::from_millis(250)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(
+        IDLE_TIMEOUT.as_millis() as u32,
+    ))));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     // Retransmit a lost Initial after ~300 ms rather than ~1 s, so a relay that comes back
     // during a dial is reached quickly.
     t.initial_rtt(Duration::from_millis(100));
@@ -129,11 +242,56 @@ pub(crate) struct Tunnel {
     pub(crate) status: Arc<Status>,
     /// Hostnames withdrawn because their origin is unhealthy.
     pub(crate) withdrawn: Withdrawn,
+    /// Which transport carries it.
+    kind: TransportKind,
+    /// Told when the relay accepts the registration.
+    registered: Arc<tokio::sync::Notify>,
+    /// Set once another tunnel to the same address has taken over the status.
+    quiet: AtomicBool,
 }
 
 impl Tunnel {
+    pub(crate) fn new(
+        relay: RelayTarget,
+        addr: SocketAddr,
+        status: Arc<Status>,
+        withdrawn: Withdrawn,
+    ) -> Self {
+        Self {
+            relay,
+            addr,
+            status,
+            withdrawn,
+            kind: TransportKind::Quic,
+            registered: Arc::new(tokio::sync::Notify::new()),
+            quiet: AtomicBool::new(false),
+        }
+    }
+
+    /// The same tunnel's place on `kind`.
+    fn on(&self, kind: TransportKind) -> Self {
+        let mut t = Self::new(
+            self.relay.clone(),
+            self.addr,
+            self.status.clone(),
+            self.withdrawn.clone(),
+        );
+        t.kind = kind;
+        t
+    }
+
     fn set(&self, state: TunnelState) {
-        self.status.set(&self.relay, self.addr, state);
+        if !self.quiet.load(Ordering::Relaxed) {
+            self.status.set(&self.relay, self.addr, state);
+        }
+    }
+
+    fn up(&self, published: Vec<String>) {
+        self.set(TunnelState::Up {
+            published,
+            since: unix_now(),
+            transport: self.kind.as_str().to_owned(),
+        });
     }
 
     fn down(&self, error: String) {
@@ -151,62 +309,62 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// What one tunnel needs besides where it goes.
+pub(crate) struct TunnelContext {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) dialer: Dialer,
+    pub(crate) config: ConnectorConfig,
+    pub(crate) origins: Arc<Origins>,
+    pub(crate) shutdown: Shutdown,
+}
+
 /// Keeps one tunnel to `addr` (an address of `relay`) up until `shutdown`, reconnecting
-/// with jittered exponential backoff, independently of every other tunnel.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn supervise(
-    endpoint: quinn::Endpoint,
-    relay: RelayTarget,
-    addr: SocketAddr,
-    client: quinn::ClientConfig,
-    config: ConnectorConfig,
-    origins: Arc<Origins>,
-    shutdown: Shutdown,
-    status: Arc<Status>,
-    withdrawn: Withdrawn,
-) {
-    let server_name = config.relay_server_name(&relay).unwrap_or_default();
+/// with jittered exponential backoff, independently of every other tunnel. QUIC first;
+/// where its handshake fails the tunnel goes over TLS on TCP, and moves back to QUIC once
+/// a probe gets through.
+pub(crate) async fn supervise(cx: TunnelContext, tunnel: Tunnel) {
+    let server_name = cx
+        .config
+        .relay_server_name(&tunnel.relay)
+        .unwrap_or_default();
     let mut backoff = Backoff::default();
-    let span = tracing::info_span!("tunnel", relay = %relay, relay.addr = %addr);
-    let tunnel = Tunnel {
-        relay,
-        addr,
-        status,
-        withdrawn,
-    };
+    let span = tracing::info_span!("tunnel", relay = %tunnel.relay, relay.addr = %tunnel.addr);
+    let addr = tunnel.addr;
+    let shutdown = &cx.shutdown;
     async {
         while !shutdown.is_triggered() {
             tunnel.set(TunnelState::Connecting);
-            let connecting = match endpoint.connect_with(client.clone(), addr, &server_name) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot dial the relay");
-                    break;
-                }
-            };
-            let attempt = tokio::select! {
-                r = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => r,
+            let quic = tokio::select! {
+                r = cx.dialer.quic(&cx.endpoint, addr, &server_name, CONNECT_TIMEOUT) => r,
                 () = shutdown.wait() => break,
             };
-            match attempt {
-                Ok(Ok(conn)) => {
+            match quic {
+                Ok(conn) => {
                     let transport = QuicTransport::new(conn);
-                    match session(
-                        &transport,
-                        &config,
-                        &origins,
-                        &shutdown,
-                        &mut backoff,
-                        &tunnel,
-                    )
-                    .await
+                    if let Err(e) = session(&transport, &cx, shutdown, &mut backoff, &tunnel).await
                     {
-                        Ok(()) => {}
-                        Err(e) => tunnel.down(format!("tunnel lost: {e:#}")),
+                        tunnel.down(format!("tunnel lost: {e:#}"));
                     }
                 }
-                Ok(Err(e)) => tunnel.down(format!("cannot connect to the relay: {e}")),
-                Err(_) => tunnel.down("connecting to the relay timed out".into()),
+                Err(quic_error) => {
+                    tracing::info!(error = %format!("{quic_error:#}"), "QUIC to the relay failed; trying TLS over TCP");
+                    let tcp = tokio::select! {
+                        r = cx.dialer.tcp(addr, &server_name) => r,
+                        () = shutdown.wait() => break,
+                    };
+                    match tcp {
+                        Ok(transport) => {
+                            if let Err(e) =
+                                over_tcp(transport, &cx, &server_name, &mut backoff, &tunnel).await
+                            {
+                                tunnel.down(format!("tunnel lost: {e:#}"));
+                            }
+                        }
+                        Err(e) => tunnel.down(format!(
+                            "cannot connect to the relay: {quic_error:#}; over TCP: {e:#}"
+                        )),
+                    }
+                }
             }
             if shutdown.is_triggered() {
                 break;
@@ -218,7 +376,7 @@ pub(crate) async fn supervise(
                 () = shutdown.wait() => break,
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), cx.endpoint.wait_idle()).await;
         tunnel.status.remove(addr);
         tracing::info!("tunnel closed");
     }
@@ -226,17 +384,92 @@ pub(crate) async fn supervise(
     .await;
 }
 
+/// Runs the tunnel over TCP while probing QUIC with backoff; once a QUIC handshake gets
+/// through, a QUIC tunnel registers, then the TCP one drains (the relay routes new
+/// streams to QUIC, streams open on TCP finish there) and the QUIC one goes on.
+async fn over_tcp(
+    tcp: TcpTransport,
+    cx: &TunnelContext,
+    server_name: &str,
+    backoff: &mut Backoff,
+    tunnel: &Tunnel,
+) -> anyhow::Result<()> {
+    tracing::info!(transport = "tcp", "tunnel over TLS on TCP");
+    let child = cx.shutdown.child();
+    let tcp_tunnel = tunnel.on(TransportKind::Tcp);
+    let mut tcp_backoff = Backoff::default();
+    let tcp_session = session(&tcp, cx, &child, &mut tcp_backoff, &tcp_tunnel);
+    tokio::pin!(tcp_session);
+    let probe = probe_quic(cx, tunnel.addr, server_name);
+    let registered = tcp_tunnel.registered.clone();
+    let conn = tokio::select! {
+        r = &mut tcp_session => {
+            // Registered over TCP: the next failure starts the backoff afresh.
+            if futures_util::FutureExt::now_or_never(registered.notified()).is_some() {
+                backoff.reset();
+            }
+            return r;
+        }
+        conn = probe => conn,
+    };
+    tracing::info!("UDP to the relay works again: moving the tunnel back to QUIC");
+    let quic = QuicTransport::new(conn);
+    let quic_tunnel = tunnel.on(TransportKind::Quic);
+    let registered = quic_tunnel.registered.clone();
+    let quic_run = async {
+        let r = session(&quic, cx, &cx.shutdown, backoff, &quic_tunnel).await;
+        // QUIC failed before the TCP tunnel finished draining: both end, and the
+        // supervisor starts again.
+        child.trigger();
+        r
+    };
+    let handover = async {
+        tokio::select! {
+            () = registered.notified() => {
+                tcp_tunnel.quiet.store(true, Ordering::Relaxed);
+                tracing::info!(transport = "quic", "tunnel back on QUIC; the TCP tunnel drains");
+                child.trigger();
+            }
+            () = child.wait() => {}
+        }
+    };
+    let (quic_result, tcp_result, ()) = tokio::join!(quic_run, tcp_session, handover);
+    if let Err(e) = tcp_result {
+        tracing::debug!(error = %format!("{e:#}"), "the TCP tunnel ended with an error while draining");
+    }
+    quic_result
+}
+
+/// Tries QUIC to `addr` after 1 s, then at doubling intervals up to [`PROBE_MAX`], until
+/// a handshake completes.
+async fn probe_quic(cx: &TunnelContext, addr: SocketAddr, server_name: &str) -> quinn::Connection {
+    let mut wait = PROBE_MIN;
+    loop {
+        tokio::time::sleep(wait).await;
+        match cx
+            .dialer
+            .quic(&cx.endpoint, addr, server_name, PROBE_TIMEOUT)
+            .await
+        {
+            Ok(conn) => return conn,
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "QUIC still unreachable"),
+        }
+        wait = (wait * 2).min(PROBE_MAX);
+    }
+}
+
 /// One connected tunnel, driven by its [`ConnectorSession`]: register, then serve the
 /// relay's streams until the connection ends, or until shutdown and the drain that follows
 /// it complete.
 async fn session(
     transport: &dyn Transport,
-    config: &ConnectorConfig,
-    origins: &Arc<Origins>,
+    cx: &TunnelContext,
     shutdown: &Shutdown,
     backoff: &mut Backoff,
     tunnel: &Tunnel,
 ) -> anyhow::Result<()> {
+    let config = &cx.config;
+    let origins = &cx.origins;
     let control = transport
         .open_bi()
         .await
@@ -430,10 +663,7 @@ impl Driver {
             .cloned()
             .collect();
         if self.session.publish(published.clone()) {
-            tunnel.set(TunnelState::Up {
-                published,
-                since: unix_now(),
-            });
+            tunnel.up(published);
         }
     }
 
@@ -465,17 +695,15 @@ impl Driver {
                     for r in &rejected {
                         tracing::error!(hostname = %r.hostname, reason = %r.reason, "the relay refused to publish this hostname; check the connector's certificate (issue connector --hostname)");
                     }
-                    tracing::info!(published = ?accepted, "tunnel up");
+                    tracing::info!(published = ?accepted, transport = tunnel.kind.as_str(), "tunnel up");
                     self.accepted = accepted.clone();
                     // Origins already known to be unhealthy are withdrawn at once.
                     if !self.withdrawn.borrow_and_update().is_empty() {
                         self.publish(tunnel);
                     } else {
-                        tunnel.set(TunnelState::Up {
-                            published: accepted,
-                            since: unix_now(),
-                        });
+                        tunnel.up(accepted);
                     }
+                    tunnel.registered.notify_one();
                     // Only a registration the relay answered counts as success: a refused
                     // certificate fails after the QUIC handshake and must keep backing off.
                     backoff.reset();

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod proto;
 pub mod shutdown;
 pub mod store;
+pub mod tcp_transport;
 pub mod telemetry;
 pub mod token;
 pub mod transport;

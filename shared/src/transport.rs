@@ -1,9 +1,9 @@
 //! The transport seam under a tunnel: what the relay's and the connector's drivers need
 //! from a connection, whatever carries it. A [`Transport`] opens and accepts
 //! bidirectional byte streams, closes with a [`CloseCode`], and tells who the peer is and
-//! how far away. QUIC ([`QuicTransport`]) is the one implementation today; a TLS-over-TCP
-//! multiplexer can be added beside it without touching the tunnel session
-//! ([`crate::proto`]) or the request path, which only ever see this trait.
+//! how far away. QUIC ([`QuicTransport`]) is the transport of choice; where UDP is blocked,
+//! HTTP/2 over TLS on TCP ([`crate::tcp_transport::TcpTransport`]) carries the same tunnel
+//! session ([`crate::proto`]) and request path, which only ever see this trait.
 //!
 //! The trait is object-safe so that one routing table can hold tunnels of several
 //! transports; each stream costs one extra box, which is nothing beside its TLS records.
@@ -28,6 +28,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum TransportKind {
     /// QUIC over UDP.
     Quic,
+    /// HTTP/2 over TLS on TCP, where UDP is blocked ([`crate::tcp_transport`]).
+    Tcp,
 }
 
 impl TransportKind {
@@ -35,6 +37,7 @@ impl TransportKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Quic => "quic",
+            Self::Tcp => "tcp",
         }
     }
 }

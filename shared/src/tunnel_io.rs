@@ -35,6 +35,37 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// Reads one message prefixed by its length (4 bytes, big-endian), as enrolment uses over
+/// TCP; a length over `max` is refused (`InvalidData`) before anything more is read.
+pub async fn read_prefixed<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    let len = reader.read_u32().await? as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {len} bytes, over the {max} allowed"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    reader.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Writes one message prefixed by its length, for [`read_prefixed`].
+pub async fn write_prefixed<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let len = u32::try_from(message.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "message too long"))?;
+    writer.write_u32(len).await?;
+    writer.write_all(message).await?;
+    writer.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;

@@ -322,8 +322,12 @@ impl<'r> TestConnector<'r> {
         let path = relay
             .world
             .write_connector_config_for(&name, &addrs, &ingress);
-        if !self.extra.is_empty() {
+        {
             let mut text = std::fs::read_to_string(&path).unwrap();
+            if relays.len() == 1 {
+                // The fallback over TCP goes to the relay's HTTPS port.
+                text = format!("relay_tcp_port = {}\n{text}", relay.addrs.https.port());
+            }
             text.push_str(&self.extra);
             std::fs::write(&path, text).unwrap();
         }

@@ -324,7 +324,8 @@ fn base_config(
 }
 
 /// TLS for the HTTPS listener: devices (optional at the handshake, required per request),
-/// HTTP/2 and HTTP/1.1, TLS 1.3 unless `min_version` allows 1.2.
+/// HTTP/2 and HTTP/1.1, TLS 1.3 unless `min_version` allows 1.2; and where UDP is
+/// blocked, connector tunnels and enrolment by their own ALPNs.
 pub(crate) fn https_config(
     ca: &Ca,
     registry: &Arc<Registry>,
@@ -337,8 +338,22 @@ pub(crate) fn https_config(
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
     };
-    let mut cfg = base_config(ca, registry, resolver, &[Role::Device], false, versions)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Connectors come here only for their tunnel over TCP (its own ALPN, checked after the
+    // handshake in `listen::https`).
+    let mut cfg = base_config(
+        ca,
+        registry,
+        resolver,
+        &[Role::Device, Role::Connector],
+        false,
+        versions,
+    )?;
+    cfg.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        portcullis_shared::proto::TUNNEL_TCP_ALPN.to_vec(),
+        portcullis_shared::proto::ENROLL_ALPN.to_vec(),
+    ];
     Ok(cfg)
 }
 

@@ -1,4 +1,5 @@
-//! Enrolment and renewal on the QUIC listener (ALPN `portcullis-enroll/1`): a device or
+//! Enrolment and renewal on the QUIC listener (ALPN `portcullis-enroll/1`; on the HTTPS
+//! port too, by the same ALPN, where UDP is blocked): a device or
 //! connector redeems a one-time token with a CSR and gets a certificate for the identity
 //! the token grants; an enrolled device renews its own certificate with its current key.
 //! Attempts are rate-limited per client address and every one is written to the audit log.
@@ -16,8 +17,9 @@ use portcullis_shared::pki;
 use portcullis_shared::proto::{CloseCode, EnrollRequest, EnrollResponse, MAX_ENROLL_LEN};
 use portcullis_shared::store::{AuditEvent, IdentityRecord, StoreError};
 use portcullis_shared::token::sha256_hex;
+use portcullis_shared::tunnel_io::{read_prefixed, write_prefixed};
 use ring::rand::SecureRandom;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clock::now;
 use crate::hardening::overload::Shed;
@@ -78,20 +80,17 @@ pub(crate) async fn serve(
                 .read_to_end(&mut buf),
         )
         .await;
-        let response = match read {
-            Ok(Ok(_)) if buf.len() <= MAX_ENROLL_LEN => {
-                match serde_json::from_slice::<EnrollRequest>(&buf) {
-                    Ok(_) if state.overload.sheds_handshakes() => {
-                        state.metrics.shed(Shed::Enrolment);
-                        refused("the relay is overloaded; try again in a minute")
-                    }
-                    Ok(req) => handle(&state, ip, caller.as_ref(), req).await,
-                    Err(_) => refused("malformed enrolment request"),
-                }
-            }
-            Ok(Ok(_)) => refused("enrolment request too large"),
-            _ => refused("enrolment request incomplete"),
-        };
+        let response = answer(
+            &state,
+            ip,
+            caller.as_ref(),
+            match read {
+                Ok(Ok(_)) if buf.len() <= MAX_ENROLL_LEN => Ok(buf),
+                Ok(Ok(_)) => Err("enrolment request too large"),
+                _ => Err("enrolment request incomplete"),
+            },
+        )
+        .await;
         let body = serde_json::to_vec(&response)?;
         // The answer to a request already handled may take the deadline plus a moment.
         let grace = deadline.max(tokio::time::Instant::now()) + REQUEST_TIMEOUT;
@@ -110,6 +109,64 @@ pub(crate) async fn serve(
             break;
         }
     }
+    Ok(())
+}
+
+/// The answer to one request, or to what stood in for one (`Err`: why it could not be read).
+async fn answer(
+    state: &Arc<State>,
+    ip: IpAddr,
+    caller: Option<&(Identity, pki::CertInfo)>,
+    request: Result<Vec<u8>, &str>,
+) -> EnrollResponse {
+    let buf = match request {
+        Ok(buf) => buf,
+        Err(why) => return refused(why),
+    };
+    match serde_json::from_slice::<EnrollRequest>(&buf) {
+        Ok(_) if state.overload.sheds_handshakes() => {
+            state.metrics.shed(Shed::Enrolment);
+            refused("the relay is overloaded; try again in a minute")
+        }
+        Ok(req) => handle(state, ip, caller, req).await,
+        Err(_) => refused("malformed enrolment request"),
+    }
+}
+
+/// Serves one enrolment request on a TLS connection to the HTTPS port (ALPN
+/// `portcullis-enroll/1`, for clients whose UDP is blocked): a length-prefixed JSON
+/// request, a length-prefixed JSON answer, within `enroll_timeout`.
+pub(crate) async fn serve_tcp<T>(
+    mut io: T,
+    ip: IpAddr,
+    caller: Option<(Identity, pki::CertInfo)>,
+    state: Arc<State>,
+) -> anyhow::Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + state.config.limits.enroll_timeout;
+    let read = tokio::time::timeout_at(
+        deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT),
+        read_prefixed(&mut io, MAX_ENROLL_LEN),
+    )
+    .await;
+    let request = match read {
+        Ok(Ok(buf)) => Ok(buf),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err("enrolment request too large")
+        }
+        _ => Err("enrolment request incomplete"),
+    };
+    let response = answer(&state, ip, caller.as_ref(), request).await;
+    let body = serde_json::to_vec(&response)?;
+    let grace = deadline.max(tokio::time::Instant::now()) + REQUEST_TIMEOUT;
+    tokio::time::timeout_at(grace, async {
+        write_prefixed(&mut io, &body).await?;
+        io.shutdown().await
+    })
+    .await
+    .context("enrolment answer timed out")??;
     Ok(())
 }
 

@@ -51,6 +51,9 @@ pub(crate) async fn serve(
         protocol: "HTTP/3",
         activity: Activity::new(),
     });
+    let _gauge = state
+        .metrics
+        .device_connection(portcullis_shared::transport::TransportKind::Quic);
     let limits = &state.config.limits;
     let wire = Guard::new(conn.clone(), limits.max_header_bytes);
     let mut h3c = h3::server::builder()

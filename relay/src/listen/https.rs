@@ -1,4 +1,5 @@
-//! The HTTPS listener: TLS over TCP with device certificates, HTTP/1.1 and HTTP/2. The
+//! The HTTPS listener: TLS over TCP with device certificates, HTTP/1.1 and HTTP/2, and,
+//! by their own ALPNs, connector tunnels and enrolment where UDP is blocked. The
 //! request path itself is [`crate::pipeline`]; this module owns the TCP/TLS connection, its
 //! upgrades (HTTP/1.1 Upgrade, HTTP/2 CONNECT and extended CONNECT), revocation and drain.
 
@@ -14,7 +15,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_shared::identity::Role;
 use portcullis_shared::pki;
+use portcullis_shared::proto::{ENROLL_ALPN, TUNNEL_TCP_ALPN};
 use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::tcp_transport::{PeerInfo, TcpSettings, TcpTransport};
+use portcullis_shared::transport::{Transport, TransportKind};
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -28,6 +33,7 @@ use crate::hardening::h1_framing::{Conflicts, Watched};
 use crate::hardening::idle::Activity;
 use crate::hardening::overload::Shed;
 use crate::hardening::reset_flood::ResetFlood;
+use crate::listen::{enroll, tunnel};
 use crate::ops::metrics::Listener;
 use crate::pipeline::{self, Tunnel};
 use crate::state::State;
@@ -56,18 +62,10 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let span =
-            tracing::debug_span!("https", client.addr = %peer, device.id = tracing::field::Empty);
+        let span = tracing::debug_span!("https", client.addr = %peer, device.id = tracing::field::Empty, connector.name = tracing::field::Empty);
         let conn = Accepted { tcp, peer, place };
-        let client = state.clients.token();
         let serve = serve_connection(conn, acceptor.clone(), state.clone(), shutdown.clone());
-        shutdown.tracker().spawn(
-            async move {
-                serve.await;
-                drop(client);
-            }
-            .instrument(span),
-        );
+        shutdown.tracker().spawn(serve.instrument(span));
     }
 }
 
@@ -112,6 +110,23 @@ pub(crate) fn http_builder(
     builder
 }
 
+/// The HTTP/2 settings of a connector's tunnel over TCP: the same windows as its QUIC
+/// tunnel would get, a PING every second (for the round-trip time; the connector's own
+/// come every 250 ms), and the connector's idle timeout.
+fn tunnel_settings(limits: &portcullis_shared::config::LimitsConfig) -> TcpSettings {
+    TcpSettings {
+        stream_window: limits.quic_stream_window,
+        connection_window: limits.quic_connection_window,
+        keep_alive: Duration::from_secs(1),
+        idle_timeout: TUNNEL_IDLE_TIMEOUT,
+        max_streams: 0,
+    }
+}
+
+/// A tunnel over TCP from which nothing has arrived for this long is closed, as a QUIC
+/// tunnel is by the connector's idle timeout.
+const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A TCP connection admitted past the caps.
 struct Accepted {
     tcp: TcpStream,
@@ -152,14 +167,83 @@ async fn serve_connection(
         }
     };
     let (_, session) = tls.get_ref();
-    let cert = session
+    let tls13 = session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let certs: Option<Vec<CertificateDer<'static>>> = session
         .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+    let sni = session.server_name().map(str::to_owned);
+    let cert = certs
+        .as_ref()
         .and_then(|certs| certs.first())
         .and_then(|leaf| pki::inspect(leaf).ok());
+    match alpn.as_deref() {
+        Some(TUNNEL_TCP_ALPN | ENROLL_ALPN) if !tls13 => {
+            // Only reachable with `min_version = "1.2"`: tunnels and enrolment are 1.3 only.
+            tracing::info!(client.addr = %peer, "tunnel or enrolment over TLS 1.2 refused");
+            return;
+        }
+        Some(TUNNEL_TCP_ALPN) => {
+            let Some((identity, key_sha256)) = cert
+                .and_then(|c| c.identity.map(|id| (id, c.key_sha256)))
+                .filter(|(id, _)| id.role() == Role::Connector)
+            else {
+                tracing::info!(client.addr = %peer, "tunnel over TCP without a connector certificate refused");
+                return;
+            };
+            tracing::Span::current().record("connector.name", identity.id());
+            let peer_info = PeerInfo {
+                certificates: certs,
+                server_name: sni,
+                remote: peer,
+            };
+            let transport = match tokio::time::timeout(
+                limits.handshake_timeout,
+                TcpTransport::relay(tls, peer_info, tunnel_settings(limits)),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "tunnel over TCP failed to start");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!("tunnel over TCP: HTTP/2 handshake timed out");
+                    return;
+                }
+            };
+            let transport: Arc<dyn Transport> = Arc::new(transport);
+            if let Err(e) = Box::pin(tunnel::serve_connector(
+                transport, identity, key_sha256, state,
+            ))
+            .await
+            {
+                tracing::info!(error = %format!("{e:#}"), "tunnel over TCP ended");
+            }
+            return;
+        }
+        Some(ENROLL_ALPN) => {
+            let caller = cert.and_then(|c| c.identity.clone().map(|id| (id, c)));
+            if let Err(e) = Box::pin(enroll::serve_tcp(tls, peer.ip(), caller, state)).await {
+                tracing::debug!(error = %format!("{e:#}"), "enrolment over TCP ended");
+            }
+            return;
+        }
+        _ => {}
+    }
     let (key_sha256, not_after) = cert
         .as_ref()
         .map(|c| (c.key_sha256.clone(), c.not_after))
         .unwrap_or_default();
+    if cert
+        .as_ref()
+        .and_then(|c| c.identity.as_ref())
+        .is_some_and(|id| id.role() != Role::Device)
+    {
+        tracing::info!(client.addr = %peer, "a connector certificate on HTTPS refused");
+        return;
+    }
     let device = cert
         .and_then(|info| info.identity)
         .filter(|id| id.role() == Role::Device);
@@ -169,6 +253,10 @@ async fn serve_connection(
     let live = device
         .as_ref()
         .map(|d| Arc::new(state.registry.track(d, &key_sha256, not_after, now())));
+    let _client = state.clients.token();
+    let _device_gauge = device
+        .is_some()
+        .then(|| state.metrics.device_connection(TransportKind::Tcp));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let info = Arc::new(ConnInfo {
         peer,

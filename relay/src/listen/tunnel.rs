@@ -62,6 +62,7 @@ pub(crate) async fn serve_connector(
         decoder: FrameDecoder::default(),
         control_ended: false,
         up: false,
+        gauge: None,
         stopping: false,
     };
     let result = driver.run(&live).await;
@@ -83,6 +84,8 @@ struct Driver {
     control_ended: bool,
     /// Registered and counted in the metrics.
     up: bool,
+    /// Counts the tunnel by transport while it is up.
+    gauge: Option<crate::ops::metrics::GaugeGuard>,
     /// The relay is shutting down: close once the tunnel's requests have finished.
     stopping: bool,
 }
@@ -241,7 +244,9 @@ impl Driver {
                         .connectors
                         .fetch_add(1, Ordering::Relaxed);
                     self.up = true;
-                    tracing::info!(hostnames = accepted.len(), %agent, "connector up");
+                    let transport = self.handle.transport.kind();
+                    self.gauge = Some(self.state.metrics.tunnel(transport));
+                    tracing::info!(hostnames = accepted.len(), %agent, transport = transport.as_str(), "connector up");
                 }
                 RelayEvent::Draining => {
                     tracing::info!("connector draining");

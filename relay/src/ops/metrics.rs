@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use portcullis_shared::identity::Role;
+use portcullis_shared::transport::TransportKind;
 
 use crate::hardening::conn_limit::Refusal;
 use crate::hardening::overload::Shed;
@@ -57,7 +58,37 @@ pub(crate) struct Metrics {
     pub(crate) overload_level: AtomicI64,
     /// Resident memory at the last sample.
     pub(crate) resident_bytes: AtomicI64,
+    /// Connector tunnels up, by transport (QUIC, TCP).
+    tunnels: [Arc<AtomicI64>; 2],
+    /// Connections of enrolled devices, by transport (HTTP/3 on QUIC, HTTPS on TCP).
+    device_connections: [Arc<AtomicI64>; 2],
 }
+
+/// Counts one thing in a gauge while it is held.
+#[derive(Debug)]
+pub(crate) struct GaugeGuard(Arc<AtomicI64>);
+
+impl GaugeGuard {
+    fn new(gauge: &Arc<AtomicI64>) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn transport_index(kind: TransportKind) -> usize {
+    match kind {
+        TransportKind::Quic => 0,
+        TransportKind::Tcp => 1,
+    }
+}
+
+const TRANSPORTS: [TransportKind; 2] = [TransportKind::Quic, TransportKind::Tcp];
 
 impl Metrics {
     pub(crate) fn response(&self, status: u16) {
@@ -72,6 +103,16 @@ impl Metrics {
             Refusal::Address => 1,
         };
         self.refused[listener as usize][reason].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connector tunnel on `kind` while the guard is held.
+    pub(crate) fn tunnel(&self, kind: TransportKind) -> GaugeGuard {
+        GaugeGuard::new(&self.tunnels[transport_index(kind)])
+    }
+
+    /// Counts a device connection on `kind` while the guard is held.
+    pub(crate) fn device_connection(&self, kind: TransportKind) -> GaugeGuard {
+        GaugeGuard::new(&self.device_connections[transport_index(kind)])
     }
 
     /// Counts work shed while overloaded.
@@ -99,6 +140,28 @@ impl Metrics {
                 "portcullis_relay_responses_total{{class=\"{class}xx\"}} {}",
                 c(&self.responses[class])
             );
+        }
+        for (name, help, gauges) in [
+            (
+                "portcullis_relay_tunnels",
+                "Connector tunnels up, by transport (quic, or tcp where UDP is blocked).",
+                &self.tunnels,
+            ),
+            (
+                "portcullis_relay_device_connections",
+                "Connections of enrolled devices, by transport (quic: HTTP/3; tcp: HTTP/1.1 and HTTP/2).",
+                &self.device_connections,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for kind in TRANSPORTS {
+                let _ = writeln!(
+                    out,
+                    "{name}{{transport=\"{}\"}} {}",
+                    kind.as_str(),
+                    g(&gauges[transport_index(kind)])
+                );
+            }
         }
         let mut one = |name: &str, kind: &str, help: &str, value: i64| {
             let _ = writeln!(

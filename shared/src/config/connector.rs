@@ -22,6 +22,10 @@ pub struct ConnectorConfig {
     /// name are followed without a restart.
     #[serde(default = "default_resolve_interval", with = "humantime_serde")]
     pub relay_resolve_interval: Duration,
+    /// The relays' HTTPS port, where the tunnel goes over TLS on TCP when UDP is blocked;
+    /// by default the QUIC port (relays normally serve 443 on both UDP and TCP).
+    #[serde(default)]
+    pub relay_tcp_port: Option<u16>,
     /// The relay's TLS name, when `relay` is an IP address or another name.
     #[serde(default)]
     pub server_name: Option<Hostname>,

@@ -29,6 +29,10 @@ pub use trailers::{MAX_TRAILERS_LEN, TRAILERS_FIELD, decode_trailers, encode_tra
 /// tunnel protocol version; a relay that does not speak it fails the handshake.
 pub const TUNNEL_ALPN: &[u8] = b"portcullis-tunnel/1";
 
+/// ALPN protocol id of the same tunnel over TLS on TCP, to the relay's HTTPS port, where
+/// UDP is blocked: HTTP/2 with the relay as its client (see [`crate::tcp_transport`]).
+pub const TUNNEL_TCP_ALPN: &[u8] = b"portcullis-tunnel-h2/1";
+
 /// ALPN protocol id for enrolment and renewal: one request per QUIC stream, JSON, see
 /// [`EnrollRequest`].
 pub const ENROLL_ALPN: &[u8] = b"portcullis-enroll/1";

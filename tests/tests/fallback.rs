@@ -1,0 +1,159 @@
+//! Networks without UDP: a connector whose QUIC cannot reach the relay tunnels over TLS on
+//! TCP to the relay's HTTPS port, carries every request there, and moves back to QUIC once
+//! UDP works again without cutting what is open; a QUIC tunnel whose path goes silent
+//! falls back to TCP; a TCP tunnel is held to the same identity rules and revocation as
+//! a QUIC one. The relay runs in process; the connector's UDP path is a [`UdpPath`].
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{TestConnector, TestRelay, UdpPath, eventually};
+
+const APP: &str = "app.internal";
+const TCP: &str = "portcullis_relay_tunnels{transport=\"tcp\"}";
+const QUIC: &str = "portcullis_relay_tunnels{transport=\"quic\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_streams() {
+    let relay = TestRelay::new()
+        .allow(&[APP], &["eng"])
+        .device("alice", "alice", &["eng"])
+        .run()
+        .await;
+    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let path = UdpPath::start(relay.addrs.quic).await;
+    path.set_blackhole(true);
+    let started = Instant::now();
+    let _c = TestConnector::new(&relay)
+        .via(path.addr)
+        .service(APP, &format!("http://{origin_addr}"))
+        .run()
+        .await;
+    let took = started.elapsed();
+    assert_eq!(relay.metric(TCP).await, Some(1), "registered over TCP");
+    assert_eq!(relay.metric(QUIC).await, Some(0));
+    assert!(
+        took < Duration::from_secs(5),
+        "with UDP blocked the tunnel must be up over TCP within 5 s; took {took:?}"
+    );
+    let client = relay.client("alice");
+    let r = client.get(APP, "/hello").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // A response streamed over the TCP tunnel for 3 s, while UDP comes back.
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get(APP, "/stream?n=30&ms=100").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    path.set_blackhole(false);
+    let unblocked = Instant::now();
+    // Requests keep succeeding throughout the move back.
+    let served = std::sync::atomic::AtomicUsize::new(0);
+    let back = eventually(Duration::from_secs(30), || async {
+        let r = client.get(APP, "/hello").await;
+        assert_eq!(
+            r.status, 200,
+            "a request failed during the move back: {}",
+            r.body
+        );
+        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (relay.metric(QUIC).await == Some(1) && relay.metric(TCP).await == Some(0)).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "UDP restored: the tunnel must be back on QUIC within 30 s"
+    );
+    eprintln!(
+        "back on QUIC {:?} after UDP returned; {} requests served meanwhile",
+        unblocked.elapsed(),
+        served.into_inner()
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200);
+    assert_eq!(
+        slow.body.lines().count(),
+        30,
+        "the stream open on TCP finished whole: {}",
+        slow.body
+    );
+    assert!(
+        path.counts
+            .to_server
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_tunnel_whose_udp_dies_moves_to_tcp() {
+    let relay = TestRelay::new()
+        .allow(&[APP], &["eng"])
+        .device("alice", "alice", &["eng"])
+        .run()
+        .await;
+    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let path = UdpPath::start(relay.addrs.quic).await;
+    let _c = TestConnector::new(&relay)
+        .via(path.addr)
+        .service(APP, &format!("http://{origin_addr}"))
+        .run()
+        .await;
+    assert_eq!(relay.metric(QUIC).await, Some(1));
+    let client = relay.client("alice");
+    assert_eq!(client.get(APP, "/hello").await.status, 200);
+    path.set_blackhole(true);
+    let blocked = Instant::now();
+    // The connector's idle timeout (3 s) notices; its first retry (≤ 2 s), a QUIC attempt
+    // (1.5 s) and the TCP handshake follow.
+    let moved = eventually(Duration::from_secs(15), || async {
+        (relay.metric(TCP).await == Some(1)).then_some(())
+    })
+    .await;
+    assert!(moved.is_some(), "the tunnel never moved to TCP");
+    let took = blocked.elapsed();
+    eprintln!("on TCP {took:?} after UDP was blocked");
+    assert!(took < Duration::from_secs(9), "{took:?}");
+    let ok = eventually(Duration::from_secs(5), || async {
+        (client.try_get(APP, "/hello").await.ok()?.status == 200).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "requests are served over the TCP tunnel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_connector_on_tcp_is_cut_within_a_second() {
+    let relay = TestRelay::new()
+        .allow(&[APP], &["eng"])
+        .device("alice", "alice", &["eng"])
+        .run()
+        .await;
+    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let path = UdpPath::start(relay.addrs.quic).await;
+    path.set_blackhole(true);
+    let c = TestConnector::new(&relay)
+        .via(path.addr)
+        .service(APP, &format!("http://{origin_addr}"))
+        .run()
+        .await;
+    assert_eq!(relay.metric(TCP).await, Some(1));
+    let revoked = Instant::now();
+    relay.revoke("connector", &c.name).await;
+    let cut = eventually(Duration::from_secs(5), || async {
+        (relay.metric(TCP).await == Some(0)).then_some(())
+    })
+    .await;
+    assert!(cut.is_some(), "the revoked connector's TCP tunnel stays up");
+    let took = revoked.elapsed();
+    assert!(
+        took < Duration::from_secs(1) + Duration::from_millis(500),
+        "{took:?}"
+    );
+    let r = relay.client("alice").try_get(APP, "/hello").await;
+    assert!(
+        r.as_ref().map_or(true, |r| r.status != 200),
+        "nothing is served by a revoked connector: {r:?}"
+    );
+}
