@@ -19,6 +19,9 @@ pub(crate) struct AgentState {
     pub(crate) more_relays: Vec<String>,
     /// The relay's TLS name.
     pub(crate) server_name: String,
+    /// The relays' HTTPS port, for the fallback over TLS on TCP; `None`: the QUIC port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tcp_port: Option<u16>,
     /// SHA-256 of the org CA.
     pub(crate) ca_sha256: String,
     /// `keyring` or `file`.

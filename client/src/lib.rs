@@ -171,6 +171,7 @@ async fn enroll(
     };
     let answer = enroll_client::exchange_any(
         &relays,
+        token.tcp_port,
         &token.server_name,
         &token.ca_sha256,
         None,
@@ -197,6 +198,7 @@ async fn enroll(
         relay: relays[0].clone(),
         more_relays: relays[1..].to_vec(),
         server_name: token.server_name,
+        tcp_port: token.tcp_port,
         ca_sha256: token.ca_sha256,
         key_store: key_store.to_owned(),
         issued_at: now(),
@@ -272,6 +274,7 @@ impl Agent {
         let csr = pki::csr_for_existing_key(&identity, &creds.key_der)?;
         let answer = enroll_client::exchange_any(
             &state.relays(),
+            state.tcp_port,
             &state.server_name,
             &state.ca_sha256,
             Some((creds.certs.clone(), creds.key.clone_key())),

@@ -13,7 +13,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::home::{AgentState, Home};
 use crate::keystore;
-use crate::transport::{Exchange, H3Connection, RelayConnection};
+use portcullis_shared::transport::TransportKind;
+
+use crate::transport::{Exchange, H2Connection, H3Connection, RelayConnection};
 
 /// One request or tunnel through the relay, whatever carries it.
 pub(crate) type Stream = Exchange;
@@ -49,7 +51,7 @@ impl Credentials {
         })
     }
 
-    fn client_config(&self) -> anyhow::Result<quinn::ClientConfig> {
+    fn tls_config(&self, alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -57,8 +59,20 @@ impl Credentials {
         .with_root_certificates(self.roots.clone())
         .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
         .context("the device certificate and key do not match: enrol again")?;
-        tls.alpn_protocols = vec![b"h3".to_vec()];
+        tls.alpn_protocols = vec![alpn.to_vec()];
         tls.enable_early_data = false;
+        Ok(tls)
+    }
+
+    /// TLS for HTTP/2 to the relay's HTTPS port, where UDP is blocked.
+    fn tcp_connector(&self) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(
+            self.tls_config(b"h2")?,
+        )))
+    }
+
+    fn client_config(&self) -> anyhow::Result<quinn::ClientConfig> {
+        let tls = self.tls_config(b"h3")?;
         let mut config = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
         ));
@@ -78,17 +92,51 @@ const COOLDOWN: Duration = Duration::from_secs(30);
 /// How long the agent stays on a relay other than its preferred one before it tries the
 /// preferred one again (for new requests; open ones finish where they are).
 const FAILBACK_AFTER: Duration = Duration::from_secs(30);
-/// How long a relay may take to answer a new connection before the next one is tried.
+/// How long a relay may take to answer a new QUIC connection before HTTP/2 over TCP is
+/// tried (then the next relay).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A QUIC handshake tried while on TCP may take this long.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The agent's keep-alive interval: the relay answers each, so silence means it is gone.
 const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// How long the relay may go unheard before its connection is given up: streams on it
 /// fail with a clear error and new ones go to another relay.
 const SILENT_AFTER: Duration = Duration::from_millis(1500);
 
+/// While on TCP, QUIC is tried again after this long, then at doubling intervals up to
+/// [`PROBE_MAX`] (each try runs beside the traffic, which stays on TCP until it works).
+const PROBE_MIN: Duration = Duration::from_secs(1);
+const PROBE_MAX: Duration = Duration::from_secs(15);
+
+/// Trying QUIC again while on TCP.
+struct Probe {
+    /// When the next try may start.
+    next_at: Instant,
+    /// The wait after that one.
+    wait: Duration,
+    /// A try is under way.
+    running: Arc<std::sync::atomic::AtomicBool>,
+    /// A QUIC connection a try opened, for the next request to take.
+    ready: Arc<std::sync::Mutex<Option<Arc<dyn RelayConnection>>>>,
+}
+
+impl Probe {
+    fn new() -> Self {
+        Self {
+            next_at: Instant::now() + PROBE_MIN,
+            wait: PROBE_MIN,
+            running: Arc::default(),
+            ready: Arc::default(),
+        }
+    }
+}
+
 /// The current connection, where it goes, and since when.
 struct Current {
     conn: Arc<dyn RelayConnection>,
+    /// The relay's (QUIC) address it was opened for.
+    addr: SocketAddr,
     /// Index of its address in the candidate list it was chosen from (0: preferred).
     rank: usize,
     since: Instant,
@@ -107,6 +155,12 @@ pub(crate) struct Relay {
     addr: SocketAddr,
     server_name: String,
     config: RwLock<quinn::ClientConfig>,
+    /// TLS for the fallback over TCP.
+    tcp: RwLock<tokio_rustls::TlsConnector>,
+    /// The relays' HTTPS port; `None`: the QUIC port.
+    tcp_port: Option<u16>,
+    /// Trying QUIC again while the current connection is on TCP.
+    probe: std::sync::Mutex<Probe>,
     current: tokio::sync::Mutex<Option<Current>>,
     /// Addresses that failed, and when.
     failed: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
@@ -137,6 +191,9 @@ impl Relay {
             addr,
             server_name: state.server_name.clone(),
             config: RwLock::new(creds.client_config()?),
+            tcp: RwLock::new(creds.tcp_connector()?),
+            tcp_port: state.tcp_port,
+            probe: std::sync::Mutex::new(Probe::new()),
             current: tokio::sync::Mutex::new(None),
             failed: std::sync::Mutex::new(HashMap::new()),
             renewed: false.into(),
@@ -148,6 +205,7 @@ impl Relay {
     /// expiry.
     pub(crate) fn update_credentials(&self, creds: &Credentials) -> anyhow::Result<()> {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = creds.client_config()?;
+        *self.tcp.write().unwrap_or_else(|p| p.into_inner()) = creds.tcp_connector()?;
         self.renewed
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -208,6 +266,14 @@ impl Relay {
             && !c.conn.is_closed()
             && !renewed
         {
+            if c.conn.kind() == TransportKind::Tcp {
+                if let Some(quic) = self.probe_quic(c.addr) {
+                    tracing::info!(relay = %c.addr, transport = "quic", "UDP to the relay works again: new requests go over QUIC; those open on TCP finish there");
+                    c.conn = quic.clone();
+                    return Ok(quic);
+                }
+                return Ok(c.conn.clone());
+            }
             if c.rank == 0 || c.since.elapsed() < FAILBACK_AFTER {
                 return Ok(c.conn.clone());
             }
@@ -227,6 +293,7 @@ impl Relay {
                     let rank = candidates.iter().position(|a| *a == addr).unwrap_or(0);
                     *current = Some(Current {
                         conn: conn.clone(),
+                        addr,
                         rank,
                         since: Instant::now(),
                     });
@@ -239,7 +306,7 @@ impl Relay {
         if let Some(old) = current.take() {
             // Left for a reason: gone, or going away; not the first choice for a while.
             if !renewed {
-                self.mark_failed(old.conn.remote_address());
+                self.mark_failed(old.addr);
             }
         }
         let candidates = self.candidates().await;
@@ -261,8 +328,12 @@ impl Relay {
         for (rank, addr) in order {
             match self.open(addr).await {
                 Ok(conn) => {
+                    if conn.kind() == TransportKind::Tcp {
+                        *self.probe.lock().unwrap_or_else(|p| p.into_inner()) = Probe::new();
+                    }
                     *current = Some(Current {
                         conn: conn.clone(),
+                        addr,
                         rank,
                         since: Instant::now(),
                     });
@@ -278,41 +349,84 @@ impl Relay {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no relay to connect to")))
     }
 
-    /// A new connection to `addr`, with HTTP/3 started on it and its liveness watched.
+    /// A QUIC connection a probe opened, if one is ready; else starts a probe when one is
+    /// due. Never waits.
+    fn probe_quic(&self, addr: SocketAddr) -> Option<Arc<dyn RelayConnection>> {
+        let mut probe = self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        let ready = probe.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(conn) = ready {
+            *probe = Probe::new();
+            return Some(conn);
+        }
+        let running = probe.running.load(std::sync::atomic::Ordering::Relaxed);
+        if running || Instant::now() < probe.next_at {
+            return None;
+        }
+        probe.next_at = Instant::now() + probe.wait;
+        probe.wait = (probe.wait * 2).min(PROBE_MAX);
+        probe
+            .running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let (running, ready) = (probe.running.clone(), probe.ready.clone());
+        let endpoint = self.endpoint.clone();
+        let config = self
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let server_name = self.server_name.clone();
+        tokio::spawn(async move {
+            match open_quic(&endpoint, config, addr, &server_name, PROBE_TIMEOUT).await {
+                Ok(conn) => {
+                    *ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                }
+                Err(e) => {
+                    tracing::debug!(relay = %addr, error = %format!("{e:#}"), "QUIC still unreachable")
+                }
+            }
+            running.store(false, std::sync::atomic::Ordering::Relaxed);
+        });
+        None
+    }
+
+    /// A new connection to `addr`: HTTP/3 over QUIC, or where QUIC does not connect within
+    /// [`CONNECT_TIMEOUT`], HTTP/2 over TLS on TCP to the relay's HTTPS port; its
+    /// liveness watched.
     async fn open(&self, addr: SocketAddr) -> anyhow::Result<Arc<dyn RelayConnection>> {
         let config = self
             .config
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let connecting = self
-            .endpoint
-            .connect_with(config, addr, &self.server_name)
-            .context("dialling the relay")?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => bail!(
-                "the relay {addr} refused or failed the connection ({e}); if this device was revoked, ask your administrator"
-            ),
-            Err(_) => bail!("the relay {addr} is unreachable (no answer in {CONNECT_TIMEOUT:?})"),
+        let quic_error = match open_quic(
+            &self.endpoint,
+            config,
+            addr,
+            &self.server_name,
+            CONNECT_TIMEOUT,
+        )
+        .await
+        {
+            Ok(conn) => return Ok(conn),
+            Err(e) => e,
         };
-        let conn: Arc<dyn RelayConnection> = Arc::new(
-            H3Connection::start(conn)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))
-                .context("starting HTTP/3 with the relay")?,
-        );
-        tracing::info!(relay = %addr, transport = conn.kind().as_str(), "connected to the relay");
-        tokio::spawn(watch_liveness(conn.clone()));
-        Ok(conn)
+        let tcp_addr = SocketAddr::new(addr.ip(), self.tcp_port.unwrap_or(addr.port()));
+        tracing::info!(relay = %addr, error = %format!("{quic_error:#}"), "QUIC to the relay failed; trying HTTP/2 over TCP to {tcp_addr}");
+        let connector = self.tcp.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match open_tcp(connector, tcp_addr, &self.server_name).await {
+            Ok(conn) => Ok(conn),
+            Err(tcp_error) => Err(quic_error.context(format!("over TCP too: {tcp_error:#}"))),
+        }
     }
 
     /// Stops using `conn` for new requests (it failed, or the relay is going away); its
     /// open streams carry on if they can.
     async fn leave(&self, conn: &Arc<dyn RelayConnection>) {
         let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.conn, conn)) {
-            self.mark_failed(conn.remote_address());
+        if let Some(c) = current.as_ref()
+            && Arc::ptr_eq(&c.conn, conn)
+        {
+            self.mark_failed(c.addr);
             *current = None;
         }
     }
@@ -381,6 +495,70 @@ async fn watch_liveness(conn: Arc<dyn RelayConnection>) {
             return;
         }
     }
+}
+
+/// A QUIC handshake within `timeout`, then HTTP/3 on it, its liveness watched.
+async fn open_quic(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn RelayConnection>> {
+    let connecting = endpoint
+        .connect_with(config, addr, server_name)
+        .context("dialling the relay")?;
+    let conn = match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => bail!(
+            "the relay {addr} refused or failed the connection ({e}); if this device was revoked, ask your administrator"
+        ),
+        Err(_) => bail!("the relay {addr} is unreachable over QUIC (no answer in {timeout:?})"),
+    };
+    let conn: Arc<dyn RelayConnection> = Arc::new(
+        H3Connection::start(conn)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("starting HTTP/3 with the relay")?,
+    );
+    tracing::info!(relay = %addr, transport = conn.kind().as_str(), "connected to the relay");
+    tokio::spawn(watch_liveness(conn.clone()));
+    Ok(conn)
+}
+
+/// TLS on TCP to `addr` (the relay's HTTPS port), then HTTP/2 on it, its liveness watched.
+async fn open_tcp(
+    connector: tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    server_name: &str,
+) -> anyhow::Result<Arc<dyn RelayConnection>> {
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        .with_context(|| format!("{server_name:?} is not a TLS name"))?;
+    let tls = tokio::time::timeout(TCP_CONNECT_TIMEOUT, async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        connector.connect(name, tcp).await
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "the relay {addr} is unreachable over TCP (no answer in {TCP_CONNECT_TIMEOUT:?})"
+        )
+    })?
+    .with_context(|| {
+        format!(
+            "TLS over TCP with the relay {addr}; if this device was revoked, ask your administrator"
+        )
+    })?;
+    let conn: Arc<dyn RelayConnection> = Arc::new(
+        H2Connection::start(tls, addr, KEEP_ALIVE)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("starting HTTP/2 with the relay")?,
+    );
+    tracing::info!(relay = %addr, transport = conn.kind().as_str(), "connected to the relay");
+    tokio::spawn(watch_liveness(conn.clone()));
+    Ok(conn)
 }
 
 fn local_any(remote: SocketAddr) -> SocketAddr {

@@ -28,6 +28,7 @@ pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::R
     };
     let answer = enroll_client::exchange_any(
         &token.relays(),
+        token.tcp_port,
         &token.server_name,
         &token.ca_sha256,
         None,
@@ -59,6 +60,11 @@ pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::R
          relay = {relays}\nserver_name = \"{}\"\nca = \"ca.crt\"\ncert = \"connector.crt\"\nkey = \"connector.key\"\n",
         token.server_name
     );
+    if let Some(port) = token.tcp_port {
+        config.push_str(&format!(
+            "# The relays' HTTPS port, for the tunnel over TLS on TCP where UDP is blocked.\nrelay_tcp_port = {port}\n"
+        ));
+    }
     for h in &hostnames {
         config.push_str(&format!(
             "\n# Point this at the private service to publish as {h}.\n[[ingress]]\nhostname = \"{h}\"\nservice = \"http://127.0.0.1:8080\"\n"

@@ -349,6 +349,7 @@ fn record_endpoint(state: &State, bound: Bound) {
     let public_endpoint = serde_json::json!({
         "relay": format!("{}:{}", state.config.server_name, bound.quic_listen.port()),
         "server_name": state.config.server_name.to_string(),
+        "tcp_port": bound.https_listen.port(),
     });
     if let Err(e) = portcullis_shared::pki::write_public_file(
         &state.config.state_dir.join(ENDPOINT_FILE),

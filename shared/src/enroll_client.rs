@@ -160,9 +160,11 @@ pub async fn resolve(relay: &str) -> Result<SocketAddr, EnrollError> {
 
 /// [`exchange`] with the first of `relays` that can be reached: a relay that does not
 /// resolve or answer is skipped (its error is returned if none answers); a relay that
-/// answers, even with a refusal, is the answer.
+/// answers, even with a refusal, is the answer. `tcp_port`: the relays' HTTPS port, for
+/// the fallback over TLS on TCP (`None`: the QUIC port).
 pub async fn exchange_any(
     relays: &[String],
+    tcp_port: Option<u16>,
     server_name: &str,
     ca_sha256: &str,
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -173,7 +175,7 @@ pub async fn exchange_any(
         let auth = client_auth
             .as_ref()
             .map(|(certs, key)| (certs.clone(), key.clone_key()));
-        match exchange(relay, server_name, ca_sha256, auth, request).await {
+        match exchange(relay, tcp_port, server_name, ca_sha256, auth, request).await {
             Err(e @ (EnrollError::Resolve(..) | EnrollError::Connect(..))) => {
                 tracing::warn!(relay = %relay, error = %e, "relay unreachable; trying the next");
                 last = e;
@@ -184,9 +186,17 @@ pub async fn exchange_any(
     Err(last)
 }
 
-/// Sends one request on the enrolment ALPN. `client_auth` presents a certificate (renewal).
+/// How long a QUIC handshake may take before enrolment goes over TLS on TCP instead.
+const QUIC_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sends one request on the enrolment ALPN: over QUIC, or where QUIC cannot connect (UDP
+/// blocked), over TLS on TCP to the relay's HTTPS port (`tcp_port`, else the QUIC port).
+/// `client_auth` presents a certificate (renewal).
 pub async fn exchange(
     relay: &str,
+    tcp_port: Option<u16>,
     server_name: &str,
     ca_sha256: &str,
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -209,6 +219,35 @@ pub async fn exchange(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    let tls = Arc::new(tls);
+    let body = serde_json::to_vec(request)
+        .map_err(|e| EnrollError::Exchange(relay.to_owned(), e.to_string()))?;
+    match over_quic(relay, addr, server_name, tls.clone(), &body).await {
+        Err(EnrollError::Connect(_, quic_error)) => {
+            let tcp = SocketAddr::new(addr.ip(), tcp_port.unwrap_or(addr.port()));
+            tracing::info!(relay = %relay, error = %quic_error, "QUIC to the relay failed; enrolling over TLS on TCP to {tcp}");
+            over_tcp(relay, tcp, server_name, tls, &body)
+                .await
+                .map_err(|e| match e {
+                    EnrollError::Connect(r, tcp_error) => {
+                        EnrollError::Connect(r, format!("{quic_error}; over TCP: {tcp_error}"))
+                    }
+                    other => other,
+                })
+        }
+        other => other,
+    }
+}
+
+async fn over_quic(
+    relay: &str,
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    body: &[u8],
+) -> Result<EnrollResponse, EnrollError> {
+    let connect_err =
+        |e: &dyn std::fmt::Display| EnrollError::Connect(relay.to_owned(), e.to_string());
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| connect_err(&e))?;
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -219,25 +258,57 @@ pub async fn exchange(
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(&e))?;
     let config = quinn::ClientConfig::new(Arc::new(quic));
     let conn = tokio::time::timeout(
-        Duration::from_secs(10),
+        QUIC_CONNECT_TIMEOUT,
         endpoint
             .connect_with(config, addr, server_name)
             .map_err(|e| connect_err(&e))?,
     )
     .await
-    .map_err(|_| connect_err(&"timed out"))?
+    .map_err(|_| connect_err(&"QUIC handshake timed out"))?
     .map_err(|e| connect_err(&e))?;
     let exchange_err =
         |e: &dyn std::fmt::Display| EnrollError::Exchange(relay.to_owned(), e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| exchange_err(&e))?;
-    let body = serde_json::to_vec(request).map_err(|e| exchange_err(&e))?;
-    send.write_all(&body).await.map_err(|e| exchange_err(&e))?;
+    send.write_all(body).await.map_err(|e| exchange_err(&e))?;
     send.finish().map_err(|e| exchange_err(&e))?;
-    let answer = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(MAX_ENROLL_LEN))
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv.read_to_end(MAX_ENROLL_LEN))
         .await
         .map_err(|_| exchange_err(&"timed out"))?
         .map_err(|e| exchange_err(&e))?;
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
+    serde_json::from_slice(&answer).map_err(|e| exchange_err(&e))
+}
+
+/// The same exchange on a TLS connection to the relay's HTTPS port: the request and the
+/// answer each prefixed by their length.
+async fn over_tcp(
+    relay: &str,
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    body: &[u8],
+) -> Result<EnrollResponse, EnrollError> {
+    let connect_err =
+        |e: &dyn std::fmt::Display| EnrollError::Connect(relay.to_owned(), e.to_string());
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| connect_err(&e))?;
+    let mut stream = tokio::time::timeout(TCP_CONNECT_TIMEOUT, async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+    })
+    .await
+    .map_err(|_| connect_err(&"TLS over TCP timed out"))?
+    .map_err(|e| connect_err(&e))?;
+    let exchange_err =
+        |e: &dyn std::fmt::Display| EnrollError::Exchange(relay.to_owned(), e.to_string());
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        crate::tunnel_io::write_prefixed(&mut stream, body).await?;
+        crate::tunnel_io::read_prefixed(&mut stream, MAX_ENROLL_LEN).await
+    })
+    .await
+    .map_err(|_| exchange_err(&"timed out"))?
+    .map_err(|e| exchange_err(&e))?;
     serde_json::from_slice(&answer).map_err(|e| exchange_err(&e))
 }

@@ -193,10 +193,18 @@ struct Channels {
     close: oneshot::Receiver<(CloseCode, String)>,
 }
 
-/// Counts the bytes read from the socket, for [`Transport::received`].
-struct Counted<T> {
+/// Counts the bytes read from the socket, for [`Transport::received`] (and the agent's
+/// liveness watch over HTTP/2).
+pub struct Counted<T> {
     io: T,
     read: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    /// Wraps `io`, adding every byte read to `read`.
+    pub fn new(io: T, read: Arc<AtomicU64>) -> Self {
+        Self { io, read }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {

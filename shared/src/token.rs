@@ -40,6 +40,10 @@ pub struct EnrollToken {
     pub more_relays: Vec<String>,
     /// The relay's TLS name.
     pub server_name: String,
+    /// The relays' HTTPS port, for the fallback over TLS on TCP where UDP is blocked;
+    /// absent: the QUIC port. Omitted when absent, so older agents read the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
     /// SHA-256 of the organisation CA certificate (DER), lower-case hex.
     pub ca_sha256: String,
 }
@@ -91,6 +95,7 @@ mod tests {
             relay: "relay.example.com:4433".into(),
             more_relays: vec![],
             server_name: "relay.example.com".into(),
+            tcp_port: None,
             ca_sha256: "a".repeat(64),
         }
     }

@@ -842,6 +842,7 @@ async fn a_csr_naming_someone_else_is_refused_and_relay_can_be_overridden() {
     };
     let answer = exchange(
         &token.relay,
+        token.tcp_port,
         &token.server_name,
         &token.ca_sha256,
         None,

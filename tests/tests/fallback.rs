@@ -115,7 +115,8 @@ async fn a_quic_tunnel_whose_udp_dies_moves_to_tcp() {
     assert!(moved.is_some(), "the tunnel never moved to TCP");
     let took = blocked.elapsed();
     eprintln!("on TCP {took:?} after UDP was blocked");
-    assert!(took < Duration::from_secs(9), "{took:?}");
+    // A bound that catches a hang; the figure is printed.
+    assert!(took < Duration::from_secs(15), "{took:?}");
     let ok = eventually(Duration::from_secs(5), || async {
         (client.try_get(APP, "/hello").await.ok()?.status == 200).then_some(())
     })

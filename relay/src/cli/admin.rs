@@ -277,7 +277,7 @@ fn random_b64(len: usize) -> anyhow::Result<String> {
 fn endpoint(
     state: &Path,
     args: &crate::cli::EndpointArgs,
-) -> anyhow::Result<(Vec<String>, String)> {
+) -> anyhow::Result<(Vec<String>, String, Option<u16>)> {
     let recorded: Option<serde_json::Value> =
         std::fs::read(state.join(crate::server::ENDPOINT_FILE))
             .ok()
@@ -302,7 +302,21 @@ fn endpoint(
         .or_else(|| field("server_name"))
         .or_else(|| relays[0].rsplit_once(':').map(|(h, _)| h.to_owned()))
         .context("pass --server-name")?;
-    Ok((relays, server_name))
+    // Left out of the token when it is the QUIC port (the usual 443 on both), which is
+    // what agents and connectors assume without it.
+    let quic_port = relays[0]
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok());
+    let tcp_port = args
+        .relay_tcp_port
+        .or_else(|| {
+            recorded
+                .as_ref()
+                .and_then(|v| v["tcp_port"].as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+        })
+        .filter(|p| Some(*p) != quic_port);
+    Ok((relays, server_name, tcp_port))
 }
 
 /// `token ...`.
@@ -374,7 +388,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
     };
     let store = open_store(state)?;
     let ca = Ca::load(&state.state)?;
-    let (relays, server_name) = endpoint(&state.state, endpoint_args)?;
+    let (relays, server_name, tcp_port) = endpoint(&state.state, endpoint_args)?;
     let id = random_b64(6)?;
     let secret = random_b64(32)?;
     let created = now();
@@ -399,6 +413,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
         relay: relays[0].clone(),
         more_relays: relays[1..].to_vec(),
         server_name,
+        tcp_port,
         ca_sha256: sha256_hex(ca.cert_der()),
     };
     eprintln!(

@@ -165,6 +165,10 @@ pub struct EndpointArgs {
     /// The relay's TLS name.
     #[arg(long)]
     pub server_name: Option<String>,
+    /// The relays' public HTTPS port, where agents and connectors go over TLS on TCP when
+    /// UDP is blocked (default: what the running relay recorded, its `https_listen` port).
+    #[arg(long)]
+    pub relay_tcp_port: Option<u16>,
 }
 
 /// `token` subcommands.
