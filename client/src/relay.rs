@@ -82,6 +82,10 @@ impl Credentials {
             10_000,
         ))));
         transport.initial_rtt(Duration::from_millis(100));
+        // Uploads keep their rate through a lossy Wi-Fi (see portcullis_shared::congestion).
+        transport.congestion_controller_factory(Arc::new(
+            portcullis_shared::congestion::LossTolerantConfig,
+        ));
         config.transport_config(Arc::new(transport));
         Ok(config)
     }

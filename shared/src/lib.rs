@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod congestion;
 pub mod enroll_client;
 pub mod h3wire;
 pub mod identity;

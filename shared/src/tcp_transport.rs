@@ -13,7 +13,9 @@
 //! What QUIC gives and HTTP/2 does not is made here in the smallest way:
 //! - a close code: the relay sends it on a `/close` request before dropping the
 //!   connection; the connector sends GOAWAY with the code in its error field
-//!   ([`CODE_BASE`] + code, away from HTTP/2's own codes);
+//!   ([`CODE_BASE`] + code, away from HTTP/2's own codes), or after its drain
+//!   (`CloseCode::Normal`) a graceful GOAWAY that lets everything its streams wrote reach
+//!   the relay first (what QUIC's `delivered()` waits for on the other transport);
 //! - liveness: both ends send an HTTP/2 PING every `keep_alive`, which also gives the
 //!   round-trip time; a connection from which nothing at all has arrived for
 //!   `idle_timeout` is closed as timed out. [`Transport::received`] counts bytes read.
@@ -44,6 +46,9 @@ pub const CODE_BASE: u32 = 0x5043_0000;
 /// How long a closing end keeps driving the connection so its last frames (the close
 /// request, GOAWAY) reach the peer before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
+/// How long a connector closing after its drain waits for HTTP/2 to flush what its
+/// streams wrote.
+const GRACEFUL_LINGER: Duration = Duration::from_secs(5);
 /// The largest header block either end accepts; tunnel streams carry three headers.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 const CONTROL_PATH: &str = "/control";
@@ -99,7 +104,8 @@ impl std::ops::Deref for Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        self.0.close(CloseCode::Normal, "");
+        // Nobody can use the connection any more: nothing is left to deliver.
+        self.0.close(CloseCode::Normal, "", false);
     }
 }
 
@@ -125,7 +131,7 @@ struct Inner {
     /// Flips to true when `reason` is set.
     closed: watch::Sender<bool>,
     /// Asks the driver to close with a code.
-    close_tx: Mutex<Option<oneshot::Sender<(CloseCode, String)>>>,
+    close_tx: Mutex<Option<oneshot::Sender<Close>>>,
     rtt_micros: AtomicU64,
     received: Arc<AtomicU64>,
 }
@@ -165,8 +171,9 @@ impl Inner {
         }
     }
 
-    /// Closes the connection with `code`: the driver tells the peer and drops the socket.
-    fn close(&self, code: CloseCode, reason: &str) {
+    /// Closes the connection with `code`: the driver tells the peer and drops the socket;
+    /// with `flush`, once what the streams wrote has gone out.
+    fn close(&self, code: CloseCode, reason: &str, flush: bool) {
         self.end(TransportError::LocallyClosed);
         if let Some(tx) = self
             .close_tx
@@ -174,7 +181,11 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            let _ = tx.send((code, reason.to_owned()));
+            let _ = tx.send(Close {
+                code,
+                reason: reason.to_owned(),
+                flush,
+            });
         }
     }
 
@@ -186,11 +197,20 @@ impl Inner {
     }
 }
 
+/// A request to close: the code, the reason, and whether what is queued must be flushed
+/// first (an orderly close after a drain) or may be dropped (the last user went away, or
+/// an error or revocation).
+struct Close {
+    code: CloseCode,
+    reason: String,
+    flush: bool,
+}
+
 /// The driver's ends of [`Inner`]'s channels.
 struct Channels {
     accepted: mpsc::Sender<BiStream>,
     control: Option<oneshot::Sender<BiStream>>,
-    close: oneshot::Receiver<(CloseCode, String)>,
+    close: oneshot::Receiver<Close>,
 }
 
 /// Counts the bytes read from the socket, for [`Transport::received`] (and the agent's
@@ -393,7 +413,7 @@ fn open(mut send_request: h2::client::SendRequest<Bytes>, path: &str) -> BiStrea
 async fn drive_client(
     mut conn: h2::client::Connection<Counted<impl AsyncRead + AsyncWrite + Unpin>, Bytes>,
     inner: Arc<Inner>,
-    close: oneshot::Receiver<(CloseCode, String)>,
+    close: oneshot::Receiver<Close>,
 ) {
     tokio::select! {
         r = &mut conn => {
@@ -403,7 +423,7 @@ async fn drive_client(
             });
             return;
         }
-        Ok((code, reason)) = close => {
+        Ok(Close { code, reason, .. }) = close => {
             // The connector learns the code from a request of its own, then the socket goes.
             if let Some(opener) = &inner.opener {
                 let sender = opener.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -435,11 +455,19 @@ async fn drive_server(
     inner: Arc<Inner>,
     mut channels: Channels,
 ) {
+    let mut linger = CLOSE_LINGER;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
-            Ok((code, _reason)) = &mut channels.close => {
-                conn.abrupt_shutdown(Reason::from(CODE_BASE + code.code()));
+            Ok(Close { code, flush, .. }) = &mut channels.close => {
+                if code == CloseCode::Normal && flush {
+                    // The tunnel drained: what the streams wrote must still reach the
+                    // relay, so GOAWAY lets HTTP/2 flush it before the socket goes.
+                    conn.graceful_shutdown();
+                    linger = GRACEFUL_LINGER;
+                } else {
+                    conn.abrupt_shutdown(Reason::from(CODE_BASE + code.code()));
+                }
                 break;
             }
         };
@@ -492,8 +520,9 @@ async fn drive_server(
             let _ = channels.accepted.send(stream).await;
         }
     }
-    // Let GOAWAY reach the relay, then drop the socket.
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+    // Let GOAWAY (and, closing gracefully, what is queued) reach the relay, then drop the
+    // socket.
+    let _ = tokio::time::timeout(linger, async {
         while let Some(Ok(_)) = conn.accept().await {}
     })
     .await;
@@ -532,7 +561,7 @@ async fn keep_alive(mut ping: PingPong, inner: std::sync::Weak<Inner>, settings:
                     heard_at = Instant::now();
                 } else if heard_at.elapsed() >= settings.idle_timeout {
                     inner.end(TransportError::TimedOut);
-                    inner.close(CloseCode::Normal, "idle timeout");
+                    inner.close(CloseCode::Normal, "idle timeout", false);
                     return;
                 }
                 if sent.is_none() && ping.send_ping(Ping::opaque()).is_ok() {
@@ -606,7 +635,7 @@ impl Transport for TcpTransport {
     }
 
     fn close(&self, code: CloseCode, reason: &str) {
-        self.inner.close(code, reason);
+        self.inner.close(code, reason, true);
     }
 
     fn closed(&self) -> BoxFuture<'_, TransportError> {
@@ -711,7 +740,8 @@ impl TunnelSend for H2Send {
     fn delivered(&self) -> BoxFuture<'static, ()> {
         // TCP delivers in order what was written before the connection's orderly close,
         // and a closing end drives its connection until `h2` has written everything
-        // queued (see `CLOSE_LINGER`), so there is nothing more to wait for here.
+        // queued (a graceful GOAWAY after a drain, see `GRACEFUL_LINGER`), so there is
+        // nothing more to wait for here.
         Box::pin(std::future::ready(()))
     }
 }
@@ -896,6 +926,31 @@ mod tests {
         incoming.send.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"ok");
         assert!(relay.rtt() > Duration::ZERO || connector.received() > 0);
+    }
+
+    #[tokio::test]
+    async fn an_orderly_close_delivers_what_was_written_before_it() {
+        let (relay, connector) = pair().await;
+        let _control = connector.open_bi().await.unwrap();
+        let _at_relay = relay.accept_bi().await.unwrap();
+        let mut out = relay.open_bi().await.unwrap();
+        out.send.write_all(b"GET").await.unwrap();
+        out.send.shutdown().await.unwrap();
+        let mut incoming = connector.accept_bi().await.unwrap();
+        // Four times the stream window: most of it is still queued when the close comes.
+        let body: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            incoming.send.write_all(&sent).await.unwrap();
+            incoming.send.shutdown().await.unwrap();
+            drop(incoming);
+            connector.close(CloseCode::Normal, "drained");
+        });
+        let mut got = Vec::new();
+        out.recv.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), body.len());
+        assert!(got == body);
     }
 
     #[tokio::test]

@@ -231,6 +231,7 @@ pub struct TestConnector<'r> {
     relay: &'r RunningRelay,
     also: Vec<&'r RunningRelay>,
     via: Option<SocketAddr>,
+    via_tcp: Option<SocketAddr>,
     extra: String,
     name: Option<String>,
     ingress: Vec<(String, String)>,
@@ -244,6 +245,7 @@ impl<'r> TestConnector<'r> {
             relay,
             also: Vec::new(),
             via: None,
+            via_tcp: None,
             extra: String::new(),
             name: None,
             ingress: Vec::new(),
@@ -262,6 +264,13 @@ impl<'r> TestConnector<'r> {
     /// Dials the relay at `addr` (say, a [`crate::UdpPath`] in front of it) instead.
     pub fn via(mut self, addr: SocketAddr) -> Self {
         self.via = Some(addr);
+        self
+    }
+
+    /// Its fallback over TCP goes to `addr` (say, a [`crate::TcpPath`] in front of the
+    /// relay's HTTPS port; same host as the QUIC address) instead.
+    pub fn via_tcp(mut self, addr: SocketAddr) -> Self {
+        self.via_tcp = Some(addr);
         self
     }
 
@@ -326,7 +335,8 @@ impl<'r> TestConnector<'r> {
             let mut text = std::fs::read_to_string(&path).unwrap();
             if relays.len() == 1 {
                 // The fallback over TCP goes to the relay's HTTPS port.
-                text = format!("relay_tcp_port = {}\n{text}", relay.addrs.https.port());
+                let port = self.via_tcp.unwrap_or(relay.addrs.https).port();
+                text = format!("relay_tcp_port = {port}\n{text}");
             }
             text.push_str(&self.extra);
             std::fs::write(&path, text).unwrap();

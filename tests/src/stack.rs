@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{CurlResult, Daemon, RelayAddrs, World, curl, wait_for_connectors};
+use crate::{
+    CurlResult, Daemon, Impairment, RelayAddrs, UdpPath, World, curl, wait_for_connectors,
+};
 
 /// The published web app in [`Stack`].
 pub const APP: &str = "app.internal";
@@ -30,6 +32,17 @@ pub struct Stack {
     pub origin: Daemon,
     /// The origin's HTTP address.
     pub origin_addr: String,
+    /// Where the connector's QUIC goes when its tunnel must run over TCP.
+    _udp_sink: Option<std::net::UdpSocket>,
+    /// The impaired path the connector's QUIC crosses, if any.
+    _udp_path: Option<UdpPath>,
+}
+
+/// How the stack's connector reaches the relay.
+enum TunnelPath {
+    Direct,
+    OverTcp,
+    Impaired(Impairment),
 }
 
 impl Stack {
@@ -41,6 +54,22 @@ impl Stack {
 
     /// Like [`Stack::up`], with `extra` TOML appended to relay.toml (e.g. `[limits]`).
     pub async fn up_with(extra: &str) -> Self {
+        Self::start(extra, TunnelPath::Direct).await
+    }
+
+    /// Like [`Stack::up`], with the connector's UDP to the relay going nowhere (its
+    /// `relay` is a UDP socket that never answers), so its tunnel runs over TLS on TCP.
+    pub async fn up_tunnel_over_tcp() -> Self {
+        Self::start("", TunnelPath::OverTcp).await
+    }
+
+    /// Like [`Stack::up`], with the connector reaching the relay through a [`UdpPath`]
+    /// impaired by `impairment` (its fallback over TCP goes to the HTTPS port unimpaired).
+    pub async fn up_impaired(impairment: Impairment) -> Self {
+        Self::start("", TunnelPath::Impaired(impairment)).await
+    }
+
+    async fn start(extra: &str, tunnel: TunnelPath) -> Self {
         let w = World::new();
         w.issue_connector("c1", &[APP, "*.eng.internal", DB, GRPC]);
         w.issue_device("alice", "alice", &["eng"], None);
@@ -56,16 +85,33 @@ impl Stack {
         let service = format!("http://{origin_addr}");
         let echo = format!("tcp://{}", w.echo_addr());
         let h2c = format!("h2c://{origin_addr}");
-        let connector = w.start_connector(
-            "c1",
-            &addrs.quic.to_string(),
-            &[
-                (APP, &service),
-                ("*.eng.internal", &service),
-                (DB, &echo),
-                (GRPC, &h2c),
-            ],
-        );
+        let ingress = [
+            (APP, service.as_str()),
+            ("*.eng.internal", service.as_str()),
+            (DB, echo.as_str()),
+            (GRPC, h2c.as_str()),
+        ];
+        let mut udp_sink = None;
+        let mut udp_path = None;
+        let relay_addr = match tunnel {
+            TunnelPath::Direct => addrs.quic.to_string(),
+            TunnelPath::OverTcp => {
+                let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let addr = sink.local_addr().unwrap().to_string();
+                udp_sink = Some(sink);
+                addr
+            }
+            TunnelPath::Impaired(impairment) => {
+                let path = UdpPath::start(addrs.quic).await;
+                path.impair(impairment);
+                let addr = path.addr.to_string();
+                udp_path = Some(path);
+                addr
+            }
+        };
+        let path =
+            w.write_connector_config_with_tcp_port("c1", &relay_addr, addrs.https.port(), &ingress);
+        let connector = w.run_connector(None, "c1", &path);
         wait_for_connectors(addrs.admin, 1).await;
         Self {
             w,
@@ -74,6 +120,8 @@ impl Stack {
             connector,
             origin,
             origin_addr,
+            _udp_sink: udp_sink,
+            _udp_path: udp_path,
         }
     }
 

@@ -207,9 +207,29 @@ impl World {
         ingress: &[(&str, &str)],
     ) -> Daemon {
         let path = self.write_connector_config(name, relay, ingress);
+        self.run_connector(netns, name, &path)
+    }
+
+    /// Starts connector `name` with the config at `path`, inside `netns` if given.
+    pub fn run_connector(&self, netns: Option<&str>, name: &str, path: &std::path::Path) -> Daemon {
         let mut cmd = in_netns(netns, &bin("portcullis-connector"));
-        cmd.args(["run", "--config"]).arg(&path);
+        cmd.args(["run", "--config"]).arg(path);
         Daemon::spawn(cmd, self.path(&format!("{name}.log")))
+    }
+
+    /// Writes connector `name`'s config for `relay`, with its tunnel's fallback over TCP
+    /// going to `tcp_port` (`relay_tcp_port`).
+    pub fn write_connector_config_with_tcp_port(
+        &self,
+        name: &str,
+        relay: &str,
+        tcp_port: u16,
+        ingress: &[(&str, &str)],
+    ) -> PathBuf {
+        let path = self.write_connector_config(name, relay, ingress);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("relay_tcp_port = {tcp_port}\n{text}")).unwrap();
+        path
     }
 
     /// Starts connector `name` with a tunnel to each of `relays`.

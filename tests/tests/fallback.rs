@@ -6,22 +6,39 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::{TestConnector, TestRelay, UdpPath, eventually};
+use portcullis_e2e::{
+    Daemon, RunningRelay, TcpPath, TestClient, TestConnector, TestRelay, UdpPath, eventually,
+};
 
 const APP: &str = "app.internal";
 const TCP: &str = "portcullis_relay_tunnels{transport=\"tcp\"}";
 const QUIC: &str = "portcullis_relay_tunnels{transport=\"quic\"}";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_streams() {
+/// A relay letting alice (group eng) reach APP, and the test origin.
+async fn relay_and_origin() -> (RunningRelay, Daemon, String) {
     let relay = TestRelay::new()
         .allow(&[APP], &["eng"])
         .device("alice", "alice", &["eng"])
         .run()
         .await;
-    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let (origin, origin_addr) = relay.world.start_origin().await;
+    (relay, origin, origin_addr)
+}
+
+/// Whether a request to APP is answered 200 within `within`.
+async fn served(client: &TestClient, within: Duration) -> Option<()> {
+    eventually(within, || async {
+        (client.try_get(APP, "/hello").await.ok()?.status == 200).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_streams() {
+    let (relay, _origin, origin_addr) = relay_and_origin().await;
     let path = UdpPath::start(relay.addrs.quic).await;
     path.set_blackhole(true);
     let started = Instant::now();
@@ -57,7 +74,7 @@ async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_
             "a request failed during the move back: {}",
             r.body
         );
-        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        served.fetch_add(1, Ordering::Relaxed);
         (relay.metric(QUIC).await == Some(1) && relay.metric(TCP).await == Some(0)).then_some(())
     })
     .await;
@@ -78,22 +95,12 @@ async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_
         "the stream open on TCP finished whole: {}",
         slow.body
     );
-    assert!(
-        path.counts
-            .to_server
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    assert!(path.counts.to_server.load(Ordering::Relaxed) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_tunnel_whose_udp_dies_moves_to_tcp() {
-    let relay = TestRelay::new()
-        .allow(&[APP], &["eng"])
-        .device("alice", "alice", &["eng"])
-        .run()
-        .await;
-    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let (relay, _origin, origin_addr) = relay_and_origin().await;
     let path = UdpPath::start(relay.addrs.quic).await;
     let _c = TestConnector::new(&relay)
         .via(path.addr)
@@ -116,21 +123,13 @@ async fn a_quic_tunnel_whose_udp_dies_moves_to_tcp() {
     eprintln!("on TCP {took:?} after UDP was blocked");
     // A bound that catches a hang; the figure is printed.
     assert!(took < Duration::from_secs(15), "{took:?}");
-    let ok = eventually(Duration::from_secs(5), || async {
-        (client.try_get(APP, "/hello").await.ok()?.status == 200).then_some(())
-    })
-    .await;
+    let ok = served(&client, Duration::from_secs(5)).await;
     assert!(ok.is_some(), "requests are served over the TCP tunnel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_connector_on_tcp_is_cut_within_a_second() {
-    let relay = TestRelay::new()
-        .allow(&[APP], &["eng"])
-        .device("alice", "alice", &["eng"])
-        .run()
-        .await;
-    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let (relay, _origin, origin_addr) = relay_and_origin().await;
     let path = UdpPath::start(relay.addrs.quic).await;
     path.set_blackhole(true);
     let c = TestConnector::new(&relay)
@@ -156,4 +155,79 @@ async fn a_revoked_connector_on_tcp_is_cut_within_a_second() {
         r.as_ref().map_or(true, |r| r.status != 200),
         "nothing is served by a revoked connector: {r:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_tunnel_cut_by_a_reset_reconnects() {
+    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let udp = UdpPath::start(relay.addrs.quic).await;
+    udp.set_blackhole(true);
+    let tcp = TcpPath::start(relay.addrs.https).await;
+    let _c = TestConnector::new(&relay)
+        .via(udp.addr)
+        .via_tcp(tcp.addr)
+        .service(APP, &format!("http://{origin_addr}"))
+        .run()
+        .await;
+    assert_eq!(relay.metric(TCP).await, Some(1));
+    let client = relay.client("alice");
+    assert_eq!(client.get(APP, "/hello").await.status, 200);
+    let before = tcp.accepted.load(Ordering::Relaxed);
+    tcp.reset_all();
+    let back = eventually(Duration::from_secs(15), || async {
+        (tcp.reset.load(Ordering::Relaxed) >= 1
+            && tcp.accepted.load(Ordering::Relaxed) > before
+            && relay.metric(TCP).await == Some(1))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the connector never came back over TCP after the reset"
+    );
+    let ok = served(&client, Duration::from_secs(5)).await;
+    assert!(ok.is_some(), "requests are served again after the reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_when_quic_is_blackholed_ends_within_the_idle_timeout_and_never_hangs() {
+    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let path = UdpPath::start(relay.addrs.quic).await;
+    let _c = TestConnector::new(&relay)
+        .via(path.addr)
+        .service(APP, &format!("http://{origin_addr}"))
+        .run()
+        .await;
+    let client = relay.client("alice");
+    // 200 chunks, one every 50 ms: 10 s, far beyond the 3 s idle timeout.
+    let download = {
+        let client = client.clone();
+        tokio::spawn(async move { client.try_get(APP, "/stream?n=200&ms=50").await })
+    };
+    let streaming = eventually(Duration::from_secs(5), || async {
+        (relay.metric("portcullis_relay_tunnel_streams").await >= Some(1)).then_some(())
+    })
+    .await;
+    assert!(streaming.is_some(), "the download never started");
+    path.set_blackhole(true);
+    let blackholed = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(15), download)
+        .await
+        .expect("the download hung after QUIC was blackholed")
+        .unwrap();
+    let took = blackholed.elapsed();
+    eprintln!("download ended {took:?} after the blackhole: {result:?}");
+    match result {
+        // Cut with the tunnel: the client sees an error, not a short body taken as whole.
+        Err(e) => assert!(!format!("{e:#}").is_empty()),
+        Ok(r) => assert!(
+            r.status != 200 || r.body.lines().count() == 200,
+            "a cut download must not look complete: {} lines",
+            r.body.lines().count()
+        ),
+    }
+    // The next request goes over the fallback.
+    let ok = served(&client, Duration::from_secs(15)).await;
+    assert!(ok.is_some(), "requests are served again over TCP");
+    assert_eq!(relay.metric(TCP).await, Some(1));
 }

@@ -78,19 +78,13 @@ async fn udp_dropped_by_the_firewall_falls_back_to_tcp_and_returns_to_quic() {
     let quic_port = addrs.quic.port();
     let https_port = addrs.https.port();
     // Curl from the host reaches the HTTPS listener on loopback.
-    let path = w.write_connector_config(
+    let path = w.write_connector_config_with_tcp_port(
         "c1",
         &addrs.quic.to_string(),
+        https_port,
         &[(APP, &format!("http://{origin_addr}"))],
     );
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("relay_tcp_port = {https_port}\n{text}")).unwrap();
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(bin("portcullis-connector"))
-        .args(["run", "--config"])
-        .arg(&path);
-    let _connector = Daemon::spawn_logged(cmd, w.path("c1.log"));
+    let _connector = w.run_connector(Some(&ns.name), "c1", &path);
     wait_for_connectors(addrs.admin, 1).await;
     assert_eq!(metric(addrs.admin, QUIC).await, Some(1), "QUIC first");
     assert_eq!(curl(&w, &addrs, APP, "/", Some("alice")).await.status, 200);

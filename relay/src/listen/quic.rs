@@ -109,6 +109,9 @@ fn transport(limits: &LimitsConfig) -> anyhow::Result<quinn::TransportConfig> {
     // an idle one is closed by its listener (see crate::hardening::idle), not by QUIC. An
     // enrolment connection is closed at its deadline however it is kept up.
     t.keep_alive_interval(Some(limits.idle_timeout / 3));
+    // Downloads to devices and uploads to connectors keep their rate through random loss
+    // (see portcullis_shared::congestion).
+    t.congestion_controller_factory(Arc::new(portcullis_shared::congestion::LossTolerantConfig));
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Explicit windows: quinn's default connection window is effectively unbounded.

@@ -21,8 +21,8 @@ use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_e2e::{
-    APP, DB, H3Client, QuicDialer, RELAY_NAME, Stack, client_tls, loopback, metric, metrics_text,
-    stranger_tls, tls_connect, tls_from,
+    APP, DB, H3Client, Impairment, QuicDialer, RELAY_NAME, Stack, client_tls, loopback, metric,
+    metrics_text, stranger_tls, tls_connect, tls_from,
 };
 use portcullis_shared::proto::ENROLL_ALPN;
 
@@ -394,6 +394,36 @@ async fn throughput(s: &Stack) -> String {
         )),
         Err(e) => out.push_str(&format!("new tunnelled TCP connections/s: n/a ({e})\n")),
     }
+    // The same through a connector whose UDP is blocked: its tunnel runs over TLS on TCP.
+    let tcp = Stack::up_tunnel_over_tcp().await;
+    for proto in [Proto::H1, Proto::H2, Proto::H3] {
+        let name = match proto {
+            Proto::H1 => "HTTP/1.1",
+            Proto::H2 => "HTTP/2",
+            Proto::H3 => "HTTP/3",
+        };
+        let label = "relay + tunnel over TCP";
+        match measure(&tcp, proto, Path::Relay, secs).await {
+            Ok(f) => out.push_str(&format!(
+                "{name:<9} {label:<22} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.1}\n",
+                f.rps, f.p50_us, f.p99_us, f.mib_s, f.sse_ms
+            )),
+            Err(e) => out.push_str(&format!("{name:<9} {label:<22} n/a ({e})\n")),
+        }
+    }
+    match tunnels_per_sec(&tcp, secs).await {
+        Ok(n) => out.push_str(&format!(
+            "new tunnelled TCP connections/s through a tunnel over TCP (64 at a time): {n:.0}\n"
+        )),
+        Err(e) => out.push_str(&format!(
+            "new tunnelled TCP connections/s through a tunnel over TCP: n/a ({e})\n"
+        )),
+    }
+    drop(tcp);
+    match lossy_mib_s(secs).await {
+        Ok(text) => out.push_str(&text),
+        Err(e) => out.push_str(&format!("lossy tunnel path: n/a ({e:#})\n")),
+    }
     for (proto, name) in [(Proto::H2, "HTTP/2"), (Proto::H3, "HTTP/3")] {
         match idle_kib_per_connection(s, proto, 200).await {
             Ok(k) => out.push_str(&format!(
@@ -405,6 +435,38 @@ async fn throughput(s: &Stack) -> String {
         }
     }
     out
+}
+
+/// A 100 MiB download (HTTP/1.1 through the relay) with the connector's QUIC path
+/// dropping 5 % of the datagrams each way and delaying each by 50 ms each way, beside the
+/// same download with the path clean but as slow.
+async fn lossy_mib_s(secs: u64) -> anyhow::Result<String> {
+    let size: u64 = env_or("PORTCULLIS_LOSSY_BYTES", 100 << 20) as u64;
+    let mut out = String::new();
+    for (label, loss) in [("50 ms each way", 0.0), ("50 ms each way, 5 % loss", 0.05)] {
+        let s = Stack::up_impaired(Impairment {
+            loss,
+            delay: Duration::from_millis(50),
+            ..Impairment::default()
+        })
+        .await;
+        let mut client = connect(&s, Proto::H1, Path::Relay).await?;
+        let started = Instant::now();
+        let got = tokio::time::timeout(
+            Duration::from_secs(secs.max(5) * 60),
+            get(&mut client, &format!("/bytes?n={size}"), true),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("not done in {} s", secs.max(5) * 60))??;
+        anyhow::ensure!(got == size, "got {got} of {size} bytes");
+        let took = started.elapsed().as_secs_f64();
+        out.push_str(&format!(
+            "tunnel path {label}: {} MiB in {took:.1} s, {:.1} Mbit/s\n",
+            size >> 20,
+            size as f64 * 8.0 / took / 1e6
+        ));
+    }
+    Ok(out)
 }
 
 /// Raises this process's soft limit on open files to `wanted`, or to the hard limit if
