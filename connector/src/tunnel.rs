@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use portcullis_shared::config::{ConnectorConfig, RelayTarget};
-use portcullis_shared::congestion::LossTolerantConfig;
 use portcullis_shared::pki;
 use portcullis_shared::proto::{
     CloseCode, ConnectorEvent, ConnectorSession, ConnectorSessionConfig, ControlFrame,
@@ -188,7 +187,9 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     t.initial_rtt(Duration::from_millis(100));
     // Responses cross whatever path the connector sits behind: a controller that keeps
     // its rate through random loss (see portcullis_shared::congestion).
-    t.congestion_controller_factory(Arc::new(LossTolerantConfig));
+    t.congestion_controller_factory(portcullis_shared::congestion::factory(
+        config.quic_congestion,
+    ));
     // The relay opens one stream per request; these bound how many run at once.
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());

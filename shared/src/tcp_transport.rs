@@ -749,8 +749,10 @@ impl TunnelSend for H2Send {
 impl Drop for H2Send {
     fn drop(&mut self) {
         if !self.finished {
-            // Dropped mid-body: the peer must see an abort, not a clean end.
-            self.stream.send_reset(Reason::CANCEL);
+            // As a QUIC send stream does when dropped: finish it. The tunnel's code relies
+            // on that (a CONNECT stream's half ends when its copy ends); a reset here would
+            // also cut what the peer has yet to read the other way.
+            let _ = self.stream.send_data(Bytes::new(), true);
         }
     }
 }

@@ -54,22 +54,34 @@ impl Stack {
 
     /// Like [`Stack::up`], with `extra` TOML appended to relay.toml (e.g. `[limits]`).
     pub async fn up_with(extra: &str) -> Self {
-        Self::start(extra, TunnelPath::Direct).await
+        Self::start(extra, TunnelPath::Direct, None).await
     }
 
     /// Like [`Stack::up`], with the connector's UDP to the relay going nowhere (its
     /// `relay` is a UDP socket that never answers), so its tunnel runs over TLS on TCP.
     pub async fn up_tunnel_over_tcp() -> Self {
-        Self::start("", TunnelPath::OverTcp).await
+        Self::start("", TunnelPath::OverTcp, None).await
     }
 
     /// Like [`Stack::up`], with the connector reaching the relay through a [`UdpPath`]
     /// impaired by `impairment` (its fallback over TCP goes to the HTTPS port unimpaired).
-    pub async fn up_impaired(impairment: Impairment) -> Self {
-        Self::start("", TunnelPath::Impaired(impairment)).await
+    /// `congestion`: the QUIC congestion controller of relay and connector, if not the
+    /// default.
+    pub async fn up_impaired(impairment: Impairment, congestion: Option<&str>) -> Self {
+        let extra = congestion
+            .map(|c| format!("quic_congestion = {c:?}\n"))
+            .unwrap_or_default();
+        Self::start(&extra, TunnelPath::Impaired(impairment), congestion).await
     }
 
-    async fn start(extra: &str, tunnel: TunnelPath) -> Self {
+    /// Like [`Stack::up`], with relay and connector using the QUIC congestion controller
+    /// `congestion` (`quic_congestion`).
+    pub async fn up_with_congestion(congestion: &str) -> Self {
+        let extra = format!("quic_congestion = {congestion:?}\n");
+        Self::start(&extra, TunnelPath::Direct, Some(congestion)).await
+    }
+
+    async fn start(extra: &str, tunnel: TunnelPath, congestion: Option<&str>) -> Self {
         let w = World::new();
         w.issue_connector("c1", &[APP, "*.eng.internal", DB, GRPC]);
         w.issue_device("alice", "alice", &["eng"], None);
@@ -111,6 +123,10 @@ impl Stack {
         };
         let path =
             w.write_connector_config_with_tcp_port("c1", &relay_addr, addrs.https.port(), &ingress);
+        if let Some(c) = congestion {
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, format!("quic_congestion = {c:?}\n{text}")).unwrap();
+        }
         let connector = w.run_connector(None, "c1", &path);
         wait_for_connectors(addrs.admin, 1).await;
         Self {

@@ -10,7 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use portcullis_e2e::{
-    APP, DB, Daemon, Stack, World, bin, curl_expect, eventually, relay_ok, wait_for_connectors,
+    APP, DB, Daemon, Impairment, Stack, UdpPath, World, bin, curl_expect, eventually, relay_ok,
+    wait_for_connectors,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -978,4 +979,66 @@ async fn the_proxy_and_forwards_serve_only_the_user_running_the_agent() {
         log.contains("refusing a connection from another user"),
         "{log}"
     );
+}
+
+#[tokio::test]
+async fn a_download_through_the_agent_crosses_a_lossy_path_intact() {
+    let s = Stack::up().await;
+    // The laptop's path to the relay drops 5 % of the datagrams each way and delays each
+    // by 25 ms each way.
+    let path = UdpPath::start(s.addrs.quic).await;
+    path.impair(Impairment {
+        loss: 0.05,
+        delay: Duration::from_millis(25),
+        ..Impairment::default()
+    });
+    let relay = path.addr.to_string();
+    let out = relay_ok(&[
+        "token",
+        "create",
+        "device",
+        "--user",
+        "dave",
+        "--group",
+        "eng",
+        "--relay",
+        &relay,
+        "--state",
+        s.w.state(),
+    ]);
+    let token = s.w.path("dave.token");
+    std::fs::write(&token, out.lines().last().unwrap()).unwrap();
+    let home = s.w.path("dave-home");
+    let enrolled = enroll(&home, &token, "file").await;
+    assert!(
+        enrolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+    let up = up(&s, &home, &[]).await;
+    let size = 20 << 20;
+    let got = Command::new("curl")
+        .args(["-sS", "--max-time", "120", "-x"])
+        .arg(format!("http://127.0.0.1:{}", up.port))
+        .args(["-o", "/dev/null", "-w", "%{http_code} %{size_download}"])
+        .arg(format!("http://{APP}/bytes?n={size}"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert_eq!(
+        text,
+        format!("200 {size}"),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let dropped = path
+        .counts
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        dropped > 0,
+        "the path dropped nothing: the test tested nothing"
+    );
+    drop(up);
 }

@@ -10,8 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::{
-    Daemon, RunningRelay, TcpPath, TestClient, TestConnector, TestRelay, UdpPath, eventually,
+    Daemon, RELAY_NAME, RunningRelay, TcpPath, TestClient, TestConnector, TestRelay, UdpPath,
+    client_tls, eventually, stranger_tls,
 };
+use portcullis_shared::proto::TUNNEL_TCP_ALPN;
 
 const APP: &str = "app.internal";
 const TCP: &str = "portcullis_relay_tunnels{transport=\"tcp\"}";
@@ -230,4 +232,71 @@ async fn a_download_when_quic_is_blackholed_ends_within_the_idle_timeout_and_nev
     let ok = served(&client, Duration::from_secs(15)).await;
     assert!(ok.is_some(), "requests are served again over TCP");
     assert_eq!(relay.metric(TCP).await, Some(1));
+}
+
+/// What the relay says first on a TLS connection to its HTTPS port with `config` and
+/// SNI the relay's name: the start of its HTTP/2 preface when it takes a tunnel, nothing
+/// (the connection closed, or the handshake refused) otherwise.
+async fn first_bytes(relay: &RunningRelay, config: rustls::ClientConfig) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(relay.addrs.https)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(RELAY_NAME.to_owned()).unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+    else {
+        return Vec::new();
+    };
+    let mut buf = [0u8; 24];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+        .await
+        .expect("the relay neither speaks nor closes");
+    match read {
+        Ok(n) => buf[..n].to_vec(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_over_tcp_takes_only_a_connector_certificate_and_its_own_alpn() {
+    let (relay, _origin, _) = relay_and_origin().await;
+    relay.issue_connector("c9", &[APP]).await;
+    let w = &relay.world;
+    let preface = b"PRI * HTTP/2.0".as_slice();
+    // A connector with the tunnel's ALPN: the relay starts HTTP/2 as the client.
+    let ok = first_bytes(&relay, client_tls(w, "c9", &[TUNNEL_TCP_ALPN])).await;
+    assert!(ok.starts_with(preface), "{ok:?}");
+    // A device's certificate, or none, on the tunnel's ALPN: closed without a word.
+    for config in [
+        client_tls(w, "alice", &[TUNNEL_TCP_ALPN]),
+        stranger_tls(w, &[TUNNEL_TCP_ALPN]),
+    ] {
+        let got = first_bytes(&relay, config).await;
+        assert!(
+            !got.starts_with(preface),
+            "a tunnel without a connector: {got:?}"
+        );
+    }
+    // A connector's certificate on HTTP/2 or HTTP/1.1: closed after the handshake.
+    for alpn in [b"h2".as_slice(), b"http/1.1".as_slice()] {
+        let got = first_bytes(&relay, client_tls(w, "c9", &[alpn])).await;
+        assert!(got.is_empty(), "a connector on {alpn:?}: {got:?}");
+    }
+    // An ALPN the relay does not speak: the handshake fails.
+    let got = first_bytes(&relay, client_tls(w, "c9", &[b"portcullis-tunnel-h2/9"])).await;
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(
+        relay.metric(TCP).await,
+        Some(0),
+        "no tunnel came of any of them"
+    );
+    assert!(
+        relay
+            .metric("portcullis_relay_tls_handshake_failures_total")
+            .await
+            >= Some(1),
+        "the unknown ALPN failed the handshake"
+    );
 }

@@ -113,6 +113,16 @@ fn origin_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path:
 
 #[tokio::test]
 async fn grpc_unary_streaming_and_errors_pass_through_with_trailers() {
+    grpc_through(false).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP going nowhere).
+#[tokio::test]
+async fn grpc_with_trailers_passes_through_a_tunnel_over_tcp() {
+    grpc_through(true).await;
+}
+
+async fn grpc_through(tunnel_over_tcp: bool) {
     if !grpc_available() {
         assert!(
             std::env::var_os("PORTCULLIS_REQUIRE_GRPC").is_none(),
@@ -135,9 +145,17 @@ async fn grpc_unary_streaming_and_errors_pass_through_with_trailers() {
         "[[policy]]\nhostnames = [\"grpc.internal\", \"grpcs.internal\", \"app.internal\"]\ngroups = [\"eng\"]\n",
     );
     let (_relay, addrs) = w.start_relay().await;
-    let path = w.write_connector_config(
+    // Over TCP: the connector's QUIC goes to a UDP socket that never answers.
+    let udp_sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay = if tunnel_over_tcp {
+        udp_sink.local_addr().unwrap()
+    } else {
+        addrs.quic
+    };
+    let path = w.write_connector_config_with_tcp_port(
         "c1",
-        &addrs.quic.to_string(),
+        &relay.to_string(),
+        addrs.https.port(),
         &[
             ("grpc.internal", &format!("h2c://{plain_addr}")),
             ("grpcs.internal", &format!("https://{tls_addr}")),
@@ -157,6 +175,9 @@ async fn grpc_unary_streaming_and_errors_pass_through_with_trailers() {
     cmd.args(["run", "--config"]).arg(&path);
     let _connector = Daemon::spawn_logged(cmd, w.path("c1.log"));
     wait_for_connectors(addrs.admin, 1).await;
+    let transport = if tunnel_over_tcp { "tcp" } else { "quic" };
+    let series = format!("portcullis_relay_tunnels{{transport=\"{transport}\"}}");
+    assert_eq!(portcullis_e2e::metric(addrs.admin, &series).await, Some(1));
     curl_expect(&w, &addrs, "app.internal", "alice", 200).await;
 
     let out = w.path("out");

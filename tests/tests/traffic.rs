@@ -92,7 +92,20 @@ async fn a_connector_certificate_cannot_speak_http3() {
 
 #[tokio::test]
 async fn raw_tcp_flows_both_ways_with_half_close_over_http1_http2_and_http3() {
-    let s = Stack::up().await;
+    raw_tcp_flows_both_ways_with_half_close_over_http1_http2_and_http3_on(Stack::up().await).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP blocked).
+#[tokio::test]
+async fn raw_tcp_flows_both_ways_with_half_close_over_http1_http2_and_http3_through_a_tunnel_over_tcp()
+ {
+    raw_tcp_flows_both_ways_with_half_close_over_http1_http2_and_http3_on(
+        Stack::up_tunnel_over_tcp().await,
+    )
+    .await;
+}
+
+async fn raw_tcp_flows_both_ways_with_half_close_over_http1_http2_and_http3_on(s: Stack) {
     let port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
     let target = format!("{DB}:{port}");
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 256) as u8).collect();
@@ -146,8 +159,18 @@ async fn raw_tcp_flows_both_ways_with_half_close_over_http1_http2_and_http3() {
 
 #[tokio::test]
 async fn websocket_over_http1_upgrade_echoes_messages_and_pings() {
+    websocket_over_http1_upgrade_echoes_messages_and_pings_on(Stack::up().await).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP blocked).
+#[tokio::test]
+async fn websocket_over_http1_upgrade_echoes_messages_and_pings_through_a_tunnel_over_tcp() {
+    websocket_over_http1_upgrade_echoes_messages_and_pings_on(Stack::up_tunnel_over_tcp().await)
+        .await;
+}
+
+async fn websocket_over_http1_upgrade_echoes_messages_and_pings_on(s: Stack) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = Stack::up().await;
     let mut tls = portcullis_e2e::tls_connect(&s.w, &s.addrs, APP, "alice", &[b"http/1.1"]).await;
     let head = portcullis_e2e::ws_handshake(&mut tls, "/ws", APP).await;
     let connection = head
@@ -180,7 +203,20 @@ async fn websocket_over_http1_upgrade_echoes_messages_and_pings() {
 
 #[tokio::test]
 async fn websocket_over_http2_extended_connect_reaches_a_websocket_origin() {
-    let s = Stack::up().await;
+    websocket_over_http2_extended_connect_reaches_a_websocket_origin_on(Stack::up().await).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP blocked).
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_reaches_a_websocket_origin_through_a_tunnel_over_tcp()
+ {
+    websocket_over_http2_extended_connect_reaches_a_websocket_origin_on(
+        Stack::up_tunnel_over_tcp().await,
+    )
+    .await;
+}
+
+async fn websocket_over_http2_extended_connect_reaches_a_websocket_origin_on(s: Stack) {
     let (mut send, mut body) = portcullis_e2e::h2_websocket(&s.w, &s.addrs, "alice", APP).await;
     send.send_data(Bytes::from(ws_client_frame(0x1, b"over h2")), false)
         .unwrap();
@@ -192,7 +228,16 @@ async fn websocket_over_http2_extended_connect_reaches_a_websocket_origin() {
 
 #[tokio::test]
 async fn trailers_from_an_h2c_origin_survive_http2_and_http3() {
-    let s = Stack::up().await;
+    trailers_from_an_h2c_origin_survive_http2_and_http3_on(Stack::up().await).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP blocked).
+#[tokio::test]
+async fn trailers_from_an_h2c_origin_survive_http2_and_http3_through_a_tunnel_over_tcp() {
+    trailers_from_an_h2c_origin_survive_http2_and_http3_on(Stack::up_tunnel_over_tcp().await).await;
+}
+
+async fn trailers_from_an_h2c_origin_survive_http2_and_http3_on(s: Stack) {
     // HTTP/2, with hyper's client.
     let tls = portcullis_e2e::tls_connect(&s.w, &s.addrs, GRPC, "alice", &[b"h2"]).await;
     let (mut send, conn) = hyper::client::conn::http2::handshake(
@@ -225,8 +270,17 @@ async fn trailers_from_an_h2c_origin_survive_http2_and_http3() {
 
 #[tokio::test]
 async fn server_sent_events_arrive_as_the_origin_writes_them() {
+    server_sent_events_arrive_as_the_origin_writes_them_on(Stack::up().await).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP blocked).
+#[tokio::test]
+async fn server_sent_events_arrive_as_the_origin_writes_them_through_a_tunnel_over_tcp() {
+    server_sent_events_arrive_as_the_origin_writes_them_on(Stack::up_tunnel_over_tcp().await).await;
+}
+
+async fn server_sent_events_arrive_as_the_origin_writes_them_on(s: Stack) {
     use tokio::io::AsyncReadExt;
-    let s = Stack::up().await;
     // The origin writes event 0 at once, event 1 after 3 s. Seeing event 0 well before then
     // proves nothing on the way buffers the stream.
     let mut cmd = curl_cmd(&s.w, &s.addrs, APP, "/sse?ms=3000&n=2", Some("alice"));
@@ -283,7 +337,16 @@ async fn expect_100_continue_and_chunked_uploads_arrive_intact() {
 
 #[tokio::test]
 async fn a_client_disconnect_aborts_the_origin_request() {
-    let s = Stack::up().await;
+    a_client_disconnect_aborts_the_origin_request_on(Stack::up().await).await;
+}
+
+/// The same through a tunnel over TLS on TCP (the connector's UDP blocked).
+#[tokio::test]
+async fn a_client_disconnect_aborts_the_origin_request_through_a_tunnel_over_tcp() {
+    a_client_disconnect_aborts_the_origin_request_on(Stack::up_tunnel_over_tcp().await).await;
+}
+
+async fn a_client_disconnect_aborts_the_origin_request_on(s: Stack) {
     // The origin notes each stream whose client went away; count them as clients leave.
     let aborted = |n: usize| {
         let origin = &s.origin;

@@ -36,7 +36,7 @@ pub(crate) fn bind(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(tls).context("QUIC TLS config")?,
     ));
-    server.transport_config(Arc::new(transport(&config.limits)?));
+    server.transport_config(Arc::new(transport(&config.limits, config.quic_congestion)?));
     // Connection attempts not yet taken by the accept loop: quinn refuses beyond
     // MAX_INCOMING, and buffers little for each (0-RTT is never accepted, so a client has
     // nothing to send before the relay answers).
@@ -102,7 +102,10 @@ const STRANGER_WINDOW: u32 = MAX_ENROLL_LEN as u32;
 /// bidirectional stream at a time, no unidirectional ones, a 64 KiB connection window.
 /// QUIC lets limits grow but never shrink, so [`open_up`] raises them once the
 /// certificate shows a connector or a device; enrolment keeps them.
-fn transport(limits: &LimitsConfig) -> anyhow::Result<quinn::TransportConfig> {
+fn transport(
+    limits: &LimitsConfig,
+    congestion: portcullis_shared::config::QuicCongestion,
+) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(limits.idle_timeout)?));
     // PINGs keep a busy connection up (a request waiting on a slow origin sends nothing);
@@ -111,7 +114,7 @@ fn transport(limits: &LimitsConfig) -> anyhow::Result<quinn::TransportConfig> {
     t.keep_alive_interval(Some(limits.idle_timeout / 3));
     // Downloads to devices and uploads to connectors keep their rate through random loss
     // (see portcullis_shared::congestion).
-    t.congestion_controller_factory(Arc::new(portcullis_shared::congestion::LossTolerantConfig));
+    t.congestion_controller_factory(portcullis_shared::congestion::factory(congestion));
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Explicit windows: quinn's default connection window is effectively unbounded.

@@ -42,6 +42,10 @@ pub struct ConnectorConfig {
     /// `portcullis-connector status`); default `status.json` beside `cert`.
     #[serde(default)]
     pub status_file: Option<PathBuf>,
+    /// The congestion controller of the tunnel's QUIC: `loss-tolerant` (the default) or
+    /// `cubic`.
+    #[serde(default)]
+    pub quic_congestion: super::QuicCongestion,
     /// The services this connector publishes.
     pub ingress: Vec<IngressRule>,
 }

@@ -89,6 +89,17 @@ pub(crate) mod defaults {
     }
 }
 
+/// The congestion controller of the daemon's QUIC connections (`quic_congestion`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuicCongestion {
+    /// Keeps its rate through random loss ([`crate::congestion`]); the default.
+    #[default]
+    LossTolerant,
+    /// quinn's CUBIC: halves its window at every loss.
+    Cubic,
+}
+
 #[cfg(test)]
 mod example_tests {
     use super::*;

@@ -43,6 +43,10 @@ pub struct RelayConfig {
     /// before the relay stops accepting them; then the drain starts.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// The congestion controller of the relay's QUIC connections: `loss-tolerant` (the
+    /// default) or `cubic`.
+    #[serde(default)]
+    pub quic_congestion: super::QuicCongestion,
     /// Resource limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -247,6 +251,7 @@ impl RelayConfig {
             access_log,
             drain_grace,
             shutdown_delay,
+            quic_congestion,
             limits,
             tls,
             store,
@@ -264,6 +269,10 @@ impl RelayConfig {
             ("access_log", *access_log != running.access_log),
             ("drain_grace", *drain_grace != running.drain_grace),
             ("shutdown_delay", *shutdown_delay != running.shutdown_delay),
+            (
+                "quic_congestion",
+                *quic_congestion != running.quic_congestion,
+            ),
             ("limits", *limits != running.limits),
             ("tls", *tls != running.tls),
             ("store", *store != running.store),

@@ -394,23 +394,13 @@ async fn throughput(s: &Stack) -> String {
         )),
         Err(e) => out.push_str(&format!("new tunnelled TCP connections/s: n/a ({e})\n")),
     }
-    // The same through a connector whose UDP is blocked: its tunnel runs over TLS on TCP.
+    // The same through a connector whose UDP is blocked (its tunnel runs over TLS on
+    // TCP), and with quinn's CUBIC in place of the loss-tolerant controller.
     let tcp = Stack::up_tunnel_over_tcp().await;
-    for proto in [Proto::H1, Proto::H2, Proto::H3] {
-        let name = match proto {
-            Proto::H1 => "HTTP/1.1",
-            Proto::H2 => "HTTP/2",
-            Proto::H3 => "HTTP/3",
-        };
-        let label = "relay + tunnel over TCP";
-        match measure(&tcp, proto, Path::Relay, secs).await {
-            Ok(f) => out.push_str(&format!(
-                "{name:<9} {label:<22} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.1}\n",
-                f.rps, f.p50_us, f.p99_us, f.mib_s, f.sse_ms
-            )),
-            Err(e) => out.push_str(&format!("{name:<9} {label:<22} n/a ({e})\n")),
-        }
-    }
+    relay_rows(&mut out, &tcp, "relay + tunnel over TCP", secs).await;
+    let cubic = Stack::up_with_congestion("cubic").await;
+    relay_rows(&mut out, &cubic, "relay + connector, CUBIC", secs).await;
+    drop(cubic);
     match tunnels_per_sec(&tcp, secs).await {
         Ok(n) => out.push_str(&format!(
             "new tunnelled TCP connections/s through a tunnel over TCP (64 at a time): {n:.0}\n"
@@ -437,18 +427,48 @@ async fn throughput(s: &Stack) -> String {
     out
 }
 
+/// The table's rows through the relay for HTTP/1.1, HTTP/2 and HTTP/3 on stack `s`.
+async fn relay_rows(out: &mut String, s: &Stack, label: &str, secs: u64) {
+    for (proto, name) in [
+        (Proto::H1, "HTTP/1.1"),
+        (Proto::H2, "HTTP/2"),
+        (Proto::H3, "HTTP/3"),
+    ] {
+        match measure(s, proto, Path::Relay, secs).await {
+            Ok(f) => out.push_str(&format!(
+                "{name:<9} {label:<22} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.1}\n",
+                f.rps, f.p50_us, f.p99_us, f.mib_s, f.sse_ms
+            )),
+            Err(e) => out.push_str(&format!("{name:<9} {label:<22} n/a ({e})\n")),
+        }
+    }
+}
+
 /// A 100 MiB download (HTTP/1.1 through the relay) with the connector's QUIC path
 /// dropping 5 % of the datagrams each way and delaying each by 50 ms each way, beside the
-/// same download with the path clean but as slow.
+/// same download with the path clean but as slow, and a 2 MiB one with quinn's CUBIC on
+/// the lossy path (at its rate 100 MiB would take many minutes).
 async fn lossy_mib_s(secs: u64) -> anyhow::Result<String> {
-    let size: u64 = env_or("PORTCULLIS_LOSSY_BYTES", 100 << 20) as u64;
+    let full: u64 = env_or("PORTCULLIS_LOSSY_BYTES", 100 << 20) as u64;
     let mut out = String::new();
-    for (label, loss) in [("50 ms each way", 0.0), ("50 ms each way, 5 % loss", 0.05)] {
-        let s = Stack::up_impaired(Impairment {
-            loss,
-            delay: Duration::from_millis(50),
-            ..Impairment::default()
-        })
+    for (label, loss, congestion, size) in [
+        ("50 ms each way", 0.0, None, full),
+        ("50 ms each way, 5 % loss", 0.05, None, full),
+        (
+            "50 ms each way, 5 % loss, CUBIC",
+            0.05,
+            Some("cubic"),
+            full / 50,
+        ),
+    ] {
+        let s = Stack::up_impaired(
+            Impairment {
+                loss,
+                delay: Duration::from_millis(50),
+                ..Impairment::default()
+            },
+            congestion,
+        )
         .await;
         let mut client = connect(&s, Proto::H1, Path::Relay).await?;
         let started = Instant::now();
@@ -461,8 +481,8 @@ async fn lossy_mib_s(secs: u64) -> anyhow::Result<String> {
         anyhow::ensure!(got == size, "got {got} of {size} bytes");
         let took = started.elapsed().as_secs_f64();
         out.push_str(&format!(
-            "tunnel path {label}: {} MiB in {took:.1} s, {:.1} Mbit/s\n",
-            size >> 20,
+            "tunnel path {label}: {:.0} MiB in {took:.1} s, {:.1} Mbit/s\n",
+            size as f64 / f64::from(1 << 20),
             size as f64 * 8.0 / took / 1e6
         ));
     }
