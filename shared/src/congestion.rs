@@ -266,9 +266,10 @@ impl Controller for LossTolerant {
         sent: Instant,
         bytes: u64,
         app_limited: bool,
-        rtt: &quinn_proto::RttEstimator,
+        _rtt: &quinn_proto::RttEstimator,
     ) {
-        let _ = rtt;
+        // The core takes its own round-trip samples (`now - sent`): quinn's minimum
+        // never forgets, and a path whose delay grew would keep a window far too small.
         self.core.on_ack(now, sent, bytes, app_limited);
     }
 

@@ -311,7 +311,11 @@ fn stream_error(e: h2::Error) -> std::io::Error {
 }
 
 impl TcpTransport {
-    fn wrap(inner: Arc<Inner>) -> Self {
+    /// The users' handle on a connection whose driver runs; starts its keep-alive.
+    fn start(inner: Arc<Inner>, ping: Option<PingPong>, settings: TcpSettings) -> Self {
+        if let Some(ping) = ping {
+            tokio::spawn(keep_alive(ping, Arc::downgrade(&inner), settings));
+        }
         Self {
             inner: Arc::new(Owner(inner)),
         }
@@ -328,10 +332,7 @@ impl TcpTransport {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let received = Arc::new(AtomicU64::new(0));
-        let io = Counted {
-            io,
-            read: received.clone(),
-        };
+        let io = Counted::new(io, received.clone());
         let (send_request, mut conn) = h2::client::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
@@ -349,10 +350,7 @@ impl TcpTransport {
             let _ = tx.send(control);
         }
         tokio::spawn(drive_client(conn, inner.clone(), channels.close));
-        if let Some(ping) = ping {
-            tokio::spawn(keep_alive(ping, Arc::downgrade(&inner), settings));
-        }
-        Ok(Self::wrap(inner))
+        Ok(Self::start(inner, ping, settings))
     }
 
     /// The connector's end: `io` is the TLS connection it dialled to the relay's HTTPS
@@ -366,10 +364,7 @@ impl TcpTransport {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let received = Arc::new(AtomicU64::new(0));
-        let io = Counted {
-            io,
-            read: received.clone(),
-        };
+        let io = Counted::new(io, received.clone());
         let mut conn = h2::server::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
@@ -382,10 +377,7 @@ impl TcpTransport {
         let (inner, channels) = Inner::new(peer, None, received);
         let inner = Arc::new(inner);
         tokio::spawn(drive_server(conn, inner.clone(), channels));
-        if let Some(ping) = ping {
-            tokio::spawn(keep_alive(ping, Arc::downgrade(&inner), settings));
-        }
-        Ok(Self::wrap(inner))
+        Ok(Self::start(inner, ping, settings))
     }
 }
 

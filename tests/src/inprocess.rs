@@ -154,6 +154,18 @@ impl Default for TestRelay {
     }
 }
 
+/// A relay on which device alice (group eng) may reach `app`, and the test origin with its
+/// address.
+pub async fn relay_with_origin(app: &str) -> (RunningRelay, crate::Daemon, String) {
+    let relay = TestRelay::new()
+        .allow(&[app], &["eng"])
+        .device("alice", "alice", &["eng"])
+        .run()
+        .await;
+    let (origin, origin_addr) = relay.world.start_origin().await;
+    (relay, origin, origin_addr)
+}
+
 /// A relay running in the test's runtime; its shutdown is triggered on drop.
 pub struct RunningRelay {
     /// Its world: directory, CA, issued certificates.

@@ -10,25 +10,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::{
-    Daemon, RELAY_NAME, RunningRelay, TcpPath, TestClient, TestConnector, TestRelay, UdpPath,
-    client_tls, eventually, stranger_tls,
+    RELAY_NAME, RunningRelay, TcpPath, TestClient, TestConnector, UdpPath, client_tls, eventually,
+    relay_with_origin, stranger_tls,
 };
 use portcullis_shared::proto::TUNNEL_TCP_ALPN;
 
 const APP: &str = "app.internal";
 const TCP: &str = "portcullis_relay_tunnels{transport=\"tcp\"}";
 const QUIC: &str = "portcullis_relay_tunnels{transport=\"quic\"}";
-
-/// A relay letting alice (group eng) reach APP, and the test origin.
-async fn relay_and_origin() -> (RunningRelay, Daemon, String) {
-    let relay = TestRelay::new()
-        .allow(&[APP], &["eng"])
-        .device("alice", "alice", &["eng"])
-        .run()
-        .await;
-    let (origin, origin_addr) = relay.world.start_origin().await;
-    (relay, origin, origin_addr)
-}
 
 /// Whether a request to APP is answered 200 within `within`.
 async fn served(client: &TestClient, within: Duration) -> Option<()> {
@@ -40,7 +29,7 @@ async fn served(client: &TestClient, within: Duration) -> Option<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_streams() {
-    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let (relay, _origin, origin_addr) = relay_with_origin(APP).await;
     let path = UdpPath::start(relay.addrs.quic).await;
     path.set_blackhole(true);
     let started = Instant::now();
@@ -102,7 +91,7 @@ async fn blocked_udp_tunnels_over_tcp_then_returns_to_quic_without_cutting_open_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_tunnel_whose_udp_dies_moves_to_tcp() {
-    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let (relay, _origin, origin_addr) = relay_with_origin(APP).await;
     let path = UdpPath::start(relay.addrs.quic).await;
     let _c = TestConnector::new(&relay)
         .via(path.addr)
@@ -131,7 +120,7 @@ async fn a_quic_tunnel_whose_udp_dies_moves_to_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_connector_on_tcp_is_cut_within_a_second() {
-    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let (relay, _origin, origin_addr) = relay_with_origin(APP).await;
     let path = UdpPath::start(relay.addrs.quic).await;
     path.set_blackhole(true);
     let c = TestConnector::new(&relay)
@@ -161,7 +150,7 @@ async fn a_revoked_connector_on_tcp_is_cut_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_tunnel_cut_by_a_reset_reconnects() {
-    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let (relay, _origin, origin_addr) = relay_with_origin(APP).await;
     let udp = UdpPath::start(relay.addrs.quic).await;
     udp.set_blackhole(true);
     let tcp = TcpPath::start(relay.addrs.https).await;
@@ -193,7 +182,7 @@ async fn a_tcp_tunnel_cut_by_a_reset_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_when_quic_is_blackholed_ends_within_the_idle_timeout_and_never_hangs() {
-    let (relay, _origin, origin_addr) = relay_and_origin().await;
+    let (relay, _origin, origin_addr) = relay_with_origin(APP).await;
     let path = UdpPath::start(relay.addrs.quic).await;
     let _c = TestConnector::new(&relay)
         .via(path.addr)
@@ -261,7 +250,7 @@ async fn first_bytes(relay: &RunningRelay, config: rustls::ClientConfig) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tunnel_over_tcp_takes_only_a_connector_certificate_and_its_own_alpn() {
-    let (relay, _origin, _) = relay_and_origin().await;
+    let (relay, _origin, _) = relay_with_origin(APP).await;
     relay.issue_connector("c9", &[APP]).await;
     let w = &relay.world;
     let preface = b"PRI * HTTP/2.0".as_slice();

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::{H3Client, Impairment, TestConnector, TestRelay, UdpPath};
+use portcullis_e2e::{H3Client, Impairment, TestConnector, UdpPath, relay_with_origin};
 
 const APP: &str = "app.internal";
 /// 100 MiB; `PORTCULLIS_LOSSY_BYTES` overrides it.
@@ -21,12 +21,7 @@ fn size() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_mib_cross_a_lossy_delayed_tunnel_path_intact() {
-    let relay = TestRelay::new()
-        .allow(&[APP], &["eng"])
-        .device("alice", "alice", &["eng"])
-        .run()
-        .await;
-    let (_origin, origin_addr) = relay.world.start_origin().await;
+    let (relay, _origin, origin_addr) = relay_with_origin(APP).await;
     let path = UdpPath::start(relay.addrs.quic).await;
     let _c = TestConnector::new(&relay)
         .via(path.addr)

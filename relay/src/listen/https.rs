@@ -19,7 +19,6 @@ use portcullis_shared::proto::{ENROLL_ALPN, TUNNEL_TCP_ALPN};
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::tcp_transport::{PeerInfo, TcpSettings, TcpTransport};
 use portcullis_shared::transport::{Transport, TransportKind};
-use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -168,16 +167,12 @@ async fn serve_connection(
     };
     let (_, session) = tls.get_ref();
     let tls13 = session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
-    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    let certs: Option<Vec<CertificateDer<'static>>> = session
+    let alpn = session.alpn_protocol();
+    let cert = session
         .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-    let sni = session.server_name().map(str::to_owned);
-    let cert = certs
-        .as_ref()
         .and_then(|certs| certs.first())
         .and_then(|leaf| pki::inspect(leaf).ok());
-    match alpn.as_deref() {
+    match alpn {
         Some(TUNNEL_TCP_ALPN | ENROLL_ALPN) if !tls13 => {
             // Only reachable with `min_version = "1.2"`: tunnels and enrolment are 1.3 only.
             tracing::info!(client.addr = %peer, "tunnel or enrolment over TLS 1.2 refused");
@@ -192,9 +187,13 @@ async fn serve_connection(
                 return;
             };
             tracing::Span::current().record("connector.name", identity.id());
+            // Only a tunnel keeps the peer's chain and name past the handshake.
+            let (_, session) = tls.get_ref();
             let peer_info = PeerInfo {
-                certificates: certs,
-                server_name: sni,
+                certificates: session
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
+                server_name: session.server_name().map(str::to_owned),
                 remote: peer,
             };
             let transport = match tokio::time::timeout(
