@@ -187,8 +187,8 @@ impl Relay {
             Some(a) => a,
             None => portcullis_shared::enroll_client::resolve(&relays[0]).await?,
         };
-        let endpoint =
-            quinn::Endpoint::client(local_any(addr)).context("creating the agent's QUIC socket")?;
+        let endpoint = portcullis_shared::udp::client_endpoint(local_any(addr))
+            .context("creating the agent's QUIC socket")?;
         Ok(Self {
             endpoint,
             relays,
@@ -218,7 +218,7 @@ impl Relay {
     /// Moves the connection to a fresh local UDP socket (a new address, as after a network
     /// change); QUIC migration carries every open stream over.
     pub(crate) fn rebind(&self) -> anyhow::Result<SocketAddr> {
-        let socket = std::net::UdpSocket::bind(local_any(self.addr))?;
+        let (socket, _) = portcullis_shared::udp::bind(local_any(self.addr))?;
         let local = socket.local_addr()?;
         self.endpoint.rebind(socket)?;
         Ok(local)

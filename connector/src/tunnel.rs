@@ -48,6 +48,12 @@ const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEP_ALIVE: Duration = Duration::from_millis(250);
 /// Nothing from the relay for this long and the tunnel is gone.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Streams the relay may have open on a tunnel at once. The relay bounds them itself
+/// (`max_streams_per_connector`, 4096 by default, answering 503 beyond); this only needs
+/// to stay above any value an operator sets there, or the relay's next stream would wait
+/// for credit instead of being refused (at 1024 here, the 1,000 idle connections of the
+/// benchmark hung the next one).
+const RELAY_STREAMS: u32 = portcullis_shared::config::MAX_STREAMS_PER_CONNECTOR as u32;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a finished stream's task waits for the relay to acknowledge its data.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,7 +142,7 @@ fn tcp_settings() -> TcpSettings {
         connection_window: 16 << 20,
         keep_alive: KEEP_ALIVE,
         idle_timeout: IDLE_TIMEOUT,
-        max_streams: 1024,
+        max_streams: RELAY_STREAMS,
     }
 }
 
@@ -191,7 +197,7 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
         config.quic_congestion,
     ));
     // The relay opens one stream per request; these bound how many run at once.
-    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_bidi_streams(RELAY_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((1u32 << 20).into());
     t.receive_window((16u32 << 20).into());
@@ -207,7 +213,7 @@ pub(crate) fn endpoint_for(addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> 
     } else {
         "[::]:0".parse()?
     };
-    quinn::Endpoint::client(bind).context("creating the QUIC client socket")
+    portcullis_shared::udp::client_endpoint(bind).context("creating the QUIC client socket")
 }
 
 /// Exponential backoff with full jitter in the upper half.

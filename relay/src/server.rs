@@ -16,6 +16,7 @@ use portcullis_shared::pki::Ca;
 use portcullis_shared::proto::CloseCode;
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::store::Store;
+use portcullis_shared::udp::BufferSizes;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_rustls::TlsAcceptor;
@@ -92,6 +93,7 @@ pub async fn run(
     let bound = listeners.bound()?;
     let endpoint = listeners.quic.clone();
     let (state, terminated) = build_state(config, &identity, bound, &shutdown)?;
+    state.metrics.udp_buffers(listeners.udp_buffers);
     let admin = serve(&state, &identity, listeners, terminated, source, &shutdown)?;
     record_endpoint(&state, bound);
     on_ready(bound)?;
@@ -159,6 +161,8 @@ struct Listeners {
     https: TcpListener,
     quic: quinn::Endpoint,
     admin: Option<TcpListener>,
+    /// What the QUIC socket's buffers obtained, for the metrics.
+    udp_buffers: BufferSizes,
 }
 
 impl Listeners {
@@ -172,7 +176,7 @@ impl Listeners {
                 )
             })?;
         let quic_tls = tls::quic_config(&id.ca, &id.registry, id.resolver.clone())?;
-        let quic = quic::bind(config, quic_tls)?;
+        let (quic, udp_buffers) = quic::bind(config, quic_tls)?;
         let admin = match config.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -181,7 +185,12 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Self { https, quic, admin })
+        Ok(Self {
+            https,
+            quic,
+            admin,
+            udp_buffers,
+        })
     }
 
     fn bound(&self) -> anyhow::Result<Bound> {

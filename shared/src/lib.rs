@@ -24,5 +24,6 @@ pub mod token;
 pub mod transport;
 pub mod tunnel_body;
 pub mod tunnel_io;
+pub mod udp;
 
 pub use identity::{HostPattern, Hostname, Identity, IdentityError, Role};

@@ -81,9 +81,28 @@ impl Stack {
         Self::start(&extra, TunnelPath::Direct, Some(congestion)).await
     }
 
+    /// Like [`Stack::up`], with c1 also publishing each `(hostname, service URL)` of
+    /// `services` (names under `*.eng.internal`, so alice may reach them); `ORIGIN` in a
+    /// URL stands for the origin's HTTP address (`tcp://ORIGIN`: the origin as raw TCP).
+    /// `extra`: TOML appended to relay.toml, as for [`Stack::up_with`].
+    pub async fn up_with_services(extra: &str, services: &[(&str, &str)]) -> Self {
+        Self::start_with(extra, TunnelPath::Direct, None, services).await
+    }
+
     async fn start(extra: &str, tunnel: TunnelPath, congestion: Option<&str>) -> Self {
+        Self::start_with(extra, tunnel, congestion, &[]).await
+    }
+
+    async fn start_with(
+        extra: &str,
+        tunnel: TunnelPath,
+        congestion: Option<&str>,
+        services: &[(&str, &str)],
+    ) -> Self {
         let w = World::new();
-        w.issue_connector("c1", &[APP, "*.eng.internal", DB, GRPC]);
+        let mut names = vec![APP, "*.eng.internal", DB, GRPC];
+        names.extend(services.iter().map(|(name, _)| *name));
+        w.issue_connector("c1", &names);
         w.issue_device("alice", "alice", &["eng"], None);
         w.issue_device("bob", "bob", &["sales"], None);
         let (origin, origin_addr) = w.start_origin().await;
@@ -97,12 +116,18 @@ impl Stack {
         let service = format!("http://{origin_addr}");
         let echo = format!("tcp://{}", w.echo_addr());
         let h2c = format!("h2c://{origin_addr}");
-        let ingress = [
+        // The extra services first: the wildcard would take their names.
+        let extra: Vec<(&str, String)> = services
+            .iter()
+            .map(|(name, url)| (*name, url.replace("ORIGIN", &origin_addr)))
+            .collect();
+        let mut ingress: Vec<(&str, &str)> = extra.iter().map(|(n, u)| (*n, u.as_str())).collect();
+        ingress.extend([
             (APP, service.as_str()),
             ("*.eng.internal", service.as_str()),
             (DB, echo.as_str()),
             (GRPC, h2c.as_str()),
-        ];
+        ]);
         let mut udp_sink = None;
         let mut udp_path = None;
         let relay_addr = match tunnel {

@@ -50,6 +50,19 @@ fn agent(home: &Path) -> Command {
     cmd
 }
 
+/// `portcullis tcp TARGET --listen 127.0.0.1:0`, running, and the address it listens on.
+async fn forward(s: &Stack, home: &Path, target: &str) -> (Daemon, std::net::SocketAddr) {
+    let ready = s.w.path("tcp.ready");
+    let mut cmd = agent(home);
+    cmd.args(["tcp", target, "--listen", "127.0.0.1:0"])
+        .arg("--ready-file")
+        .arg(&ready);
+    let mut fwd = Daemon::spawn_logged(cmd, s.w.path("tcp.log"));
+    let v: serde_json::Value = serde_json::from_str(&fwd.wait_ready_file(&ready).await).unwrap();
+    let listen = v["listen"].as_str().unwrap().parse().unwrap();
+    (fwd, listen)
+}
+
 async fn enroll(home: &Path, token: &Path, store: &str) -> std::process::Output {
     enroll_with(home, token, store, &[]).await
 }
@@ -227,24 +240,8 @@ async fn a_device_enrols_with_one_token_and_reaches_private_web_and_tcp_services
 
     // A TCP forward, 50 connections at once, to the TCP echo service.
     let echo_port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
-    let ready = s.w.path("tcp.ready");
-    let mut fwd = agent(&home);
-    fwd.args([
-        "tcp",
-        &format!("{DB}:{echo_port}"),
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .arg("--ready-file")
-    .arg(&ready);
-    let mut fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
-    let v: serde_json::Value = serde_json::from_str(&fwd.wait_ready_file(&ready).await).unwrap();
-    let listen = v["listen"]
-        .as_str()
-        .unwrap()
-        .parse::<std::net::SocketAddr>()
-        .unwrap()
-        .port();
+    let (fwd, listen) = forward(&s, &home, &format!("{DB}:{echo_port}")).await;
+    let listen = listen.port();
     let conns: Vec<_> = (0..50)
         .map(|i| {
             tokio::spawn(async move {
@@ -923,24 +920,12 @@ async fn the_proxy_and_forwards_serve_only_the_user_running_the_agent() {
         ..
     } = up(&s, &home, &[]).await;
     let echo_port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
-    let ready = s.w.path("tcp.ready");
-    let mut fwd = agent(&home);
-    fwd.args([
-        "tcp",
-        &format!("{DB}:{echo_port}"),
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .arg("--ready-file")
-    .arg(&ready);
-    let mut fwd = Daemon::spawn_logged(fwd, s.w.path("tcp.log"));
-    let v: serde_json::Value = serde_json::from_str(&fwd.wait_ready_file(&ready).await).unwrap();
-    let forward = v["listen"].as_str().unwrap().to_owned();
+    let (_fwd, listen) = forward(&s, &home, &format!("{DB}:{echo_port}")).await;
     // Sends a word to the forward and prints the first five bytes that come back (none if
     // the connection is closed), as whoever runs it.
     let echo = format!(
         "exec 3<>/dev/tcp/127.0.0.1/{}; printf hello >&3; timeout 10 head -c 5 <&3",
-        forward.rsplit(':').next().unwrap()
+        listen.port()
     );
     let url = format!("http://{APP}/");
     let proxy = format!("http://127.0.0.1:{port}");
@@ -1041,4 +1026,112 @@ async fn a_download_through_the_agent_crosses_a_lossy_path_intact() {
         "the path dropped nothing: the test tested nothing"
     );
     drop(up);
+}
+
+/// A TCP forward carries many more connections over time than a relay connection may have
+/// streams open at once (100 by default): each closed connection gives its stream back,
+/// whichever side closes first. An HTTP origin reached as raw TCP: 200 connections one
+/// after another and 3 rounds of 64 at once, half closed by the client, half by the server
+/// (`Connection: close`); then 95 held open at once must all be served.
+#[tokio::test]
+async fn a_tcp_forward_gives_back_the_stream_of_every_closed_connection() {
+    let s = Stack::up_with_services("", &[("web.eng.internal", "tcp://ORIGIN")]).await;
+    let home = s.w.path("home");
+    let token = device_token(&s, "kim", &[]);
+    assert!(enroll(&home, &token, "file").await.status.success());
+    let port = s.origin_addr.rsplit(':').next().unwrap();
+    let (fwd, listen) = forward(&s, &home, &format!("web.eng.internal:{port}")).await;
+    let log = fwd.log.clone();
+    let bounded = |what: String, one: tokio::task::JoinHandle<()>| {
+        let log = log.clone();
+        async move {
+            match tokio::time::timeout(Duration::from_secs(10), one).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => panic!(
+                    "{what} hung:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            }
+        }
+    };
+    for i in 0..200 {
+        bounded(
+            format!("connection {i}"),
+            tokio::spawn(get_over(listen, i % 2 == 1, None)),
+        )
+        .await;
+    }
+    for round in 0..3 {
+        let all: Vec<_> = (0..64)
+            .map(|i| tokio::spawn(get_over(listen, i % 2 == 1, None)))
+            .collect();
+        for (i, one) in all.into_iter().enumerate() {
+            bounded(format!("round {round}, connection {i}"), one).await;
+        }
+    }
+    // Closed to release the held connections.
+    let held = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (served, mut count) = tokio::sync::mpsc::channel(95);
+    let all: Vec<_> = (0..95)
+        .map(|_| {
+            tokio::spawn(get_over(
+                listen,
+                false,
+                Some((served.clone(), held.clone())),
+            ))
+        })
+        .collect();
+    for i in 0..95 {
+        tokio::time::timeout(Duration::from_secs(10), count.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{i} of 95 held connections served:\n{}", fwd.log_text()));
+    }
+    held.close();
+    for (i, one) in all.into_iter().enumerate() {
+        bounded(format!("held connection {i}"), one).await;
+    }
+}
+
+type Hold = (
+    tokio::sync::mpsc::Sender<()>,
+    std::sync::Arc<tokio::sync::Semaphore>,
+);
+
+/// One HTTP/1.1 GET over raw TCP to `addr`; `server_closes` asks the server to close
+/// (`Connection: close`), else the client closes after the response. With `hold`, says
+/// it was served and keeps the connection open until the hold is released.
+async fn get_over(addr: std::net::SocketAddr, server_closes: bool, hold: Option<Hold>) {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let close = if server_closes {
+        "Connection: close\r\n"
+    } else {
+        ""
+    };
+    let req = format!("GET /bytes?n=64 HTTP/1.1\r\nHost: web.eng.internal\r\n{close}\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The head and the 64-byte body.
+    let whole = |got: &[u8]| {
+        got.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|end| got.len() >= end + 4 + 64)
+    };
+    while !whole(&got) {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    if let Some((served, release)) = hold {
+        served.send(()).await.unwrap();
+        let _ = release.acquire().await;
+    }
+    if server_closes {
+        while c.read(&mut buf).await.unwrap() > 0 {}
+    }
 }

@@ -19,6 +19,7 @@ use portcullis_shared::pki;
 use portcullis_shared::proto::{CloseCode, ENROLL_ALPN, MAX_ENROLL_LEN, TUNNEL_ALPN};
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::transport::{QuicTransport, Transport, quic_alpn};
+use portcullis_shared::udp::BufferSizes;
 use quinn::crypto::rustls::QuicServerConfig;
 use tracing::Instrument;
 
@@ -32,7 +33,7 @@ use crate::state::State;
 pub(crate) fn bind(
     config: &RelayConfig,
     tls: rustls::ServerConfig,
-) -> anyhow::Result<quinn::Endpoint> {
+) -> anyhow::Result<(quinn::Endpoint, BufferSizes)> {
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(tls).context("QUIC TLS config")?,
     ));
@@ -43,19 +44,21 @@ pub(crate) fn bind(
     server.max_incoming(MAX_INCOMING);
     server.incoming_buffer_size(INCOMING_BUFFER);
     server.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
-    let socket = std::net::UdpSocket::bind(config.quic_listen).with_context(|| {
+    let (socket, sizes) = portcullis_shared::udp::bind(config.quic_listen).with_context(|| {
         format!(
             "binding QUIC on {}: is the port in use?",
             config.quic_listen
         )
     })?;
-    quinn::Endpoint::new(
+    portcullis_shared::udp::report(sizes);
+    let endpoint = quinn::Endpoint::new(
         endpoint_config(&config.state_dir)?,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .with_context(|| format!("starting QUIC on {}", config.quic_listen))
+    .with_context(|| format!("starting QUIC on {}", config.quic_listen))?;
+    Ok((endpoint, sizes))
 }
 
 /// The QUIC endpoint config, with the stateless-reset key kept in the state directory.

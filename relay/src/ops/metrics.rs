@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use portcullis_shared::identity::Role;
 use portcullis_shared::transport::TransportKind;
+use portcullis_shared::udp::BufferSizes;
 
 use crate::hardening::conn_limit::Refusal;
 use crate::hardening::overload::Shed;
@@ -62,6 +63,8 @@ pub(crate) struct Metrics {
     tunnels: [Arc<AtomicI64>; 2],
     /// Connections of enrolled devices, by transport (HTTP/3 on QUIC, HTTPS on TCP).
     device_connections: [Arc<AtomicI64>; 2],
+    /// The QUIC socket's buffers as obtained: receive, send.
+    udp_buffers: [AtomicI64; 2],
 }
 
 /// Counts one thing in a gauge while it is held.
@@ -116,6 +119,13 @@ impl Metrics {
     }
 
     /// Counts work shed while overloaded.
+    /// Records what the QUIC socket's buffers obtained.
+    pub(crate) fn udp_buffers(&self, sizes: BufferSizes) {
+        for (gauge, bytes) in self.udp_buffers.iter().zip([sizes.receive, sizes.send]) {
+            gauge.store(i64::try_from(bytes).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn shed(&self, work: Shed) {
         self.shed[work as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -162,6 +172,15 @@ impl Metrics {
                     g(&gauges[transport_index(kind)])
                 );
             }
+        }
+        let name = "portcullis_relay_udp_buffer_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The QUIC socket's buffer sizes as obtained (wanted {}; short means net.core.rmem_max / wmem_max too low).\n# TYPE {name} gauge",
+            portcullis_shared::udp::WANTED
+        );
+        for (direction, gauge) in ["receive", "send"].iter().zip(&self.udp_buffers) {
+            let _ = writeln!(out, "{name}{{direction=\"{direction}\"}} {}", g(gauge));
         }
         let mut one = |name: &str, kind: &str, help: &str, value: i64| {
             let _ = writeln!(

@@ -1,11 +1,13 @@
-//! Benchmark: requests/s and latency for small responses, and MiB/s for one large
+//! Benchmark. First the peer comparison (see [`peers`]): Portcullis beside rathole with
+//! its TLS transport and without, through `portcullis tcp` → relay → connector, in one
+//! table. Then requests/s and latency for small responses, and MiB/s for one large
 //! transfer, direct to the origin and through relay + connector, over HTTP/1.1, HTTP/2 and
 //! HTTP/3, side by side in one run, and the time to the first server-sent event; then new
 //! tunnelled TCP connections per second and the relay's memory per idle connection; then
 //! the abuse run (see [`abuse`]): unauthenticated connections held and a handshake flood,
 //! with the relay's memory and CPU and a legitimate device's success rate and latency
-//! meanwhile. Run it with `bash scripts/bench` (release build); `pc-bench throughput` or
-//! `pc-bench abuse` runs one part only.
+//! meanwhile. Run it with `bash scripts/bench` (release build); `pc-bench peers`,
+//! `pc-bench throughput` or `pc-bench abuse` runs one part only.
 //!
 //! Every loop is bounded in time (`PORTCULLIS_BENCH_SECS`, default 5 s per figure; the
 //! abuse run's own limits below) and all traffic stays on loopback. The process raises its
@@ -25,6 +27,8 @@ use portcullis_e2e::{
     metrics_text, stranger_tls, tls_connect, tls_from,
 };
 use portcullis_shared::proto::ENROLL_ALPN;
+
+mod peers;
 
 const SMALL: &str = "/bytes?n=64";
 const WORKERS: usize = 64;
@@ -335,12 +339,21 @@ async fn main() -> anyhow::Result<()> {
     let part = std::env::args().nth(1).unwrap_or_default();
     let abuse_conns = env_or("PORTCULLIS_ABUSE_CONNS", 10_000);
     let (nofile_was, nofile) = raise_nofile(abuse_conns as u64 + 4096);
-    let s = Stack::up().await;
+    let secs = env_or("PORTCULLIS_BENCH_SECS", 5) as u64;
+    let all = part.is_empty();
     let mut out = String::new();
-    if part != "abuse" {
+    if all || part == "peers" {
+        out.push_str(&peers::peers(secs).await);
+        if !all {
+            eprint!("{out}");
+            return Ok(());
+        }
+    }
+    let s = Stack::up().await;
+    if all || part == "throughput" {
         out.push_str(&throughput(&s).await);
     }
-    if part != "throughput" {
+    if all || part == "abuse" {
         out.push_str(&format!(
             "open-file soft limit: {nofile} (was {nofile_was}; wanted {})\n",
             abuse_conns + 4096
