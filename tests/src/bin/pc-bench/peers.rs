@@ -91,6 +91,10 @@ async fn run(secs: u64) -> anyhow::Result<String> {
     let dir = s.w.path("peers");
     std::fs::create_dir_all(&dir)?;
 
+    // PORTCULLIS_PEERS=portcullis,rathole,direct picks columns (all by default), e.g. to
+    // profile one tunnel alone.
+    let only = std::env::var("PORTCULLIS_PEERS").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|w| w.trim() == name);
     let mut columns: Vec<(&str, Result<Row, String>)> = Vec::new();
     let direct = Way {
         label: "direct",
@@ -99,9 +103,12 @@ async fn run(secs: u64) -> anyhow::Result<String> {
         pids: Vec::new(),
         bulk_only: Vec::new(),
     };
-    columns.push(("direct", Ok(measure(direct, secs).await)));
+    if wanted("direct") {
+        columns.push(("direct", Ok(measure(direct, secs).await)));
+    }
 
     match rathole_binary() {
+        _ if !wanted("rathole") => {}
         Ok(rathole) => {
             for tls in [true, false] {
                 let label = if tls { "rathole TLS" } else { "rathole TCP" };
@@ -136,6 +143,7 @@ async fn run(secs: u64) -> anyhow::Result<String> {
     }
 
     let portcullis = async {
+        anyhow::ensure!(wanted("portcullis"), "not asked for");
         let home = dir.join("agent");
         enroll_agent(&s, &home)?;
         let (web_agent, web) = forward(&home, WEB, origin.port(), &dir).await?;
@@ -156,6 +164,7 @@ async fn run(secs: u64) -> anyhow::Result<String> {
     };
     match portcullis.await {
         Ok((way, _web_agent)) => columns.push(("Portcullis", Ok(measure(way, secs).await))),
+        Err(_) if !wanted("portcullis") => {}
         Err(e) => columns.push(("Portcullis", Err(format!("{e:#}")))),
     }
     drop(s);
