@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Frame;
@@ -254,6 +254,9 @@ fn validate(headers: &http::HeaderMap) -> Result<Option<u64>, &'static str> {
         .ok_or("invalid Content-Length")
 }
 
+/// The most a tunnel gathers from the client into one write to the connector.
+const GATHER: usize = 64 * 1024;
+
 /// Joins a CONNECT request stream to the connector's tunnel: bytes both ways, FIN for FIN.
 async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
     let TunnelParts {
@@ -267,14 +270,30 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
     };
     let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let client_to_origin = async {
-        while let Ok(Some(mut chunk)) = rx.recv_data().await {
-            while chunk.has_remaining() {
-                let n = chunk.chunk().len();
-                if up_write.write_all(chunk.chunk()).await.is_err() {
-                    return;
-                }
-                chunk.advance(n);
+        // QUIC hands over what arrived a packet at a time; what has already arrived is
+        // gathered (up to GATHER) into one write, so the connector's stream is woken and
+        // framed once per batch rather than once per packet. Nothing is held while idle.
+        let mut batch = BytesMut::new();
+        let mut ended = false;
+        while !ended {
+            match rx.recv_data().await {
+                Ok(Some(chunk)) => batch.put(chunk),
+                _ => break,
             }
+            while batch.len() < GATHER {
+                match futures_util::FutureExt::now_or_never(rx.recv_data()) {
+                    Some(Ok(Some(chunk))) => batch.put(chunk),
+                    Some(_) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if up_write.write_all(&batch).await.is_err() {
+                return;
+            }
+            batch.clear();
         }
         let _ = up_write.shutdown().await;
     };
