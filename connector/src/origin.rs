@@ -19,7 +19,8 @@ use portcullis_shared::config::{ConnectorConfig, IngressRule, Scheme};
 use portcullis_shared::identity::{HostPattern, Hostname};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{StreamHeader, TRAILERS_FIELD};
-use portcullis_shared::transport::BiStream;
+use portcullis_shared::pump;
+use portcullis_shared::transport::{BiStream, JoinedStream};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -259,10 +260,23 @@ async fn connect(
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(tunnel) => {
-                let mut stream = stream;
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(tunnel), &mut stream).await;
-            }
+            // The tunnel stream as the transport gave it: bytes move in batches, QUIC's
+            // received buffers straight to TCP (see portcullis_shared::pump).
+            Ok(tunnel) => match tunnel.downcast::<TokioIo<JoinedStream>>() {
+                Ok(parts) => {
+                    let (mut recv, mut send) = parts.io.into_inner().into_inner();
+                    let (mut tcp_read, mut tcp_write) = stream.into_split();
+                    let _ = tokio::try_join!(
+                        pump::tunnel_to_tcp(parts.read_buf, &mut *recv, &mut tcp_write),
+                        pump::tcp_to_tunnel(&mut tcp_read, &mut *send),
+                    );
+                }
+                Err(tunnel) => {
+                    let mut stream = stream;
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(tunnel), &mut stream).await;
+                }
+            },
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });

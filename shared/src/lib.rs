@@ -16,6 +16,7 @@ pub mod identity;
 pub mod pki;
 pub mod policy;
 pub mod proto;
+pub mod pump;
 pub mod shutdown;
 pub mod store;
 pub mod tcp_transport;

@@ -10,13 +10,15 @@
 
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use rustls_pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::proto::CloseCode;
 
@@ -93,10 +95,36 @@ pub trait TunnelSend: AsyncWrite + Send + Unpin + 'static {
     /// stream (or stopped reading it). Take it before handing the stream on; awaiting it
     /// after a response is written keeps a closing connection from dropping the response.
     fn delivered(&self) -> BoxFuture<'static, ()>;
+
+    /// Writes every chunk whole, in one call: QUIC takes them as they are, without a copy
+    /// and with one wake-up of the connection for all of them; by default each is written
+    /// through [`AsyncWrite`].
+    fn write_chunks<'a>(&'a mut self, chunks: &'a mut [Bytes]) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            for chunk in chunks.iter() {
+                self.write_all(chunk).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// The receiving half of a tunnel stream.
-pub trait TunnelRecv: AsyncRead + Send + Unpin + 'static {}
+pub trait TunnelRecv: AsyncRead + Send + Unpin + 'static {
+    /// The next bytes, at most `max`, as they arrived: QUIC hands over the received
+    /// packet's bytes without a copy; by default they are read through [`AsyncRead`].
+    /// `None` at the end of the stream.
+    fn read_chunk(&mut self, max: usize) -> BoxFuture<'_, io::Result<Option<Bytes>>> {
+        Box::pin(async move {
+            let mut buf = BytesMut::with_capacity(max.min(DEFAULT_CHUNK));
+            let n = self.read_buf(&mut buf).await?;
+            Ok((n > 0).then(|| buf.freeze()))
+        })
+    }
+}
+
+/// What [`TunnelRecv::read_chunk`] reads at most at a time by default.
+const DEFAULT_CHUNK: usize = 64 * 1024;
 
 /// One bidirectional stream of a [`Transport`].
 pub struct BiStream {
@@ -112,9 +140,55 @@ impl fmt::Debug for BiStream {
     }
 }
 
+/// Any byte reader as a [`TunnelRecv`] (chunks are read through [`AsyncRead`]).
+pub struct IoRecv<R>(pub R);
+
+/// Any byte writer as a [`TunnelSend`] (delivered once written).
+pub struct IoSend<W>(pub W);
+
+impl<R: AsyncRead + Send + Unpin + 'static> AsyncRead for IoRecv<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<R: AsyncRead + Send + Unpin + 'static> TunnelRecv for IoRecv<R> {}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> AsyncWrite for IoSend<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> TunnelSend for IoSend<W> {
+    fn delivered(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Both halves of a [`BiStream`] as one `AsyncRead + AsyncWrite` value.
+pub type JoinedStream = tokio::io::Join<Box<dyn TunnelRecv>, Box<dyn TunnelSend>>;
+
 impl BiStream {
-    /// One `AsyncRead + AsyncWrite` value over both halves, for codecs such as hyper's.
-    pub fn join(self) -> tokio::io::Join<Box<dyn TunnelRecv>, Box<dyn TunnelSend>> {
+    /// One `AsyncRead + AsyncWrite` value over both halves, for codecs such as hyper's
+    /// (which hand it back on an upgrade, so the halves can be taken apart again).
+    pub fn join(self) -> JoinedStream {
         tokio::io::join(self.recv, self.send)
     }
 }
@@ -269,24 +343,32 @@ impl TunnelSend for QuicSend {
             let _ = stopped.await;
         })
     }
+
+    fn write_chunks<'a>(&'a mut self, chunks: &'a mut [Bytes]) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move { Ok(self.0.write_all_chunks(chunks).await?) })
+    }
 }
 
-impl TunnelRecv for QuicRecv {}
+impl TunnelRecv for QuicRecv {
+    fn read_chunk(&mut self, max: usize) -> BoxFuture<'_, io::Result<Option<Bytes>>> {
+        Box::pin(async move { Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes)) })
+    }
+}
 
 impl AsyncWrite for QuicSend {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    ) -> Poll<io::Result<usize>> {
         AsyncWrite::poll_write(Pin::new(&mut self.0), cx, buf)
     }
 
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         AsyncWrite::poll_write_vectored(Pin::new(&mut self.0), cx, bufs)
     }
 
@@ -294,11 +376,11 @@ impl AsyncWrite for QuicSend {
         AsyncWrite::is_write_vectored(&self.0)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         AsyncWrite::poll_flush(Pin::new(&mut self.0), cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         AsyncWrite::poll_shutdown(Pin::new(&mut self.0), cx)
     }
 }
@@ -308,7 +390,7 @@ impl AsyncRead for QuicRecv {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    ) -> Poll<io::Result<()>> {
         AsyncRead::poll_read(Pin::new(&mut self.0), cx, buf)
     }
 }

@@ -1032,9 +1032,12 @@ async fn a_download_through_the_agent_crosses_a_lossy_path_intact() {
 /// streams open at once (100 by default): each closed connection gives its stream back,
 /// whichever side closes first. An HTTP origin reached as raw TCP: 200 connections one
 /// after another and 3 rounds of 64 at once, half closed by the client, half by the server
-/// (`Connection: close`); then 95 held open at once must all be served.
+/// (`Connection: close`); then 85 held open at once must all be served (QUIC gives stream
+/// credit back once an eighth of the limit has closed, so up to 12 of the 100 may still be
+/// owed then).
 #[tokio::test]
 async fn a_tcp_forward_gives_back_the_stream_of_every_closed_connection() {
+    const HELD: usize = 85;
     let s = Stack::up_with_services("", &[("web.eng.internal", "tcp://ORIGIN")]).await;
     let home = s.w.path("home");
     let token = device_token(&s, "kim", &[]);
@@ -1054,6 +1057,7 @@ async fn a_tcp_forward_gives_back_the_stream_of_every_closed_connection() {
             }
         }
     };
+    let started = std::time::Instant::now();
     for i in 0..200 {
         bounded(
             format!("connection {i}"),
@@ -1061,6 +1065,8 @@ async fn a_tcp_forward_gives_back_the_stream_of_every_closed_connection() {
         )
         .await;
     }
+    eprintln!("200 connections one after another: {:?}", started.elapsed());
+    let started = std::time::Instant::now();
     for round in 0..3 {
         let all: Vec<_> = (0..64)
             .map(|i| tokio::spawn(get_over(listen, i % 2 == 1, None)))
@@ -1069,10 +1075,12 @@ async fn a_tcp_forward_gives_back_the_stream_of_every_closed_connection() {
             bounded(format!("round {round}, connection {i}"), one).await;
         }
     }
+    eprintln!("3 rounds of 64 at once: {:?}", started.elapsed());
+    let started = std::time::Instant::now();
     // Closed to release the held connections.
     let held = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let (served, mut count) = tokio::sync::mpsc::channel(95);
-    let all: Vec<_> = (0..95)
+    let (served, mut count) = tokio::sync::mpsc::channel(HELD);
+    let all: Vec<_> = (0..HELD)
         .map(|_| {
             tokio::spawn(get_over(
                 listen,
@@ -1081,11 +1089,14 @@ async fn a_tcp_forward_gives_back_the_stream_of_every_closed_connection() {
             ))
         })
         .collect();
-    for i in 0..95 {
+    for i in 0..HELD {
         tokio::time::timeout(Duration::from_secs(10), count.recv())
             .await
-            .unwrap_or_else(|_| panic!("{i} of 95 held connections served:\n{}", fwd.log_text()));
+            .unwrap_or_else(|_| {
+                panic!("{i} of {HELD} held connections served:\n{}", fwd.log_text())
+            });
     }
+    eprintln!("{HELD} held at once: {:?}", started.elapsed());
     held.close();
     for (i, one) in all.into_iter().enumerate() {
         bounded(format!("held connection {i}"), one).await;

@@ -10,17 +10,18 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Frame;
 use portcullis_shared::h3wire::H3Code;
 use portcullis_shared::identity::Identity;
+use portcullis_shared::pump;
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::transport::{QuicTransport, Transport};
 use portcullis_shared::tunnel_body::ChannelBody;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use crate::conn::{BoxError, ConnInfo, ExtendedConnect, ReqBody};
 use crate::hardening::h3_guard::{Guard, GuardedBidi, GuardedConnection, GuardedRecv, GuardedSend};
 use crate::hardening::idle::Activity;
 use crate::hardening::reset_flood::ResetFlood;
-use crate::pipeline::{self, Tunnel, TunnelParts};
+use crate::pipeline::{self, Halves, Tunnel, TunnelParts};
 use crate::state::State;
 
 type SendHalf = h3::server::RequestStream<GuardedSend, Bytes>;
@@ -254,10 +255,10 @@ fn validate(headers: &http::HeaderMap) -> Result<Option<u64>, &'static str> {
         .ok_or("invalid Content-Length")
 }
 
-/// The most a tunnel gathers from the client into one write to the connector.
-const GATHER: usize = 64 * 1024;
-
-/// Joins a CONNECT request stream to the connector's tunnel: bytes both ways, FIN for FIN.
+/// Joins a CONNECT request stream to the connector's tunnel: bytes both ways, FIN for FIN,
+/// in batches of what has already arrived (see [`portcullis_shared::pump`]): the
+/// client's bytes go on as QUIC received them, without a copy; the origin's go out as one
+/// DATA frame per batch.
 async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
     let TunnelParts {
         upstream,
@@ -265,49 +266,53 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
         revoked,
         live,
     } = tunnel;
-    let Some(upstream) = upstream.open().await else {
+    let Some(Halves {
+        early,
+        mut recv,
+        mut send,
+    }) = upstream.open_halves().await
+    else {
         return;
     };
-    let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let client_to_origin = async {
-        // QUIC hands over what arrived a packet at a time; what has already arrived is
-        // gathered (up to GATHER) into one write, so the connector's stream is woken and
-        // framed once per batch rather than once per packet. Nothing is held while idle.
-        let mut batch = BytesMut::new();
-        let mut ended = false;
-        while !ended {
-            match rx.recv_data().await {
-                Ok(Some(chunk)) => batch.put(chunk),
-                _ => break,
-            }
-            while batch.len() < GATHER {
-                match futures_util::FutureExt::now_or_never(rx.recv_data()) {
-                    Some(Ok(Some(chunk))) => batch.put(chunk),
-                    Some(_) => {
-                        ended = true;
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            if up_write.write_all(&batch).await.is_err() {
+        let mut batch = Vec::new();
+        loop {
+            let more = gather_request(&mut rx, &mut batch).await;
+            if send.write_chunks(&mut batch).await.is_err() {
                 return;
             }
             batch.clear();
+            if !more {
+                break;
+            }
         }
-        let _ = up_write.shutdown().await;
+        let _ = send.shutdown().await;
     };
     let origin_to_client = async {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        if !early.is_empty() && tx.send_data(early).await.is_err() {
+            return;
+        }
+        let mut batch = Vec::new();
         loop {
-            buf.reserve(16 * 1024);
-            match up_read.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if tx.send_data(buf.split().freeze()).await.is_err() {
-                        return;
-                    }
+            let Ok(more) = pump::gather(&mut *recv, &mut batch).await else {
+                return;
+            };
+            let data = match batch.len() {
+                0 => None,
+                1 => batch.pop(),
+                _ => {
+                    let mut one = BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
+                    batch.drain(..).for_each(|b| one.put(b));
+                    Some(one.freeze())
                 }
+            };
+            if let Some(data) = data
+                && tx.send_data(data).await.is_err()
+            {
+                return;
+            }
+            if !more {
+                break;
             }
         }
         let _ = tx.finish().await;
@@ -318,6 +323,30 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
     }
     drop(permits);
     drop(live);
+}
+
+/// Waits for the client's next bytes on a CONNECT stream, then takes what has already
+/// arrived, up to [`pump::BATCH`] in all, into `batch`. False once the stream has ended
+/// (or failed: the upstream then gets a clean end, as before).
+async fn gather_request(rx: &mut RecvHalf, batch: &mut Vec<Bytes>) -> bool {
+    let take = |chunk: &mut dyn Buf, batch: &mut Vec<Bytes>| {
+        let bytes = chunk.copy_to_bytes(chunk.remaining());
+        let len = bytes.len();
+        batch.push(bytes);
+        len
+    };
+    let mut total = match rx.recv_data().await {
+        Ok(Some(mut chunk)) => take(&mut chunk, batch),
+        _ => return false,
+    };
+    while total < pump::BATCH {
+        match pump::ready_now(rx.recv_data()) {
+            Some(Ok(Some(mut chunk))) => total += take(&mut chunk, batch),
+            Some(_) => return false,
+            None => break,
+        }
+    }
+    true
 }
 
 /// Reads an HTTP/3 request body into a [`ChannelBody`]: a task reads the h3 stream into a

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use http::{Request, Response, StatusCode};
 
 pub(crate) use respond::{RequestError, body, text};
-pub(crate) use upgrade::{Tunnel, TunnelParts, join_hyper};
+pub(crate) use upgrade::{Halves, Tunnel, TunnelParts, join_hyper};
 
 use self::access::Access;
 use self::authorize::{Context, Facts, Kind, Route, authorize};

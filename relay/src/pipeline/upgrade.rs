@@ -5,8 +5,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use portcullis_shared::transport::{IoRecv, IoSend, JoinedStream, TunnelRecv, TunnelSend};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +73,49 @@ impl Upstream {
                 Some(Box::new(theirs))
             }
         }
+    }
+}
+
+/// A tunnel's upstream as two halves, ready for [`portcullis_shared::pump`].
+pub(crate) struct Halves {
+    /// Bytes the connector side's HTTP codec read past the response head: they come
+    /// first.
+    pub(crate) early: Bytes,
+    pub(crate) recv: Box<dyn TunnelRecv>,
+    pub(crate) send: Box<dyn TunnelSend>,
+}
+
+impl Upstream {
+    /// The stream to copy the client's bytes to, as two halves: the connector's tunnel
+    /// stream as its transport made it (QUIC moves chunks without copies), any other
+    /// stream through `AsyncRead` and `AsyncWrite`.
+    pub(crate) async fn open_halves(self) -> Option<Halves> {
+        let io = match self {
+            Self::Connector(upgrade) => match upgrade.await {
+                Ok(u) => match u.downcast::<TokioIo<JoinedStream>>() {
+                    Ok(parts) => {
+                        let (recv, send) = parts.io.into_inner().into_inner();
+                        return Some(Halves {
+                            early: parts.read_buf,
+                            recv,
+                            send,
+                        });
+                    }
+                    Err(u) => Box::new(TokioIo::new(u)) as Box<dyn Io>,
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel upgrade failed");
+                    return None;
+                }
+            },
+            terminate @ Self::TerminateTls(..) => terminate.open().await?,
+        };
+        let (recv, send) = tokio::io::split(io);
+        Some(Halves {
+            early: Bytes::new(),
+            recv: Box::new(IoRecv(recv)),
+            send: Box::new(IoSend(send)),
+        })
     }
 }
 
