@@ -40,6 +40,14 @@ pub enum Command {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+    /// Check a configuration file without starting anything: exit 0 when the connector
+    /// would start with it (its CA, certificate and key load, every ingress service is
+    /// usable), else exit 1 with the file, the line where one is known, and what to fix.
+    Check {
+        /// The connector's configuration file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
     /// Show each relay tunnel's state, as the running connector last wrote it.
     Status {
         /// The connector's configuration file.
@@ -69,11 +77,25 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Run { config } => rt.block_on(run_from_file(&config)),
+        Command::Check { config } => check(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Enroll { token_file, state } => {
             rt.block_on(enroll::enroll(token_file.as_deref(), &state))
         }
     }
+}
+
+/// `check`: what `run` does before it dials, and nothing after: the file parses and holds
+/// together, the origins' clients build, the CA, certificate and key load.
+#[allow(clippy::print_stdout)] // the command's output is its product
+fn check(path: &Path) -> anyhow::Result<()> {
+    // Exit 1 for every finding (not `run`'s 64 for a bad configuration).
+    let config = ConnectorConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+    origin::Origins::new(&config).map_err(what)?;
+    tunnel::Dialer::new(&config).map_err(what)?;
+    println!("{}: ok", path.display());
+    Ok(())
 }
 
 /// `status`: every tunnel's state from the running connector's status file.

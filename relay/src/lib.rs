@@ -62,6 +62,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => admin::token(cmd),
         Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state),
         Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state),
+        Command::Check { config } => check(&config),
         Command::Run { config, ready_file } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -69,6 +70,39 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(server::run_from_file(&config, ready_file.as_deref()))
         }
     }
+}
+
+/// `check`: the file parses, its values hold together (the state directory holds a CA,
+/// as loading checks), and the public certificate and key it names (if any) load and
+/// match. Nothing is
+/// opened for writing and no socket is bound.
+#[allow(clippy::print_stdout)] // the command's output is its product
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    // Exit 1 for every finding (not `run`'s 64 for a bad configuration).
+    let config =
+        portcullis_shared::config::RelayConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let chain = portcullis_shared::pki::load_certs(cert)
+            .with_context(|| format!("{}: tls_cert", path.display()))?;
+        let key = portcullis_shared::pki::load_key(key)
+            .with_context(|| format!("{}: tls_key", path.display()))?;
+        rustls::crypto::ring::sign::any_supported_type(&key)
+            .ok()
+            .and_then(|signer| {
+                rustls::sign::CertifiedKey::new(chain, signer)
+                    .keys_match()
+                    .ok()
+            })
+            .with_context(|| {
+                format!(
+                    "{}: tls_key is not the key of tls_cert (or not a usable key)",
+                    path.display()
+                )
+            })?;
+    }
+    println!("{}: ok", path.display());
+    Ok(())
 }
 
 /// The process exit status for an error: 64 (EX_USAGE) for bad configuration, else 1.

@@ -55,6 +55,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a configuration file without starting anything: exit 0 when the relay would
+    /// start with it, else exit 1 with the file, the line where one is known, and what to
+    /// fix (for CI pipelines and before a reload).
+    Check {
+        /// The relay's configuration file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
     /// Run the relay.
     Run {
         /// The relay's configuration file.
