@@ -454,6 +454,22 @@ impl TestClient {
         self
     }
 
+    /// The test origins (their `origin` field) that answer GET `https://host/`, asked
+    /// until `want` different ones have answered or 15 s have passed, sorted. Idle replicas
+    /// take turns, but one whose round trip is a step longer weighs double (see the relay's
+    /// router), and on a loaded machine one sample can be: so a fixed number of requests
+    /// may see only one.
+    pub async fn origins_answering(&self, host: &str, want: usize) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        while seen.len() < want && std::time::Instant::now() < until {
+            let r = self.get(host, "/").await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            seen.insert(r.json()["origin"].as_str().unwrap_or_default().to_owned());
+        }
+        seen.into_iter().collect()
+    }
+
     /// GET `https://host/path`; panics if there is no response (e.g. TLS refused).
     pub async fn get(&self, host: &str, path: &str) -> TestResponse {
         self.try_get(host, path)

@@ -75,13 +75,13 @@ fn the_relay_checks_its_configuration_without_starting() {
     let bad = w.path("bad.toml");
     std::fs::write(
         &bad,
-        format!("{text_ok}\n[limits]\nmax_streams_per_connector = 100000\n"),
+        format!("{text_ok}\n[limits]\nmax_header_bytes = 10\n"),
     )
     .unwrap();
     let out = check("portcullis-relay", &bad);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("max_streams_per_connector must be at most 65536"),
+        text(&out).contains("limits.max_header_bytes must be at least 1024"),
         "{}",
         text(&out)
     );

@@ -12,10 +12,7 @@ use std::path::{Path, PathBuf};
 pub use connector::{
     ConnectorConfig, HealthCheck, IngressRule, RelayList, RelayTarget, Scheme, ServiceUrl,
 };
-pub use relay::{
-    AdminConfig, LimitsConfig, MAX_STREAMS_PER_CONNECTOR, RelayConfig, StoreConfig, TlsConfig,
-    TlsVersion,
-};
+pub use relay::{AdminConfig, LimitsConfig, RelayConfig, StoreConfig, TlsConfig, TlsVersion};
 
 /// Why a configuration file was refused. Binaries exit with status 64 on these.
 #[derive(Debug, thiserror::Error)]

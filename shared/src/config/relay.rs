@@ -10,10 +10,6 @@ use super::{ConfigError, defaults, parse_file, resolve};
 use crate::identity::Hostname;
 use crate::policy::PolicyRule;
 
-/// The most streams a connector lets the relay open at once (its QUIC and HTTP/2 stream
-/// limit), so the most `limits.max_streams_per_connector` may be.
-pub const MAX_STREAMS_PER_CONNECTOR: usize = 1 << 16;
-
 /// The relay's configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -373,11 +369,6 @@ impl RelayConfig {
             || l.max_streams_per_connector == 0
         {
             return Err(invalid("limits: stream limits must be at least 1".into()));
-        }
-        if l.max_streams_per_connector > MAX_STREAMS_PER_CONNECTOR {
-            return Err(invalid(format!(
-                "limits.max_streams_per_connector must be at most {MAX_STREAMS_PER_CONNECTOR} (what a connector accepts at once)"
-            )));
         }
         if l.quic_stream_window < 16 * 1024 || l.quic_connection_window < l.quic_stream_window {
             return Err(invalid(
