@@ -24,7 +24,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use portcullis_shared::enroll_client;
-use portcullis_shared::identity::Identity;
 use portcullis_shared::pki;
 use portcullis_shared::proto::{EnrollRequest, EnrollResponse};
 use portcullis_shared::telemetry::TelemetryArgs;
@@ -266,27 +265,15 @@ impl Agent {
     async fn renew(&self) -> anyhow::Result<i64> {
         let state = self.state();
         let creds = Credentials::load(&self.home, &state)?;
-        let identity = state
-            .identity
-            .split_once(':')
-            .and_then(|(r, id)| Identity::new(portcullis_shared::Role::parse(r)?, id).ok())
-            .context("agent.json names no valid identity")?;
-        let csr = pki::csr_for_existing_key(&identity, &creds.key_der)?;
-        let answer = enroll_client::exchange_any(
-            &state.relays(),
-            state.tcp_port,
-            &state.server_name,
-            &state.ca_sha256,
-            Some((creds.certs.clone(), creds.key.clone_key())),
-            &EnrollRequest::Renew { csr },
-        )
+        let (cert, not_after) = enroll_client::renew(enroll_client::Renewal {
+            relays: &state.relays(),
+            tcp_port: state.tcp_port,
+            server_name: &state.server_name,
+            ca_sha256: &state.ca_sha256,
+            certs: creds.certs.clone(),
+            key: creds.key.clone_key(),
+        })
         .await?;
-        let (cert, not_after) = match answer {
-            EnrollResponse::Issued {
-                cert, not_after, ..
-            } => (cert, not_after),
-            EnrollResponse::Refused { reason } => bail!("the relay refused renewal: {reason}"),
-        };
         pki::write_public_file(&self.home.cert(), cert.as_bytes())?;
         let mut new_state = state;
         new_state.issued_at = now();

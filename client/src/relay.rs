@@ -35,7 +35,6 @@ pub(crate) fn org_ca_roots(home: &Home) -> anyhow::Result<rustls::RootCertStore>
 pub(crate) struct Credentials {
     pub(crate) certs: Vec<CertificateDer<'static>>,
     pub(crate) key: PrivateKeyDer<'static>,
-    pub(crate) key_der: Vec<u8>,
     pub(crate) roots: rustls::RootCertStore,
 }
 
@@ -45,8 +44,7 @@ impl Credentials {
         let key_der = keystore::load(home, &state.key_store, &state.identity)?;
         Ok(Self {
             certs,
-            key: pki::pkcs8(key_der.clone()),
-            key_der,
+            key: pki::pkcs8(key_der),
             roots: org_ca_roots(home)?,
         })
     }

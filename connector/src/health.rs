@@ -32,9 +32,15 @@ pub(crate) struct Health {
 
 impl Health {
     /// A new origin, taken as healthy (its first `fall` failures withdraw it).
+    #[cfg(test)]
     pub(crate) fn new(rise: u32, fall: u32) -> Self {
+        Self::starting(true, rise, fall)
+    }
+
+    /// An origin whose last known state was `healthy`.
+    pub(crate) fn starting(healthy: bool, rise: u32, fall: u32) -> Self {
         Self {
-            healthy: true,
+            healthy,
             streak: 0,
             rise,
             fall,
@@ -58,34 +64,95 @@ impl Health {
     }
 }
 
-/// Starts a checker for every rule with a health check; the receiver follows the set of
-/// withdrawn hostnames. The checkers stop at shutdown.
-pub(crate) fn start(config: &ConnectorConfig, shutdown: &Shutdown) -> anyhow::Result<Withdrawn> {
-    let (tx, rx) = watch::channel(BTreeSet::new());
-    let tx = Arc::new(tx);
-    for rule in &config.ingress {
-        if let Some(check) = rule.health_check.clone() {
-            let probe = Probe::new(rule, &check)?;
-            tokio::spawn(run(
-                rule.hostname.to_string(),
-                check,
-                probe,
-                tx.clone(),
-                shutdown.clone(),
+/// The running checkers, one per rule with a health check, and the set of withdrawn
+/// hostnames they keep. A reload hands them the new rules: a checker whose rule is
+/// unchanged goes on, the others stop and new ones start from the state the hostname had
+/// (a withdrawn hostname stays withdrawn until `rise` successes).
+pub(crate) struct Checkers {
+    tx: Arc<watch::Sender<BTreeSet<String>>>,
+    running: std::sync::Mutex<std::collections::HashMap<String, (IngressRule, Shutdown)>>,
+    shutdown: Shutdown,
+}
+
+impl Checkers {
+    /// No checkers yet (see [`Checkers::update`]); the receiver follows the set of
+    /// withdrawn hostnames. Checkers stop at `shutdown`.
+    pub(crate) fn new(shutdown: &Shutdown) -> (Self, Withdrawn) {
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        (
+            Self {
+                tx: Arc::new(tx),
+                running: std::sync::Mutex::new(std::collections::HashMap::new()),
+                shutdown: shutdown.clone(),
+            },
+            rx,
+        )
+    }
+
+    /// Runs a checker for every rule of `config` with a health check. Every probe is built
+    /// before anything changes, so an error leaves the running checkers as they were.
+    pub(crate) fn update(&self, config: &ConnectorConfig) -> anyhow::Result<()> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut start = Vec::new();
+        for rule in &config.ingress {
+            let Some(check) = &rule.health_check else {
+                continue;
+            };
+            let hostname = rule.hostname.to_string();
+            if running.get(&hostname).is_some_and(|(r, _)| r == rule) {
+                continue;
+            }
+            start.push((
+                hostname,
+                check.clone(),
+                Probe::new(rule, check)?,
+                rule.clone(),
             ));
         }
+        let wanted: BTreeSet<String> = config
+            .ingress
+            .iter()
+            .filter(|r| r.health_check.is_some())
+            .map(|r| r.hostname.to_string())
+            .collect();
+        running.retain(|hostname, (_, stop)| {
+            let keep = wanted.contains(hostname) && !start.iter().any(|(h, ..)| h == hostname);
+            if !keep {
+                stop.trigger();
+            }
+            keep
+        });
+        // A hostname no longer checked is no longer withdrawn.
+        self.tx.send_if_modified(|set| {
+            let before = set.len();
+            set.retain(|h| wanted.contains(h));
+            set.len() != before
+        });
+        for (hostname, check, probe, rule) in start {
+            let stop = self.shutdown.child();
+            let healthy = !self.tx.borrow().contains(&hostname);
+            tokio::spawn(run(
+                hostname.clone(),
+                Health::starting(healthy, check.rise, check.fall),
+                check,
+                probe,
+                self.tx.clone(),
+                stop.clone(),
+            ));
+            running.insert(hostname, (rule, stop));
+        }
+        Ok(())
     }
-    Ok(rx)
 }
 
 async fn run(
     hostname: String,
+    mut health: Health,
     check: HealthCheck,
     probe: Probe,
     withdrawn: Arc<watch::Sender<BTreeSet<String>>>,
     shutdown: Shutdown,
 ) {
-    let mut health = Health::new(check.rise, check.fall);
     let mut tick = tokio::time::interval(check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -214,6 +281,14 @@ mod tests {
         assert_eq!(h.record(true), None);
         assert_eq!(h.record(true), Some(true));
         assert_eq!(h.record(true), None);
+    }
+
+    #[test]
+    fn an_origin_withdrawn_before_a_reload_stays_withdrawn_until_rise_successes() {
+        let mut h = Health::starting(false, 2, 3);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
     }
 
     #[test]

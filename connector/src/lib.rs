@@ -2,10 +2,14 @@
 //! QUIC (it never listens), registers its ingress rules, and serves each stream the relay
 //! opens by proxying one HTTP exchange to the origin.
 
+mod admin;
 mod enroll;
 mod health;
+mod live;
+mod metrics;
 mod origin;
 mod relays;
+mod renew;
 mod tunnel;
 
 pub use relays::{TunnelState, TunnelStatus};
@@ -76,7 +80,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Run { config } => rt.block_on(run_from_file(&config)),
+        Command::Run { config } => rt.block_on(run_from_file(config)),
         Command::Check { config } => check(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Enroll { token_file, state } => {
@@ -92,7 +96,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
     // Exit 1 for every finding (not `run`'s 64 for a bad configuration).
     let config = ConnectorConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
-    origin::Origins::new(&config).map_err(what)?;
+    origin::Origins::new(&config, Arc::default()).map_err(what)?;
     tunnel::Dialer::new(&config).map_err(what)?;
     println!("{}: ok", path.display());
     Ok(())
@@ -138,35 +142,55 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-/// Loads the config and runs until SIGTERM or SIGINT.
-pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
-    let config = ConnectorConfig::load(path)?;
+/// Loads the config and runs until SIGTERM or SIGINT; reloads the ingress rules and
+/// credentials on SIGHUP and when the files change.
+pub async fn run_from_file(path: PathBuf) -> anyhow::Result<()> {
+    let config = ConnectorConfig::load(&path)?;
     let shutdown = Shutdown::new();
     shutdown
         .trigger_on_signals()
         .context("installing signal handlers")?;
-    run(config, shutdown).await
+    run_with(Some(path), config, shutdown).await
 }
 
 /// Runs the connector until `shutdown` fires, then drains: tells the relay to route no
-/// new streams here, lets in-flight ones finish within `drain_grace`, and closes.
+/// new streams here, lets in-flight ones finish within `drain_grace`, and closes. The
+/// certificate is renewed at two thirds of its lifetime; nothing else is reloaded (there
+/// is no file to reload from).
 pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let origins = Arc::new(origin::Origins::new(&config)?);
-    let dialer = tunnel::Dialer::new(&config)?;
+    run_with(None, config, shutdown).await
+}
+
+async fn run_with(
+    path: Option<PathBuf>,
+    config: ConnectorConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (checkers, withdrawn) = health::Checkers::new(&shutdown);
+    let watched = path.is_some();
+    let live = Arc::new(live::Live::new(
+        path,
+        config.clone(),
+        metrics.clone(),
+        checkers,
+    )?);
     let status = Arc::new(relays::Status::new(
         config.status_file.clone(),
         shutdown.clone(),
     ));
-    let withdrawn = health::start(&config, &shutdown)?;
-    relays::run(
-        config.clone(),
-        dialer,
-        origins,
-        shutdown.clone(),
-        status,
-        withdrawn,
-    )
-    .await?;
+    if let Some(addr) = config.admin_listen {
+        let admin = admin::Admin {
+            status: status.clone(),
+            metrics,
+        };
+        admin::start(addr, admin, shutdown.clone()).await?;
+    }
+    if watched {
+        tokio::spawn(live.clone().watch(shutdown.clone()));
+    }
+    tokio::spawn(renew::run(live.clone(), shutdown.clone()));
+    relays::run(config.clone(), live, shutdown.clone(), status, withdrawn).await?;
     if !shutdown.drain(config.drain_grace).await {
         tracing::warn!(grace = ?config.drain_grace, "drain grace expired with streams in flight");
     }

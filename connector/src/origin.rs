@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -23,6 +23,8 @@ use portcullis_shared::pump;
 use portcullis_shared::transport::{BiStream, JoinedStream};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
+use crate::metrics::{Metrics, Outcome};
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OriginClient = Client<HttpsConnector<HttpConnector>, TunnelBody<Incoming>>;
 
@@ -31,6 +33,14 @@ struct Origin {
     rule: IngressRule,
     /// `None` for `tcp://` rules, which are dialled per CONNECT.
     client: Option<OriginClient>,
+    metrics: Arc<Metrics>,
+}
+
+impl Origin {
+    fn record(&self, outcome: Outcome, since: Instant) {
+        self.metrics
+            .origin(&self.rule.hostname.to_string(), outcome, since.elapsed());
+    }
 }
 
 /// The connector's origins, by ingress hostname pattern.
@@ -75,7 +85,7 @@ fn rustls_native_certs() -> Vec<rustls_pki_types::CertificateDer<'static>> {
 }
 
 impl Origins {
-    pub(crate) fn new(config: &ConnectorConfig) -> anyhow::Result<Self> {
+    pub(crate) fn new(config: &ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let mut by_pattern = HashMap::new();
         for rule in &config.ingress {
             if rule.service.scheme == Scheme::Tcp {
@@ -84,6 +94,7 @@ impl Origins {
                     Arc::new(Origin {
                         rule: rule.clone(),
                         client: None,
+                        metrics: metrics.clone(),
                     }),
                 );
                 continue;
@@ -109,6 +120,7 @@ impl Origins {
                 Arc::new(Origin {
                     rule: rule.clone(),
                     client: Some(client),
+                    metrics: metrics.clone(),
                 }),
             );
         }
@@ -193,8 +205,10 @@ async fn proxy(
         parts.headers.remove(header::HOST);
     }
     let method = parts.method.clone();
+    let since = Instant::now();
     match client.request(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
+            origin.record(Outcome::Status(resp.status().as_u16()), since);
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_side) = client_side
             {
@@ -224,6 +238,7 @@ async fn proxy(
             Response::from_parts(head, body.map_err(BoxError::from).boxed())
         }
         Err(e) => {
+            origin.record(Outcome::Error, since);
             tracing::warn!(origin = %origin.rule.service, %method, error = %e, "origin request failed");
             error(StatusCode::BAD_GATEWAY, "the origin did not answer")
         }
@@ -249,9 +264,14 @@ async fn connect(
             "that port is not published for this hostname",
         );
     }
+    let since = Instant::now();
     let stream = match tokio::net::TcpStream::connect(service.authority()).await {
-        Ok(s) => s,
+        Ok(s) => {
+            origin.record(Outcome::Status(200), since);
+            s
+        }
         Err(e) => {
+            origin.record(Outcome::Error, since);
             tracing::warn!(origin = %service, error = %e, "TCP origin unreachable");
             return error(StatusCode::BAD_GATEWAY, "the origin did not answer");
         }

@@ -12,7 +12,7 @@ use portcullis_shared::config::{ConnectorConfig, RelayTarget};
 use portcullis_shared::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
 
-use crate::origin::Origins;
+use crate::live::Live;
 use crate::tunnel;
 
 /// The state of one tunnel, as the status file shows it.
@@ -101,6 +101,15 @@ impl Status {
         self.write(tunnels);
     }
 
+    /// Every tunnel's state now (none once shutting down).
+    pub(crate) fn tunnels(&self) -> Vec<TunnelStatus> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        tunnels
+            .as_ref()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Forgets `address` (its tunnel has ended for good).
     pub(crate) fn remove(&self, address: SocketAddr) {
         let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
@@ -144,8 +153,7 @@ pub(crate) fn read_status(path: &Path) -> anyhow::Result<Vec<TunnelStatus>> {
 /// drained and closed.
 pub(crate) async fn run(
     config: ConnectorConfig,
-    dialer: tunnel::Dialer,
-    origins: Arc<Origins>,
+    live: Arc<Live>,
     shutdown: Shutdown,
     status: Arc<Status>,
     withdrawn: crate::health::Withdrawn,
@@ -212,9 +220,8 @@ pub(crate) async fn run(
             let task = tokio::spawn(tunnel::supervise(
                 tunnel::TunnelContext {
                     endpoint,
-                    dialer: dialer.clone(),
                     config: config.clone(),
-                    origins: origins.clone(),
+                    live: live.clone(),
                     shutdown: stop.clone(),
                 },
                 tunnel::Tunnel::new((*target).clone(), *addr, status.clone(), withdrawn.clone()),

@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
 use crate::health::Withdrawn;
+use crate::live::Live;
 use crate::origin::Origins;
 use crate::relays::{Status, TunnelState};
 
@@ -323,9 +324,11 @@ fn unix_now() -> i64 {
 /// What one tunnel needs besides where it goes.
 pub(crate) struct TunnelContext {
     pub(crate) endpoint: quinn::Endpoint,
-    pub(crate) dialer: Dialer,
+    /// The configuration as started: the relays, timings and names a reload does not
+    /// change.
     pub(crate) config: ConnectorConfig,
-    pub(crate) origins: Arc<Origins>,
+    /// The rules and credentials in force, reloaded and renewed while the tunnel runs.
+    pub(crate) live: Arc<Live>,
     pub(crate) shutdown: Shutdown,
 }
 
@@ -334,6 +337,7 @@ pub(crate) struct TunnelContext {
 /// where its handshake fails the tunnel goes over TLS on TCP, and moves back to QUIC once
 /// a probe gets through.
 pub(crate) async fn supervise(cx: TunnelContext, tunnel: Tunnel) {
+    let cx = Arc::new(cx);
     let server_name = cx
         .config
         .relay_server_name(&tunnel.relay)
@@ -345,22 +349,28 @@ pub(crate) async fn supervise(cx: TunnelContext, tunnel: Tunnel) {
     async {
         while !shutdown.is_triggered() {
             tunnel.set(TunnelState::Connecting);
+            let dialer = cx.live.current().dialer.clone();
             let quic = tokio::select! {
-                r = cx.dialer.quic(&cx.endpoint, addr, &server_name, CONNECT_TIMEOUT) => r,
+                r = dialer.quic(&cx.endpoint, addr, &server_name, CONNECT_TIMEOUT) => r,
                 () = shutdown.wait() => break,
             };
             match quic {
                 Ok(conn) => {
-                    let transport = QuicTransport::new(conn);
-                    if let Err(e) = session(&transport, &cx, shutdown, &mut backoff, &tunnel).await
-                    {
+                    let transport = Arc::new(QuicTransport::new(conn));
+                    let first = Arc::new(tunnel.on(TransportKind::Quic));
+                    let (result, registered) =
+                        serve(transport, &cx, shutdown, &server_name, first).await;
+                    if registered {
+                        backoff.reset();
+                    }
+                    if let Err(e) = result {
                         tunnel.down(format!("tunnel lost: {e:#}"));
                     }
                 }
                 Err(quic_error) => {
                     tracing::info!(error = %format!("{quic_error:#}"), "QUIC to the relay failed; trying TLS over TCP");
                     let tcp = tokio::select! {
-                        r = cx.dialer.tcp(addr, &server_name) => r,
+                        r = dialer.tcp(addr, &server_name) => r,
                         () = shutdown.wait() => break,
                     };
                     match tcp {
@@ -400,23 +410,21 @@ pub(crate) async fn supervise(cx: TunnelContext, tunnel: Tunnel) {
 /// streams to QUIC, streams open on TCP finish there) and the QUIC one goes on.
 async fn over_tcp(
     tcp: TcpTransport,
-    cx: &TunnelContext,
+    cx: &Arc<TunnelContext>,
     server_name: &str,
     backoff: &mut Backoff,
     tunnel: &Tunnel,
 ) -> anyhow::Result<()> {
     tracing::info!(transport = "tcp", "tunnel over TLS on TCP");
     let child = cx.shutdown.child();
-    let tcp_tunnel = tunnel.on(TransportKind::Tcp);
-    let mut tcp_backoff = Backoff::default();
-    let tcp_session = session(&tcp, cx, &child, &mut tcp_backoff, &tcp_tunnel);
+    let tcp_tunnel = Arc::new(tunnel.on(TransportKind::Tcp));
+    let tcp_session = serve(Arc::new(tcp), cx, &child, server_name, tcp_tunnel.clone());
     tokio::pin!(tcp_session);
     let probe = probe_quic(cx, tunnel.addr, server_name);
-    let registered = tcp_tunnel.registered.clone();
     let conn = tokio::select! {
-        r = &mut tcp_session => {
+        (r, registered) = &mut tcp_session => {
             // Registered over TCP: the next failure starts the backoff afresh.
-            if futures_util::FutureExt::now_or_never(registered.notified()).is_some() {
+            if registered {
                 backoff.reset();
             }
             return r;
@@ -424,11 +432,14 @@ async fn over_tcp(
         conn = probe => conn,
     };
     tracing::info!("UDP to the relay works again: moving the tunnel back to QUIC");
-    let quic = QuicTransport::new(conn);
-    let quic_tunnel = tunnel.on(TransportKind::Quic);
+    let quic = Arc::new(QuicTransport::new(conn));
+    let quic_tunnel = Arc::new(tunnel.on(TransportKind::Quic));
     let registered = quic_tunnel.registered.clone();
     let quic_run = async {
-        let r = session(&quic, cx, &cx.shutdown, backoff, &quic_tunnel).await;
+        let (r, registered) = serve(quic, cx, &cx.shutdown, server_name, quic_tunnel).await;
+        if registered {
+            backoff.reset();
+        }
         // QUIC failed before the TCP tunnel finished draining: both end, and the
         // supervisor starts again.
         child.trigger();
@@ -444,7 +455,7 @@ async fn over_tcp(
             () = child.wait() => {}
         }
     };
-    let (quic_result, tcp_result, ()) = tokio::join!(quic_run, tcp_session, handover);
+    let (quic_result, (tcp_result, _), ()) = tokio::join!(quic_run, tcp_session, handover);
     if let Err(e) = tcp_result {
         tracing::debug!(error = %format!("{e:#}"), "the TCP tunnel ended with an error while draining");
     }
@@ -457,8 +468,8 @@ async fn probe_quic(cx: &TunnelContext, addr: SocketAddr, server_name: &str) -> 
     let mut wait = PROBE_MIN;
     loop {
         tokio::time::sleep(wait).await;
-        match cx
-            .dialer
+        let dialer = cx.live.current().dialer.clone();
+        match dialer
             .quic(&cx.endpoint, addr, server_name, PROBE_TIMEOUT)
             .await
         {
@@ -469,33 +480,138 @@ async fn probe_quic(cx: &TunnelContext, addr: SocketAddr, server_name: &str) -> 
     }
 }
 
-/// One connected tunnel, driven by its [`ConnectorSession`]: register, then serve the
-/// relay's streams until the connection ends, or until shutdown and the drain that follows
-/// it complete.
-async fn session(
-    transport: &dyn Transport,
-    cx: &TunnelContext,
+/// A tunnel session running on a connection of its own, with its own stop signal.
+struct Running {
+    task: std::pin::Pin<Box<dyn Future<Output = (anyhow::Result<()>, bool)> + Send>>,
+    tunnel: Arc<Tunnel>,
+    stop: Shutdown,
+}
+
+impl Running {
+    fn start(
+        transport: Arc<dyn Transport>,
+        cx: &Arc<TunnelContext>,
+        shutdown: &Shutdown,
+        tunnel: Arc<Tunnel>,
+    ) -> Self {
+        let stop = shutdown.child();
+        Self {
+            task: Box::pin(session(transport, cx.clone(), stop.clone(), tunnel.clone())),
+            tunnel,
+            stop,
+        }
+    }
+}
+
+/// Serves the tunnel on `transport` until its connection ends, replacing the connection
+/// make-before-break whenever the published hostnames or the credentials change (a reload,
+/// a renewed certificate): a new connection of the same kind, made with the credentials in
+/// force, registers; only then is the old one drained, its streams finishing on it. A
+/// replacement that fails leaves the old connection serving. Returns the last
+/// connection's result, and whether any connection registered.
+async fn serve(
+    transport: Arc<dyn Transport>,
+    cx: &Arc<TunnelContext>,
     shutdown: &Shutdown,
-    backoff: &mut Backoff,
-    tunnel: &Tunnel,
-) -> anyhow::Result<()> {
-    let config = &cx.config;
-    let origins = &cx.origins;
-    let control = transport
-        .open_bi()
-        .await
-        .context("opening the control stream")?;
-    let hostnames = config
-        .ingress
-        .iter()
-        .map(|r| r.hostname.to_string())
-        .collect();
+    server_name: &str,
+    first: Arc<Tunnel>,
+) -> (anyhow::Result<()>, bool) {
+    let kind = first.kind;
+    let mut replacements = cx.live.replacements();
+    replacements.borrow_and_update();
+    let mut registered = false;
+    let mut current = Running::start(transport, cx, shutdown, first);
+    loop {
+        tokio::select! {
+            (r, reg) = &mut current.task => return (r, registered || reg),
+            Ok(()) = replacements.changed() => {}
+        }
+        tracing::info!(
+            "the hostnames or the credentials changed: replacing the tunnel's connection"
+        );
+        let dialer = cx.live.current().dialer.clone();
+        let dial = async {
+            Ok::<Arc<dyn Transport>, anyhow::Error>(match kind {
+                TransportKind::Quic => Arc::new(QuicTransport::new(
+                    dialer
+                        .quic(
+                            &cx.endpoint,
+                            current.tunnel.addr,
+                            server_name,
+                            CONNECT_TIMEOUT,
+                        )
+                        .await?,
+                )),
+                TransportKind::Tcp => Arc::new(dialer.tcp(current.tunnel.addr, server_name).await?),
+            })
+        };
+        let next = tokio::select! {
+            r = dial => r,
+            (r, reg) = &mut current.task => return (r, registered || reg),
+        };
+        let next = match next {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot open the replacement connection; the current one keeps serving");
+                continue;
+            }
+        };
+        let mut next = Running::start(next, cx, shutdown, Arc::new(current.tunnel.on(kind)));
+        tokio::select! {
+            () = next.tunnel.registered.notified() => {
+                current.tunnel.quiet.store(true, Ordering::Relaxed);
+                current.stop.trigger();
+                cx.live.metrics.tunnel_replacements.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("the replacement connection registered; the old one drains");
+                registered = true;
+                let old = std::mem::replace(&mut current, next);
+                // The old connection drains on its own; the process waits for it at exit.
+                shutdown.tracker().spawn(async move {
+                    let (r, _) = old.task.await;
+                    if let Err(e) = r {
+                        tracing::debug!(error = %format!("{e:#}"), "the replaced connection ended with an error");
+                    }
+                });
+            }
+            (r, _) = &mut next.task => {
+                let why = r.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                tracing::warn!(error = %why, "the replacement connection ended before it registered; the current one keeps serving");
+            }
+            (r, reg) = &mut current.task => {
+                registered |= reg;
+                if let Err(e) = r {
+                    tracing::info!(error = %format!("{e:#}"), "the tunnel's connection ended while it was being replaced");
+                }
+                current = next;
+            }
+        }
+    }
+}
+
+/// One connected tunnel, driven by its [`ConnectorSession`]: register, then serve the
+/// relay's streams until the connection ends, or until `shutdown` and the drain that
+/// follows it complete. Also returns whether the relay accepted the registration.
+async fn session(
+    transport: Arc<dyn Transport>,
+    cx: Arc<TunnelContext>,
+    shutdown: Shutdown,
+    tunnel: Arc<Tunnel>,
+) -> (anyhow::Result<()>, bool) {
+    let control = match transport.open_bi().await {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Err(anyhow::Error::new(e).context("opening the control stream")),
+                false,
+            );
+        }
+    };
     let agent = concat!("portcullis-connector/", env!("CARGO_PKG_VERSION")).to_owned();
     let session = ConnectorSession::new(
         Instant::now(),
-        hostnames,
+        cx.live.current().hostnames(),
         agent,
-        ConnectorSessionConfig::new(config.drain_grace),
+        ConnectorSessionConfig::new(cx.config.drain_grace),
     );
     let (finished_tx, finished) = tokio::sync::mpsc::unbounded_channel();
     let BiStream { send, recv } = control;
@@ -508,10 +624,10 @@ async fn session(
         draining: false,
         accepted: Vec::new(),
         withdrawn: tunnel.withdrawn.clone(),
+        registered: false,
     };
-    driver
-        .run(transport, origins, shutdown, backoff, tunnel)
-        .await
+    let result = driver.run(&*transport, &cx, &shutdown, &tunnel).await;
+    (result, driver.registered)
 }
 
 /// Reads the relay's control frames on a task of their own and hands them over, so the
@@ -548,6 +664,8 @@ struct Driver {
     accepted: Vec<String>,
     /// Follows the hostnames withdrawn for unhealthy origins.
     withdrawn: Withdrawn,
+    /// Whether the relay accepted the registration.
+    registered: bool,
 }
 
 /// What woke the driver.
@@ -565,16 +683,15 @@ impl Driver {
     async fn run(
         &mut self,
         transport: &dyn Transport,
-        origins: &Arc<Origins>,
+        cx: &TunnelContext,
         shutdown: &Shutdown,
-        backoff: &mut Backoff,
         tunnel: &Tunnel,
     ) -> anyhow::Result<()> {
         // One accept in flight for the tunnel's life, re-armed after each stream.
         let mut accept = transport.accept_bi();
         loop {
             self.transmit().await?;
-            if let Some(end) = self.act(transport, backoff, tunnel) {
+            if let Some(end) = self.act(transport, tunnel) {
                 return end;
             }
             let input = match self.next_input(&mut accept, shutdown).await {
@@ -592,10 +709,14 @@ impl Driver {
                     accept = transport.accept_bi();
                     self.session.handle_stream_accepted(now);
                     let done = self.finished_tx.clone();
-                    let task = serve_stream(stream, origins.clone());
+                    let metrics = cx.live.metrics.clone();
+                    let task = serve_stream(stream, cx.live.current().origins.clone());
+                    metrics.streams.fetch_add(1, Ordering::Relaxed);
+                    metrics.streams_active.fetch_add(1, Ordering::Relaxed);
                     shutdown.tracker().spawn(
                         async move {
                             task.await;
+                            metrics.streams_active.fetch_sub(1, Ordering::Relaxed);
                             let _ = done.send(());
                         }
                         .instrument(tracing::debug_span!("stream")),
@@ -694,12 +815,7 @@ impl Driver {
     }
 
     /// Acts on every event the session queued; `Some` ends the tunnel with that result.
-    fn act(
-        &mut self,
-        transport: &dyn Transport,
-        backoff: &mut Backoff,
-        tunnel: &Tunnel,
-    ) -> Option<anyhow::Result<()>> {
+    fn act(&mut self, transport: &dyn Transport, tunnel: &Tunnel) -> Option<anyhow::Result<()>> {
         while let Some(event) = self.session.poll_event() {
             match event {
                 ConnectorEvent::Registered { accepted, rejected } => {
@@ -717,7 +833,7 @@ impl Driver {
                     tunnel.registered.notify_one();
                     // Only a registration the relay answered counts as success: a refused
                     // certificate fails after the QUIC handshake and must keep backing off.
-                    backoff.reset();
+                    self.registered = true;
                 }
                 ConnectorEvent::DrainNotAcknowledged => {
                     tracing::warn!(

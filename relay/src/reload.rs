@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_shared::shutdown::Shutdown;
+use portcullis_shared::shutdown::{Hangups, Shutdown};
 
 use crate::identity::tls::CertResolver;
 use crate::state::State;
@@ -14,26 +14,13 @@ use crate::state::State;
 /// Reloads relay.toml on SIGHUP, and when its modification time changes (checked every
 /// 2 s, so an edited or re-mounted file is picked up without a signal).
 pub(crate) async fn watch_config(path: PathBuf, state: Arc<State>, shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = mtime(&path);
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler; relay.toml is still reloaded when it changes");
-            None
-        }
-    };
+    let mut hup = Hangups::new("relay.toml");
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            _ = hangup => {
+            () = hup.recv() => {
                 tracing::info!(path = %path.display(), "SIGHUP: reloading relay.toml");
                 seen = mtime(&path);
                 state.reload(&path);

@@ -186,6 +186,83 @@ pub async fn exchange_any(
     Err(last)
 }
 
+/// Where to renew a certificate and with what: the relays (as in [`exchange_any`]), the
+/// pinned CA and the current certificate chain and key.
+pub struct Renewal<'a> {
+    /// The relays, `host:port`, tried in order.
+    pub relays: &'a [String],
+    /// The relays' HTTPS port for the fallback over TCP (`None`: the QUIC port).
+    pub tcp_port: Option<u16>,
+    /// The relays' TLS name.
+    pub server_name: &'a str,
+    /// SHA-256 (hex) of the organisation CA the relay's certificate must come from.
+    pub ca_sha256: &'a str,
+    /// The certificate held now (its chain), presented as client authentication.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// Its private key, kept: the renewed certificate is for the same key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Why a renewal did not give a certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// The certificate, key or answer cannot be used.
+    #[error("{0}")]
+    Local(String),
+    /// No relay could be asked.
+    #[error(transparent)]
+    Exchange(#[from] EnrollError),
+    /// The relay said no, with its reason.
+    #[error("the relay refused renewal: {0}")]
+    Refused(String),
+}
+
+/// Renews the certificate of `r` for the same key: a CSR sent on the enrolment ALPN with
+/// the current certificate as client authentication. Returns the new certificate (PEM),
+/// checked to be for that key, and its expiry (Unix seconds).
+pub async fn renew(r: Renewal<'_>) -> Result<(String, i64), RenewError> {
+    let local = |e: crate::pki::PkiError| RenewError::Local(e.to_string());
+    let leaf = r
+        .certs
+        .first()
+        .ok_or_else(|| RenewError::Local("no certificate to renew".into()))?;
+    let info = crate::pki::inspect(leaf).map_err(local)?;
+    let identity = info
+        .identity
+        .clone()
+        .ok_or_else(|| RenewError::Local("the certificate names no identity".into()))?;
+    let csr = crate::pki::csr_for_existing_key(&identity, r.key.secret_der()).map_err(local)?;
+    let answer = exchange_any(
+        r.relays,
+        r.tcp_port,
+        r.server_name,
+        r.ca_sha256,
+        Some((r.certs.clone(), r.key.clone_key())),
+        &EnrollRequest::Renew { csr },
+    )
+    .await?;
+    let (cert, not_after) = match answer {
+        EnrollResponse::Issued {
+            cert, not_after, ..
+        } => (cert, not_after),
+        EnrollResponse::Refused { reason } => return Err(RenewError::Refused(reason)),
+    };
+    // Never hand on what would not load: the answer must be a certificate for this key.
+    let issued = <CertificateDer<'static> as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+        cert.as_bytes(),
+    )
+    .next()
+    .ok_or_else(|| RenewError::Local("the relay's answer holds no certificate".into()))?
+    .map_err(|e| RenewError::Local(format!("the relay's answer is not PEM: {e}")))?;
+    let issued = crate::pki::inspect(&issued).map_err(local)?;
+    if issued.key_sha256 != info.key_sha256 {
+        return Err(RenewError::Local(
+            "the relay's answer is for another key".into(),
+        ));
+    }
+    Ok((cert, not_after))
+}
+
 /// How long a QUIC handshake may take before enrolment goes over TLS on TCP instead.
 const QUIC_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

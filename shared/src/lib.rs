@@ -12,6 +12,7 @@ pub mod config;
 pub mod congestion;
 pub mod enroll_client;
 pub mod h3wire;
+pub mod histogram;
 pub mod identity;
 pub mod pki;
 pub mod policy;

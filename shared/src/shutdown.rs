@@ -79,3 +79,32 @@ impl Shutdown {
         Ok(())
     }
 }
+
+/// SIGHUP, the reload signal. [`Hangups::recv`] resolves on each one; where no handler
+/// could be installed it never resolves (the reason is logged once, at creation).
+#[derive(Debug)]
+pub struct Hangups(Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    /// Installs the handler; `file` names what SIGHUP reloads, for the warning.
+    pub fn new(file: &str) -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Self(Some(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; {file} is still reloaded when it changes");
+                Self(None)
+            }
+        }
+    }
+
+    /// The next SIGHUP.
+    pub async fn recv(&mut self) {
+        match self.0.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}

@@ -42,15 +42,19 @@ pub struct TelemetryArgs {
 }
 
 /// Installs the global subscriber, writing to standard error. Call once, first thing in
-/// `main`; a second call is ignored.
+/// `main`; a second call is ignored. Colours only on a terminal (never into a file, a pipe
+/// or the journal), and never with `NO_COLOR` set.
 pub fn init(format: LogFormat) {
     let filter = std::env::var("PORTCULLIS_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

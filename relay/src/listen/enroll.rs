@@ -211,10 +211,10 @@ async fn handle(
             enroll(&state, ip, &token_id, &secret, &csr, name.as_deref())
         }
         EnrollRequest::Renew { csr } => match caller {
-            Some((identity, cert)) if identity.role() == Role::Device => {
+            Some((identity, cert)) if matches!(identity.role(), Role::Device | Role::Connector) => {
                 renew(&state, ip, &identity, &cert, &csr)
             }
-            _ => refused("renewal needs the device's current certificate"),
+            _ => refused("renewal needs the device's or connector's current certificate"),
         },
     })
     .await;
@@ -460,7 +460,10 @@ fn renew(
         refused(&why)
     };
     let Some(current) = state.registry.snapshot().active(identity).cloned() else {
-        return refuse("this device is revoked or unknown".into());
+        return refuse(format!(
+            "{} is revoked or unknown",
+            identity.role().as_str()
+        ));
     };
     // Renewal keeps the key, and waits until half the lifetime has passed (the agent
     // renews at two thirds), so a device cannot churn certificates. A device presenting

@@ -46,6 +46,15 @@ pub struct ConnectorConfig {
     /// `cubic`.
     #[serde(default)]
     pub quic_congestion: super::QuicCongestion,
+    /// TCP address for `/healthz`, `/readyz` and `/metrics`; off when absent. Loopback
+    /// only unless `admin_allow_remote` is set.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Allow `admin_listen` on an address other than loopback (a pod's address, for the
+    /// kubelet's probes and Prometheus). It serves health and metrics only: no secrets,
+    /// no way to change anything.
+    #[serde(default)]
+    pub admin_allow_remote: bool,
     /// The services this connector publishes.
     pub ingress: Vec<IngressRule>,
 }
@@ -106,7 +115,7 @@ impl fmt::Display for RelayTarget {
 }
 
 /// One `[[ingress]]` table: a published hostname and the origin behind it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngressRule {
     /// The published hostname (exact or `*.suffix`).
@@ -341,6 +350,14 @@ impl ConnectorConfig {
         }
         if self.relay_resolve_interval < Duration::from_secs(1) {
             return Err(invalid("relay_resolve_interval must be at least 1s".into()));
+        }
+        if let Some(addr) = self.admin_listen
+            && !addr.ip().is_loopback()
+            && !self.admin_allow_remote
+        {
+            return Err(invalid(format!(
+                "admin_listen {addr} is not a loopback address: bind it to 127.0.0.1, or set admin_allow_remote = true"
+            )));
         }
         if self.ingress.is_empty() {
             return Err(invalid("no [[ingress]] rules: nothing to publish".into()));

@@ -268,7 +268,7 @@ impl Ca {
         ttl: Duration,
     ) -> Result<Issued, PkiError> {
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
+        params.not_before = now - BACKDATE;
         params.not_after = time::Duration::try_from(ttl)
             .ok()
             .and_then(|d| now.checked_add(d))
@@ -289,6 +289,11 @@ impl Ca {
         })
     }
 }
+
+/// How far before its issue every certificate's validity starts, for clocks a little
+/// behind the CA's. A certificate's lifetime, as renewal counts it, starts this long after
+/// its `not_before`.
+pub const BACKDATE: time::Duration = time::Duration::minutes(5);
 
 fn client_params(identity: &Identity) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
@@ -374,6 +379,8 @@ pub struct CertInfo {
     pub serial: String,
     /// SHA-256 of the subject public key info, hex.
     pub key_sha256: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
     /// Expiry, Unix seconds.
     pub not_after: i64,
 }
@@ -404,6 +411,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
         key_sha256: hex(
             ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw).as_ref(),
         ),
+        not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
 }

@@ -1,0 +1,112 @@
+//! The connector's optional admin listener (`admin_listen`): `/healthz` (the process
+//! runs), `/readyz` (at least one tunnel is registered with a relay) and `/metrics`, plain
+//! HTTP/1.1 for the kubelet's probes and Prometheus.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use portcullis_shared::shutdown::Shutdown;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::relays::{Status, TunnelState};
+
+/// What the admin listener reads.
+pub(crate) struct Admin {
+    pub(crate) status: Arc<Status>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" => {
+            let up = admin
+                .status
+                .tunnels()
+                .iter()
+                .any(|t| matches!(t.state, TunnelState::Up { .. }));
+            if up {
+                (StatusCode::OK, "text/plain", "ready\n".to_owned())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no tunnel is registered with a relay\n".to_owned(),
+                )
+            }
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            admin.metrics.render(&admin.status),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// Binds `addr` and serves until `shutdown`; the bound address is logged.
+pub(crate) async fn start(
+    addr: SocketAddr,
+    admin: Admin,
+    shutdown: Shutdown,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on admin_listen {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(admin = %bound, "admin listener: /healthz, /readyz, /metrics");
+    tokio::spawn(serve(listener, Arc::new(admin), shutdown));
+    Ok(bound)
+}
+
+async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Shutdown) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => return,
+        };
+        let admin = admin.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let resp = respond(&admin, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                () = stop.wait() => {}
+            }
+        });
+    }
+}
