@@ -59,6 +59,23 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             admin::revoke(&state, Role::Connector, &name)
         }
         Command::List { state, json } => admin::list(&state, json),
+        Command::Audit {
+            state,
+            identity,
+            action,
+            since,
+            until,
+            json,
+        } => admin::audit_list(
+            &state,
+            &admin::AuditFilter {
+                identity,
+                action,
+                since,
+                until,
+            },
+            json,
+        ),
         Command::Token(cmd) => admin::token(cmd),
         Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state),
         Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state),

@@ -87,6 +87,10 @@ impl State {
                 let mut policy = self.policy.write().unwrap_or_else(PoisonError::into_inner);
                 if **policy != new.policy {
                     tracing::info!(rules = new.policy.len(), "policy reloaded");
+                    self.audit(
+                        "policy.reload",
+                        format!("{} rules from {}", new.policy.len(), path.display()),
+                    );
                     *policy = Arc::new(new.policy);
                 }
                 self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
@@ -96,7 +100,29 @@ impl State {
                     .config_reload_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "keeping the running configuration");
+                self.audit("policy.reload.refused", e.to_string());
             }
+        }
+    }
+
+    /// Appends an event about this relay's configuration to the audit log, off the async
+    /// threads (the store may be a network away); a failure is logged, never fatal.
+    fn audit(&self, action: &'static str, detail: String) {
+        let store = self.store.clone();
+        let event = portcullis_shared::store::AuditEvent {
+            at: crate::clock::now(),
+            action: action.to_owned(),
+            subject: format!("relay:{}", self.config.quic_listen),
+            detail,
+        };
+        let write = move || {
+            if let Err(e) = store.audit(&event) {
+                tracing::warn!(error = %e, "cannot write the audit log");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 

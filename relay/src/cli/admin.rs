@@ -12,7 +12,9 @@ use anyhow::{Context, bail};
 
 use portcullis_shared::identity::{HostPattern, Identity, Role};
 use portcullis_shared::pki::{self, Ca};
-use portcullis_shared::store::{AuditEvent, IdentityRecord, Store, TokenGrant, TokenRecord};
+use portcullis_shared::store::{
+    AuditEvent, AuditQuery, IdentityRecord, Store, TokenGrant, TokenRecord,
+};
 use portcullis_shared::token::{EnrollToken, sha256_hex};
 
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
@@ -193,6 +195,67 @@ pub fn jwt_retire(at: &StateArgs) -> anyhow::Result<()> {
         println!("there is no previous JWT signing key to retire");
     }
     Ok(())
+}
+
+/// What `audit` shows.
+pub struct AuditFilter {
+    pub identity: Option<String>,
+    pub action: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+}
+
+/// `audit`.
+pub fn audit_list(at: &StateArgs, filter: &AuditFilter, json: bool) -> anyhow::Result<()> {
+    let store = open_store(at)?;
+    let events = store.audit_log(&AuditQuery {
+        since: filter.since,
+        until: filter.until,
+    })?;
+    let about = |subject: &str| match &filter.identity {
+        None => true,
+        Some(want) => subject == want || subject.split_once(':').is_some_and(|(_, id)| id == want),
+    };
+    let events: Vec<_> = events
+        .into_iter()
+        .filter(|e| about(&e.subject))
+        .filter(|e| filter.action.as_ref().is_none_or(|a| &e.action == a))
+        .collect();
+    if json {
+        let rows: Vec<_> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "at": e.at,
+                    "time": rfc3339(e.at),
+                    "action": e.action,
+                    "subject": e.subject,
+                    "detail": e.detail,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<22} {:<32} DETAIL",
+        "TIME (UTC)", "ACTION", "SUBJECT"
+    );
+    for e in &events {
+        println!(
+            "{:<20} {:<22} {:<32} {}",
+            rfc3339(e.at),
+            e.action,
+            e.subject,
+            e.detail
+        );
+    }
+    Ok(())
+}
+
+fn rfc3339(at: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64))
+        .to_string()
 }
 
 /// `list`.

@@ -55,6 +55,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the audit log, oldest first: certificates issued, renewed and revoked, tokens
+    /// created, used and revoked, enrolments refused, JWT key rotations, policy reloads.
+    Audit {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Only events about this identity or token: `device:ID`, `connector:NAME`,
+        /// `token:ID`, or an id or name alone.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only this action (`issue`, `renew`, `revoke`, `enroll`, `token.create`,
+        /// `policy.reload`, ...).
+        #[arg(long)]
+        action: Option<String>,
+        /// From this time on: RFC 3339 (`2026-11-01T00:00:00Z`) or an age (`24h`, `7d`).
+        #[arg(long, value_parser = parse_when)]
+        since: Option<i64>,
+        /// Up to this time: RFC 3339 or an age, as `--since`.
+        #[arg(long, value_parser = parse_when)]
+        until: Option<i64>,
+        /// Print JSON (an array of events) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file without starting anything: exit 0 when the relay would
     /// start with it, else exit 1 with the file, the line where one is known, and what to
     /// fix (for CI pipelines and before a reload).
@@ -242,4 +265,16 @@ pub enum TokenCreate {
         #[command(flatten)]
         state: StateArgs,
     },
+}
+
+/// A point in time for `audit`: RFC 3339, or an age before now (`24h`), as Unix seconds.
+fn parse_when(s: &str) -> Result<i64, String> {
+    let at = humantime::parse_rfc3339_weak(s)
+        .or_else(|_| humantime::parse_duration(s).map(|age| std::time::SystemTime::now() - age))
+        .map_err(|_| {
+            format!("{s:?} is neither a time (2026-11-01T00:00:00Z) nor an age (24h, 7d)")
+        })?;
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64))
 }

@@ -399,7 +399,7 @@ impl IdentityCheck for Registry {
 mod tests {
     use std::sync::atomic::AtomicBool;
 
-    use portcullis_shared::store::{AuditEvent, SqliteStore, StoreError, TokenRecord};
+    use portcullis_shared::store::{AuditEvent, AuditQuery, SqliteStore, StoreError, TokenRecord};
 
     use super::*;
 
@@ -440,8 +440,8 @@ mod tests {
         fn audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
             self.inner.audit(e)
         }
-        fn audit_log(&self) -> Result<Vec<AuditEvent>, StoreError> {
-            self.inner.audit_log()
+        fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+            self.inner.audit_log(q)
         }
         fn generation(&self) -> Result<u64, StoreError> {
             self.check()?;

@@ -179,6 +179,16 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// Which audit events to read: a time range (Unix seconds, both ends included) and the
+/// most recent `limit`. Subject and action filters are the reader's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// At or after.
+    pub since: Option<i64>,
+    /// At or before.
+    pub until: Option<i64>,
+}
+
 /// Persistent state behind the relay and its admin commands.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a newly issued certificate for an identity, replacing the identity's previous
@@ -198,8 +208,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Appends to the audit log.
     fn audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
-    /// The audit log, oldest first.
-    fn audit_log(&self) -> Result<Vec<AuditEvent>, StoreError>;
+    /// The audit events in `query`'s time range, oldest first.
+    fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// A number that changes whenever identities change, from any process. The relay polls
     /// it to apply revocations within a second.

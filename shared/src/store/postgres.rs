@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 
 use super::{
-    AuditEvent, IdentityRecord, Store, StoreError, TokenRecord, grant_row, identity_row, json,
-    mask_url, redeemable,
+    AuditEvent, AuditQuery, IdentityRecord, Store, StoreError, TokenRecord, grant_row,
+    identity_row, json, mask_url, redeemable,
 };
 use crate::identity::Identity;
 
@@ -463,13 +463,15 @@ impl Store for PostgresStore {
         })
     }
 
-    fn audit_log(&self) -> Result<Vec<AuditEvent>, StoreError> {
-        self.call(|c| {
+    fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let since = query.since.unwrap_or(i64::MIN);
+        let until = query.until.unwrap_or(i64::MAX);
+        self.call(move |c| {
             Box::pin(async move {
                 let rows = c
                     .query(
-                        "SELECT at, action, subject, detail FROM audit ORDER BY seq",
-                        &[],
+                        "SELECT at, action, subject, detail FROM audit WHERE at >= $1 AND at <= $2 ORDER BY seq",
+                        &[&since, &until],
                     )
                     .await?;
                 rows.iter()

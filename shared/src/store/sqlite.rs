@@ -8,8 +8,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    AuditEvent, IdentityRecord, Store, StoreError, TokenRecord, grant_row, identity_row, json,
-    redeemable,
+    AuditEvent, AuditQuery, IdentityRecord, Store, StoreError, TokenRecord, grant_row,
+    identity_row, json, redeemable,
 };
 use crate::identity::Identity;
 
@@ -314,11 +314,14 @@ impl Store for SqliteStore {
         })
     }
 
-    fn audit_log(&self) -> Result<Vec<AuditEvent>, StoreError> {
+    fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let since = query.since.unwrap_or(i64::MIN);
+        let until = query.until.unwrap_or(i64::MAX);
         self.with(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT at, action, subject, detail FROM audit ORDER BY seq")?;
-            let rows = stmt.query_map([], |row| {
+            let mut stmt = conn.prepare(
+                "SELECT at, action, subject, detail FROM audit WHERE at >= ?1 AND at <= ?2 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![since, until], |row| {
                 Ok(AuditEvent {
                     at: row.get(0)?,
                     action: row.get(1)?,

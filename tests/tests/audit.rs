@@ -1,0 +1,118 @@
+//! `portcullis-relay audit`: every admin action and every policy reload of a running relay
+//! is in the audit log, and the command lists it, filtered by identity, action and time,
+//! as a table or JSON; a time it cannot read is refused with the forms it takes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use portcullis_e2e::{POLICY, World, eventually, relay_cli};
+
+const ANY: &str = "127.0.0.1:0";
+
+/// `audit --json` with `args`: (action, subject) of each event.
+fn events(w: &World, args: &[&str]) -> Vec<(String, String)> {
+    let mut all = vec!["audit", "--json"];
+    all.extend(args);
+    let out = w.admin(&all);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["time"].as_str().unwrap().ends_with('Z'), "{e}");
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["subject"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn has(events: &[(String, String)], action: &str, subject: &str) -> bool {
+    events
+        .iter()
+        .any(|(a, s)| a == action && (s == subject || subject.is_empty()))
+}
+
+#[tokio::test]
+async fn admin_actions_and_policy_reloads_are_audited_and_listed_with_filters() {
+    let w = World::new();
+    w.issue_device("alice", "alice", &["eng"], None);
+    w.issue_connector("c1", &["app.internal"]);
+    let token = w.admin(&[
+        "token",
+        "create",
+        "device",
+        "--user",
+        "bob",
+        "--relay",
+        "127.0.0.1:4433",
+    ]);
+    assert!(token.lines().last().unwrap().starts_with("pct1_"));
+    w.admin(&["revoke", "device", "alice"]);
+    let path = w.write_relay_config(ANY, ANY, ANY, POLICY);
+    let (relay, _addrs) = w.start_relay().await;
+    // A policy change, then a broken file, while the relay runs.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let changed = text.replace("groups = [\"eng\"]", "groups = [\"eng\", \"ops\"]");
+    assert_ne!(changed, text);
+    std::fs::write(&path, &changed).unwrap();
+    relay.signal("HUP");
+    relay
+        .wait_for_log("policy reloaded", Duration::from_secs(20))
+        .await;
+    std::fs::write(&path, format!("{changed}\n[[policy]]\nhostnames = 3\n")).unwrap();
+    relay.signal("HUP");
+    let refused = eventually(Duration::from_secs(20), || async {
+        has(&events(&w, &[]), "policy.reload.refused", "").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "{}", relay.log_text());
+
+    let all = events(&w, &[]);
+    for (action, subject) in [
+        ("ca.init", "ca"),
+        ("issue", "device:alice"),
+        ("issue", "connector:c1"),
+        ("revoke", "device:alice"),
+        ("policy.reload", ""),
+    ] {
+        assert!(
+            has(&all, action, subject),
+            "no {action} {subject} in {all:?}"
+        );
+    }
+    assert!(
+        all.iter()
+            .any(|(a, s)| a == "token.create" && s.starts_with("token:")),
+        "{all:?}"
+    );
+    // By identity (the id alone, or role:id), by action, by time.
+    let alice = events(&w, &["--identity", "alice"]);
+    assert_eq!(
+        alice,
+        vec![
+            ("issue".to_owned(), "device:alice".to_owned()),
+            ("revoke".to_owned(), "device:alice".to_owned()),
+        ]
+    );
+    assert_eq!(events(&w, &["--identity", "device:alice"]), alice);
+    let revokes = events(&w, &["--action", "revoke"]);
+    assert_eq!(revokes, vec![("revoke".into(), "device:alice".into())]);
+    assert_eq!(events(&w, &["--since", "1h"]).len(), all.len());
+    assert!(events(&w, &["--until", "2001-01-01T00:00:00Z"]).is_empty());
+    assert!(events(&w, &["--since", "2999-01-01T00:00:00Z"]).is_empty());
+    // The table names every event too.
+    let table = w.admin(&["audit", "--identity", "c1"]);
+    assert!(
+        table.lines().next().unwrap().starts_with("TIME (UTC)"),
+        "{table}"
+    );
+    assert!(table.contains("connector:c1"), "{table}");
+    // A time it cannot read.
+    let out = relay_cli(&["audit", "--since", "yesterday-ish", "--state", w.state()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("neither a time"), "{err}");
+}
