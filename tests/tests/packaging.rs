@@ -1,0 +1,294 @@
+//! What ships in `deploy/`: the systemd units pass `systemd-analyze verify`, are hardened
+//! (their exposure as `systemd-analyze security` rates it), and run as the dedicated users
+//! their sysusers file declares; the connector unit's own ExecStart, run as its user in a
+//! state directory that user owns, enrols, serves and reloads. Tools that are missing are
+//! reported and the check skipped, loudly.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use portcullis_e2e::{APP, Daemon, POLICY, World, bin, bin_dir, curl, wait_for_connectors};
+
+const ANY: &str = "127.0.0.1:0";
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+/// Reports a check that cannot run here; where CI sets `require` (it installs what the
+/// check needs), not running it is a failure.
+fn skip(require: &str, why: &str) {
+    assert!(
+        std::env::var_os(require).is_none(),
+        "{require} is set, but: {why}"
+    );
+    eprintln!("SKIPPED: {why}");
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A unit file's `[Service]` settings: key to every value it is given.
+fn unit(name: &str) -> BTreeMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(deploy(&format!("systemd/{name}"))).unwrap();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((k, v)) = line.split_once('=') {
+            out.entry(k.trim().to_owned())
+                .or_default()
+                .push(v.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// The units with their ExecStart pointing at the binaries under test, in a directory of
+/// their own (verify checks that the command exists).
+fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
+    ["portcullis-relay.service", "portcullis-connector.service"]
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(deploy(&format!("systemd/{name}"))).unwrap();
+            let text = text.replace("/usr/local/bin/", &format!("{}/", bin_dir().display()));
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn systemd_units_verify_run_as_declared_users_and_are_hardened() {
+    let sysusers = std::fs::read_to_string(deploy("systemd/portcullis.sysusers")).unwrap();
+    for name in ["portcullis-relay.service", "portcullis-connector.service"] {
+        let u = unit(name);
+        assert!(
+            !u.contains_key("DynamicUser"),
+            "{name}: DynamicUser cannot own the key files"
+        );
+        let user = &u["User"][0];
+        assert!(
+            sysusers
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(user.as_str())),
+            "{name}: User={user} is not in portcullis.sysusers"
+        );
+        for key in [
+            "CapabilityBoundingSet",
+            "NoNewPrivileges",
+            "ProtectSystem",
+            "ProtectKernelTunables",
+            "ProtectKernelModules",
+            "ProtectKernelLogs",
+            "RestrictAddressFamilies",
+            "SystemCallFilter",
+            "LimitNOFILE",
+            "StateDirectory",
+            "ExecReload",
+        ] {
+            assert!(u.contains_key(key), "{name}: no {key}");
+        }
+    }
+    if !have("systemd-analyze") {
+        skip(
+            "PORTCULLIS_REQUIRE_SYSTEMD_ANALYZE",
+            "systemd-analyze is not installed; the units were not verified",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let units = units_for_verify(dir.path());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for unit in &units {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(unit)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(level) = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            skip(
+                "PORTCULLIS_REQUIRE_SYSTEMD_ANALYZE",
+                &format!(
+                    "this systemd-analyze has no offline security rating: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            );
+            return;
+        };
+        // 0 is a sealed box, 10 an unprotected service; "OK" is below 2.
+        assert!(level < 2.0, "{}: exposure {level}\n{text}", unit.display());
+    }
+    if have("systemd-sysusers") {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let out = Command::new("systemd-sysusers")
+            .arg(format!("--root={}", root.path().display()))
+            .arg(deploy("systemd/portcullis.sysusers"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+        for user in ["portcullis:", "portcullis-connector:"] {
+            assert!(passwd.contains(user), "{passwd}");
+        }
+    }
+}
+
+/// A uid (used as the gid too) that no account on this machine has.
+fn unused_id() -> u32 {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let taken = |id: u32| {
+        let id = format!(":{id}:");
+        passwd.lines().chain(group.lines()).any(|l| l.contains(&id))
+    };
+    (61_000..62_000).find(|id| !taken(*id)).unwrap()
+}
+
+/// Runs `args` as `id` (uid and gid), with no supplementary groups or capabilities and the
+/// unit's umask, as systemd would start the unit's command.
+fn as_user(id: u32, args: &[String]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={id}"),
+        format!("--regid={id}"),
+        "--clear-groups".into(),
+        "--inh-caps=-all".into(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        "umask 077 && exec \"$@\"".into(),
+        "sh".into(),
+    ])
+    .args(args);
+    cmd
+}
+
+#[tokio::test]
+async fn the_connector_units_command_enrols_and_serves_as_an_unprivileged_user_owning_its_state() {
+    // Root is needed to become another user.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !root || !have("setpriv") {
+        skip(
+            "PORTCULLIS_REQUIRE_SECOND_USER",
+            "needs root and setpriv to run the unit's command as its user",
+        );
+        return;
+    }
+    let u = unit("portcullis-connector.service");
+    let w = World::new();
+    w.issue_device("alice", "alice", &["eng"], None);
+    let (_origin, origin_addr) = w.start_origin().await;
+    w.write_relay_config(ANY, ANY, ANY, POLICY);
+    let (_relay, addrs) = w.start_relay().await;
+    let token = w.admin(&[
+        "token",
+        "create",
+        "connector",
+        "c1",
+        "--hostname",
+        APP,
+        "--relay",
+        &addrs.quic.to_string(),
+    ]);
+    let token = token.lines().last().unwrap().to_owned();
+    // The unit's StateDirectory, as systemd makes it: owned by the user, mode 0700, in a
+    // directory the user may only pass through.
+    let id = unused_id();
+    let top = w.path("");
+    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = w.path(&u["StateDirectory"][0]);
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(id), Some(id)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // The documented install: enrol as the connector's user.
+    let connector_bin = bin("portcullis-connector");
+    let enrolled = as_user(
+        id,
+        &[
+            connector_bin.display().to_string(),
+            "enroll".into(),
+            "--state".into(),
+            state.display().to_string(),
+        ],
+    )
+    .env("PORTCULLIS_TOKEN", &token)
+    .output()
+    .unwrap();
+    assert!(enrolled.status.success(), "{enrolled:?}");
+    let key = std::fs::metadata(state.join("connector.key")).unwrap();
+    assert_eq!((key.uid(), key.mode() & 0o777), (id, 0o600));
+    let config = state.join("connector.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("http://127.0.0.1:8080", &format!("http://{origin_addr}"));
+    std::fs::write(&config, text).unwrap();
+    // The unit's ExecStart, as systemd expands it.
+    let exec: Vec<String> = u["ExecStart"][0]
+        .replace(
+            "/usr/local/bin/portcullis-connector",
+            &connector_bin.display().to_string(),
+        )
+        .replace("${STATE_DIRECTORY}", &state.display().to_string())
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let mut cmd = tokio::process::Command::from(as_user(id, &exec));
+    cmd.env("STATE_DIRECTORY", &state);
+    let connector = Daemon::spawn_logged(cmd, w.path("c1.log"));
+    wait_for_connectors(addrs.admin, 1).await;
+    let r = curl(&w, &addrs, APP, "/", Some("alice")).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}\n{}",
+        r.body,
+        r.stderr,
+        connector.log_text()
+    );
+    let pid = connector.child.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().skip(1).all(|v| v == id.to_string()),
+        "{uid}"
+    );
+    // The unit's ExecReload.
+    assert_eq!(u["ExecReload"][0], "/bin/kill -HUP $MAINPID");
+    connector.signal("HUP");
+    connector
+        .wait_for_log("SIGHUP: reloading", Duration::from_secs(20))
+        .await;
+    let log = connector.log_text();
+    assert!(!log.contains("reload refused"), "{log}");
+}
