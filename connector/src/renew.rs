@@ -56,6 +56,19 @@ pub(crate) async fn run(live: Arc<Live>, shutdown: Shutdown) {
                 () = shutdown.wait() => return,
             }
         };
+        // A certificate the connector cannot replace (a read-only mount, a Kubernetes
+        // Secret) is never renewed: the relay would record a certificate nobody holds.
+        if let Err(why) = writable(&cert) {
+            tracing::warn!(
+                cert = %cert.display(),
+                not_after = info.not_after,
+                "automatic renewal is off: {why}; replace the certificate before it expires (the connector picks up a new file within seconds)"
+            );
+            tokio::select! {
+                _ = replaced.changed() => continue,
+                () = shutdown.wait() => return,
+            }
+        }
         let at = renewal_at(info.not_before, info.not_after);
         let wait = Duration::from_secs(u64::try_from(at - now()).unwrap_or(0));
         tracing::debug!(
@@ -94,6 +107,27 @@ pub(crate) async fn run(live: Arc<Live>, shutdown: Shutdown) {
     }
 }
 
+/// Whether a renewed certificate could be written over `cert`: the file is written to a
+/// temporary file beside it and renamed, so its directory must take a new file.
+fn writable(cert: &std::path::Path) -> Result<(), String> {
+    let dir = cert
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let probe = dir.join(format!(".portcullis-renew-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("{} is not writable ({e})", dir.display())),
+    }
+}
+
 /// One renewal: returns the new certificate's expiry.
 async fn renew(live: &Live) -> anyhow::Result<i64> {
     let current = live.current();
@@ -127,6 +161,21 @@ async fn renew(live: &Live) -> anyhow::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_needs_a_directory_that_takes_a_new_file() {
+        let dir = std::env::temp_dir().join(format!("pc-renew-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(writable(&dir.join("c.crt")), Ok(()));
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the probe is removed"
+        );
+        std::fs::remove_dir(&dir).unwrap();
+        let gone = writable(&dir.join("c.crt")).unwrap_err();
+        assert!(gone.contains("is not writable"), "{gone}");
+    }
 
     #[test]
     fn renewal_comes_at_two_thirds_and_retries_scale_with_the_lifetime() {

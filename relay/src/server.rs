@@ -313,6 +313,7 @@ fn serve(
         relay: state.clone(),
         token: admin_token(&state.config)?,
         device_ids: state.config.admin.metrics_device_ids,
+        probes_without_token: state.config.admin.probes_without_token,
     });
     if let Some(listener) = listeners.admin {
         tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));

