@@ -483,3 +483,76 @@ fn the_container_image_builds_when_a_container_engine_is_available() {
         assert_eq!(user.trim(), "10001:10001");
     }
 }
+
+/// Every `portcullis_...` series name in `text`, without histogram suffixes.
+fn series_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("portcullis_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let name = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(name.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The text of every Rust file under `dir`.
+fn sources(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.push_str(&sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_use_only_series_the_daemons_export_and_the_docs_list() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let code: String = ["relay/src", "connector/src", "shared/src"]
+        .iter()
+        .map(|d| sources(&root.join(d)))
+        .collect();
+    let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let dashboard = std::fs::read_to_string(deploy("grafana/portcullis-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(dash["panels"].as_array().unwrap().len() >= 8);
+    let rules = std::fs::read_to_string(deploy("prometheus/portcullis-rules.yaml")).unwrap();
+    for alert in [
+        "PortcullisSuccessRateLow",
+        "PortcullisLatencyP95High",
+        "PortcullisHandshakeFailures",
+        "PortcullisNoConnector",
+        "PortcullisCertificateExpiring",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "no {alert}");
+        assert!(
+            docs.contains(alert),
+            "docs/operations.md does not explain {alert}"
+        );
+    }
+    let used = series_names(&format!("{dashboard}\n{rules}"));
+    assert!(used.len() >= 10, "{used:?}");
+    for name in &used {
+        assert!(
+            code.contains(name.as_str()),
+            "{name} is not exported by any daemon"
+        );
+        assert!(
+            docs.contains(name.as_str()),
+            "{name} is not in docs/operations.md"
+        );
+    }
+}

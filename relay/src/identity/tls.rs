@@ -162,6 +162,23 @@ impl CertResolver {
 
     /// Re-reads `tls_cert`/`tls_key` if the certificate file changed. Called at startup and
     /// periodically; a bad file keeps the previous certificate and logs why.
+    /// When the organisation CA and the public certificate (`tls_cert`, if any) expire,
+    /// as (`ca` or `public`, Unix seconds).
+    pub(crate) fn expiries(&self) -> Vec<(&'static str, i64)> {
+        let mut out = Vec::new();
+        if let Ok(info) = pki::inspect(self.ca.cert_der()) {
+            out.push(("ca", info.not_after));
+        }
+        if let Some(s) = &self.static_cert
+            && let Some((_, ck)) = &*s.loaded.read().unwrap_or_else(|p| p.into_inner())
+            && let Some(leaf) = ck.cert.first()
+            && let Ok(info) = pki::inspect(leaf)
+        {
+            out.push(("public", info.not_after));
+        }
+        out
+    }
+
     pub(crate) fn reload_static(&self) -> anyhow::Result<()> {
         let Some(s) = &self.static_cert else {
             return Ok(());

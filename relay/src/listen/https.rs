@@ -147,12 +147,19 @@ async fn serve_connection(
     } = conn;
     let limits = &state.config.limits;
     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            state.metrics.sli.handshake("https", "ok");
+            tls
+        }
         Ok(Err(e)) => {
             state
                 .metrics
                 .tls_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .sli
+                .handshake("https", crate::ops::sli::tls_failure(&e));
             tracing::info!(client.addr = %peer, reason = %e, "TLS handshake refused");
             return;
         }
@@ -161,6 +168,7 @@ async fn serve_connection(
                 .metrics
                 .tls_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
+            state.metrics.sli.handshake("https", "timeout");
             tracing::debug!(client.addr = %peer, "TLS handshake timed out");
             return;
         }

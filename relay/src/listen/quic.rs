@@ -228,12 +228,19 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
     let handshake = tokio::time::timeout(limits.handshake_timeout, incoming).await;
     drop(pending);
     let conn = match handshake {
-        Ok(Ok(conn)) => conn,
+        Ok(Ok(conn)) => {
+            state.metrics.sli.handshake("quic", "ok");
+            conn
+        }
         Ok(Err(e)) => {
             state
                 .metrics
                 .quic_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .sli
+                .handshake("quic", crate::ops::sli::quic_failure(&e));
             return Err(e).context("handshake");
         }
         Err(_) => {
@@ -242,6 +249,7 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
                 .metrics
                 .quic_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
+            state.metrics.sli.handshake("quic", "timeout");
             bail!("handshake timed out after {:?}", limits.handshake_timeout);
         }
     };

@@ -65,6 +65,8 @@ pub(crate) struct Metrics {
     device_connections: [Arc<AtomicI64>; 2],
     /// The QUIC socket's buffers as obtained: receive, send.
     udp_buffers: [AtomicI64; 2],
+    /// Requests, latency, bytes and handshakes by hostname, protocol and reason.
+    pub(crate) sli: crate::ops::sli::Sli,
 }
 
 /// Counts one thing in a gauge while it is held.
@@ -263,6 +265,7 @@ impl Metrics {
                 "portcullis_relay_hostname_replicas{{hostname=\"{hostname}\"}} {n}"
             );
         }
+        self.sli.render(&mut out, &tls.expiries());
         let snapshot = registry.snapshot();
         let mut records: Vec<_> = snapshot
             .records()

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -14,8 +15,9 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::authorize::request_host;
-use crate::conn::{BoxError, ConnInfo, ExtendedConnect, RespBody};
+use crate::conn::{BoxError, ConnInfo, ExtendedConnect, ReqBody, RespBody};
 use crate::ops::access_log::Entry;
+use crate::ops::sli::Finished;
 use crate::state::State;
 
 /// Per-request facts for the access log, filled in as the request proceeds.
@@ -30,6 +32,13 @@ pub(super) struct Access {
     path: String,
     protocol: &'static str,
     pub(super) reason: Option<&'static str>,
+    /// Set once the request was routed to a connector: its hostname is then a label of
+    /// the SLI series.
+    pub(super) routed: bool,
+    /// Request body bytes received, counted by [`Access::count_request_body`].
+    bytes_in: Arc<AtomicU64>,
+    /// The response head was ready this long after the request.
+    head: Option<std::time::Duration>,
     /// The connection stays busy for as long as this request, its response body or its
     /// tunnel holds these permits (and the device's and connector's stream slots).
     pub(super) permits: Vec<OwnedSemaphorePermit>,
@@ -57,17 +66,35 @@ impl Access {
             path,
             protocol: info.protocol,
             reason: None,
+            routed: false,
+            bytes_in: Arc::default(),
+            head: None,
             permits: info.activity.begin().into_iter().collect(),
         }
+    }
+
+    /// Counts `req`'s body bytes as they arrive, for the SLI series.
+    pub(super) fn count_request_body(&self, req: Request<ReqBody>) -> Request<ReqBody> {
+        let counter = self.bytes_in.clone();
+        req.map(|body| {
+            body.map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                frame
+            })
+            .boxed()
+        })
     }
 
     /// Wraps `resp`'s body so that the line is written, with the bytes sent, when the body
     /// has been sent or abandoned.
     pub(super) fn log_when_sent(
-        self,
+        mut self,
         resp: Response<RespBody>,
         state: Arc<State>,
     ) -> Response<RespBody> {
+        self.head = Some(self.start.elapsed());
         let status = resp.status().as_u16();
         let (parts, body) = resp.into_parts();
         Response::from_parts(
@@ -83,6 +110,17 @@ impl Access {
 
     fn write(&self, state: &State, status: u16, bytes: u64) {
         state.metrics.response(status);
+        let total = self.start.elapsed();
+        state.metrics.sli.request(&Finished {
+            hostname: self.routed.then_some(self.hostname.as_str()),
+            protocol: self.protocol,
+            method: &self.method,
+            status,
+            head: self.head.unwrap_or(total),
+            total,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: bytes,
+        });
         let time = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();

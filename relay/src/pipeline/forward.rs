@@ -41,6 +41,7 @@ pub(super) async fn forward(
 ) -> Result<Response<RespBody>, RequestError> {
     let device = info.device.as_ref().ok_or(RequestError::NoDevice)?;
     let (connector, io) = open_stream(state, device, &grant.host, access).await?;
+    access.routed = true;
     let jwt = state.jwt.token(&Claims {
         user: &grant.user,
         device: device.id(),

@@ -37,6 +37,7 @@ pub(crate) async fn handle(
     req: Request<ReqBody>,
 ) -> Response<RespBody> {
     let mut access = Access::begin(&info, &req);
+    let req = access.count_request_body(req);
     let resp = match serve(&state, &info, req, &mut access).await {
         Ok(resp) => resp,
         Err(e) => {
