@@ -96,7 +96,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
     // Exit 1 for every finding (not `run`'s 64 for a bad configuration).
     let config = ConnectorConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
-    origin::Origins::new(&config, Arc::default()).map_err(what)?;
+    origin::Origins::new(&config, Arc::default(), None).map_err(what)?;
     tunnel::Dialer::new(&config).map_err(what)?;
     println!("{}: ok", path.display());
     Ok(())
@@ -188,6 +188,9 @@ async fn run_with(
     }
     if watched {
         tokio::spawn(live.clone().watch(shutdown.clone()));
+    }
+    if let Some(log) = &live.access {
+        tokio::spawn(log.clone().reopen_on_sigusr2(shutdown.clone()));
     }
     tokio::spawn(renew::run(live.clone(), shutdown.clone()));
     relays::run(config.clone(), live, shutdown.clone(), status, withdrawn).await?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use portcullis_shared::access_log::AccessLog;
 use portcullis_shared::config::ConnectorConfig;
 use portcullis_shared::pki;
 use portcullis_shared::shutdown::{Hangups, Shutdown};
@@ -33,8 +34,12 @@ pub(crate) struct Current {
 }
 
 impl Current {
-    fn build(config: ConnectorConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Self> {
-        let origins = Arc::new(Origins::new(&config, metrics.clone())?);
+    fn build(
+        config: ConnectorConfig,
+        metrics: &Arc<Metrics>,
+        access: Option<&Arc<AccessLog>>,
+    ) -> anyhow::Result<Self> {
+        let origins = Arc::new(Origins::new(&config, metrics.clone(), access.cloned())?);
         let dialer = Dialer::new(&config)?;
         let credentials = read_credentials(&config)?;
         Ok(Self {
@@ -79,6 +84,8 @@ pub(crate) struct Live {
     replace: watch::Sender<u64>,
     health: Checkers,
     pub(crate) metrics: Arc<Metrics>,
+    /// The access log, opened once at start (`access_log` changes need a restart).
+    pub(crate) access: Option<Arc<AccessLog>>,
 }
 
 impl Live {
@@ -89,7 +96,13 @@ impl Live {
         metrics: Arc<Metrics>,
         health: Checkers,
     ) -> anyhow::Result<Self> {
-        let current = Current::build(config, &metrics)?;
+        let access = match &config.access_log {
+            Some(p) => Some(Arc::new(AccessLog::open(p).map_err(|e| {
+                anyhow::anyhow!("cannot open the access log {}: {e}", p.display())
+            })?)),
+            None => None,
+        };
+        let current = Current::build(config, &metrics, access.as_ref())?;
         health.update(&current.config)?;
         let live = Self {
             path,
@@ -97,6 +110,7 @@ impl Live {
             replace: watch::channel(0).0,
             health,
             metrics,
+            access,
         };
         live.note_expiry();
         Ok(live)
@@ -128,7 +142,7 @@ impl Live {
             None => Ok(old.config.clone()),
         };
         let new = loaded.and_then(|config| {
-            let new = Current::build(config, &self.metrics)?;
+            let new = Current::build(config, &self.metrics, self.access.as_ref())?;
             self.health.update(&new.config)?;
             Ok(new)
         });
@@ -243,6 +257,9 @@ fn warn_restart_only(old: &ConnectorConfig, new: &ConnectorConfig) {
     }
     if old.drain_grace != new.drain_grace {
         changed.push("drain_grace");
+    }
+    if old.access_log != new.access_log {
+        changed.push("access_log");
     }
     if old.admin_listen != new.admin_listen || old.admin_allow_remote != new.admin_allow_remote {
         changed.push("admin_listen");

@@ -24,6 +24,8 @@ use portcullis_shared::transport::{BiStream, JoinedStream};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
 use crate::metrics::{Metrics, Outcome};
+use portcullis_shared::access_log::AccessLog;
+use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OriginClient = Client<HttpsConnector<HttpConnector>, TunnelBody<Incoming>>;
@@ -34,12 +36,104 @@ struct Origin {
     /// `None` for `tcp://` rules, which are dialled per CONNECT.
     client: Option<OriginClient>,
     metrics: Arc<Metrics>,
+    /// The access log (`access_log`), or `None`: access lines go to the daemon's log.
+    access: Option<Arc<AccessLog>>,
+}
+
+/// What the connector knows of one request, for its access log.
+struct Exchange {
+    start: Instant,
+    /// Continues the relay's span (its `traceparent`) with the connector's own, which the
+    /// origin gets as its parent.
+    trace: TraceContext,
+    /// The relay's span id, as the relay sent it.
+    parent: Option<String>,
+    /// The relay's `x-request-id`.
+    request_id: String,
+    host: String,
+    method: String,
+    path: String,
+}
+
+impl Exchange {
+    fn begin<B>(req: &Request<B>) -> Self {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let caller = header(TRACEPARENT).and_then(TraceContext::parse);
+        let trace = caller.map_or_else(TraceContext::root, |c| c.child());
+        Self {
+            start: Instant::now(),
+            trace,
+            parent: caller.map(|c| c.span_id()),
+            request_id: header("x-request-id").unwrap_or_default().to_owned(),
+            host: header(header::HOST.as_str())
+                .map(ToOwned::to_owned)
+                .or_else(|| req.uri().authority().map(ToString::to_string))
+                .unwrap_or_default(),
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+        }
+    }
+}
+
+/// One line of the connector's access log.
+#[derive(serde::Serialize)]
+struct Entry<'a> {
+    time: String,
+    request_id: &'a str,
+    trace_id: String,
+    /// The connector's span; the origin's `traceparent` names it as the parent.
+    span_id: String,
+    /// The relay's span.
+    parent_id: Option<&'a str>,
+    hostname: &'a str,
+    method: &'a str,
+    path: &'a str,
+    rule: String,
+    origin: String,
+    /// The origin's status; 502 when it did not answer.
+    status: u16,
+    /// Time to the origin's response head (tcp://: to the connection).
+    duration_ms: f64,
 }
 
 impl Origin {
-    fn record(&self, outcome: Outcome, since: Instant) {
-        self.metrics
-            .origin(&self.rule.hostname.to_string(), outcome, since.elapsed());
+    fn record(&self, x: &Exchange, outcome: Outcome) {
+        let took = x.start.elapsed();
+        let rule = self.rule.hostname.to_string();
+        self.metrics.origin(&rule, outcome, took);
+        let status = match outcome {
+            Outcome::Status(s) => s,
+            Outcome::Error => 502,
+        };
+        let entry = Entry {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            request_id: &x.request_id,
+            trace_id: x.trace.trace_id(),
+            span_id: x.trace.span_id(),
+            parent_id: x.parent.as_deref(),
+            hostname: &x.host,
+            method: &x.method,
+            path: &x.path,
+            rule,
+            origin: self.rule.service.authority(),
+            status,
+            duration_ms: took.as_secs_f64() * 1000.0,
+        };
+        match &self.access {
+            Some(log) => log.write(&entry),
+            None => tracing::info!(
+                target: "portcullis_connector::access",
+                request_id = entry.request_id,
+                trace_id = %entry.trace_id,
+                span_id = %entry.span_id,
+                hostname = entry.hostname,
+                method = entry.method,
+                path = entry.path,
+                status,
+                duration_ms = entry.duration_ms,
+                "request"
+            ),
+        }
     }
 }
 
@@ -85,7 +179,11 @@ fn rustls_native_certs() -> Vec<rustls_pki_types::CertificateDer<'static>> {
 }
 
 impl Origins {
-    pub(crate) fn new(config: &ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        config: &ConnectorConfig,
+        metrics: Arc<Metrics>,
+        access: Option<Arc<AccessLog>>,
+    ) -> anyhow::Result<Self> {
         let mut by_pattern = HashMap::new();
         for rule in &config.ingress {
             if rule.service.scheme == Scheme::Tcp {
@@ -95,6 +193,7 @@ impl Origins {
                         rule: rule.clone(),
                         client: None,
                         metrics: metrics.clone(),
+                        access: access.clone(),
                     }),
                 );
                 continue;
@@ -121,6 +220,7 @@ impl Origins {
                     rule: rule.clone(),
                     client: Some(client),
                     metrics: metrics.clone(),
+                    access: access.clone(),
                 }),
             );
         }
@@ -183,6 +283,7 @@ async fn proxy(
             "this hostname is a TCP service: use CONNECT hostname:port",
         );
     };
+    let exchange = Exchange::begin(&req);
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -205,10 +306,13 @@ async fn proxy(
         parts.headers.remove(header::HOST);
     }
     let method = parts.method.clone();
-    let since = Instant::now();
+    // The origin's parent span is the connector's.
+    if let Ok(v) = HeaderValue::from_str(&exchange.trace.header()) {
+        parts.headers.insert(TRACEPARENT, v);
+    }
     match client.request(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
-            origin.record(Outcome::Status(resp.status().as_u16()), since);
+            origin.record(&exchange, Outcome::Status(resp.status().as_u16()));
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_side) = client_side
             {
@@ -238,7 +342,7 @@ async fn proxy(
             Response::from_parts(head, body.map_err(BoxError::from).boxed())
         }
         Err(e) => {
-            origin.record(Outcome::Error, since);
+            origin.record(&exchange, Outcome::Error);
             tracing::warn!(origin = %origin.rule.service, %method, error = %e, "origin request failed");
             error(StatusCode::BAD_GATEWAY, "the origin did not answer")
         }
@@ -264,14 +368,14 @@ async fn connect(
             "that port is not published for this hostname",
         );
     }
-    let since = Instant::now();
+    let exchange = Exchange::begin(&req);
     let stream = match tokio::net::TcpStream::connect(service.authority()).await {
         Ok(s) => {
-            origin.record(Outcome::Status(200), since);
+            origin.record(&exchange, Outcome::Status(200));
             s
         }
         Err(e) => {
-            origin.record(Outcome::Error, since);
+            origin.record(&exchange, Outcome::Error);
             tracing::warn!(origin = %service, error = %e, "TCP origin unreachable");
             return error(StatusCode::BAD_GATEWAY, "the origin did not answer");
         }

@@ -30,12 +30,12 @@ use crate::identity::registry::Registry;
 use crate::identity::tls::{self, CertResolver};
 use crate::listen::admin_http::{self, AdminState};
 use crate::listen::{https, quic, terminate};
-use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::{Listener, Metrics};
 use crate::ops::sampler::{self, Sampled};
 use crate::reload;
 use crate::state::State;
 use crate::tunnel::Router;
+use portcullis_shared::access_log::AccessLog;
 
 /// File in the state directory naming the relay's public QUIC endpoint, written at start
 /// and read by `token create` as its default `--relay`.
@@ -212,7 +212,12 @@ fn build_state(
     bound: Bound,
     shutdown: &Shutdown,
 ) -> anyhow::Result<(Arc<State>, UnboundedReceiver<Terminated>)> {
-    let access_log = AccessLog::open(&config.access_log_path())?;
+    let path = config.access_log_path();
+    let access_log = Arc::new(
+        AccessLog::open(&path)
+            .with_context(|| format!("opening the access log {}", path.display()))?,
+    );
+    tokio::spawn(access_log.clone().reopen_on_sigusr2(shutdown.clone()));
     let jwt =
         JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
     let (terminator, terminated) = tokio::sync::mpsc::unbounded_channel();

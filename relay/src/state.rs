@@ -22,9 +22,9 @@ use crate::hardening::overload::Overload;
 use crate::hardening::rate_limit::RateLimit;
 use crate::identity::jwt::JwtSigner;
 use crate::identity::registry::Registry;
-use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::Metrics;
 use crate::tunnel::Router;
+use portcullis_shared::access_log::AccessLog;
 
 /// Shared by every task of a running relay.
 #[derive(Debug)]
@@ -37,7 +37,7 @@ pub(crate) struct State {
     pub(crate) router: Router,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) jwt: JwtSigner,
-    pub(crate) access_log: AccessLog,
+    pub(crate) access_log: Arc<AccessLog>,
     /// `alt-svc` advertising HTTP/3 on the QUIC port, added to HTTPS responses.
     pub(crate) alt_svc: Option<http::HeaderValue>,
     pub(crate) ca: Arc<Ca>,

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod config;
 pub mod congestion;
 pub mod enroll_client;
@@ -23,6 +24,7 @@ pub mod store;
 pub mod tcp_transport;
 pub mod telemetry;
 pub mod token;
+pub mod trace;
 pub mod transport;
 pub mod tunnel_body;
 pub mod tunnel_io;

@@ -18,6 +18,11 @@ use super::authorize::request_host;
 use crate::conn::{BoxError, ConnInfo, ExtendedConnect, ReqBody, RespBody};
 use crate::ops::access_log::Entry;
 use crate::ops::sli::Finished;
+use portcullis_shared::trace::{TRACEPARENT, TraceContext};
+
+/// The request id's header: in the response to the client and in the request to the
+/// origin.
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 use crate::state::State;
 
 /// Per-request facts for the access log, filled in as the request proceeds.
@@ -39,6 +44,10 @@ pub(super) struct Access {
     bytes_in: Arc<AtomicU64>,
     /// The response head was ready this long after the request.
     head: Option<std::time::Duration>,
+    /// The trace: the client's continued with the relay's span, or a new one.
+    pub(super) trace: TraceContext,
+    /// The relay's span id, hex: the request id.
+    request_id: String,
     /// The connection stays busy for as long as this request, its response body or its
     /// tunnel holds these permits (and the device's and connector's stream slots).
     pub(super) permits: Vec<OwnedSemaphorePermit>,
@@ -56,6 +65,9 @@ impl Access {
         } else {
             req.uri().path().to_owned()
         };
+        let trace = TraceContext::continue_from(
+            req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+        );
         Self {
             start: Instant::now(),
             client: info.peer,
@@ -67,6 +79,8 @@ impl Access {
             protocol: info.protocol,
             reason: None,
             routed: false,
+            trace,
+            request_id: trace.span_id(),
             bytes_in: Arc::default(),
             head: None,
             permits: info.activity.begin().into_iter().collect(),
@@ -96,7 +110,10 @@ impl Access {
     ) -> Response<RespBody> {
         self.head = Some(self.start.elapsed());
         let status = resp.status().as_u16();
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        if let Ok(id) = http::HeaderValue::from_str(&self.request_id) {
+            parts.headers.insert(REQUEST_ID, id);
+        }
         Response::from_parts(
             parts,
             LoggedBody {
@@ -126,6 +143,8 @@ impl Access {
             .unwrap_or_default();
         state.access_log.write(&Entry {
             time,
+            request_id: &self.request_id,
+            trace_id: &self.trace.trace_id(),
             client: self.client.ip().to_string(),
             device: self.device.as_deref(),
             user: self.user.as_deref(),

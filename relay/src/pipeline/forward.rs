@@ -55,6 +55,7 @@ pub(super) async fn forward(
         groups: &grant.groups,
         jwt: jwt.as_deref(),
         peer: info.peer,
+        trace: &access.trace,
     };
     let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
     let connect_port = req.uri().port_u16();

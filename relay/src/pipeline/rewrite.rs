@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 use portcullis_shared::identity::{Hostname, Identity};
 use portcullis_shared::proto::TRAILERS_FIELD;
+use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody};
 
 use super::respond::{RequestError, empty};
@@ -63,6 +64,9 @@ pub(crate) struct Caller<'a> {
     pub(crate) groups: &'a [String],
     pub(crate) jwt: Option<&'a str>,
     pub(crate) peer: SocketAddr,
+    /// The relay's span of this request's trace: the origin's `traceparent` parent, and
+    /// its id the `x-request-id`.
+    pub(crate) trace: &'a TraceContext,
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -111,6 +115,10 @@ fn set_identity(headers: &mut HeaderMap, host: &Hostname, id: &Caller<'_>) {
     set("x-forwarded-for", &id.peer.ip().to_string());
     set("x-forwarded-proto", "https");
     set("x-forwarded-host", host.as_str());
+    // The trace goes on with the relay's span; the request id is the relay's, never a
+    // client's claim.
+    set(TRACEPARENT, &id.trace.header());
+    set("x-request-id", &id.trace.span_id());
 }
 
 fn client_port(parts: &http::request::Parts) -> Option<u16> {
@@ -221,12 +229,14 @@ mod tests {
     #[test]
     fn forwarding_and_client_address_claims_are_stripped_in_every_spelling() {
         let device = Identity::new(Role::Device, "alice_laptop").unwrap();
+        let trace = TraceContext::root();
         let caller = Caller {
             device: &device,
             user: "alice",
             groups: &["eng".to_owned()],
             jwt: None,
             peer: "192.0.2.7:5555".parse().unwrap(),
+            trace: &trace,
         };
         let mut headers = HeaderMap::new();
         let forged = [
@@ -255,7 +265,12 @@ mod tests {
                 HeaderValue::from_static("10.9.9.9"),
             );
         }
-        headers.insert("x-request-id", HeaderValue::from_static("kept"));
+        // A client's request id and trace are claims too: the relay's replace them.
+        headers.insert("x-request-id", HeaderValue::from_static("forged"));
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
         let host = Hostname::parse("app.internal").unwrap();
         set_identity(&mut headers, &host, &caller);
 
@@ -267,6 +282,7 @@ mod tests {
                 "portcullis-device",
                 "portcullis-groups",
                 "portcullis-user",
+                "traceparent",
                 "x-forwarded-for",
                 "x-forwarded-host",
                 "x-forwarded-proto",
@@ -284,5 +300,7 @@ mod tests {
         assert_eq!(one("x-forwarded-proto"), "https");
         assert_eq!(one("portcullis-user"), "alice");
         assert_eq!(one("portcullis-groups"), "eng");
+        assert_eq!(one("x-request-id"), trace.span_id());
+        assert_eq!(one("traceparent"), trace.header());
     }
 }

@@ -55,6 +55,11 @@ pub struct ConnectorConfig {
     /// no way to change anything.
     #[serde(default)]
     pub admin_allow_remote: bool,
+    /// Where to append the access log (JSON lines, one per proxied request, with the
+    /// relay's request id and the trace id); `-` for standard output; absent, the lines go
+    /// to the daemon's log. Reopened on SIGUSR2.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
     /// The services this connector publishes.
     pub ingress: Vec<IngressRule>,
 }
@@ -296,6 +301,9 @@ impl ConnectorConfig {
                 .unwrap_or(Path::new("."))
                 .join("status.json"),
         });
+        if let Some(p) = &mut cfg.access_log {
+            *p = resolve(path, p);
+        }
         for rule in &mut cfg.ingress {
             if let Some(p) = &mut rule.origin_ca {
                 *p = resolve(path, p);

@@ -72,7 +72,8 @@ pub(crate) fn parse_str<T: serde::de::DeserializeOwned>(
 
 /// Resolves `p` against the directory of the config file it came from.
 pub(crate) fn resolve(config_path: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
+    // `-` is standard output (an access log), not a file beside the configuration.
+    if p.is_absolute() || p == Path::new("-") {
         p.to_owned()
     } else {
         config_path
