@@ -53,6 +53,7 @@ pub(crate) async fn run(live: Arc<Live>, shutdown: Shutdown) {
             tracing::error!(cert = %cert.display(), "cannot read the connector's certificate; it will not be renewed until the file is fixed");
             tokio::select! {
                 _ = replaced.changed() => continue,
+                () = tokio::time::sleep(RETRY_MAX) => continue,
                 () = shutdown.wait() => return,
             }
         };
@@ -66,6 +67,8 @@ pub(crate) async fn run(live: Arc<Live>, shutdown: Shutdown) {
             );
             tokio::select! {
                 _ = replaced.changed() => continue,
+                // Looked at again now and then: a mount may become writable.
+                () = tokio::time::sleep(Duration::from_secs(3600)) => continue,
                 () = shutdown.wait() => return,
             }
         }

@@ -192,6 +192,19 @@ async fn a_connector_reloads_its_ingress_rules_under_load_without_failing_a_requ
         .await;
     until_answered(&done, done.load(Ordering::Relaxed), 20).await;
     assert_eq!(s.get(ADDED, "/", Some("alice")).await.status, 502);
+    // The certificate replaced by garbage: refused too, the tunnel keeps the one it has.
+    let cert = Path::new(s.w.out()).join("c1.crt");
+    let good_cert = std::fs::read(&cert).unwrap();
+    let refusals = |log: &str| log.matches("reload refused").count();
+    let before = refusals(&s.connector.log_text());
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    let refused = eventually(Duration::from_secs(20), || async {
+        (refusals(&s.connector.log_text()) > before).then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "{}", s.connector.log_text());
+    until_answered(&done, done.load(Ordering::Relaxed), 20).await;
+    std::fs::write(&cert, &good_cert).unwrap();
     // Back to the first file, on SIGHUP: the name goes back to the wildcard's origin.
     std::fs::write(&path, &good).unwrap();
     s.connector.signal("HUP");
