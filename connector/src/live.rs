@@ -86,6 +86,8 @@ pub(crate) struct Live {
     pub(crate) metrics: Arc<Metrics>,
     /// The access log, opened once at start (`access_log` changes need a restart).
     pub(crate) access: Option<Arc<AccessLog>>,
+    /// The files' stamps at the last reload (see [`Live::stamps`]).
+    seen: std::sync::Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
 
 impl Live {
@@ -111,6 +113,7 @@ impl Live {
             health,
             metrics,
             access,
+            seen: std::sync::Mutex::default(),
         };
         live.note_expiry();
         Ok(live)
@@ -132,6 +135,9 @@ impl Live {
     /// Reads the configuration and credentials again and applies them, or refuses them
     /// and keeps the running state. Returns whether they were applied.
     pub(crate) fn reload(&self, reason: Reason) -> bool {
+        // What is read now is what the watcher compares against, whoever reloads (a
+        // renewal writing the certificate, SIGHUP, the watcher): a change is read once.
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = self.stamps();
         let old = self.current();
         let what = self
             .path
@@ -186,7 +192,7 @@ impl Live {
     /// `shutdown`.
     pub(crate) async fn watch(self: Arc<Self>, shutdown: Shutdown) {
         let mut hup = Hangups::new("connector.toml");
-        let mut seen = self.stamps();
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = self.stamps();
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -194,12 +200,10 @@ impl Live {
                 () = hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
                     self.reload(Reason::Signal);
-                    seen = self.stamps();
                 }
                 _ = tick.tick() => {
                     let now = self.stamps();
-                    if now != seen {
-                        seen = now;
+                    if now != *self.seen.lock().unwrap_or_else(|p| p.into_inner()) {
                         self.reload(Reason::FileChanged);
                     }
                 }
@@ -236,34 +240,27 @@ pub(crate) fn leaf(path: &Path) -> Option<pki::CertInfo> {
 
 /// Warns about changed keys a reload does not apply.
 fn warn_restart_only(old: &ConnectorConfig, new: &ConnectorConfig) {
-    let mut changed = Vec::new();
-    if old.relay != new.relay {
-        changed.push("relay");
-    }
-    if old.relay_tcp_port != new.relay_tcp_port {
-        changed.push("relay_tcp_port");
-    }
-    if old.relay_resolve_interval != new.relay_resolve_interval {
-        changed.push("relay_resolve_interval");
-    }
-    if old.server_name != new.server_name {
-        changed.push("server_name");
-    }
-    if old.status_file != new.status_file {
-        changed.push("status_file");
-    }
-    if old.quic_congestion != new.quic_congestion {
-        changed.push("quic_congestion");
-    }
-    if old.drain_grace != new.drain_grace {
-        changed.push("drain_grace");
-    }
-    if old.access_log != new.access_log {
-        changed.push("access_log");
-    }
-    if old.admin_listen != new.admin_listen || old.admin_allow_remote != new.admin_allow_remote {
-        changed.push("admin_listen");
-    }
+    let admin = |c: &ConnectorConfig| (c.admin_listen, c.admin_allow_remote);
+    let changed: Vec<&str> = [
+        ("relay", old.relay != new.relay),
+        ("relay_tcp_port", old.relay_tcp_port != new.relay_tcp_port),
+        (
+            "relay_resolve_interval",
+            old.relay_resolve_interval != new.relay_resolve_interval,
+        ),
+        ("server_name", old.server_name != new.server_name),
+        ("status_file", old.status_file != new.status_file),
+        (
+            "quic_congestion",
+            old.quic_congestion != new.quic_congestion,
+        ),
+        ("drain_grace", old.drain_grace != new.drain_grace),
+        ("access_log", old.access_log != new.access_log),
+        ("admin_listen", admin(old) != admin(new)),
+    ]
+    .into_iter()
+    .filter_map(|(key, differs)| differs.then_some(key))
+    .collect();
     if !changed.is_empty() {
         tracing::warn!(
             keys = ?changed,

@@ -21,9 +21,10 @@ pub(crate) enum Outcome {
     Error,
 }
 
-/// One ingress rule's origin.
+/// One ingress rule's origin: looked up once per rule (see [`Metrics::origin_stats`]),
+/// then recorded into without a lock.
 #[derive(Debug, Default)]
-struct OriginStats {
+pub(crate) struct OriginStats {
     /// Answers by status class, index 1..=5 for 1xx..5xx.
     responses: [AtomicU64; 6],
     errors: AtomicU64,
@@ -58,24 +59,14 @@ impl Metrics {
         self.renewals[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records one request to the origin of the rule `rule` (its hostname pattern).
-    pub(crate) fn origin(&self, rule: &str, outcome: Outcome, took: Duration) {
-        let stats = self
-            .origins
+    /// The figures of the rule `rule` (its hostname pattern), kept across reloads.
+    pub(crate) fn origin_stats(&self, rule: &str) -> std::sync::Arc<OriginStats> {
+        self.origins
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(rule.to_owned())
             .or_default()
-            .clone();
-        match outcome {
-            Outcome::Status(code) => {
-                stats.responses[usize::from(code / 100).min(5)].fetch_add(1, Ordering::Relaxed);
-                stats.latency.observe(took);
-            }
-            Outcome::Error => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+            .clone()
     }
 
     /// The text exposition of every series; `status` gives the tunnels' states.
@@ -110,20 +101,12 @@ impl Metrics {
              # TYPE portcullis_connector_tunnels gauge"
         );
         let tunnels = status.tunnels();
-        for (state, label_value) in [
-            ("up", "up"),
-            ("connecting", "connecting"),
-            ("down", "down"),
-            ("draining", "draining"),
-        ] {
+        for state in ["up", "connecting", "down", "draining"] {
             let n = tunnels
                 .iter()
                 .filter(|t| state_name(&t.state) == state)
                 .count();
-            let _ = writeln!(
-                out,
-                "portcullis_connector_tunnels{{state=\"{label_value}\"}} {n}"
-            );
+            let _ = writeln!(out, "portcullis_connector_tunnels{{state=\"{state}\"}} {n}");
         }
         let _ = writeln!(
             out,
@@ -227,6 +210,21 @@ impl Metrics {
     }
 }
 
+impl OriginStats {
+    /// Records one request to this origin.
+    pub(crate) fn record(&self, outcome: Outcome, took: Duration) {
+        match outcome {
+            Outcome::Status(code) => {
+                self.responses[usize::from(code / 100).min(5)].fetch_add(1, Ordering::Relaxed);
+                self.latency.observe(took);
+            }
+            Outcome::Error => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 fn state_name(state: &TunnelState) -> &'static str {
     match state {
         TunnelState::Connecting => "connecting",
@@ -243,17 +241,11 @@ mod tests {
     #[test]
     fn origin_answers_are_counted_by_class_and_errors_apart() {
         let m = Metrics::default();
-        m.origin(
-            "app.internal",
-            Outcome::Status(200),
-            Duration::from_millis(3),
-        );
-        m.origin(
-            "app.internal",
-            Outcome::Status(503),
-            Duration::from_millis(3),
-        );
-        m.origin("app.internal", Outcome::Error, Duration::from_secs(10));
+        let app = m.origin_stats("app.internal");
+        app.record(Outcome::Status(200), Duration::from_millis(3));
+        app.record(Outcome::Status(503), Duration::from_millis(3));
+        m.origin_stats("app.internal")
+            .record(Outcome::Error, Duration::from_secs(10));
         let status = Status::new(None, portcullis_shared::shutdown::Shutdown::new());
         let text = m.render(&status);
         for line in [

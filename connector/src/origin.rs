@@ -23,7 +23,7 @@ use portcullis_shared::pump;
 use portcullis_shared::transport::{BiStream, JoinedStream};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, OriginStats, Outcome};
 use portcullis_shared::access_log::AccessLog;
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 
@@ -35,7 +35,10 @@ struct Origin {
     rule: IngressRule,
     /// `None` for `tcp://` rules, which are dialled per CONNECT.
     client: Option<OriginClient>,
-    metrics: Arc<Metrics>,
+    /// This rule's figures.
+    stats: Arc<OriginStats>,
+    /// The rule's hostname pattern, as logged.
+    name: String,
     /// The access log (`access_log`), or `None`: access lines go to the daemon's log.
     access: Option<Arc<AccessLog>>,
 }
@@ -88,7 +91,7 @@ struct Entry<'a> {
     hostname: &'a str,
     method: &'a str,
     path: &'a str,
-    rule: String,
+    rule: &'a str,
     origin: String,
     /// The origin's status; 502 when it did not answer.
     status: u16,
@@ -99,8 +102,13 @@ struct Entry<'a> {
 impl Origin {
     fn record(&self, x: &Exchange, outcome: Outcome) {
         let took = x.start.elapsed();
-        let rule = self.rule.hostname.to_string();
-        self.metrics.origin(&rule, outcome, took);
+        self.stats.record(outcome, took);
+        // Nothing more to do unless the line goes somewhere.
+        if self.access.is_none()
+            && !tracing::enabled!(target: "portcullis_connector::access", tracing::Level::INFO)
+        {
+            return;
+        }
         let status = match outcome {
             Outcome::Status(s) => s,
             Outcome::Error => 502,
@@ -114,7 +122,7 @@ impl Origin {
             hostname: &x.host,
             method: &x.method,
             path: &x.path,
-            rule,
+            rule: &self.name,
             origin: self.rule.service.authority(),
             status,
             duration_ms: took.as_secs_f64() * 1000.0,
@@ -192,7 +200,8 @@ impl Origins {
                     Arc::new(Origin {
                         rule: rule.clone(),
                         client: None,
-                        metrics: metrics.clone(),
+                        stats: metrics.origin_stats(&rule.hostname.to_string()),
+                        name: rule.hostname.to_string(),
                         access: access.clone(),
                     }),
                 );
@@ -219,7 +228,8 @@ impl Origins {
                 Arc::new(Origin {
                     rule: rule.clone(),
                     client: Some(client),
-                    metrics: metrics.clone(),
+                    stats: metrics.origin_stats(&rule.hostname.to_string()),
+                    name: rule.hostname.to_string(),
                     access: access.clone(),
                 }),
             );

@@ -3,8 +3,6 @@
 //! hands its own span to the connector; the connector hands its span to the origin; both
 //! log the trace id, so one request can be followed from client to origin.
 
-use ring::rand::{SecureRandom, SystemRandom};
-
 /// The header's name.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -19,11 +17,11 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
+/// Random, non-zero ids. Trace ids must be unique, not secret (nothing is authorised by
+/// them): a fast thread-local generator, not a system call per request.
 fn random<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
-    // The system's generator does not fail on the platforms we run on; a zero id, the
-    // fallback, is replaced below.
-    let _ = SystemRandom::new().fill(&mut out);
+    fastrand::fill(&mut out);
     if out.iter().all(|b| *b == 0) {
         out[N - 1] = 1;
     }

@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use portcullis_shared::histogram::{Histogram, label};
@@ -60,9 +60,15 @@ pub(crate) struct Finished<'a> {
     pub(crate) bytes_out: u64,
 }
 
+/// Hostname to its figures by protocol.
+type Hosts = HashMap<String, Vec<(&'static str, Arc<Host>)>>;
+
 #[derive(Debug, Default)]
 pub(crate) struct Sli {
-    hosts: Mutex<HashMap<(String, &'static str), Arc<Host>>>,
+    /// By hostname, then protocol. Read-locked per request (a name is added once).
+    hosts: RwLock<Hosts>,
+    /// How many (hostname, protocol) pairs `hosts` holds.
+    pairs: AtomicUsize,
     /// 429, 431, 503.
     refusals: [AtomicU64; 3],
     /// (listener, outcome, reason) to count.
@@ -70,19 +76,39 @@ pub(crate) struct Sli {
 }
 
 impl Sli {
-    pub(crate) fn request(&self, r: &Finished<'_>) {
-        let host = {
-            let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-            let name = r.hostname.unwrap_or("-");
-            let key = if hosts.len() >= MAX_HOSTNAMES
-                && !hosts.contains_key(&(name.to_owned(), r.protocol))
-            {
-                ("other".to_owned(), r.protocol)
-            } else {
-                (name.to_owned(), r.protocol)
-            };
-            hosts.entry(key).or_default().clone()
+    /// The figures of (`name`, `protocol`): found under a read lock, added (or `other`
+    /// once [`MAX_HOSTNAMES`] pairs are kept) under the write lock.
+    fn host(&self, name: &str, protocol: &'static str) -> Arc<Host> {
+        let find = |hosts: &Hosts, name: &str| {
+            hosts
+                .get(name)?
+                .iter()
+                .find(|(p, _)| *p == protocol)
+                .map(|(_, h)| h.clone())
         };
+        if let Some(h) = find(&self.hosts.read().unwrap_or_else(|p| p.into_inner()), name) {
+            return h;
+        }
+        let mut hosts = self.hosts.write().unwrap_or_else(|p| p.into_inner());
+        let name = if self.pairs.load(Ordering::Relaxed) >= MAX_HOSTNAMES {
+            "other"
+        } else {
+            name
+        };
+        if let Some(h) = find(&hosts, name) {
+            return h;
+        }
+        let h = Arc::new(Host::default());
+        hosts
+            .entry(name.to_owned())
+            .or_default()
+            .push((protocol, h.clone()));
+        self.pairs.fetch_add(1, Ordering::Relaxed);
+        h
+    }
+
+    pub(crate) fn request(&self, r: &Finished<'_>) {
+        let host = self.host(r.hostname.unwrap_or("-"), r.protocol);
         let class = usize::from(r.status / 100).clamp(1, 5);
         host.requests[method_class(r.method)][class].fetch_add(1, Ordering::Relaxed);
         host.head.observe(r.head);
@@ -116,10 +142,10 @@ impl Sli {
     pub(crate) fn render(&self, out: &mut String, expiries: &[(&str, i64)]) {
         let mut hosts: Vec<((String, &'static str), Arc<Host>)> = self
             .hosts
-            .lock()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .flat_map(|(name, v)| v.iter().map(|(p, h)| ((name.clone(), *p), h.clone())))
             .collect();
         hosts.sort_by(|a, b| a.0.cmp(&b.0));
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
@@ -311,7 +337,8 @@ mod tests {
         for i in 0..MAX_HOSTNAMES + 5 {
             s.request(&finished(Some(&format!("h{i}.internal")), 200));
         }
-        assert_eq!(s.hosts.lock().unwrap().len(), MAX_HOSTNAMES + 1);
+        assert_eq!(s.pairs.load(Ordering::Relaxed), MAX_HOSTNAMES + 1);
+        assert_eq!(s.hosts.read().unwrap().len(), MAX_HOSTNAMES + 1);
         let mut out = String::new();
         s.render(&mut out, &[]);
         assert!(out.contains("hostname=\"other\""));

@@ -18,12 +18,12 @@ use super::authorize::request_host;
 use crate::conn::{BoxError, ConnInfo, ExtendedConnect, ReqBody, RespBody};
 use crate::ops::access_log::Entry;
 use crate::ops::sli::Finished;
+use crate::state::State;
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 
 /// The request id's header: in the response to the client and in the request to the
-/// origin.
+/// origin. The id is the relay's span id of the request's trace.
 pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-use crate::state::State;
 
 /// Per-request facts for the access log, filled in as the request proceeds.
 pub(super) struct Access {
@@ -44,10 +44,9 @@ pub(super) struct Access {
     bytes_in: Arc<AtomicU64>,
     /// The response head was ready this long after the request.
     head: Option<std::time::Duration>,
-    /// The trace: the client's continued with the relay's span, or a new one.
+    /// The trace: the client's continued with the relay's span (whose id is the request
+    /// id), or a new one.
     pub(super) trace: TraceContext,
-    /// The relay's span id, hex: the request id.
-    request_id: String,
     /// The connection stays busy for as long as this request, its response body or its
     /// tunnel holds these permits (and the device's and connector's stream slots).
     pub(super) permits: Vec<OwnedSemaphorePermit>,
@@ -80,7 +79,6 @@ impl Access {
             reason: None,
             routed: false,
             trace,
-            request_id: trace.span_id(),
             bytes_in: Arc::default(),
             head: None,
             permits: info.activity.begin().into_iter().collect(),
@@ -111,7 +109,7 @@ impl Access {
         self.head = Some(self.start.elapsed());
         let status = resp.status().as_u16();
         let (mut parts, body) = resp.into_parts();
-        if let Ok(id) = http::HeaderValue::from_str(&self.request_id) {
+        if let Ok(id) = http::HeaderValue::from_str(&self.trace.span_id()) {
             parts.headers.insert(REQUEST_ID, id);
         }
         Response::from_parts(
@@ -143,7 +141,7 @@ impl Access {
             .unwrap_or_default();
         state.access_log.write(&Entry {
             time,
-            request_id: &self.request_id,
+            request_id: &self.trace.span_id(),
             trace_id: &self.trace.trace_id(),
             client: self.client.ip().to_string(),
             device: self.device.as_deref(),

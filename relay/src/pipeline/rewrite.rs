@@ -15,6 +15,7 @@ use portcullis_shared::proto::TRAILERS_FIELD;
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody};
 
+use super::access::REQUEST_ID;
 use super::respond::{RequestError, empty};
 use crate::conn::ReqBody;
 
@@ -118,7 +119,9 @@ fn set_identity(headers: &mut HeaderMap, host: &Hostname, id: &Caller<'_>) {
     // The trace goes on with the relay's span; the request id is the relay's, never a
     // client's claim.
     set(TRACEPARENT, &id.trace.header());
-    set("x-request-id", &id.trace.span_id());
+    if let Ok(v) = HeaderValue::from_str(&id.trace.span_id()) {
+        headers.insert(REQUEST_ID, v);
+    }
 }
 
 fn client_port(parts: &http::request::Parts) -> Option<u16> {
