@@ -90,14 +90,18 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `check`: what `run` does before it dials, and nothing after: the file parses and holds
-/// together, the origins' clients build, the CA, certificate and key load.
+/// together, the origins' clients build, the CA, certificate and key load, and so does
+/// `[otlp] ca`.
 #[allow(clippy::print_stdout)] // the command's output is its product
 fn check(path: &Path) -> anyhow::Result<()> {
     // Exit 1 for every finding (not `run`'s 64 for a bad configuration).
     let config = ConnectorConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
-    origin::Origins::new(&config, Arc::default(), None).map_err(what)?;
+    origin::Origins::new(&config, Arc::default(), origin::Reports::default()).map_err(what)?;
     tunnel::Dialer::new(&config).map_err(what)?;
+    if let Some(otlp) = &config.otlp {
+        portcullis_shared::otlp::check(otlp).map_err(|e| what(e.into()))?;
+    }
     println!("{}: ok", path.display());
     Ok(())
 }
@@ -189,13 +193,17 @@ async fn run_with(
     if watched {
         tokio::spawn(live.clone().watch(shutdown.clone()));
     }
-    if let Some(log) = &live.access {
+    if let Some(log) = &live.reports.access {
         tokio::spawn(log.clone().reopen_on_sigusr2(shutdown.clone()));
     }
     tokio::spawn(renew::run(live.clone(), shutdown.clone()));
+    let spans = live.reports.spans.clone();
     relays::run(config.clone(), live, shutdown.clone(), status, withdrawn).await?;
     if !shutdown.drain(config.drain_grace).await {
         tracing::warn!(grace = ?config.drain_grace, "drain grace expired with streams in flight");
+    }
+    if let Some(spans) = spans {
+        let _ = tokio::task::spawn_blocking(move || spans.shutdown(Duration::from_secs(5))).await;
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     tracing::info!("connector stopped");

@@ -12,13 +12,14 @@ use std::time::{Duration, SystemTime};
 
 use portcullis_shared::access_log::AccessLog;
 use portcullis_shared::config::ConnectorConfig;
+use portcullis_shared::otlp::Spans;
 use portcullis_shared::pki;
 use portcullis_shared::shutdown::{Hangups, Shutdown};
 use tokio::sync::watch;
 
 use crate::health::Checkers;
 use crate::metrics::Metrics;
-use crate::origin::Origins;
+use crate::origin::{Origins, Reports};
 use crate::tunnel::Dialer;
 
 /// How often the configuration and credential files are looked at for changes.
@@ -37,9 +38,9 @@ impl Current {
     fn build(
         config: ConnectorConfig,
         metrics: &Arc<Metrics>,
-        access: Option<&Arc<AccessLog>>,
+        reports: &Reports,
     ) -> anyhow::Result<Self> {
-        let origins = Arc::new(Origins::new(&config, metrics.clone(), access.cloned())?);
+        let origins = Arc::new(Origins::new(&config, metrics.clone(), reports.clone())?);
         let dialer = Dialer::new(&config)?;
         let credentials = read_credentials(&config)?;
         Ok(Self {
@@ -84,8 +85,9 @@ pub(crate) struct Live {
     replace: watch::Sender<u64>,
     health: Checkers,
     pub(crate) metrics: Arc<Metrics>,
-    /// The access log, opened once at start (`access_log` changes need a restart).
-    pub(crate) access: Option<Arc<AccessLog>>,
+    /// The access log and the span exporter, set up once at start (`access_log` and
+    /// `otlp` changes need a restart).
+    pub(crate) reports: Reports,
     /// The files' stamps at the last reload (see [`Live::stamps`]).
     seen: std::sync::Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
@@ -104,7 +106,12 @@ impl Live {
             })?)),
             None => None,
         };
-        let current = Current::build(config, &metrics, access.as_ref())?;
+        let spans = match &config.otlp {
+            Some(otlp) => Some(Arc::new(Spans::start(otlp, "portcullis-connector")?)),
+            None => None,
+        };
+        let reports = Reports { access, spans };
+        let current = Current::build(config, &metrics, &reports)?;
         health.update(&current.config)?;
         let live = Self {
             path,
@@ -112,7 +119,7 @@ impl Live {
             replace: watch::channel(0).0,
             health,
             metrics,
-            access,
+            reports,
             seen: std::sync::Mutex::default(),
         };
         live.note_expiry();
@@ -148,7 +155,7 @@ impl Live {
             None => Ok(old.config.clone()),
         };
         let new = loaded.and_then(|config| {
-            let new = Current::build(config, &self.metrics, self.access.as_ref())?;
+            let new = Current::build(config, &self.metrics, &self.reports)?;
             self.health.update(&new.config)?;
             Ok(new)
         });
@@ -256,6 +263,7 @@ fn warn_restart_only(old: &ConnectorConfig, new: &ConnectorConfig) {
         ),
         ("drain_grace", old.drain_grace != new.drain_grace),
         ("access_log", old.access_log != new.access_log),
+        ("otlp", old.otlp != new.otlp),
         ("admin_listen", admin(old) != admin(new)),
     ]
     .into_iter()

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
@@ -25,6 +24,7 @@ use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
 use crate::metrics::{Metrics, OriginStats, Outcome};
 use portcullis_shared::access_log::AccessLog;
+use portcullis_shared::otlp::{FinishedSpan, KeyValue, SpanKind, Spans};
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -39,8 +39,17 @@ struct Origin {
     stats: Arc<OriginStats>,
     /// The rule's hostname pattern, as logged.
     name: String,
+    /// Where each request is reported.
+    reports: Reports,
+}
+
+/// Where the connector reports each request, both set up once at start.
+#[derive(Clone, Default)]
+pub(crate) struct Reports {
     /// The access log (`access_log`), or `None`: access lines go to the daemon's log.
-    access: Option<Arc<AccessLog>>,
+    pub(crate) access: Option<Arc<AccessLog>>,
+    /// The span exporter (`[otlp]`), when configured.
+    pub(crate) spans: Option<Arc<Spans>>,
 }
 
 /// What the connector knows of one request, for its access log.
@@ -50,7 +59,7 @@ struct Exchange {
     /// origin gets as its parent.
     trace: TraceContext,
     /// The relay's span id, as the relay sent it.
-    parent: Option<String>,
+    parent: Option<[u8; 8]>,
     /// The relay's `x-request-id`.
     request_id: String,
     host: String,
@@ -59,14 +68,20 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn begin<B>(req: &Request<B>) -> Self {
+    /// A request from the relay: the relay's trace continued (the relay always sends one;
+    /// a request without one starts a trace, sampled at `[otlp] sample_ratio`).
+    fn begin<B>(req: &Request<B>, spans: Option<&Spans>) -> Self {
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let caller = header(TRACEPARENT).and_then(TraceContext::parse);
-        let trace = caller.map_or_else(TraceContext::root, |c| c.child());
+        let trace = match (caller, spans) {
+            (Some(caller), _) => caller.child(),
+            (None, Some(spans)) => spans.new_trace(),
+            (None, None) => TraceContext::root(),
+        };
         Self {
             start: Instant::now(),
             trace,
-            parent: caller.map(|c| c.span_id()),
+            parent: caller.map(|c| c.span_id),
             request_id: header("x-request-id").unwrap_or_default().to_owned(),
             host: header(header::HOST.as_str())
                 .map(ToOwned::to_owned)
@@ -87,7 +102,7 @@ struct Entry<'a> {
     /// The connector's span; the origin's `traceparent` names it as the parent.
     span_id: String,
     /// The relay's span.
-    parent_id: Option<&'a str>,
+    parent_id: Option<String>,
     hostname: &'a str,
     method: &'a str,
     path: &'a str,
@@ -103,8 +118,11 @@ impl Origin {
     fn record(&self, x: &Exchange, outcome: Outcome) {
         let took = x.start.elapsed();
         self.stats.record(outcome, took);
+        if let Some(spans) = &self.reports.spans {
+            spans.export(self.span(x, outcome, took));
+        }
         // Nothing more to do unless the line goes somewhere.
-        if self.access.is_none()
+        if self.reports.access.is_none()
             && !tracing::enabled!(target: "portcullis_connector::access", tracing::Level::INFO)
         {
             return;
@@ -118,7 +136,13 @@ impl Origin {
             request_id: &x.request_id,
             trace_id: x.trace.trace_id(),
             span_id: x.trace.span_id(),
-            parent_id: x.parent.as_deref(),
+            parent_id: x.parent.map(|p| {
+                TraceContext {
+                    span_id: p,
+                    ..x.trace
+                }
+                .span_id()
+            }),
             hostname: &x.host,
             method: &x.method,
             path: &x.path,
@@ -127,7 +151,7 @@ impl Origin {
             status,
             duration_ms: took.as_secs_f64() * 1000.0,
         };
-        match &self.access {
+        match &self.reports.access {
             Some(log) => log.write(&entry),
             None => tracing::info!(
                 target: "portcullis_connector::access",
@@ -145,6 +169,47 @@ impl Origin {
     }
 }
 
+impl Origin {
+    /// The connector's span of a request: a client span (the connector asks the origin),
+    /// by the OpenTelemetry HTTP client conventions, ending at the origin's response head
+    /// (`tcp://`: at the connection).
+    fn span(&self, x: &Exchange, outcome: Outcome, took: Duration) -> FinishedSpan {
+        let end = std::time::SystemTime::now();
+        let service = &self.rule.service;
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", x.method.clone()),
+            KeyValue::new("url.path", x.path.clone()),
+            KeyValue::new("server.address", service.host.clone()),
+            KeyValue::new("server.port", i64::from(service.port)),
+            KeyValue::new("portcullis.hostname", x.host.clone()),
+            KeyValue::new("portcullis.rule", self.name.clone()),
+        ];
+        let error = match outcome {
+            Outcome::Status(status) => {
+                attributes.push(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                (status >= 400).then(|| format!("origin answered {status}").into())
+            }
+            Outcome::Error => {
+                attributes.push(KeyValue::new("error.type", "origin_unreachable"));
+                Some("the origin did not answer".into())
+            }
+        };
+        FinishedSpan {
+            trace: x.trace,
+            parent: x.parent,
+            kind: SpanKind::Client,
+            name: x.method.clone().into(),
+            start: end.checked_sub(took).unwrap_or(end),
+            end,
+            attributes,
+            error,
+        }
+    }
+}
+
 /// The connector's origins, by ingress hostname pattern.
 pub(crate) struct Origins {
     by_pattern: HashMap<HostPattern, Arc<Origin>>,
@@ -152,45 +217,14 @@ pub(crate) struct Origins {
 }
 
 pub(crate) fn tls_for(rule: &IngressRule) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &rule.origin_ca {
-        Some(path) => {
-            for cert in pki::load_certs(path)? {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("{}: not a usable CA certificate", path.display()))?;
-            }
-        }
-        None => {
-            let native = rustls_native_certs();
-            roots.add_parsable_certificates(native);
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
-}
-
-/// The system's CA bundle, read from the usual Linux locations.
-fn rustls_native_certs() -> Vec<rustls_pki_types::CertificateDer<'static>> {
-    [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/cert.pem",
-    ]
-    .iter()
-    .find_map(|p| pki::load_certs(std::path::Path::new(p)).ok())
-    .unwrap_or_default()
+    Ok(pki::server_verifying_client(rule.origin_ca.as_deref())?)
 }
 
 impl Origins {
     pub(crate) fn new(
         config: &ConnectorConfig,
         metrics: Arc<Metrics>,
-        access: Option<Arc<AccessLog>>,
+        reports: Reports,
     ) -> anyhow::Result<Self> {
         let mut by_pattern = HashMap::new();
         for rule in &config.ingress {
@@ -202,7 +236,7 @@ impl Origins {
                         client: None,
                         stats: metrics.origin_stats(&rule.hostname.to_string()),
                         name: rule.hostname.to_string(),
-                        access: access.clone(),
+                        reports: reports.clone(),
                     }),
                 );
                 continue;
@@ -230,7 +264,7 @@ impl Origins {
                     client: Some(client),
                     stats: metrics.origin_stats(&rule.hostname.to_string()),
                     name: rule.hostname.to_string(),
-                    access: access.clone(),
+                    reports: reports.clone(),
                 }),
             );
         }
@@ -293,7 +327,7 @@ async fn proxy(
             "this hostname is a TCP service: use CONNECT hostname:port",
         );
     };
-    let exchange = Exchange::begin(&req);
+    let exchange = Exchange::begin(&req, origin.reports.spans.as_deref());
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -378,7 +412,7 @@ async fn connect(
             "that port is not published for this hostname",
         );
     }
-    let exchange = Exchange::begin(&req);
+    let exchange = Exchange::begin(&req, origin.reports.spans.as_deref());
     let stream = match tokio::net::TcpStream::connect(service.authority()).await {
         Ok(s) => {
             origin.record(&exchange, Outcome::Status(200));

@@ -90,9 +90,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `check`: the file parses, its values hold together (the state directory holds a CA,
-/// as loading checks), and the public certificate and key it names (if any) load and
-/// match. Nothing is
-/// opened for writing and no socket is bound.
+/// as loading checks), the public certificate and key it names (if any) load and match,
+/// and so does `[otlp] ca`. Nothing is opened for writing and no socket is bound.
 #[allow(clippy::print_stdout)] // the command's output is its product
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -117,6 +116,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                     path.display()
                 )
             })?;
+    }
+    if let Some(otlp) = &config.otlp {
+        portcullis_shared::otlp::check(otlp).with_context(|| path.display().to_string())?;
     }
     println!("{}: ok", path.display());
     Ok(())

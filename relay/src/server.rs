@@ -36,6 +36,7 @@ use crate::reload;
 use crate::state::State;
 use crate::tunnel::Router;
 use portcullis_shared::access_log::AccessLog;
+use portcullis_shared::otlp::Spans;
 
 /// File in the state directory naming the relay's public QUIC endpoint, written at start
 /// and read by `token create` as its default `--relay`.
@@ -218,6 +219,10 @@ fn build_state(
             .with_context(|| format!("opening the access log {}", path.display()))?,
     );
     tokio::spawn(access_log.clone().reopen_on_sigusr2(shutdown.clone()));
+    let spans = match &config.otlp {
+        Some(otlp) => Some(Arc::new(Spans::start(otlp, "portcullis-relay")?)),
+        None => None,
+    };
     let jwt =
         JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
     let (terminator, terminated) = tokio::sync::mpsc::unbounded_channel();
@@ -244,6 +249,7 @@ fn build_state(
         metrics,
         jwt,
         access_log,
+        spans,
         alt_svc: http::HeaderValue::from_str(&format!(
             "h3=\":{}\"; ma=86400",
             bound.quic_listen.port()
@@ -386,4 +392,7 @@ async fn drain(state: &State, shutdown: &Shutdown, endpoint: &quinn::Endpoint) {
     }
     state.router.close_all(CloseCode::Shutdown);
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    if let Some(spans) = state.spans.clone() {
+        let _ = tokio::task::spawn_blocking(move || spans.shutdown(Duration::from_secs(5))).await;
+    }
 }

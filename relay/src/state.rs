@@ -25,6 +25,7 @@ use crate::identity::registry::Registry;
 use crate::ops::metrics::Metrics;
 use crate::tunnel::Router;
 use portcullis_shared::access_log::AccessLog;
+use portcullis_shared::otlp::Spans;
 
 /// Shared by every task of a running relay.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) jwt: JwtSigner,
     pub(crate) access_log: Arc<AccessLog>,
+    /// The span exporter (`[otlp]`), when configured.
+    pub(crate) spans: Option<Arc<Spans>>,
     /// `alt-svc` advertising HTTP/3 on the QUIC port, added to HTTPS responses.
     pub(crate) alt_svc: Option<http::HeaderValue>,
     pub(crate) ca: Arc<Ca>,

@@ -15,6 +15,8 @@ pub mod enroll_client;
 pub mod h3wire;
 pub mod histogram;
 pub mod identity;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod pki;
 pub mod policy;
 pub mod proto;

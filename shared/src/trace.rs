@@ -17,6 +17,21 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
+/// The `sampled` trace flag.
+const SAMPLED: u8 = 1;
+
+/// Whether a trace id falls in the sampled share `ratio`: its last 8 bytes, halved, below
+/// `ratio` of 2^63.
+fn ratio_admits(trace_id: &[u8; 16], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    (u64::from_be_bytes(low) >> 1) < bound
+}
+
 /// Random, non-zero ids. Trace ids must be unique, not secret (nothing is authorised by
 /// them): a fast thread-local generator, not a system call per request.
 fn random<const N: usize>() -> [u8; N] {
@@ -83,6 +98,22 @@ impl TraceContext {
         header
             .and_then(Self::parse)
             .map_or_else(Self::root, |caller| caller.child())
+    }
+
+    /// A new trace, sampled with probability `ratio` (a caller's trace keeps the caller's
+    /// decision instead). The decision comes from the trace id, as OpenTelemetry's
+    /// `TraceIdRatioBased` sampler makes it, so components with the same ratio agree.
+    pub fn root_sampled(ratio: f64) -> Self {
+        let mut trace = Self::root();
+        if ratio_admits(&trace.trace_id, ratio) {
+            trace.flags |= SAMPLED;
+        }
+        trace
+    }
+
+    /// Whether the trace is sampled (flag bit 0): its spans are exported.
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
     }
 
     /// A span of our own in the same trace.
@@ -156,6 +187,28 @@ mod tests {
         // A later version: its first four fields are used, the rest ignored.
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-ever";
         assert!(TraceContext::parse(later).is_some());
+    }
+
+    #[test]
+    fn sampling_follows_the_caller_or_the_ratio() {
+        // The caller's flag is kept by its child span.
+        let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(TraceContext::continue_from(Some(sampled)).sampled());
+        assert!(!TraceContext::continue_from(Some(unsampled)).sampled());
+        // New traces: all, none, or about the share asked for.
+        assert!(TraceContext::root_sampled(1.0).sampled());
+        assert!(!TraceContext::root_sampled(0.0).sampled());
+        assert!(!TraceContext::root().sampled());
+        let n = (0..10_000)
+            .filter(|_| TraceContext::root_sampled(0.25).sampled())
+            .count();
+        assert!((2_000..3_000).contains(&n), "{n} of 10000 sampled at 0.25");
+        // The decision is the trace id's: the same id gets the same answer.
+        let mut id = [0u8; 16];
+        id[8] = 0x20; // 0x20.. >> 1 = 0x10.. = 1/8 of 2^63
+        assert!(ratio_admits(&id, 0.13));
+        assert!(!ratio_admits(&id, 0.12));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod balancer;
+mod collector;
 mod h2;
 mod h3;
 mod http;
@@ -32,6 +33,7 @@ mod websocket;
 mod world;
 
 pub use balancer::*;
+pub use collector::*;
 pub use h2::*;
 pub use h3::*;
 pub use http::*;

@@ -86,6 +86,39 @@ fn the_relay_checks_its_configuration_without_starting() {
         text(&out)
     );
 
+    // An OTLP endpoint that is not OTLP over HTTP, and a collector CA that is garbage.
+    let bad = w.path("otlp.toml");
+    std::fs::write(
+        &bad,
+        format!("{text_ok}\n[otlp]\nendpoint = \"grpc://collector:4317\"\n"),
+    )
+    .unwrap();
+    let out = check("portcullis-relay", &bad);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let line = line_of(&bad, "grpc://");
+    assert!(
+        text(&out).contains(&format!("otlp.toml:{line}:")) && text(&out).contains("http://"),
+        "{}",
+        text(&out)
+    );
+    let junk_ca = w.path("junk-ca.pem");
+    std::fs::write(&junk_ca, "not a certificate").unwrap();
+    std::fs::write(
+        &bad,
+        format!(
+            "{text_ok}\n[otlp]\nendpoint = \"https://collector:4318\"\nca = {:?}\n",
+            junk_ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = check("portcullis-relay", &bad);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("otlp.ca") && text(&out).contains("junk-ca.pem"),
+        "{}",
+        text(&out)
+    );
+
     // A state directory without a CA.
     let empty = w.path("empty-state");
     std::fs::create_dir_all(&empty).unwrap();

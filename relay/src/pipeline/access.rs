@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -19,6 +19,7 @@ use crate::conn::{BoxError, ConnInfo, ExtendedConnect, ReqBody, RespBody};
 use crate::ops::access_log::Entry;
 use crate::ops::sli::Finished;
 use crate::state::State;
+use portcullis_shared::otlp::{FinishedSpan, KeyValue, SpanKind};
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 
 /// The request id's header: in the response to the client and in the request to the
@@ -47,6 +48,8 @@ pub(super) struct Access {
     /// The trace: the client's continued with the relay's span (whose id is the request
     /// id), or a new one.
     pub(super) trace: TraceContext,
+    /// The client's span, when it sent a `traceparent`.
+    parent: Option<[u8; 8]>,
     /// The connection stays busy for as long as this request, its response body or its
     /// tunnel holds these permits (and the device's and connector's stream slots).
     pub(super) permits: Vec<OwnedSemaphorePermit>,
@@ -54,7 +57,7 @@ pub(super) struct Access {
 
 impl Access {
     /// Starts the line for `req` on the connection `info`.
-    pub(super) fn begin<B>(info: &ConnInfo, req: &Request<B>) -> Self {
+    pub(super) fn begin<B>(state: &State, info: &ConnInfo, req: &Request<B>) -> Self {
         let path = if req.method() == Method::CONNECT
             && req.extensions().get::<ExtendedConnect>().is_none()
         {
@@ -64,9 +67,16 @@ impl Access {
         } else {
             req.uri().path().to_owned()
         };
-        let trace = TraceContext::continue_from(
-            req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
-        );
+        let caller = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse);
+        let trace = match (caller, &state.spans) {
+            (Some(caller), _) => caller.child(),
+            (None, Some(spans)) => spans.new_trace(),
+            (None, None) => TraceContext::root(),
+        };
         Self {
             start: Instant::now(),
             client: info.peer,
@@ -79,6 +89,7 @@ impl Access {
             reason: None,
             routed: false,
             trace,
+            parent: caller.map(|c| c.span_id),
             bytes_in: Arc::default(),
             head: None,
             permits: info.activity.begin().into_iter().collect(),
@@ -136,6 +147,9 @@ impl Access {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: bytes,
         });
+        if let Some(spans) = &state.spans {
+            spans.export(self.span(status, total, bytes));
+        }
         let time = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
@@ -155,6 +169,49 @@ impl Access {
             duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
             reason: self.reason,
         });
+    }
+}
+
+impl Access {
+    /// The relay's span of this request, by the OpenTelemetry HTTP server conventions.
+    fn span(&self, status: u16, total: std::time::Duration, bytes_out: u64) -> FinishedSpan {
+        let end = SystemTime::now();
+        let version = self.protocol.strip_prefix("HTTP/").unwrap_or(self.protocol);
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", self.method.clone()),
+            KeyValue::new("url.scheme", "https"),
+            KeyValue::new("url.path", self.path.clone()),
+            KeyValue::new("server.address", self.hostname.clone()),
+            KeyValue::new("network.protocol.name", "http"),
+            KeyValue::new("network.protocol.version", version),
+            KeyValue::new("client.address", self.client.ip().to_string()),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new(
+                "http.request.body.size",
+                self.bytes_in.load(Ordering::Relaxed) as i64,
+            ),
+            KeyValue::new("http.response.body.size", bytes_out as i64),
+        ];
+        if let Some(device) = &self.device {
+            attributes.push(KeyValue::new("portcullis.device", device.clone()));
+        }
+        if let Some(user) = &self.user {
+            attributes.push(KeyValue::new("enduser.id", user.clone()));
+        }
+        if let Some(reason) = self.reason {
+            attributes.push(KeyValue::new("portcullis.reason", reason));
+        }
+        FinishedSpan {
+            trace: self.trace,
+            parent: self.parent,
+            kind: SpanKind::Server,
+            name: self.method.clone().into(),
+            start: end.checked_sub(total).unwrap_or(end),
+            end,
+            attributes,
+            // A server span fails on a 5xx only (a 4xx is the client's error).
+            error: (status >= 500).then(|| format!("answered {status}").into()),
+        }
     }
 }
 

@@ -36,7 +36,7 @@ pub(crate) async fn handle(
     info: Arc<ConnInfo>,
     req: Request<ReqBody>,
 ) -> Response<RespBody> {
-    let mut access = Access::begin(&info, &req);
+    let mut access = Access::begin(&state, &info, &req);
     let req = access.count_request_body(req);
     let resp = match serve(&state, &info, req, &mut access).await {
         Ok(resp) => resp,

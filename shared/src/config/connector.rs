@@ -60,6 +60,9 @@ pub struct ConnectorConfig {
     /// to the daemon's log. Reopened on SIGUSR2.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// Export of the connector's spans over OTLP; off when absent.
+    #[serde(default)]
+    pub otlp: Option<super::OtlpConfig>,
     /// The services this connector publishes.
     pub ingress: Vec<IngressRule>,
 }
@@ -304,6 +307,9 @@ impl ConnectorConfig {
         if let Some(p) = &mut cfg.access_log {
             *p = resolve(path, p);
         }
+        if let Some(ca) = cfg.otlp.as_mut().and_then(|o| o.ca.as_mut()) {
+            *ca = resolve(path, ca);
+        }
         for rule in &mut cfg.ingress {
             if let Some(p) = &mut rule.origin_ca {
                 *p = resolve(path, p);
@@ -355,6 +361,9 @@ impl ConnectorConfig {
                     "relay {r:?} is an IP address: set server_name to the relay's TLS name"
                 )));
             }
+        }
+        if let Some(otlp) = &self.otlp {
+            otlp.validate().map_err(invalid)?;
         }
         if self.relay_resolve_interval < Duration::from_secs(1) {
             return Err(invalid("relay_resolve_interval must be at least 1s".into()));

@@ -5,6 +5,7 @@
 //! that file's directory. Reading the files is the only IO here.
 
 mod connector;
+mod otlp;
 mod relay;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 pub use connector::{
     ConnectorConfig, HealthCheck, IngressRule, RelayList, RelayTarget, Scheme, ServiceUrl,
 };
+pub use otlp::{OtlpConfig, OtlpEndpoint, SampleRatio};
 pub use relay::{AdminConfig, LimitsConfig, RelayConfig, StoreConfig, TlsConfig, TlsVersion};
 
 /// Why a configuration file was refused. Binaries exit with status 64 on these.

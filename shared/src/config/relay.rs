@@ -60,6 +60,9 @@ pub struct RelayConfig {
     /// Who may reach the admin listener, and what `/metrics` names.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Export of the relay's spans over OTLP; off when absent.
+    #[serde(default)]
+    pub otlp: Option<super::OtlpConfig>,
     /// Allow rules; anything not allowed is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
@@ -260,6 +263,7 @@ impl RelayConfig {
             tls,
             store,
             admin,
+            otlp,
             policy: _,
         } = self;
         [
@@ -281,6 +285,7 @@ impl RelayConfig {
             ("tls", *tls != running.tls),
             ("store", *store != running.store),
             ("admin", *admin != running.admin),
+            ("otlp", *otlp != running.otlp),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -301,6 +306,9 @@ impl RelayConfig {
         .flatten()
         {
             *p = resolve(path, p);
+        }
+        if let Some(ca) = cfg.otlp.as_mut().and_then(|o| o.ca.as_mut()) {
+            *ca = resolve(path, ca);
         }
         cfg.validate(path)?;
         Ok(cfg)
@@ -338,6 +346,9 @@ impl RelayConfig {
                 "store {:?} is not a PostgreSQL URL: write store = \"postgres://user:password@host:port/db\", or leave it out for the SQLite file in state_dir",
                 crate::store::mask_url(url)
             )));
+        }
+        if let Some(otlp) = &self.otlp {
+            otlp.validate().map_err(invalid)?;
         }
         if self.store.fail_closed_after < Duration::from_secs(1) {
             return Err(invalid(

@@ -123,6 +123,44 @@ pub fn write_public_file(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     write_file(path, bytes, 0o644)
 }
 
+/// The system's CA bundle, read from the usual Linux locations (empty if none is found):
+/// what an origin or collector with a public certificate is checked against.
+pub fn system_roots() -> Vec<CertificateDer<'static>> {
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]
+    .iter()
+    .find_map(|p| load_certs(Path::new(p)).ok())
+    .unwrap_or_default()
+}
+
+/// TLS client settings for a server with a public certificate (an origin, a collector):
+/// verified against the CAs in `ca`, or the system's without it; no client certificate.
+pub fn server_verifying_client(ca: Option<&Path>) -> Result<rustls::ClientConfig, PkiError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in load_certs(path)? {
+                roots.add(cert).map_err(|e| PkiError::BadFile {
+                    path: path.to_owned(),
+                    what: format!("not a usable CA certificate ({e})"),
+                })?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(system_roots());
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    .map_err(|e| PkiError::Parse(format!("TLS settings refused: {e}")))
+}
+
 /// Reads every certificate in a PEM file. Errors name the file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let bytes = fs::read(path).map_err(io_err(path))?;

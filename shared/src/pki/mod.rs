@@ -22,7 +22,10 @@ use time::OffsetDateTime;
 
 use crate::identity::{Identity, IdentityError};
 
-pub use files::{force_private_dir, load_certs, load_key, write_private_file, write_public_file};
+pub use files::{
+    force_private_dir, load_certs, load_key, server_verifying_client, system_roots,
+    write_private_file, write_public_file,
+};
 pub use verify::{IdentityCheck, RoleVerifier};
 
 /// Why a PKI operation failed.
