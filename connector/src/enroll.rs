@@ -5,20 +5,26 @@
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
+use portcullis_shared::config::ConnectorConfig;
 use portcullis_shared::enroll_client;
 use portcullis_shared::pki;
 use portcullis_shared::proto::{EnrollRequest, EnrollResponse};
 
-/// Enrols and writes `connector.key`, `connector.crt`, `ca.crt` and `connector.toml`.
-pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::Result<()> {
+/// What a redeemed token gave: the key made here, and the relay's answer.
+struct Enrolled {
+    token: portcullis_shared::token::EnrollToken,
+    identity: String,
+    key: Vec<u8>,
+    cert: String,
+    ca: String,
+    hostnames: Vec<String>,
+}
+
+/// Redeems the token from `token_file` (or `PORTCULLIS_TOKEN`, or standard input) for a
+/// certificate of a key made here.
+async fn redeem(token_file: Option<&Path>) -> anyhow::Result<Enrolled> {
     let token = enroll_client::read_token(token_file)?;
-    if state.join("connector.key").exists() {
-        bail!(
-            "{} already holds an enrolled connector; use another --state directory",
-            state.display()
-        );
-    }
     let (key, csr) = pki::generate_enrolment_csr()?;
     let request = EnrollRequest::Enroll {
         token_id: token.id.clone(),
@@ -35,22 +41,91 @@ pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::R
         &request,
     )
     .await?;
-    let (identity, cert, ca, hostnames) = match answer {
+    match answer {
         EnrollResponse::Issued {
             identity,
             cert,
             ca,
             hostnames,
             ..
-        } => (identity, cert, ca, hostnames),
+        } => Ok(Enrolled {
+            token,
+            identity,
+            key,
+            cert,
+            ca,
+            hostnames,
+        }),
         EnrollResponse::Refused { reason } => bail!("the relay refused enrolment: {reason}"),
-    };
-    pki::write_private_file(
+    }
+}
+
+/// Writes the key, certificate and CA where `key`, `cert` and `ca` say (creating their
+/// directories), the key first and readable by its owner only.
+fn write_credentials(e: &Enrolled, key: &Path, cert: &Path, ca: &Path) -> anyhow::Result<()> {
+    for path in [key, cert, ca] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    pki::write_private_file(key, pki::pkcs8_pem(&e.key).as_bytes())?;
+    pki::write_public_file(cert, e.cert.as_bytes())?;
+    pki::write_public_file(ca, e.ca.as_bytes())?;
+    Ok(())
+}
+
+/// `run --enroll-token-file`: when the configuration's `key` does not exist yet, redeems
+/// the token and writes the key, certificate and CA at the configuration's paths (a
+/// first start, such as a new pod with an empty volume). Once enrolled the token is
+/// spent and not read again; the certificate then renews itself in place.
+pub(crate) async fn enroll_if_new(
+    token_file: &Path,
+    config: &ConnectorConfig,
+) -> anyhow::Result<()> {
+    if config.key.exists() {
+        if !config.cert.exists() {
+            bail!(
+                "{} exists but {} does not: restore the certificate, or remove the key to enrol again with a new token",
+                config.key.display(),
+                config.cert.display()
+            );
+        }
+        tracing::debug!(key = %config.key.display(), "already enrolled; the token is not used");
+        return Ok(());
+    }
+    let enrolled = redeem(Some(token_file)).await?;
+    write_credentials(&enrolled, &config.key, &config.cert, &config.ca)?;
+    tracing::info!(
+        identity = %enrolled.identity,
+        hostnames = ?enrolled.hostnames,
+        cert = %config.cert.display(),
+        "enrolled with the token; starting"
+    );
+    Ok(())
+}
+
+/// Enrols and writes `connector.key`, `connector.crt`, `ca.crt` and `connector.toml`.
+pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::Result<()> {
+    if state.join("connector.key").exists() {
+        bail!(
+            "{} already holds an enrolled connector; use another --state directory",
+            state.display()
+        );
+    }
+    let enrolled = redeem(token_file).await?;
+    write_credentials(
+        &enrolled,
         &state.join("connector.key"),
-        pki::pkcs8_pem(&key).as_bytes(),
+        &state.join("connector.crt"),
+        &state.join("ca.crt"),
     )?;
-    pki::write_public_file(&state.join("connector.crt"), cert.as_bytes())?;
-    pki::write_public_file(&state.join("ca.crt"), ca.as_bytes())?;
+    let Enrolled {
+        token,
+        identity,
+        hostnames,
+        ..
+    } = enrolled;
     let relays = match token.relays().as_slice() {
         [one] => format!("{one:?}"),
         many => format!("{many:?}"),

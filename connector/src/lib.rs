@@ -43,6 +43,12 @@ pub enum Command {
         /// The connector's configuration file.
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
+        /// A one-time connector token to enrol with when the configuration's `key` does
+        /// not exist yet (a first start, such as a new pod): the key, certificate and CA
+        /// are written at the configuration's `key`, `cert` and `ca` paths. Ignored once
+        /// enrolled.
+        #[arg(long, env = "PORTCULLIS_ENROLL_TOKEN_FILE")]
+        enroll_token_file: Option<PathBuf>,
     },
     /// Check a configuration file without starting anything: exit 0 when the connector
     /// would start with it (its CA, certificate and key load, every ingress service is
@@ -80,7 +86,16 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Run { config } => rt.block_on(run_from_file(config)),
+        Command::Run {
+            config,
+            enroll_token_file,
+        } => rt.block_on(async {
+            if let Some(token) = &enroll_token_file {
+                let loaded = ConnectorConfig::load(&config)?;
+                enroll::enroll_if_new(token, &loaded).await?;
+            }
+            run_from_file(config).await
+        }),
         Command::Check { config } => check(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Enroll { token_file, state } => {

@@ -280,3 +280,89 @@ async fn the_connector_admin_listener_serves_health_readiness_and_metrics_after_
     assert!(unready.is_some(), "/readyz must fail without a tunnel");
     assert_eq!(admin_get(admin, "/healthz").await.unwrap().0, 200);
 }
+
+/// A connector as a pod of a StatefulSet runs it: `run --enroll-token-file` with a
+/// configuration whose key, certificate and CA live on an empty volume. The first start
+/// enrols with the token and writes them there; the certificate then renews itself in
+/// place; a restart finds them and does not use the (spent) token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_enrols_with_its_token_on_first_start_then_renews_and_restarts_on_its_own_files()
+ {
+    let w = World::new();
+    w.issue_device("alice", "alice", &["eng"], None);
+    let (_origin, origin_addr) = w.start_origin().await;
+    w.write_relay_config(ANY, ANY, ANY, POLICY);
+    let (_relay, addrs) = w.start_relay().await;
+    let relay = addrs.quic.to_string();
+    let out = w.admin(&[
+        "token",
+        "create",
+        "connector",
+        "web-0",
+        "--hostname",
+        APP,
+        "--cert-ttl",
+        "6s",
+        "--relay",
+        &relay,
+    ]);
+    let token = w.path("web-0.token");
+    std::fs::write(&token, out.lines().last().unwrap()).unwrap();
+
+    // The volume is empty; connector.toml (a ConfigMap) points into it.
+    let volume = w.path("volume");
+    let config = w.path("web-0.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "relay = {relay:?}\nserver_name = \"relay.acme.test\"\n\
+             ca = \"volume/ca.crt\"\ncert = \"volume/connector.crt\"\nkey = \"volume/connector.key\"\n\
+             [[ingress]]\nhostname = \"{APP}\"\nservice = \"http://{origin_addr}\"\n"
+        ),
+    )
+    .unwrap();
+    let run = |log: &str| {
+        let mut cmd = tokio::process::Command::new(portcullis_e2e::bin("portcullis-connector"));
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .arg("--enroll-token-file")
+            .arg(&token);
+        Daemon::spawn_logged(cmd, w.path(log))
+    };
+    let mut first = run("web-0.log");
+    first
+        .wait_for_log("enrolled with the token", Duration::from_secs(20))
+        .await;
+    wait_for_connectors(addrs.admin, 1).await;
+    assert_eq!(curl(&w, &addrs, APP, "/", Some("alice")).await.status, 200);
+    let cert = volume.join("connector.crt");
+    let issued = not_after(&cert);
+    // Renewed in place on the volume, at two thirds of its 6 s.
+    first
+        .wait_for_log("certificate renewed", Duration::from_secs(20))
+        .await;
+    assert!(not_after(&cert) > issued, "{}", first.log_text());
+    first.signal("TERM");
+    assert!(first.wait(Duration::from_secs(20)).await.success());
+
+    // A restart: the files are there, the token is not used again (it is spent: using it
+    // would fail), and the connector serves with its renewed certificate.
+    let second = run("web-0-again.log");
+    let registered = eventually(Duration::from_secs(20), || async {
+        (curl(&w, &addrs, APP, "/", Some("alice")).await.status == 200).then_some(())
+    })
+    .await;
+    assert!(registered.is_some(), "{}", second.log_text());
+    assert!(!second.log_text().contains("enrolled with the token"));
+
+    // A key without its certificate is refused with what to do.
+    std::fs::remove_file(&cert).unwrap();
+    second.signal("TERM");
+    let mut broken = run("web-0-broken.log");
+    assert!(!broken.wait(Duration::from_secs(20)).await.success());
+    let said = broken.log_text();
+    assert!(
+        said.contains("restore the certificate") && said.contains("connector.key"),
+        "{said}"
+    );
+}

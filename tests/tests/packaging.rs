@@ -350,6 +350,10 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             vec!["connector.enabled=false", "relay.tls.secretName="],
         ),
         ("connector-only", vec!["relay.enabled=false"]),
+        (
+            "connector-keys",
+            vec!["connector.keysSecret=portcullis-connector-keys"],
+        ),
     ] {
         let mut cmd = Command::new(&helm);
         cmd.args(["template", "pc"]).arg(&chart);
@@ -357,7 +361,14 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             cmd.args(["--set", s]);
         }
         let path = out.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, run_ok(&mut cmd)).unwrap();
+        let rendered = run_ok(&mut cmd);
+        // Connector pods enrol with their own token unless they run from a Secret of keys.
+        if name != "relay-only" {
+            let enrols = rendered.contains("- /etc/portcullis/tokens/$(POD_NAME)");
+            assert_eq!(enrols, name != "connector-keys", "{name}:\n{rendered}");
+            assert!(rendered.contains("volumeClaimTemplates"), "{name}");
+        }
+        std::fs::write(&path, rendered).unwrap();
         files.push(path);
     }
     // The plain manifests, as `kubectl apply -k` assembles them.
@@ -384,12 +395,7 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             .env("PYTHONPATH", &tools),
     );
     assert!(!text.contains("ERROR"), "{text}");
-    for kind in [
-        "statefulset",
-        "deployment",
-        "poddisruptionbudget",
-        "service",
-    ] {
+    for kind in ["statefulset", "poddisruptionbudget", "service"] {
         assert!(
             text.contains(&format!("passed for resource {kind}/")),
             "{text}"
