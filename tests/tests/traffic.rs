@@ -428,6 +428,31 @@ async fn limits_answer_429_and_431_instead_of_queueing() {
         .body(())
         .unwrap();
     assert_eq!(h3.request(req, None).await.status, 431);
+    let mut cmd = curl_cmd(&s.w, &s.addrs, APP, "/", Some("alice"));
+    cmd.args(["--http1.1", "-H", &format!("X-Big: {}", "a".repeat(20_000))]);
+    let r = run_curl(cmd).await;
+    assert_eq!(r.status, 431, "{}", r.stderr);
+    // The 431s the HTTP/1.1 and HTTP/3 codecs answer before the pipeline are counted (the
+    // HTTP/2 codec's cannot be seen from outside it).
+    let text = portcullis_e2e::metrics_text(s.addrs.admin).await.unwrap();
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series}\n{text}"))
+    };
+    assert_eq!(
+        value("portcullis_relay_refused_responses_total{status=\"431\"}"),
+        2.0
+    );
+    for protocol in ["HTTP/1.1", "HTTP/3"] {
+        assert_eq!(
+            value(&format!(
+                "portcullis_relay_requests_total{{hostname=\"-\",protocol=\"{protocol}\",method=\"other\",class=\"4xx\"}}"
+            )),
+            1.0,
+            "{protocol}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -80,9 +80,15 @@ pub(crate) async fn serve(
                                     guard.finish();
                                 }
                             }
-                            // h3 or the guard has already answered (431) or reset the stream
+                            // h3 has already answered 431 (to a section over the limit, as
+                            // decoded or as the guard saw it declared) or reset the stream
                             // (H3_MESSAGE_ERROR).
-                            Err(e) => tracing::debug!(error = %e, "malformed HTTP/3 request"),
+                            Err(e) => {
+                                if matches!(e, h3::error::StreamError::HeaderTooBig { .. }) {
+                                    state.metrics.sli.codec_refusal("HTTP/3", 431);
+                                }
+                                tracing::debug!(error = %e, "malformed HTTP/3 request");
+                            }
                         }
                     }.instrument(span)));
                 }

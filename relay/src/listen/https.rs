@@ -328,6 +328,10 @@ pub(crate) async fn serve_http<T>(
     let graceful = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                // hyper answered 431 to a head over `max_buf_size` before any service saw it.
+                if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse_too_large) {
+                    state.metrics.sli.codec_refusal("HTTP/1.1", 431);
+                }
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             false

@@ -126,6 +126,18 @@ impl Sli {
         }
     }
 
+    /// Counts a request the protocol codec refused before the pipeline saw it (hyper's and
+    /// h3's 431 for a header section over the limit): a request with no hostname, no
+    /// method and no latency of its own.
+    pub(crate) fn codec_refusal(&self, protocol: &'static str, status: u16) {
+        let host = self.host("-", protocol);
+        let class = usize::from(status / 100).clamp(1, 5);
+        host.requests[method_class("")][class].fetch_add(1, Ordering::Relaxed);
+        if status == 431 {
+            self.refusals[1].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one handshake on `listener` (`https` or `quic`): `reason` is `ok` for one
     /// that completed.
     pub(crate) fn handshake(&self, listener: &'static str, reason: &'static str) {
