@@ -20,7 +20,49 @@ enum Sink {
 #[derive(Debug)]
 pub struct AccessLog {
     path: PathBuf,
-    sink: Mutex<Sink>,
+    sink: Mutex<Writer>,
+}
+
+/// The sink and how the last writes went.
+#[derive(Debug)]
+struct Writer {
+    sink: Sink,
+    /// Lines not written since the last one that was (a full or read-only disk).
+    lost: u64,
+    /// A line was cut short (the disk filled during it): the next line starts on a new
+    /// line, so the fragment stays a line of its own instead of spoiling the next.
+    cut: bool,
+}
+
+impl Writer {
+    fn new(sink: Sink) -> Self {
+        Self {
+            sink,
+            lost: 0,
+            cut: false,
+        }
+    }
+
+    /// Writes `line` with one `write(2)`, noting a short write.
+    fn put(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let written = match &mut self.sink {
+            Sink::File(f) => f.write(line),
+            Sink::Stdout => std::io::stdout()
+                .lock()
+                .write_all(line)
+                .map(|()| line.len()),
+        }?;
+        if written < line.len() {
+            if written > 0 {
+                self.cut = true;
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "short write",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn open(path: &Path) -> std::io::Result<Sink> {
@@ -42,7 +84,7 @@ impl AccessLog {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
-            sink: Mutex::new(open(path)?),
+            sink: Mutex::new(Writer::new(open(path)?)),
         })
     }
 
@@ -50,7 +92,7 @@ impl AccessLog {
     /// file is kept, and the error returned.
     pub fn reopen(&self) -> std::io::Result<()> {
         let fresh = open(&self.path)?;
-        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.sink.lock().unwrap_or_else(|p| p.into_inner()).sink = fresh;
         Ok(())
     }
 
@@ -59,19 +101,40 @@ impl AccessLog {
         &self.path
     }
 
-    /// Appends `entry` as one line.
+    /// Appends `entry` as one line. A line that cannot be written (a full or read-only
+    /// disk) is lost, with one WARN line when the first is and one INFO line, counting
+    /// them, when lines can be written again: the requests are served either way.
     pub fn write<T: serde::Serialize>(&self, entry: &T) {
         let Ok(mut line) = serde_json::to_vec(entry) else {
             return;
         };
         line.push(b'\n');
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let written = match &mut *sink {
-            Sink::File(f) => f.write_all(&line),
-            Sink::Stdout => std::io::stdout().lock().write_all(&line),
-        };
-        if let Err(e) = written {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the access log");
+        let mut w = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if w.cut {
+            line.insert(0, b'\n');
+        }
+        match w.put(&line) {
+            Ok(()) => {
+                w.cut = false;
+                if w.lost > 0 {
+                    tracing::info!(
+                        path = %self.path.display(),
+                        lost = w.lost,
+                        "access log writable again; the lines of the requests served meanwhile were lost"
+                    );
+                    w.lost = 0;
+                }
+            }
+            Err(e) => {
+                if w.lost == 0 {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        error = %e,
+                        "cannot write the access log: requests are served but not logged until it can; free space on its disk or make it writable"
+                    );
+                }
+                w.lost += 1;
+            }
         }
     }
 

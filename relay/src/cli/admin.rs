@@ -70,13 +70,12 @@ fn issue(
     }
     let issued = ca.issue_client(identity, ttl)?;
     let id = identity.id();
-    pki::write_public_file(&out.join(format!("{id}.crt")), issued.cert_pem.as_bytes())?;
     let key = issued
         .key
         .as_ref()
         .context("the CA generated no key for this certificate")?;
-    pki::write_private_file(&out.join(format!("{id}.key")), key.pem.as_bytes())?;
-    pki::write_public_file(&out.join(pki::CA_CERT_FILE), ca.cert_pem().as_bytes())?;
+    // Recorded first: a store that cannot be written (a full or read-only disk) leaves no
+    // certificate behind that the relay would not know.
     store.put_identity(&record(&issued))?;
     audit(
         &*store,
@@ -84,6 +83,9 @@ fn issue(
         &identity.to_string(),
         format!("serial {} valid until {}", issued.serial, issued.not_after),
     )?;
+    pki::write_public_file(&out.join(format!("{id}.crt")), issued.cert_pem.as_bytes())?;
+    pki::write_private_file(&out.join(format!("{id}.key")), key.pem.as_bytes())?;
+    pki::write_public_file(&out.join(pki::CA_CERT_FILE), ca.cert_pem().as_bytes())?;
     if identity.role() == Role::Device {
         let p12 = pki::pkcs12(id, &issued.cert_der, &key.der, ca.cert_der())?;
         pki::write_private_file(&out.join(format!("{id}.p12")), &p12)?;

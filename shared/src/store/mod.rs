@@ -30,15 +30,15 @@ pub const STORE_FILE: &str = "portcullis.db";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened, read or written.
-    #[error("store: {0}")]
-    Db(#[from] rusqlite::Error),
+    #[error("store: {}", sqlite_message(.0))]
+    Db(rusqlite::Error),
     /// The database file could not be created or made private.
-    #[error("store {path}: {source}")]
+    #[error("store {path}: {}", io_message(error))]
     Io {
         /// The file.
         path: std::path::PathBuf,
         /// What went wrong.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The id is already taken.
     #[error("{0} already exists")]
@@ -95,6 +95,42 @@ pub enum StoreError {
         /// What is wrong with it.
         why: String,
     },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+/// A file error on the store, said so that a person knows what to do.
+fn io_message(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ReadOnlyFilesystem => {
+            "it is on a read-only file system: make it writable and try again (nothing was changed)"
+                .into()
+        }
+        ErrorKind::StorageFull => {
+            "the disk holding it is full: free space on it and try again (nothing was changed)"
+                .into()
+        }
+        ErrorKind::PermissionDenied => {
+            format!("{e}: run as the user that owns the state directory")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// SQLite's error, said so that a person knows what to do when the disk under the store
+/// is full or read-only (writes fail whole: nothing was changed).
+fn sqlite_message(e: &rusqlite::Error) -> String {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => "the disk holding it is full: free space on it and try again (nothing was changed)".into(),
+        Some(ErrorCode::ReadOnly) => "it cannot be written (it is on a read-only file system, or its user may not write it): make it writable and try again (nothing was changed)".into(),
+        _ => e.to_string(),
+    }
 }
 
 /// One issued identity and its current certificate.

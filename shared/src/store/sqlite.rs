@@ -71,9 +71,9 @@ impl SqliteStore {
     /// shared-memory files are made readable by their owner only (0600): they hold who
     /// may connect and the audit log.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let io = |e: std::io::Error| StoreError::Io {
+        let io = |error: std::io::Error| StoreError::Io {
             path: path.to_owned(),
-            source: e,
+            error,
         };
         // Created here, 0600 and never through a symbolic link, before SQLite opens it;
         // SQLite gives the WAL and shared-memory files the database's mode.
