@@ -7,8 +7,8 @@
 //! rather than started through the SDK's tracer, which would choose ids of its own.
 //!
 //! The processor exports from a thread of its own; the HTTP requests it makes run on the
-//! daemon's Tokio runtime ([`Client`]). A full queue drops spans (counted), never blocks a
-//! request.
+//! daemon's Tokio runtime (the exporter's HTTP client). A full queue drops spans; it never
+//! blocks a request.
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
