@@ -3,6 +3,8 @@
 //! hands its own span to the connector; the connector hands its span to the origin; both
 //! log the trace id, so one request can be followed from client to origin.
 
+use crate::pki::hex;
+
 /// The header's name.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -41,10 +43,6 @@ fn random<const N: usize>() -> [u8; N] {
         out[N - 1] = 1;
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -126,12 +124,14 @@ impl TraceContext {
 
     /// The `traceparent` value naming this hop's span as the next hop's parent.
     pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id(),
-            self.span_id(),
-            self.flags
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(&hex(&self.trace_id));
+        out.push('-');
+        out.push_str(&hex(&self.span_id));
+        out.push('-');
+        out.push_str(&hex(&[self.flags]));
+        out
     }
 
     /// The trace id, 32 hex digits.
