@@ -118,7 +118,10 @@ impl Origin {
     fn record(&self, x: &Exchange, outcome: Outcome) {
         let took = x.start.elapsed();
         self.stats.record(outcome, took);
-        if let Some(spans) = &self.reports.spans {
+        // The span is built only for a trace that is exported.
+        if let Some(spans) = &self.reports.spans
+            && x.trace.sampled()
+        {
             spans.export(self.span(x, outcome, took));
         }
         // Nothing more to do unless the line goes somewhere.
@@ -136,13 +139,7 @@ impl Origin {
             request_id: &x.request_id,
             trace_id: x.trace.trace_id(),
             span_id: x.trace.span_id(),
-            parent_id: x.parent.map(|p| {
-                TraceContext {
-                    span_id: p,
-                    ..x.trace
-                }
-                .span_id()
-            }),
+            parent_id: x.parent.map(|p| pki::hex(&p)),
             hostname: &x.host,
             method: &x.method,
             path: &x.path,

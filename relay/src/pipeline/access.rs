@@ -147,7 +147,10 @@ impl Access {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: bytes,
         });
-        if let Some(spans) = &state.spans {
+        // The span is built only for a trace that is exported.
+        if let Some(spans) = &state.spans
+            && self.trace.sampled()
+        {
             spans.export(self.span(status, total, bytes));
         }
         let time = time::OffsetDateTime::now_utc()
