@@ -7,7 +7,8 @@
 //! the abuse run (see [`abuse`]): unauthenticated connections held and a handshake flood,
 //! with the relay's memory and CPU and a legitimate device's success rate and latency
 //! meanwhile. Run it with `bash scripts/bench` (release build); `pc-bench peers`,
-//! `pc-bench throughput` or `pc-bench abuse` runs one part only.
+//! `pc-bench throughput` or `pc-bench abuse` runs one part only (`pc-bench bulk`, not part
+//! of the whole run, repeats the 1 GiB downloads for profiling and before/after runs).
 //!
 //! Every loop is bounded in time (`PORTCULLIS_BENCH_SECS`, default 5 s per figure; the
 //! abuse run's own limits below) and all traffic stays on loopback. The process raises its
@@ -239,12 +240,7 @@ async fn measure(s: &Stack, proto: Proto, path: Path, secs: u64) -> anyhow::Resu
     let rps = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
 
     // One large transfer.
-    let size: u64 = 1024 * 1024 * 1024;
-    let mut client = connect(s, proto, path).await?;
-    let t = Instant::now();
-    let got = get(&mut client, &format!("/bytes?n={size}"), via_relay).await?;
-    anyhow::ensure!(got == size, "large transfer got {got} of {size} bytes");
-    let mib_s = (size as f64 / 1048576.0) / t.elapsed().as_secs_f64();
+    let mib_s = download(s, proto, path).await?;
     Ok(Figures {
         rps,
         p50_us: pct(0.50),
@@ -349,9 +345,19 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let s = Stack::up().await;
+    // `pc-bench bulk` takes extra relay.toml lines from PORTCULLIS_BULK_RELAY_TOML, to
+    // try a setting.
+    let extra = std::env::var("PORTCULLIS_BULK_RELAY_TOML").unwrap_or_default();
+    let s = if part == "bulk" && !extra.is_empty() {
+        Stack::up_with(&extra).await
+    } else {
+        Stack::up().await
+    };
     if all || part == "throughput" {
         out.push_str(&throughput(&s).await);
+    }
+    if part == "bulk" {
+        out.push_str(&bulk(&s).await);
     }
     if all || part == "abuse" {
         out.push_str(&format!(
@@ -438,6 +444,67 @@ async fn throughput(s: &Stack) -> String {
         }
     }
     out
+}
+
+/// `pc-bench bulk` only (for profiling the body path and for before/after runs): one
+/// 1 GiB download direct over HTTP/1.1, then `PORTCULLIS_BULK_ROUNDS` (default 3) through
+/// relay + connector over each protocol, alternating, each on a fresh connection;
+/// `PORTCULLIS_BULK_ONLY=h1`, `h2` or `h3` keeps one protocol (to profile it alone).
+async fn bulk(s: &Stack) -> String {
+    let rounds = env_or("PORTCULLIS_BULK_ROUNDS", 3);
+    let only = std::env::var("PORTCULLIS_BULK_ONLY").unwrap_or_default();
+    let mut out = String::from("1 GiB download, MiB/s\n");
+    let mut row = |name: &str, path: Path, figures: Vec<String>| {
+        let label = match path {
+            Path::Direct => "direct to origin",
+            Path::Relay => "relay + connector",
+        };
+        out.push_str(&format!("{name:<9} {label:<22} {}\n", figures.join(" ")));
+    };
+    row(
+        "HTTP/1.1",
+        Path::Direct,
+        vec![fmt_mib(download(s, Proto::H1, Path::Direct).await)],
+    );
+    let mut figures = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, (proto, name)) in [(Proto::H1, "h1"), (Proto::H2, "h2"), (Proto::H3, "h3")]
+            .into_iter()
+            .enumerate()
+        {
+            if !only.is_empty() && only != name {
+                continue;
+            }
+            figures[i].push(fmt_mib(download(s, proto, Path::Relay).await));
+        }
+    }
+    let [h1, h2, h3] = figures;
+    row("HTTP/1.1", Path::Relay, h1);
+    row("HTTP/2", Path::Relay, h2);
+    row("HTTP/3", Path::Relay, h3);
+    out
+}
+
+fn fmt_mib(r: anyhow::Result<f64>) -> String {
+    match r {
+        Ok(m) => format!("{m:>7.0}"),
+        Err(e) => format!("n/a ({e:#})"),
+    }
+}
+
+/// MiB/s for one 1 GiB download on a fresh connection.
+async fn download(s: &Stack, proto: Proto, path: Path) -> anyhow::Result<f64> {
+    let size: u64 = 1024 * 1024 * 1024;
+    let mut client = connect(s, proto, path).await?;
+    let t = Instant::now();
+    let got = get(
+        &mut client,
+        &format!("/bytes?n={size}"),
+        path == Path::Relay,
+    )
+    .await?;
+    anyhow::ensure!(got == size, "large transfer got {got} of {size} bytes");
+    Ok((size as f64 / 1048576.0) / t.elapsed().as_secs_f64())
 }
 
 /// The table's rows through the relay for HTTP/1.1, HTTP/2 and HTTP/3 on stack `s`.
