@@ -4,7 +4,8 @@
 //! (one encrypted leg: rathole client → server); plain rathole (no encryption); and
 //! Portcullis as an employee uses it for a TCP service: `portcullis tcp` (the agent) →
 //! relay → connector, two encrypted QUIC legs. Through each: one and eight TCP streams of
-//! bulk upload to a sink that counts what arrives, small HTTP/1.1 requests at 1 and 64
+//! bulk upload to a sink that counts what arrives, one stream of bulk download from it,
+//! small HTTP/1.1 requests at 1 and 64
 //! keep-alive connections, new connections (one request each, 64 at a time), the tunnel
 //! processes' CPU for each (from /proc), their memory with 1,000 idle tunnelled
 //! connections open and after they close, and the kernel's UDP receive-buffer drops
@@ -50,6 +51,7 @@ struct Row {
     one_stream_gbit: Option<f64>,
     gbit_per_core: Option<f64>,
     eight_streams_gbit: Option<f64>,
+    download_gbit: Option<f64>,
     rps_64: Option<f64>,
     p50_64_us: Option<f64>,
     p99_64_us: Option<f64>,
@@ -202,6 +204,7 @@ async fn measure(mut way: Way, secs: u64) -> Row {
         row.gbit_per_core = row.one_stream_gbit.map(|g| g / cores);
     }
     row.eight_streams_gbit = note(way.label, "eight streams", bulk(way.bulk, 8, secs).await);
+    row.download_gbit = note(way.label, "download", download(way.bulk, secs).await);
     for d in &way.bulk_only {
         if let Some(pid) = d.child.id() {
             way.pids.retain(|p| *p != pid);
@@ -285,7 +288,8 @@ fn udp_rcvbuf_errors() -> u64 {
 }
 
 /// A TCP sink: reads each connection to its end, then answers the byte count (u64, big
-/// endian) and closes.
+/// endian) and closes. A connection whose first byte is [`DOWNLOAD`] is a download
+/// instead: the sink writes to it until it goes away.
 async fn sink() -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -297,6 +301,11 @@ async fn sink() -> anyhow::Result<SocketAddr> {
                 loop {
                     match conn.read(&mut buf).await {
                         Ok(0) => break,
+                        Ok(_) if n == 0 && buf[0] == DOWNLOAD => {
+                            let chunk = vec![0xa5u8; CHUNK];
+                            while conn.write_all(&chunk).await.is_ok() {}
+                            return;
+                        }
                         Ok(k) => n += k as u64,
                         Err(_) => return,
                     }
@@ -307,6 +316,28 @@ async fn sink() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// The first byte that asks the sink for a download (uploads send other bytes).
+const DOWNLOAD: u8 = b'D';
+
+/// Downloads from the sink through one connection for `secs`; Gbit/s of what arrived.
+async fn download(addr: SocketAddr, secs: u64) -> anyhow::Result<f64> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(&[DOWNLOAD]).await?;
+    let mut buf = vec![0u8; CHUNK];
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let mut n = 0u64;
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+            Ok(Ok(0)) => anyhow::bail!("the download ended early, after {n} bytes"),
+            Ok(Ok(k)) => n += k as u64,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => anyhow::bail!("the download stalled after {n} bytes"),
+        }
+    }
+    Ok(n as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9)
 }
 
 /// Uploads through `streams` connections to the sink for `secs`; Gbit/s of what the sink
@@ -695,9 +726,10 @@ fn table(columns: &[(&str, Result<Row, String>)]) -> String {
     fn f2(v: Option<f64>) -> Option<String> {
         v.map(|v| format!("{v:.2}"))
     }
-    let rows: [(&str, Get); 14] = [
+    let rows: [(&str, Get); 15] = [
         ("one TCP stream, Gbit/s", |r| f2(r.one_stream_gbit)),
         ("eight TCP streams, Gbit/s", |r| f2(r.eight_streams_gbit)),
+        ("one TCP stream download, Gbit/s", |r| f2(r.download_gbit)),
         ("Gbit/s per tunnel CPU core (one stream)", |r| {
             f2(r.gbit_per_core)
         }),
