@@ -1,10 +1,12 @@
 //! Joins a local byte stream (a TCP connection, standard input/output, an upgraded proxy
 //! connection) to a CONNECT tunnel through the relay: both ways, half-close carried.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use portcullis_shared::pump::{BATCH, ready_now, write_vectored_all};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::relay::Stream;
+use crate::transport::ResponseRecv;
 
 /// Copies until both directions have ended.
 pub(crate) async fn join<R, W>(mut local_read: R, mut local_write: W, stream: Stream)
@@ -30,16 +32,27 @@ where
     };
     // Returns true when the relay side failed (reset, relay gone) rather than finished.
     let down = async {
+        let mut batch = Vec::new();
         let failed = loop {
             match rx.recv_data().await {
                 Ok(Some(chunk)) => {
-                    if local_write.write_all(&chunk).await.is_err() {
+                    // What has already arrived goes with it in one write (QUIC hands
+                    // over a packet's worth at a time); nothing waits for more.
+                    batch.push(chunk);
+                    let end = gather_ready(&mut *rx, &mut batch);
+                    if write_vectored_all(&mut local_write, &mut batch)
+                        .await
+                        .is_err()
+                    {
                         return true;
                     }
                     // Standard output holds writes until flushed; an interactive peer
                     // (ssh) must see each chunk at once.
                     if local_write.flush().await.is_err() {
                         return true;
+                    }
+                    if let Some(failed) = end {
+                        break failed;
                     }
                 }
                 Ok(None) => break false,
@@ -57,4 +70,23 @@ where
         // failure nothing will carry its bytes, so stop reading it.
         failed = &mut down => if !failed { up.await; },
     }
+}
+
+/// Takes the chunks that have already arrived on `rx`, up to [`BATCH`] bytes with what
+/// `batch` holds, without waiting. `Some(failed)` if the download ended meanwhile (cleanly,
+/// or with a failure when `failed`).
+fn gather_ready(rx: &mut dyn ResponseRecv, batch: &mut Vec<Bytes>) -> Option<bool> {
+    let mut total: usize = batch.iter().map(Bytes::len).sum();
+    while total < BATCH {
+        match ready_now(rx.recv_data()) {
+            Some(Ok(Some(chunk))) => {
+                total += chunk.len();
+                batch.push(chunk);
+            }
+            Some(Ok(None)) => return Some(false),
+            Some(Err(_)) => return Some(true),
+            None => break,
+        }
+    }
+    None
 }
