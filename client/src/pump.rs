@@ -1,12 +1,11 @@
 //! Joins a local byte stream (a TCP connection, standard input/output, an upgraded proxy
 //! connection) to a CONNECT tunnel through the relay: both ways, half-close carried.
 
-use bytes::{Bytes, BytesMut};
-use portcullis_shared::pump::{BATCH, ready_now, write_vectored_all};
+use bytes::BytesMut;
+use portcullis_shared::pump::{ready_now, take_ready, write_vectored_all};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::relay::Stream;
-use crate::transport::ResponseRecv;
 
 /// Copies until both directions have ended.
 pub(crate) async fn join<R, W>(mut local_read: R, mut local_write: W, stream: Stream)
@@ -39,7 +38,11 @@ where
                     // What has already arrived goes with it in one write (QUIC hands
                     // over a packet's worth at a time); nothing waits for more.
                     batch.push(chunk);
-                    let end = gather_ready(&mut *rx, &mut batch);
+                    let end = match take_ready(&mut batch, |_| ready_now(rx.recv_data())) {
+                        Ok(true) => None,
+                        Ok(false) => Some(false),
+                        Err(_) => Some(true),
+                    };
                     if write_vectored_all(&mut local_write, &mut batch)
                         .await
                         .is_err()
@@ -70,23 +73,4 @@ where
         // failure nothing will carry its bytes, so stop reading it.
         failed = &mut down => if !failed { up.await; },
     }
-}
-
-/// Takes the chunks that have already arrived on `rx`, up to [`BATCH`] bytes with what
-/// `batch` holds, without waiting. `Some(failed)` if the download ended meanwhile (cleanly,
-/// or with a failure when `failed`).
-fn gather_ready(rx: &mut dyn ResponseRecv, batch: &mut Vec<Bytes>) -> Option<bool> {
-    let mut total: usize = batch.iter().map(Bytes::len).sum();
-    while total < BATCH {
-        match ready_now(rx.recv_data()) {
-            Some(Ok(Some(chunk))) => {
-                total += chunk.len();
-                batch.push(chunk);
-            }
-            Some(Ok(None)) => return Some(false),
-            Some(Err(_)) => return Some(true),
-            None => break,
-        }
-    }
-    None
 }

@@ -43,10 +43,20 @@ pub async fn gather(recv: &mut dyn TunnelRecv, batch: &mut Vec<Bytes>) -> io::Re
     let Some(first) = recv.read_chunk(BATCH).await? else {
         return Ok(false);
     };
-    let mut total = first.len();
     batch.push(first);
+    take_ready(batch, |max| ready_now(recv.read_chunk(max)))
+}
+
+/// Takes the chunks that have already arrived into `batch`, without waiting, until it
+/// holds [`BATCH`] bytes: `poll_next(max)` polls the source once for a chunk of at most
+/// `max` bytes ([`ready_now`]). False once the source has ended; its error as it is.
+pub fn take_ready<E>(
+    batch: &mut Vec<Bytes>,
+    mut poll_next: impl FnMut(usize) -> Option<Result<Option<Bytes>, E>>,
+) -> Result<bool, E> {
+    let mut total: usize = batch.iter().map(Bytes::len).sum();
     while total < BATCH {
-        match ready_now(recv.read_chunk(BATCH - total)) {
+        match poll_next(BATCH - total) {
             Some(Ok(Some(chunk))) => {
                 total += chunk.len();
                 batch.push(chunk);

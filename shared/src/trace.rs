@@ -3,7 +3,7 @@
 //! hands its own span to the connector; the connector hands its span to the origin; both
 //! log the trace id, so one request can be followed from client to origin.
 
-use crate::pki::hex;
+use crate::pki::{hex, push_hex};
 
 /// The header's name.
 pub const TRACEPARENT: &str = "traceparent";
@@ -126,11 +126,11 @@ impl TraceContext {
     pub fn header(&self) -> String {
         let mut out = String::with_capacity(55);
         out.push_str("00-");
-        out.push_str(&hex(&self.trace_id));
+        push_hex(&mut out, &self.trace_id);
         out.push('-');
-        out.push_str(&hex(&self.span_id));
+        push_hex(&mut out, &self.span_id);
         out.push('-');
-        out.push_str(&hex(&[self.flags]));
+        push_hex(&mut out, &[self.flags]);
         out
     }
 

@@ -335,24 +335,17 @@ async fn pump(tunnel: TunnelParts, mut tx: SendHalf, mut rx: RecvHalf) {
 /// arrived, up to [`pump::BATCH`] in all, into `batch`. False once the stream has ended
 /// (or failed: the upstream then gets a clean end, as before).
 async fn gather_request(rx: &mut RecvHalf, batch: &mut Vec<Bytes>) -> bool {
-    let take = |chunk: &mut dyn Buf, batch: &mut Vec<Bytes>| {
-        let bytes = chunk.copy_to_bytes(chunk.remaining());
-        let len = bytes.len();
-        batch.push(bytes);
-        len
-    };
-    let mut total = match rx.recv_data().await {
-        Ok(Some(mut chunk)) => take(&mut chunk, batch),
-        _ => return false,
-    };
-    while total < pump::BATCH {
-        match pump::ready_now(rx.recv_data()) {
-            Some(Ok(Some(mut chunk))) => total += take(&mut chunk, batch),
-            Some(_) => return false,
-            None => break,
-        }
+    fn whole(mut chunk: impl Buf) -> Bytes {
+        chunk.copy_to_bytes(chunk.remaining())
     }
-    true
+    match rx.recv_data().await {
+        Ok(Some(chunk)) => batch.push(whole(chunk)),
+        _ => return false,
+    }
+    pump::take_ready(batch, |_| {
+        pump::ready_now(rx.recv_data()).map(|r| r.map(|chunk| chunk.map(whole)))
+    })
+    .unwrap_or(false)
 }
 
 /// Reads an HTTP/3 request body into a [`ChannelBody`]: a task reads the h3 stream into a
