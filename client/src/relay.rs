@@ -84,6 +84,7 @@ impl Credentials {
         transport.congestion_controller_factory(Arc::new(
             portcullis_shared::congestion::LossTolerantConfig,
         ));
+        portcullis_shared::udp::discover_mtu(&mut transport);
         config.transport_config(Arc::new(transport));
         Ok(config)
     }

@@ -203,6 +203,8 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     t.stream_receive_window((1u32 << 20).into());
     t.receive_window((16u32 << 20).into());
     t.send_window(16 << 20);
+    // Larger datagrams where the path carries them (a relay on this host or LAN).
+    portcullis_shared::udp::discover_mtu(&mut t);
     client.transport_config(Arc::new(t));
     Ok(client)
 }
