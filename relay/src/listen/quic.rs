@@ -314,3 +314,26 @@ fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, pki::Ce
         .context("client certificate names no identity")?;
     Ok((identity, info))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Devices and connectors alike may grow their datagrams where the path carries them:
+    /// the relay accepts them and searches for them itself.
+    #[test]
+    fn the_relay_accepts_and_searches_for_large_datagrams() -> anyhow::Result<()> {
+        let t = transport(&LimitsConfig::default(), Default::default())?;
+        assert!(
+            portcullis_shared::udp::searches_to_max_datagram(&t),
+            "{t:?}"
+        );
+        let dir = tempfile::tempdir()?;
+        let config = endpoint_config(dir.path())?;
+        assert!(
+            portcullis_shared::udp::accepts_max_datagram(&config),
+            "{config:?}"
+        );
+        Ok(())
+    }
+}
