@@ -195,8 +195,10 @@ mod tests {
         Ok(())
     }
 
-    /// Over loopback (MTU 65,536) a connection configured as the relay's, connector's and
-    /// agent's are grows its datagrams to MAX_DATAGRAM while it sends, and keeps them:
+    /// Over loopback (MTU 65,536) a connection with the datagram settings the relay, the
+    /// connector and the agent share ([`endpoint_config`], [`discover_mtu`]; each daemon's
+    /// test checks it uses them) grows its datagrams to MAX_DATAGRAM while it sends, and
+    /// keeps them:
     /// with datagrams too large for quinn's segmented sends the kernel would refuse every
     /// full batch and quinn would fall back to 1,200 bytes (a black hole), so this fails
     /// if a quinn upgrade batches more per send than MAX_DATAGRAM allows for.
