@@ -74,19 +74,24 @@ impl Credentials {
         let mut config = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
         ));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
-        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-            10_000,
-        ))));
-        transport.initial_rtt(Duration::from_millis(100));
-        // Uploads keep their rate through a lossy Wi-Fi (see portcullis_shared::congestion).
-        transport.congestion_controller_factory(Arc::new(
-            portcullis_shared::congestion::LossTolerantConfig,
-        ));
-        config.transport_config(Arc::new(transport));
+        config.transport_config(Arc::new(transport()));
         Ok(config)
     }
+}
+
+/// The agent's QUIC transport settings (docs/protocol.md, "QUIC settings, and why").
+fn transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        10_000,
+    ))));
+    transport.initial_rtt(Duration::from_millis(100));
+    // Uploads keep their rate through a lossy Wi-Fi (see portcullis_shared::congestion).
+    transport
+        .congestion_controller_factory(Arc::new(portcullis_shared::congestion::LossTolerantConfig));
+    portcullis_shared::udp::discover_mtu(&mut transport);
+    transport
 }
 
 /// How long a relay that failed is passed over before it is tried again first.
@@ -568,5 +573,19 @@ fn local_any(remote: SocketAddr) -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         SocketAddr::from(([0u16; 8], 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_searches_for_large_datagrams() {
+        let t = transport();
+        assert!(
+            portcullis_shared::udp::searches_to_max_datagram(&t),
+            "{t:?}"
+        );
     }
 }

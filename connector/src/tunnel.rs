@@ -180,6 +180,12 @@ fn tls_config(config: &ConnectorConfig, alpn: &[u8]) -> anyhow::Result<rustls::C
 pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::ClientConfig> {
     let tls = tls_config(config, TUNNEL_ALPN)?;
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    client.transport_config(Arc::new(transport(config.quic_congestion)));
+    Ok(client)
+}
+
+/// The tunnel's transport settings (docs/protocol.md, "QUIC settings, and why").
+fn transport(congestion: portcullis_shared::config::QuicCongestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Keep-alives every 250 ms let the relay route around a connector it has not heard
     // from for a second, make a restarted relay answer with a stateless reset at once (it
@@ -194,17 +200,16 @@ pub(crate) fn client_config(config: &ConnectorConfig) -> anyhow::Result<quinn::C
     t.initial_rtt(Duration::from_millis(100));
     // Responses cross whatever path the connector sits behind: a controller that keeps
     // its rate through random loss (see portcullis_shared::congestion).
-    t.congestion_controller_factory(portcullis_shared::congestion::factory(
-        config.quic_congestion,
-    ));
+    t.congestion_controller_factory(portcullis_shared::congestion::factory(congestion));
     // The relay opens one stream per request; these bound how many run at once.
     t.max_concurrent_bidi_streams(RELAY_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((1u32 << 20).into());
     t.receive_window((16u32 << 20).into());
     t.send_window(16 << 20);
-    client.transport_config(Arc::new(t));
-    Ok(client)
+    // Larger datagrams where the path carries them (a relay on this host or LAN).
+    portcullis_shared::udp::discover_mtu(&mut t);
+    t
 }
 
 /// A client endpoint for dialling `addr`: bound to an ephemeral port, never listening.
@@ -907,6 +912,15 @@ async fn serve_stream(mut stream: BiStream, origins: Arc<Origins>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_searches_for_large_datagrams() {
+        let t = transport(portcullis_shared::config::QuicCongestion::default());
+        assert!(
+            portcullis_shared::udp::searches_to_max_datagram(&t),
+            "{t:?}"
+        );
+    }
 
     #[test]
     fn backoff_spreads_the_first_retry_then_grows_with_jitter_and_is_capped() {

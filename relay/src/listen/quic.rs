@@ -84,7 +84,8 @@ fn endpoint_config(state_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&tag.as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
-    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    let mut config =
+        portcullis_shared::udp::endpoint_config(quinn::EndpointConfig::new(Arc::new(key)));
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
@@ -127,6 +128,8 @@ fn transport(
     // No unreliable datagrams: nothing uses them, and quinn would otherwise buffer over
     // 1 MB of them for any peer, a stranger included.
     t.datagram_receive_buffer_size(None);
+    // Larger datagrams where the path carries them (loopback, jumbo frames).
+    portcullis_shared::udp::discover_mtu(&mut t);
     Ok(t)
 }
 
@@ -310,4 +313,27 @@ fn peer_identity(transport: &dyn Transport) -> anyhow::Result<(Identity, pki::Ce
         .clone()
         .context("client certificate names no identity")?;
     Ok((identity, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Devices and connectors alike may grow their datagrams where the path carries them:
+    /// the relay accepts them and searches for them itself.
+    #[test]
+    fn the_relay_accepts_and_searches_for_large_datagrams() -> anyhow::Result<()> {
+        let t = transport(&LimitsConfig::default(), Default::default())?;
+        assert!(
+            portcullis_shared::udp::searches_to_max_datagram(&t),
+            "{t:?}"
+        );
+        let dir = tempfile::tempdir()?;
+        let config = endpoint_config(dir.path())?;
+        assert!(
+            portcullis_shared::udp::accepts_max_datagram(&config),
+            "{config:?}"
+        );
+        Ok(())
+    }
 }
