@@ -14,7 +14,9 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_shared::assertion;
 use portcullis_shared::config::{ConnectorConfig, IngressRule, Scheme};
+use portcullis_shared::hop_by_hop;
 use portcullis_shared::identity::{HostPattern, Hostname};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{StreamHeader, TRAILERS_FIELD};
@@ -324,12 +326,31 @@ async fn proxy(
             "this hostname is a TCP service: use CONNECT hostname:port",
         );
     };
+    // Only a WebSocket upgrade is ever joined; any other is removed below and served as
+    // plain HTTP, and a list the relay should have refused is refused again.
+    let Ok(websocket) = hop_by_hop::is_websocket_upgrade(req.headers()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the Connection or Upgrade header is not a list of tokens",
+        );
+    };
     let exchange = Exchange::begin(&req, origin.reports.spans.as_deref());
-    let upgrade = req.headers().contains_key(header::UPGRADE);
-    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_side = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    // The tunnel's trailer field is ours: unfold it, and do not tell the origin about it.
-    parts.headers.remove(header::TRAILER);
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Hop-by-hop headers (the tunnel's trailer field among them) end here; the origin
+    // hop gets `te: trailers` again where the relay asked for trailers (gRPC needs it).
+    let _ = hop_by_hop::strip(&mut parts.headers, websocket);
+    if te_trailers && !websocket {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // Defence in depth: the origin learns who calls only from the relay's assertion.
+    assertion::reassert(&mut parts.headers);
     let body = TunnelBody::new(body, Fold::Unfold);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let scheme = match origin.rule.service.scheme {
@@ -354,9 +375,15 @@ async fn proxy(
     match client.request(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
             origin.record(&exchange, Outcome::Status(resp.status().as_u16()));
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(client_side) = client_side
-            {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // Joined only for the WebSocket upgrade the relay allowed, and only when
+                // the origin switched to WebSocket.
+                let Some(client_side) =
+                    client_side.filter(|_| hop_by_hop::response_is_websocket(resp.headers()))
+                else {
+                    tracing::warn!(origin = %origin.rule.service, "the origin switched protocols unasked; refused");
+                    return error(StatusCode::BAD_GATEWAY, "the origin switched protocols");
+                };
                 let origin_side = hyper::upgrade::on(&mut resp);
                 tokio::spawn(async move {
                     match tokio::try_join!(client_side, origin_side) {

@@ -9,11 +9,13 @@
 #![warn(missing_docs)]
 
 pub mod access_log;
+pub mod assertion;
 pub mod config;
 pub mod congestion;
 pub mod enroll_client;
 pub mod h3wire;
 pub mod histogram;
+pub mod hop_by_hop;
 pub mod identity;
 #[cfg(feature = "otlp")]
 pub mod otlp;

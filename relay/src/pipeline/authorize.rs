@@ -3,8 +3,9 @@
 //! endpoints, a grant to forward to a connector, or the [`RequestError`] that refuses it.
 //! The caller supplies every input; nothing here reads a socket, a clock or a lock.
 
-use http::header::{self, HeaderMap};
+use http::header;
 use http::{Method, Request};
+use portcullis_shared::hop_by_hop;
 use portcullis_shared::identity::{Hostname, Identity, Role};
 use portcullis_shared::policy::{self, PolicyRule, Subject};
 
@@ -32,8 +33,13 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    /// Reads the kind off a request's method, extended-CONNECT protocol and headers.
+    /// Reads the kind off a request's method, extended-CONNECT protocol and headers. Only a
+    /// WebSocket upgrade is an [`Kind::Upgrade`]; any other (h2c, TLS, …) is served as a
+    /// plain request with the upgrade removed. A `Connection` or `Upgrade` list that is not
+    /// made of tokens is refused, so no later hop can read it differently.
     pub(crate) fn of<B>(req: &Request<B>) -> Result<Self, RequestError> {
+        let websocket = hop_by_hop::is_websocket_upgrade(req.headers())
+            .map_err(|_| RequestError::BadHopByHop)?;
         if req.method() == Method::CONNECT {
             return match req.extensions().get::<ExtendedConnect>() {
                 None => Ok(Self::Connect),
@@ -41,23 +47,12 @@ impl Kind {
                 Some(_) => Err(RequestError::UnsupportedProtocol),
             };
         }
-        if has_connection_token(req.headers(), "upgrade")
-            && req.headers().contains_key(header::UPGRADE)
-        {
-            Ok(Self::Upgrade)
+        Ok(if websocket {
+            Self::Upgrade
         } else {
-            Ok(Self::Plain)
-        }
+            Self::Plain
+        })
     }
-}
-
-fn has_connection_token(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The name the request is for: the URI's authority (`:authority` in HTTP/2 and HTTP/3,
@@ -388,5 +383,34 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(Kind::of(&upgrade), Ok(Kind::Upgrade));
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_a_plain_request_and_a_malformed_connection_line_is_refused() {
+        let h2c = |connection: &[u8]| {
+            Request::builder()
+                .uri("/")
+                .header(
+                    "connection",
+                    http::HeaderValue::from_bytes(connection).unwrap(),
+                )
+                .header("upgrade", "h2c")
+                .header("http2-settings", "AAMAAABkAAQAAP__")
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(Kind::of(&h2c(b"Upgrade, HTTP2-Settings")), Ok(Kind::Plain));
+        for bad in [
+            &b"Upgrade, HTTP2-Settings\xff"[..],
+            b"Upgrade HTTP2-Settings",
+        ] {
+            assert_eq!(Kind::of(&h2c(bad)), Err(RequestError::BadHopByHop));
+        }
+        // Refused as a 400 once the caller is known, before any route is taken.
+        let w = World::new();
+        let req = h2c(b"upgrade;x");
+        let mut facts = w.facts("app.acme.test", "app.acme.test");
+        facts.kind = Kind::of(&req);
+        assert_eq!(w.decide(facts), Err(RequestError::BadHopByHop));
     }
 }

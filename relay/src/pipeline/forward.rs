@@ -11,6 +11,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
+use portcullis_shared::hop_by_hop;
 use portcullis_shared::identity::{Hostname, Identity};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody};
 use tokio::sync::OwnedSemaphorePermit;
@@ -57,14 +58,12 @@ pub(super) async fn forward(
         peer: info.peer,
         trace: &access.trace,
     };
-    let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
     let connect_port = req.uri().port_u16();
     let outgoing = match grant.kind {
         Kind::Connect => connect_request(req, &grant.host, &caller)?,
         Kind::WebSocketConnect => websocket_request(req, &grant.host, &caller)?,
         Kind::Plain | Kind::Upgrade => {
-            rewrite_request(req, &grant.host, &caller, grant.kind == Kind::Upgrade)
-                .map_err(|_| RequestError::BadRequest)?
+            rewrite_request(req, &grant.host, &caller, grant.kind == Kind::Upgrade)?
         }
     };
     let mut resp = exchange(state, &connector, io, outgoing).await?;
@@ -90,7 +89,10 @@ pub(super) async fn forward(
     }
     let opened = match grant.kind {
         Kind::Connect => resp.status().is_success(),
-        Kind::Upgrade | Kind::WebSocketConnect => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+        Kind::Upgrade | Kind::WebSocketConnect => {
+            resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && hop_by_hop::response_is_websocket(resp.headers())
+        }
         Kind::Plain => false,
     };
     if opened {
@@ -114,16 +116,22 @@ pub(super) async fn forward(
             Kind::Upgrade | Kind::Plain => {
                 head.headers
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                if let Some(proto) = &upgrade_protocol {
-                    head.headers.insert(header::UPGRADE, proto.clone());
-                }
+                head.headers
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             }
         }
         head.extensions.insert(Tunnel::new(parts));
         return Ok(Response::from_parts(head, empty()));
     }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A 101 for anything but the WebSocket upgrade this request asked for is never
+        // joined or passed on: the client's next bytes would reach the origin unread.
+        tracing::info!(connector.name = %connector.name, "the origin switched protocols unasked; refused");
+        return Err(RequestError::TunnelFailed);
+    }
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
+    // A response's malformed Connection line still loses every fixed hop-by-hop header.
+    let _ = strip_hop_by_hop(&mut parts.headers, false);
     let body = TunnelBody::new(body, Fold::Unfold);
     Ok(Response::from_parts(
         parts,

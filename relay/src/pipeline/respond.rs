@@ -14,6 +14,9 @@ pub(crate) enum RequestError {
     ConflictingLength,
     /// No usable name: Host missing, invalid, or disagreeing with the authority.
     BadHost,
+    /// A `Connection` (or `Proxy-Connection`, `Upgrade`) list that is not made of tokens:
+    /// a later hop could read it differently, so nothing is forwarded.
+    BadHopByHop,
     /// The connection presented no device certificate.
     NoDevice,
     /// The TLS server name is neither the requested name nor the relay's own.
@@ -49,9 +52,11 @@ impl RequestError {
     /// The HTTP status the client gets.
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            Self::ConflictingLength | Self::BadHost | Self::BadRequest | Self::BadConnect => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::ConflictingLength
+            | Self::BadHost
+            | Self::BadHopByHop
+            | Self::BadRequest
+            | Self::BadConnect => StatusCode::BAD_REQUEST,
             Self::NoDevice | Self::DeviceRevoked | Self::Denied => StatusCode::FORBIDDEN,
             Self::SniMismatch => StatusCode::MISDIRECTED_REQUEST,
             Self::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
@@ -68,6 +73,7 @@ impl RequestError {
         match self {
             Self::ConflictingLength => "conflicting length",
             Self::BadHost => "bad host",
+            Self::BadHopByHop => "malformed connection header",
             Self::NoDevice => "no device certificate",
             Self::SniMismatch => "sni mismatch",
             Self::UnsupportedProtocol => "unsupported protocol",
@@ -90,6 +96,7 @@ impl RequestError {
         match self {
             Self::ConflictingLength => "conflicting Content-Length and Transfer-Encoding",
             Self::BadHost => "missing, invalid or conflicting Host",
+            Self::BadHopByHop => "the Connection or Upgrade header is not a list of tokens",
             Self::NoDevice => "a device certificate from your organisation is required",
             Self::SniMismatch => "the TLS server name does not match the Host header",
             Self::UnsupportedProtocol => "this extended CONNECT protocol is not supported",
@@ -112,7 +119,7 @@ impl RequestError {
     /// The response the client gets.
     pub(crate) fn response(self) -> Response<RespBody> {
         let mut resp = text(self.status(), self.message());
-        if self == Self::ConflictingLength {
+        if matches!(self, Self::ConflictingLength | Self::BadHopByHop) {
             // The framing of what follows on the connection cannot be trusted.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -145,6 +152,7 @@ mod tests {
         for e in [
             ConflictingLength,
             BadHost,
+            BadHopByHop,
             NoDevice,
             SniMismatch,
             UnsupportedProtocol,

@@ -10,6 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
+use portcullis_shared::hop_by_hop;
 use portcullis_shared::identity::{Hostname, Identity};
 use portcullis_shared::proto::TRAILERS_FIELD;
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
@@ -18,20 +19,6 @@ use portcullis_shared::tunnel_body::{Fold, TunnelBody};
 use super::access::REQUEST_ID;
 use super::respond::{RequestError, empty};
 use crate::conn::ReqBody;
-
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-];
 
 /// Headers in which clients or proxies state the client's address; a client could forge
 /// any of them, so they are removed (compared with `_` read as `-`), as is every
@@ -70,25 +57,13 @@ pub(crate) struct Caller<'a> {
     pub(crate) trace: &'a TraceContext,
 }
 
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|h| !(keep_upgrade && h == header::UPGRADE))
-        .collect();
-    for h in HOP_BY_HOP {
-        if keep_upgrade && (*h == "upgrade" || *h == "connection") {
-            continue;
-        }
-        headers.remove(*h);
-    }
-    for h in named {
-        headers.remove(h);
-    }
+/// Removes every hop-by-hop header (see [`hop_by_hop::strip`]); with `websocket`, the
+/// request keeps exactly `Connection: upgrade` and `Upgrade: websocket`.
+pub(crate) fn strip_hop_by_hop(
+    headers: &mut HeaderMap,
+    websocket: bool,
+) -> Result<(), RequestError> {
+    hop_by_hop::strip(headers, websocket).map_err(|_| RequestError::BadHopByHop)
 }
 
 /// Removes client claims about identity, then adds the relay's own.
@@ -143,20 +118,25 @@ pub(crate) fn rewrite_request(
     host: &Hostname,
     id: &Caller<'_>,
     upgrade: bool,
-) -> Result<Request<ReqBody>, http::Error> {
+) -> Result<Request<ReqBody>, RequestError> {
+    let bad = |_| RequestError::BadRequest;
     let (mut parts, body) = req.into_parts();
     let host_header = match client_port(&parts) {
         Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
         None => HeaderValue::from_str(host.as_str()),
-    }?;
+    }
+    .map_err(bad)?;
     let path = parts
         .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    parts.uri = Uri::builder().path_and_query(path).build()?;
+    parts.uri = Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| RequestError::BadRequest)?;
     parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_hop_by_hop(&mut parts.headers, upgrade)?;
     parts.headers.insert(header::HOST, host_header);
     // Our own hop understands trailers (gRPC needs them carried through).
     parts
@@ -209,8 +189,7 @@ pub(crate) fn websocket_request(
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| RequestError::Internal)?;
     let key = base64::engine::general_purpose::STANDARD.encode(key);
-    let mut out = rewrite_request(Request::from_parts(parts, body), host, id, false)
-        .map_err(|_| RequestError::BadRequest)?;
+    let mut out = rewrite_request(Request::from_parts(parts, body), host, id, false)?;
     let h = out.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

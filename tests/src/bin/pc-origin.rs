@@ -1,7 +1,9 @@
 //! A small origin for the end-to-end tests: echoes requests as JSON, streams chunks or
 //! server-sent events on a timer, answers slowly, sends or checksums any number of bytes,
 //! sends trailers, and echoes WebSocket messages (`/ws`). With `--echo-ready-file PATH` it
-//! also runs a raw TCP echo server (echoing until EOF, then half-closing).
+//! also runs a raw TCP echo server (echoing until EOF, then half-closing). Like Go's h2c
+//! handler, it accepts an `Upgrade: h2c` on any path and then speaks HTTP/2, logging what
+//! each HTTP/2 request claims: the tests prove such an upgrade never reaches it.
 //! `--listen ADDR --ready-file PATH`.
 
 use std::convert::Infallible;
@@ -25,6 +27,28 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     // One line per request reaching the origin, so tests can tell what was never forwarded.
     eprintln!("origin request: {} {}", req.method(), req.uri());
+    if req.version() == hyper::Version::HTTP_2 {
+        // What a request spoken as HTTP/2 claimed (a device reaching the origin after an
+        // h2c upgrade would choose these itself).
+        let claim = |n: &str| {
+            req.headers()
+                .get(n)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        eprintln!(
+            "origin http2 request: {} portcullis-user={:?} x-forwarded-for={:?}",
+            req.uri().path(),
+            claim("portcullis-user"),
+            claim("x-forwarded-for"),
+        );
+    }
+    let h2c = req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"h2c"));
+    if h2c && req.version() == hyper::Version::HTTP_11 {
+        return Ok(h2c_upgrade(req));
+    }
     let full = |s: String| Full::new(Bytes::from(s)).boxed();
     let resp = match req.uri().path() {
         "/stream" => {
@@ -184,6 +208,17 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
         return resp;
     };
+    let claim = |n: &str| {
+        req.headers()
+            .get(n)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    eprintln!(
+        "origin websocket: portcullis-user={:?} x-forwarded-for={:?} jwt={}",
+        claim("portcullis-user"),
+        claim("x-forwarded-for"),
+        claim("portcullis-jwt-assertion").is_some_and(|j| j.split('.').count() == 3),
+    );
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -218,6 +253,30 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
     if let Ok(v) = accept.parse() {
         h.insert("sec-websocket-accept", v);
     }
+    resp
+}
+
+/// Accepts an h2c upgrade on any path, as Go's h2c handler does: answers 101 and then
+/// speaks HTTP/2 on the connection, serving whatever requests the client sends there.
+/// (The upgrading request's own answer on stream 1 is left out: the tests only look at
+/// what reaches the origin.)
+fn h2c_upgrade(mut req: Request<Incoming>) -> Response<Body> {
+    eprintln!("origin h2c upgrade accepted: {}", req.uri());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(upgraded, hyper::service::service_fn(handle))
+            .await;
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert("upgrade", hyper::header::HeaderValue::from_static("h2c"));
     resp
 }
 
