@@ -27,6 +27,14 @@ pub fn is_portcullis_header(name: &HeaderName) -> bool {
         .is_some_and(|p| p.replace('_', "-") == "portcullis-")
 }
 
+/// Removes every header whose name `matches`.
+pub fn remove_where(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|k| matches(k)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// What an assertion says of its caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssertedCaller {
@@ -71,14 +79,7 @@ pub fn reassert(headers: &mut HeaderMap) -> Option<AssertedCaller> {
         .get(JWT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_portcullis_header(k))
-        .cloned()
-        .collect();
-    for k in ours {
-        headers.remove(k);
-    }
+    remove_where(headers, is_portcullis_header);
     let token = token?;
     let caller = AssertedCaller::from_jwt(&token)?;
     for (name, value) in [

@@ -37,10 +37,15 @@ fn h2c_request(path: &str, connection: &[u8]) -> Request<Empty<Bytes>> {
         .unwrap();
     let h = req.headers_mut();
     h.insert("connection", HeaderValue::from_bytes(connection).unwrap());
-    for (n, v) in FORGED {
-        h.insert(HeaderName::from_static(n), HeaderValue::from_static(v));
-    }
+    forge(h);
     req
+}
+
+/// Adds the device's claims about itself.
+fn forge(headers: &mut http::HeaderMap) {
+    for (n, v) in FORGED {
+        headers.insert(HeaderName::from_static(n), HeaderValue::from_static(v));
+    }
 }
 
 /// One HTTP/1.1 exchange on `io`: the status, and the body as JSON when it is JSON.
@@ -164,10 +169,7 @@ async fn forged_identity_never_reaches_the_origin_over_http2_or_http3() {
     let mut req = Request::get(format!("https://{APP}/forged-h2"))
         .body(())
         .unwrap();
-    for (n, v) in FORGED {
-        req.headers_mut()
-            .insert(HeaderName::from_static(n), HeaderValue::from_static(v));
-    }
+    forge(req.headers_mut());
     let (resp, _) = h2.send_request(req, true).unwrap();
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -179,10 +181,7 @@ async fn forged_identity_never_reaches_the_origin_over_http2_or_http3() {
     let mut req = Request::get(format!("https://{APP}/forged-h3"))
         .body(())
         .unwrap();
-    for (n, v) in FORGED {
-        req.headers_mut()
-            .insert(HeaderName::from_static(n), HeaderValue::from_static(v));
-    }
+    forge(req.headers_mut());
     let r = h3.request(req, None).await;
     assert_eq!(r.status, 200);
     assert_relay_identity("HTTP/3", &serde_json::from_slice(&r.body).unwrap());
@@ -221,10 +220,7 @@ async fn forged_identity_never_reaches_a_websocket_origin_over_any_http_version(
         .header("sec-websocket-version", "13")
         .body(())
         .unwrap();
-    for (n, v) in FORGED {
-        req.headers_mut()
-            .insert(HeaderName::from_static(n), HeaderValue::from_static(v));
-    }
+    forge(req.headers_mut());
     req.extensions_mut()
         .insert(h2::ext::Protocol::from_static("websocket"));
     let (resp, _send) = h2.send_request(req, false).unwrap();

@@ -10,11 +10,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
-use portcullis_shared::hop_by_hop;
 use portcullis_shared::identity::{Hostname, Identity};
 use portcullis_shared::proto::TRAILERS_FIELD;
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody};
+use portcullis_shared::{assertion, hop_by_hop};
 
 use super::access::REQUEST_ID;
 use super::respond::{RequestError, empty};
@@ -68,14 +68,7 @@ pub(crate) fn strip_hop_by_hop(
 
 /// Removes client claims about identity, then adds the relay's own.
 fn set_identity(headers: &mut HeaderMap, host: &Hostname, id: &Caller<'_>) {
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_spoofable(k))
-        .cloned()
-        .collect();
-    for k in spoofed {
-        headers.remove(k);
-    }
+    assertion::remove_where(headers, is_spoofable);
     let mut set = |name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(HeaderName::from_static(name), v);

@@ -24,22 +24,24 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
+/// A request header's value as text, for the origin's log.
+fn claim(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     // One line per request reaching the origin, so tests can tell what was never forwarded.
     eprintln!("origin request: {} {}", req.method(), req.uri());
     if req.version() == hyper::Version::HTTP_2 {
         // What a request spoken as HTTP/2 claimed (a device reaching the origin after an
         // h2c upgrade would choose these itself).
-        let claim = |n: &str| {
-            req.headers()
-                .get(n)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        };
         eprintln!(
             "origin http2 request: {} portcullis-user={:?} x-forwarded-for={:?}",
             req.uri().path(),
-            claim("portcullis-user"),
-            claim("x-forwarded-for"),
+            claim(&req, "portcullis-user"),
+            claim(&req, "x-forwarded-for"),
         );
     }
     let h2c = req
@@ -208,16 +210,11 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
         return resp;
     };
-    let claim = |n: &str| {
-        req.headers()
-            .get(n)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    };
     eprintln!(
         "origin websocket: portcullis-user={:?} x-forwarded-for={:?} jwt={}",
-        claim("portcullis-user"),
-        claim("x-forwarded-for"),
-        claim("portcullis-jwt-assertion").is_some_and(|j| j.split('.').count() == 3),
+        claim(&req, "portcullis-user"),
+        claim(&req, "x-forwarded-for"),
+        claim(&req, "portcullis-jwt-assertion").is_some_and(|j| j.split('.').count() == 3),
     );
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let upgrade = hyper::upgrade::on(&mut req);
