@@ -259,6 +259,8 @@ fn build_state(
         ca: id.ca.clone(),
         store: id.store.clone(),
         enroll_limit: RateLimit::default(),
+        renew_limit: RateLimit::default(),
+        refusal_log: Default::default(),
         quic_conns,
         https_conns,
         quic_pending: Default::default(),

@@ -20,6 +20,7 @@ use crate::conn::Terminated;
 use crate::hardening::conn_limit::{ConnLimit, Pending};
 use crate::hardening::overload::Overload;
 use crate::hardening::rate_limit::RateLimit;
+use crate::hardening::refusal_log::RefusalLog;
 use crate::identity::jwt::JwtSigner;
 use crate::identity::registry::Registry;
 use crate::ops::metrics::Metrics;
@@ -45,7 +46,12 @@ pub(crate) struct State {
     pub(crate) alt_svc: Option<http::HeaderValue>,
     pub(crate) ca: Arc<Ca>,
     pub(crate) store: Arc<dyn Store>,
+    /// Enrolment attempts per client address, and in all.
     pub(crate) enroll_limit: RateLimit,
+    /// Renewal attempts per enrolled identity.
+    pub(crate) renew_limit: RateLimit,
+    /// Which refused enrolments and renewals get an audit row.
+    pub(crate) refusal_log: RefusalLog,
     /// Open connections on the QUIC listener (`max_connections`, per address).
     pub(crate) quic_conns: Arc<ConnLimit>,
     /// Open connections on the HTTPS listener (`max_connections`, per address).

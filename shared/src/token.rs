@@ -13,6 +13,33 @@ const PREFIX: &str = "pct1_";
 /// Longest token accepted, in bytes, before any decoding.
 pub const MAX_TOKEN_LEN: usize = 4096;
 
+/// Random bytes in a token id (base64url: [`ID_LEN`] characters).
+pub const ID_BYTES: usize = 6;
+/// Characters in a token id.
+pub const ID_LEN: usize = 8;
+/// Random bytes in a token secret (base64url: [`SECRET_LEN`] characters).
+pub const SECRET_BYTES: usize = 32;
+/// Characters in a token secret.
+pub const SECRET_LEN: usize = 43;
+
+fn is_b64url(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `id` has a token id's shape ([`ID_LEN`] base64url characters): the relay
+/// checks this before anything else, so nothing else a stranger sends as an id is ever
+/// looked up, logged or stored.
+pub fn is_token_id(id: &str) -> bool {
+    is_b64url(id, ID_LEN)
+}
+
+/// Whether `secret` has a token secret's shape ([`SECRET_LEN`] base64url characters).
+pub fn is_token_secret(secret: &str) -> bool {
+    is_b64url(secret, SECRET_LEN)
+}
+
 /// Why a token string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {

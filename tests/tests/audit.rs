@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use portcullis_e2e::{POLICY, World, eventually, relay_cli};
+use portcullis_e2e::{POLICY, Stack, World, eventually, metric, relay_cli};
 
 const ANY: &str = "127.0.0.1:0";
 
@@ -115,4 +115,99 @@ async fn admin_actions_and_policy_reloads_are_audited_and_listed_with_filters() 
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("neither a time"), "{err}");
+}
+
+/// Size of the relay's SQLite store on disk, write-ahead log included.
+fn store_bytes(w: &World) -> u64 {
+    ["portcullis.db", "portcullis.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(w.path(&format!("state/{f}"))).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test]
+async fn an_enrolment_flood_grows_the_store_by_a_bounded_amount_and_forges_no_audit_line() {
+    use portcullis_shared::enroll_client::exchange;
+    use portcullis_shared::proto::{EnrollRequest, EnrollResponse};
+    use portcullis_shared::token::EnrollToken;
+
+    let s = Stack::up().await;
+    let quic = s.addrs.quic.to_string();
+    let out = s.w.admin(&[
+        "token", "create", "device", "--user", "kim", "--relay", &quic,
+    ]);
+    let token = EnrollToken::decode(out.lines().last().unwrap()).unwrap();
+    let rows_before = events(&s.w, &[]).len();
+    let bytes_before = store_bytes(&s.w);
+
+    // What a stranger would like the audit log to show.
+    let forged_line = "\n2026-12-07T00:00:00Z  revoke  device:ceo  forged by mallory\n";
+    let long_id = forged_line.repeat(60 * 1024 / forged_line.len());
+    let requests = [
+        // A token id of ~60 KiB full of newlines and a forged audit line.
+        (long_id.clone(), "A".repeat(43)),
+        // A 64 KiB token id: the request itself is too large.
+        ("x".repeat(64 * 1024), "A".repeat(43)),
+        // A token's shape with a wrong secret: looked up, refused, then rate-limited.
+        (token.id.clone(), "B".repeat(43)),
+    ];
+    const ROUNDS: usize = 40;
+    for round in 0..ROUNDS {
+        for (token_id, secret) in &requests {
+            let request = EnrollRequest::Enroll {
+                token_id: token_id.clone(),
+                secret: secret.clone(),
+                csr: "not a CSR".into(),
+                name: Some(format!("flood-{round}\nforged")),
+            };
+            let answer = exchange(
+                &token.relay,
+                None,
+                &token.server_name,
+                &token.ca_sha256,
+                None,
+                &request,
+            )
+            .await;
+            assert!(
+                matches!(answer, Ok(EnrollResponse::Refused { .. }) | Err(_)),
+                "{answer:?}"
+            );
+        }
+    }
+    let rows = events(&s.w, &[]).len() - rows_before;
+    let grown = store_bytes(&s.w).saturating_sub(bytes_before);
+    eprintln!(
+        "store growth under {} refused enrolments from one address: {rows} audit rows, {grown} bytes",
+        ROUNDS * requests.len()
+    );
+    // One row for this address this minute (two if the minute turned during the flood).
+    assert!((1..=2).contains(&rows), "{rows} audit rows");
+    assert!(grown < 256 * 1024, "the store grew by {grown} bytes");
+    // Nothing the stranger sent is in the audit log, as a table or as JSON.
+    let table = s.w.admin(&["audit"]);
+    let json = s.w.admin(&["audit", "--json"]);
+    for out in [&table, &json] {
+        assert!(
+            !out.contains("device:ceo") && !out.contains("mallory"),
+            "{out}"
+        );
+    }
+    // Every refusal was counted, by reason.
+    let counted = |reason: &str| {
+        let series = format!("portcullis_relay_enrolment_refusals_total{{reason=\"{reason}\"}}");
+        let admin = s.addrs.admin;
+        async move { metric(admin, &series).await.unwrap_or(0) }
+    };
+    assert_eq!(counted("malformed").await, 2 * ROUNDS as i64);
+    // The well-shaped ones: refused for their CSR until the address is rate-limited.
+    assert_eq!(counted("request").await, 10);
+    assert_eq!(
+        counted("rate_limited").await,
+        ROUNDS as i64 - 10
+    );
+    // The flood spent no token.
+    let tokens = s.w.admin(&["token", "list", "--json"]);
+    assert!(!tokens.contains("\"used\""), "{tokens}");
 }

@@ -15,7 +15,7 @@ use portcullis_shared::pki::{self, Ca};
 use portcullis_shared::store::{
     AuditEvent, AuditQuery, IdentityRecord, Store, TokenGrant, TokenRecord,
 };
-use portcullis_shared::token::{EnrollToken, sha256_hex};
+use portcullis_shared::token::{self, EnrollToken, sha256_hex};
 
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
 use crate::clock::now;
@@ -454,8 +454,8 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
     let store = open_store(state)?;
     let ca = Ca::load(&state.state)?;
     let (relays, server_name, tcp_port) = endpoint(&state.state, endpoint_args)?;
-    let id = random_b64(6)?;
-    let secret = random_b64(32)?;
+    let id = random_b64(token::ID_BYTES)?;
+    let secret = random_b64(token::SECRET_BYTES)?;
     let created = now();
     store.create_token(&TokenRecord {
         id: id.clone(),

@@ -75,6 +75,21 @@ impl Default for RateLimit {
 impl RateLimit {
     /// Counts one attempt from `ip` at `now`, and says whether it may go ahead.
     pub(crate) fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        self.check_with(now, |under_pressure| address_key(ip, under_pressure))
+    }
+
+    /// Counts one attempt by the enrolled identity `id` (a renewal) at `now`, and says
+    /// whether it may go ahead: each identity gets [`ATTEMPTS`] per window, whatever
+    /// address it comes from.
+    pub(crate) fn check_identity(&self, id: &str, now: Instant) -> Result<(), Refusal> {
+        self.check_with(now, |_| id)
+    }
+
+    fn check_with<K: std::hash::Hash>(
+        &self,
+        now: Instant,
+        key: impl FnOnce(bool) -> K,
+    ) -> Result<(), Refusal> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.refill(now);
         if inner
@@ -87,11 +102,11 @@ impl RateLimit {
             inner.window_start = Some(now);
         }
         let under_pressure = inner.tokens < GLOBAL_BURST / 2.0;
-        let key = address_key(ip, under_pressure);
+        let key = key(under_pressure);
         let slots = self
             .hashers
             .each_ref()
-            .map(|h| h.hash_one(key) as usize % WIDTH);
+            .map(|h| h.hash_one(&key) as usize % WIDTH);
         // Every attempt is counted, allowed or not, so a refused address stays refused.
         let mut count = u16::MAX;
         for (row, slot) in inner.rows.iter_mut().zip(slots) {
@@ -188,6 +203,24 @@ mod tests {
         assert_eq!(allowed, GLOBAL_BURST as usize);
         assert_eq!(limit.check(v4(5000), t0), Err(Refusal::Global));
         assert_eq!(limit.check(v4(5001), t0 + Duration::from_secs(1)), Ok(()));
+    }
+
+    #[test]
+    fn an_identity_gets_its_renewals_per_window_from_any_address() {
+        let limit = RateLimit::default();
+        let t0 = Instant::now();
+        for _ in 0..ATTEMPTS {
+            assert_eq!(limit.check_identity("device:alice_laptop", t0), Ok(()));
+        }
+        assert_eq!(
+            limit.check_identity("device:alice_laptop", t0),
+            Err(Refusal::Address)
+        );
+        assert_eq!(limit.check_identity("device:bob_laptop", t0), Ok(()));
+        assert_eq!(
+            limit.check_identity("device:alice_laptop", t0 + WINDOW),
+            Ok(())
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! port too, by the same ALPN, where UDP is blocked): a device or
 //! connector redeems a one-time token with a CSR and gets a certificate for the identity
 //! the token grants; an enrolled device renews its own certificate with its current key.
-//! Attempts are rate-limited per client address and every one is written to the audit log.
+//! A token's id and secret are checked for shape before anything else, then attempts are
+//! rate-limited per client address (renewals per identity) before any store access.
+//! Every refusal is counted and logged; the audit log gets one row per address and minute
+//! at most (see [`crate::hardening::refusal_log`]), successes a row each.
 //! A connection lives at most `enroll_timeout`, and while the relay sheds new work its
 //! requests are refused.
 
@@ -16,7 +19,7 @@ use portcullis_shared::identity::{Identity, Role};
 use portcullis_shared::pki;
 use portcullis_shared::proto::{CloseCode, EnrollRequest, EnrollResponse, MAX_ENROLL_LEN};
 use portcullis_shared::store::{AuditEvent, IdentityRecord, StoreError};
-use portcullis_shared::token::sha256_hex;
+use portcullis_shared::token::{self, sha256_hex};
 use portcullis_shared::tunnel_io::{read_prefixed, write_prefixed};
 use ring::rand::SecureRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::clock::now;
 use crate::hardening::overload::Shed;
 use crate::hardening::rate_limit::Refusal;
+use crate::hardening::refusal_log::{Refused, Row};
 use crate::state::State;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,9 +123,14 @@ async fn answer(
     caller: Option<&(Identity, pki::CertInfo)>,
     request: Result<Vec<u8>, &str>,
 ) -> EnrollResponse {
+    let malformed = |why: &str| {
+        state.metrics.enroll_refused(Refused::Malformed);
+        tracing::info!(client.addr = %ip, reason = why, "enrolment refused");
+        refused(why)
+    };
     let buf = match request {
         Ok(buf) => buf,
-        Err(why) => return refused(why),
+        Err(why) => return malformed(why),
     };
     match serde_json::from_slice::<EnrollRequest>(&buf) {
         Ok(_) if state.overload.sheds_handshakes() => {
@@ -129,7 +138,7 @@ async fn answer(
             refused("the relay is overloaded; try again in a minute")
         }
         Ok(req) => handle(state, ip, caller, req).await,
-        Err(_) => refused("malformed enrolment request"),
+        Err(_) => malformed("malformed enrolment request"),
     }
 }
 
@@ -194,12 +203,27 @@ async fn handle(
             csr,
             name,
         } => {
-            if let Err(why) = state.enroll_limit.check(ip, std::time::Instant::now()) {
-                audit(
+            // The shape first: nothing else a stranger sends as a token is ever looked
+            // up, logged or stored.
+            if !token::is_token_id(&token_id) || !token::is_token_secret(&secret) {
+                reject(
                     &state,
+                    ip,
+                    Refused::Malformed,
+                    "enroll.refused",
+                    "token:?",
+                    "not a token's id and secret",
+                );
+                return refused("malformed enrolment token: copy the whole token again");
+            }
+            if let Err(why) = state.enroll_limit.check(ip, std::time::Instant::now()) {
+                reject(
+                    &state,
+                    ip,
+                    Refused::RateLimited,
                     "enroll.refused",
                     &format!("token:{token_id}"),
-                    &format!("from {ip}: rate limited ({why:?})"),
+                    &format!("rate limited ({why:?})"),
                 );
                 return refused(match why {
                     Refusal::Address => {
@@ -212,6 +236,22 @@ async fn handle(
         }
         EnrollRequest::Renew { csr } => match caller {
             Some((identity, cert)) if matches!(identity.role(), Role::Device | Role::Connector) => {
+                let subject = identity.to_string();
+                if state
+                    .renew_limit
+                    .check_identity(&subject, std::time::Instant::now())
+                    .is_err()
+                {
+                    reject(
+                        &state,
+                        ip,
+                        Refused::RateLimited,
+                        "renew.refused",
+                        &subject,
+                        "rate limited",
+                    );
+                    return refused("too many renewal attempts; wait a minute");
+                }
                 renew(&state, ip, &identity, &cert, &csr)
             }
             _ => refused("renewal needs the device's or connector's current certificate"),
@@ -221,6 +261,7 @@ async fn handle(
     result.unwrap_or_else(|_| refused("internal error"))
 }
 
+/// Writes an audit row for something that happened (an enrolment, a renewal).
 fn audit(state: &State, action: &str, subject: &str, detail: &str) {
     let event = AuditEvent {
         at: now(),
@@ -234,6 +275,32 @@ fn audit(state: &State, action: &str, subject: &str, detail: &str) {
     tracing::info!(action, subject, detail, "enrolment");
 }
 
+/// A refused attempt: always counted and logged, but written to the audit log only as
+/// the refusal log allows (one row per address and minute, a bounded number in all), so
+/// refusals never grow the store by a row each.
+fn reject(state: &State, ip: IpAddr, why: Refused, action: &str, subject: &str, detail: &str) {
+    state.metrics.enroll_refused(why);
+    tracing::info!(client.addr = %ip, reason = why.label(), action, subject, detail, "enrolment refused");
+    let detail = match state.refusal_log.note(ip, std::time::Instant::now()) {
+        Row::Skip => return,
+        Row::Write => format!(
+            "from {ip}: {detail} (more refusals from this address this minute are counted, not written)"
+        ),
+        Row::WriteLast => format!(
+            "from {ip}: {detail} (the relay writes no more refusals this minute; see portcullis_relay_enrolment_refusals_total)"
+        ),
+    };
+    let event = AuditEvent {
+        at: now(),
+        action: action.to_owned(),
+        subject: subject.to_owned(),
+        detail,
+    };
+    if let Err(e) = state.store.audit(&event) {
+        tracing::warn!(error = %e, "cannot write the audit log");
+    }
+}
+
 fn enroll(
     state: &State,
     ip: IpAddr,
@@ -245,11 +312,13 @@ fn enroll(
     let subject = format!("token:{token_id}");
     // Check the request before spending the one-time token on it.
     if let Err(e) = pki::check_enrolment_csr(csr) {
-        audit(
+        reject(
             state,
+            ip,
+            Refused::Request,
             "enroll.refused",
             &subject,
-            &format!("from {ip}: {e}"),
+            &e.to_string(),
         );
         return refused(&e.to_string());
     }
@@ -259,11 +328,13 @@ fn enroll(
     {
         Ok(t) => t,
         Err(StoreError::TokenRefused(why)) => {
-            audit(
+            reject(
                 state,
+                ip,
+                Refused::Token,
                 "enroll.refused",
                 &subject,
-                &format!("from {ip}: {why}"),
+                &why,
             );
             return refused(&format!("{why}: ask your administrator for a new one"));
         }
@@ -304,11 +375,13 @@ fn enroll(
             resp
         }
         Err(e) => {
-            audit(
+            reject(
                 state,
+                ip,
+                Refused::Request,
                 "enroll.refused",
                 &subject,
-                &format!("from {ip}: {e:#}"),
+                &format!("{e:#}"),
             );
             refused(&format!("{e:#}"))
         }
@@ -451,12 +524,7 @@ fn renew(
 ) -> EnrollResponse {
     let subject = identity.to_string();
     let refuse = |why: String| {
-        audit(
-            state,
-            "renew.refused",
-            &subject,
-            &format!("from {ip}: {why}"),
-        );
+        reject(state, ip, Refused::Request, "renew.refused", &subject, &why);
         refused(&why)
     };
     let Some(current) = state.registry.snapshot().active(identity).cloned() else {

@@ -10,6 +10,7 @@ use portcullis_shared::udp::BufferSizes;
 
 use crate::hardening::conn_limit::Refusal;
 use crate::hardening::overload::Shed;
+use crate::hardening::refusal_log::Refused;
 use crate::identity::registry::Registry;
 use crate::identity::tls::CertResolver;
 
@@ -53,6 +54,8 @@ pub(crate) struct Metrics {
     pub(crate) quic_handshake_failures: AtomicU64,
     /// Enrolment connections closed at their deadline.
     pub(crate) enroll_deadline_closes: AtomicU64,
+    /// Enrolments and renewals refused, per [`Refused`].
+    enroll_refusals: [AtomicU64; 4],
     /// Work turned away while overloaded, per [`Shed`].
     shed: [AtomicU64; 4],
     /// The overload level in force (0, 1, 2; set by the sampler).
@@ -128,6 +131,10 @@ impl Metrics {
         }
     }
 
+    pub(crate) fn enroll_refused(&self, why: Refused) {
+        self.enroll_refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn shed(&self, work: Shed) {
         self.shed[work as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -174,6 +181,19 @@ impl Metrics {
                     g(&gauges[transport_index(kind)])
                 );
             }
+        }
+        let name = "portcullis_relay_enrolment_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Enrolments and renewals refused, by reason (each is logged; the audit log gets at most one row per address and minute).\n# TYPE {name} counter"
+        );
+        for why in Refused::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                why.label(),
+                c(&self.enroll_refusals[why as usize])
+            );
         }
         let name = "portcullis_relay_udp_buffer_bytes";
         let _ = writeln!(
