@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     portcullis_shared::telemetry::init(cli.telemetry.log_format);
     match portcullis_relay::main(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if portcullis_relay::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portcullis-relay: {e:#}");
             ExitCode::from(portcullis_relay::exit_code(&e))

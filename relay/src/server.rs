@@ -311,6 +311,11 @@ fn serve(
         shutdown.clone(),
     ));
     tasks.spawn(reload::watch_jwt_keys(state.clone(), shutdown.clone()));
+    tasks.spawn(crate::ops::retention::prune_audit(
+        id.store.clone(),
+        state.config.audit_retention,
+        shutdown.clone(),
+    ));
     if let Some(path) = source {
         tasks.spawn(reload::watch_config(
             path.to_owned(),

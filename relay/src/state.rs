@@ -123,6 +123,7 @@ impl State {
             action: action.to_owned(),
             subject: format!("relay:{}", self.config.quic_listen),
             detail,
+            actor: "relay".to_owned(),
         };
         let write = move || {
             if let Err(e) = store.audit(&event) {

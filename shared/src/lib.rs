@@ -27,6 +27,7 @@ pub mod shutdown;
 pub mod store;
 pub mod tcp_transport;
 pub mod telemetry;
+pub mod text;
 pub mod token;
 pub mod trace;
 pub mod transport;

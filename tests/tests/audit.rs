@@ -117,6 +117,101 @@ async fn admin_actions_and_policy_reloads_are_audited_and_listed_with_filters() 
     assert!(err.contains("neither a time"), "{err}");
 }
 
+#[tokio::test]
+async fn audit_output_names_each_actor_escapes_control_characters_and_ends_quietly_at_a_closed_pipe()
+ {
+    use portcullis_shared::store::{AuditEvent, SqliteStore, Store, TokenGrant, TokenRecord};
+    let w = World::new();
+    w.issue_device("alice", "alice", &["eng"], None);
+    // Text with a line break, a forged audit line and a terminal escape in it, as an older
+    // release, a careless script or a hostile identity provider might have stored: the
+    // commands refuse such names, so it goes into the store directly.
+    let store = SqliteStore::open(&w.path("state/portcullis.db")).unwrap();
+    let evil = "eve\n2026-12-07T00:00:00Z  revoke  device:ceo  \u{1b}[2J";
+    let row = |at: i64, subject: &str| AuditEvent {
+        at,
+        action: "revoke".into(),
+        subject: subject.into(),
+        detail: "a row of some length to fill the pipe quickly".into(),
+        actor: "local:test".into(),
+    };
+    store.audit(&row(1_700_000_000, evil)).unwrap();
+    store
+        .create_token(&TokenRecord {
+            id: "AAAAAAAA".into(),
+            secret_sha256: "0".repeat(64),
+            grant: TokenGrant {
+                role: portcullis_shared::identity::Role::Device,
+                user: Some(evil.into()),
+                groups: vec![],
+                name: None,
+                hostnames: vec![],
+                cert_ttl_secs: 3600,
+            },
+            created_at: 1_700_000_000,
+            expires_at: 1_700_000_000,
+            used_at: None,
+            revoked_at: None,
+        })
+        .unwrap();
+
+    // Every row the admin commands wrote names who ran them, in JSON and in the table.
+    let json: serde_json::Value = serde_json::from_str(&w.admin(&["audit", "--json"])).unwrap();
+    let rows = json.as_array().unwrap();
+    assert!(rows.len() >= 3, "{json}");
+    for e in rows.iter().filter(|e| e["actor"] != "local:test") {
+        assert!(e["actor"].as_str().unwrap().starts_with("local:"), "{e}");
+        assert!(e["time"].as_str().unwrap().ends_with('Z'), "{e}");
+    }
+    let table = w.admin(&["audit"]);
+    assert!(table.lines().next().unwrap().contains("ACTOR"), "{table}");
+    assert!(
+        table.lines().skip(1).all(|l| l.contains(" local:")),
+        "{table}"
+    );
+
+    // Control characters are escaped: each row stays one line, and no line is forged.
+    for args in [&["token", "list"][..], &["audit"]] {
+        let out = w.admin(args);
+        assert!(
+            !out.lines().any(|l| l.starts_with("2026-12-07T00:00:00Z")),
+            "{args:?}: {out}"
+        );
+        assert!(!out.contains('\u{1b}'), "{args:?}: {out}");
+        assert!(
+            out.contains(r"eve\n2026-12-07T00:00:00Z"),
+            "{args:?}: {out}"
+        );
+        assert!(out.contains(r"\u{1b}[2J"), "{args:?}: {out}");
+    }
+    // Times are RFC 3339, in every table.
+    let rfc3339 = |s: &str| s.len() == 20 && s.ends_with('Z') && s.as_bytes()[10] == b'T';
+    for args in [&["token", "list"][..], &["list"], &["audit"]] {
+        let out = w.admin(args);
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.split_whitespace().any(rfc3339), "{args:?}: {out}");
+    }
+
+    // `audit | head -1`: the first line, then a quiet exit, though most rows were still
+    // to be written when head went (more than a pipe holds).
+    for n in 0..2000 {
+        store
+            .audit(&row(1_800_000_000 + n, "device:alice"))
+            .unwrap();
+    }
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("set -o pipefail; \"$0\" audit --state \"$1\" | head -1")
+        .arg(portcullis_e2e::bin("portcullis-relay"))
+        .arg(w.state())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("TIME (UTC)"));
+}
+
 /// Size of the relay's SQLite store on disk, write-ahead log included.
 fn store_bytes(w: &World) -> u64 {
     ["portcullis.db", "portcullis.db-wal"]
@@ -203,10 +298,7 @@ async fn an_enrolment_flood_grows_the_store_by_a_bounded_amount_and_forges_no_au
     assert_eq!(counted("malformed").await, 2 * ROUNDS as i64);
     // The well-shaped ones: refused for their CSR until the address is rate-limited.
     assert_eq!(counted("request").await, 10);
-    assert_eq!(
-        counted("rate_limited").await,
-        ROUNDS as i64 - 10
-    );
+    assert_eq!(counted("rate_limited").await, ROUNDS as i64 - 10);
     // The flood spent no token.
     let tokens = s.w.admin(&["token", "list", "--json"]);
     assert!(!tokens.contains("\"used\""), "{tokens}");

@@ -2,8 +2,6 @@
 //! revocation and listing. They share the state directory (and its SQLite store) with a
 //! running relay, which picks their changes up within a second.
 
-#![allow(clippy::print_stdout)] // these commands' output is their product
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +13,7 @@ use portcullis_shared::pki::{self, Ca};
 use portcullis_shared::store::{
     AuditEvent, AuditQuery, IdentityRecord, Store, TokenGrant, TokenRecord,
 };
+use portcullis_shared::text::printable;
 use portcullis_shared::token::{self, EnrollToken, sha256_hex};
 
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
@@ -32,8 +31,39 @@ fn audit(store: &dyn Store, action: &str, subject: &str, detail: String) -> anyh
             action: action.into(),
             subject: subject.into(),
             detail,
+            actor: local_actor(),
         })
         .context("writing the audit log")
+}
+
+/// Who runs this command on the relay host: `local:<user>`, the user behind `sudo` when
+/// there is one, with the uid the command runs as.
+fn local_actor() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let name = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|n| !n.is_empty()));
+    let actor = match (name, uid) {
+        (Some(n), Some(uid)) => format!("local:{n} (uid {uid})"),
+        (Some(n), None) => format!("local:{n}"),
+        (None, Some(uid)) => format!("local:uid {uid}"),
+        (None, None) => "local".to_owned(),
+    };
+    printable(&actor).into_owned()
+}
+
+/// Writes one line of a command's output. A reader that went away (`| head`) ends the
+/// command quietly: the error it returns is recognised by [`crate::is_broken_pipe`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))?
+    };
+}
+
+fn emit(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{line}")
 }
 
 /// `ca init`.
@@ -43,7 +73,7 @@ pub fn ca_init(at: &StateArgs, org: &str) -> anyhow::Result<()> {
     let store = open_store(at)?;
     audit(&*store, "ca.init", "ca", format!("organisation {org}"))?;
     let _ = ca;
-    println!(
+    out!(
         "created the {org} CA in {}; clients and connectors trust {}",
         state.display(),
         state.join(pki::CA_CERT_FILE).display()
@@ -118,7 +148,7 @@ pub fn issue_connector(
         issued_at: now(),
         revoked_at: None,
     })?;
-    println!(
+    out!(
         "issued connector {name} for {}: {}",
         hostnames.join(", "),
         out.join(format!("{name}.crt")).display()
@@ -153,7 +183,7 @@ pub fn issue_device(
         issued_at: now(),
         revoked_at: None,
     })?;
-    println!(
+    out!(
         "issued device {id} for user {user}: {} (browser bundle {})",
         out.join(format!("{id}.crt")).display(),
         out.join(format!("{id}.p12")).display()
@@ -167,7 +197,7 @@ pub fn revoke(at: &StateArgs, role: Role, id: &str) -> anyhow::Result<()> {
     let store = open_store(at)?;
     store.revoke(&identity, now())?;
     audit(&*store, "revoke", &identity.to_string(), String::new())?;
-    println!("revoked {identity}; a running relay drops its connections within a second");
+    out!("revoked {identity}; a running relay drops its connections within a second");
     Ok(())
 }
 
@@ -181,7 +211,7 @@ pub fn jwt_rotate(at: &StateArgs) -> anyhow::Result<()> {
         "jwt",
         format!("new signing key {kid}"),
     )?;
-    println!(
+    out!(
         "JWTs are signed with key {kid} from now on (a running relay follows within 2 s); the previous key stays in the JWKS until `portcullis-relay jwt retire`"
     );
     Ok(())
@@ -192,9 +222,9 @@ pub fn jwt_retire(at: &StateArgs) -> anyhow::Result<()> {
     let store = open_store(at)?;
     if crate::identity::jwt::retire(&at.state)? {
         audit(&*store, "jwt.retire", "jwt", String::new())?;
-        println!("the previous JWT signing key is no longer published");
+        out!("the previous JWT signing key is no longer published");
     } else {
-        println!("there is no previous JWT signing key to retire");
+        out!("there is no previous JWT signing key to retire");
     }
     Ok(())
 }
@@ -233,23 +263,28 @@ pub fn audit_list(at: &StateArgs, filter: &AuditFilter, json: bool) -> anyhow::R
                     "action": e.action,
                     "subject": e.subject,
                     "detail": e.detail,
+                    "actor": e.actor,
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<20} {:<22} {:<32} DETAIL",
-        "TIME (UTC)", "ACTION", "SUBJECT"
+    out!(
+        "{:<20} {:<22} {:<32} {:<24} DETAIL",
+        "TIME (UTC)",
+        "ACTION",
+        "SUBJECT",
+        "ACTOR"
     );
     for e in &events {
-        println!(
-            "{:<20} {:<22} {:<32} {}",
+        out!(
+            "{:<20} {:<22} {:<32} {:<24} {}",
             rfc3339(e.at),
-            e.action,
-            e.subject,
-            e.detail
+            printable(&e.action),
+            printable(&e.subject),
+            printable(if e.actor.is_empty() { "-" } else { &e.actor }),
+            printable(&e.detail)
         );
     }
     Ok(())
@@ -280,12 +315,15 @@ pub fn list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
+    out!(
         "{:<10} {:<24} {:<32} {:<20} STATUS",
-        "ROLE", "ID", "USER/GROUPS OR HOSTNAMES", "EXPIRES (UTC)"
+        "ROLE",
+        "ID",
+        "USER/GROUPS OR HOSTNAMES",
+        "EXPIRES (UTC)"
     );
     for r in &records {
         let who = match r.identity.role() {
@@ -301,18 +339,7 @@ pub fn list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(","),
         };
-        let expires = time::OffsetDateTime::from_unix_timestamp(r.not_after)
-            .map(|t| {
-                format!(
-                    "{:04}-{:02}-{:02} {:02}:{:02}",
-                    t.year(),
-                    t.month() as u8,
-                    t.day(),
-                    t.hour(),
-                    t.minute()
-                )
-            })
-            .unwrap_or_else(|_| r.not_after.to_string());
+        let expires = rfc3339(r.not_after);
         let status = if r.revoked_at.is_some() {
             "revoked"
         } else if r.not_after < now() {
@@ -320,11 +347,11 @@ pub fn list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
         } else {
             "active"
         };
-        println!(
+        out!(
             "{:<10} {:<24} {:<32} {:<20} {status}",
             r.identity.role().as_str(),
             r.identity.id(),
-            who,
+            printable(&who),
             expires
         );
     }
@@ -487,7 +514,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
         relays.join(", "),
         humantime::format_duration(*ttl)
     );
-    println!("{}", token.encode());
+    out!("{}", token.encode());
     Ok(())
 }
 
@@ -519,12 +546,15 @@ fn token_list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
+    out!(
         "{:<10} {:<10} {:<32} {:<20} STATUS",
-        "ID", "ROLE", "GRANTS", "EXPIRES (UNIX)"
+        "ID",
+        "ROLE",
+        "GRANTS",
+        "EXPIRES (UTC)"
     );
     for t in &tokens {
         let grants = match t.grant.role {
@@ -544,12 +574,12 @@ fn token_list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
                     .join(",")
             ),
         };
-        println!(
+        out!(
             "{:<10} {:<10} {:<32} {:<20} {}",
-            t.id,
+            printable(&t.id),
             t.grant.role,
-            grants,
-            t.expires_at,
+            printable(&grants),
+            rfc3339(t.expires_at),
             status(t)
         );
     }
@@ -566,7 +596,7 @@ fn token_revoke(at: &StateArgs, id: &str) -> anyhow::Result<()> {
         &format!("token:{id}"),
         String::new(),
     )?;
-    println!("revoked token {id}");
+    out!("revoked token {id}");
     Ok(())
 }
 

@@ -443,6 +443,9 @@ mod tests {
         fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
             self.inner.audit_log(q)
         }
+        fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
+            self.inner.prune_audit(before)
+        }
         fn generation(&self) -> Result<u64, StoreError> {
             self.check()?;
             self.inner.generation()

@@ -262,16 +262,8 @@ async fn handle(
 }
 
 /// Writes an audit row for something that happened (an enrolment, a renewal).
-fn audit(state: &State, action: &str, subject: &str, detail: &str) {
-    let event = AuditEvent {
-        at: now(),
-        action: action.to_owned(),
-        subject: subject.to_owned(),
-        detail: detail.to_owned(),
-    };
-    if let Err(e) = state.store.audit(&event) {
-        tracing::warn!(error = %e, "cannot write the audit log");
-    }
+fn audit(state: &State, ip: IpAddr, action: &str, subject: &str, detail: &str) {
+    write_row(state, ip, action, subject, detail.to_owned());
     tracing::info!(action, subject, detail, "enrolment");
 }
 
@@ -290,11 +282,16 @@ fn reject(state: &State, ip: IpAddr, why: Refused, action: &str, subject: &str, 
             "from {ip}: {detail} (the relay writes no more refusals this minute; see portcullis_relay_enrolment_refusals_total)"
         ),
     };
+    write_row(state, ip, action, subject, detail);
+}
+
+fn write_row(state: &State, ip: IpAddr, action: &str, subject: &str, detail: String) {
     let event = AuditEvent {
         at: now(),
         action: action.to_owned(),
         subject: subject.to_owned(),
         detail,
+        actor: format!("client:{ip}"),
     };
     if let Err(e) = state.store.audit(&event) {
         tracing::warn!(error = %e, "cannot write the audit log");
@@ -328,14 +325,7 @@ fn enroll(
     {
         Ok(t) => t,
         Err(StoreError::TokenRefused(why)) => {
-            reject(
-                state,
-                ip,
-                Refused::Token,
-                "enroll.refused",
-                &subject,
-                &why,
-            );
+            reject(state, ip, Refused::Token, "enroll.refused", &subject, &why);
             return refused(&format!("{why}: ask your administrator for a new one"));
         }
         Err(e @ StoreError::Unavailable { .. }) => {
@@ -368,6 +358,7 @@ fn enroll(
         Ok((identity, resp)) => {
             audit(
                 state,
+                ip,
                 "enroll",
                 &identity.to_string(),
                 &format!("from {ip} with {subject}"),
@@ -579,7 +570,7 @@ fn renew(
             e => refuse(e.to_string()),
         };
     }
-    audit(state, "renew", &subject, &format!("from {ip}"));
+    audit(state, ip, "renew", &subject, &format!("from {ip}"));
     EnrollResponse::Issued {
         identity: identity.to_string(),
         cert: issued.cert_pem,

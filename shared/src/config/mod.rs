@@ -90,6 +90,10 @@ pub(crate) mod defaults {
     pub(crate) fn drain_grace() -> Duration {
         Duration::from_secs(10)
     }
+
+    pub(crate) fn audit_retention() -> Duration {
+        Duration::from_secs(400 * 24 * 3600)
+    }
 }
 
 /// The congestion controller of the daemon's QUIC connections (`quic_congestion`).

@@ -47,6 +47,10 @@ pub struct RelayConfig {
     /// default) or `cubic`.
     #[serde(default)]
     pub quic_congestion: super::QuicCongestion,
+    /// How long audit rows are kept: the running relay deletes older ones every hour
+    /// (default 400 days; at least a day).
+    #[serde(default = "defaults::audit_retention", with = "humantime_serde")]
+    pub audit_retention: Duration,
     /// Resource limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -259,6 +263,7 @@ impl RelayConfig {
             drain_grace,
             shutdown_delay,
             quic_congestion,
+            audit_retention,
             limits,
             tls,
             store,
@@ -280,6 +285,10 @@ impl RelayConfig {
             (
                 "quic_congestion",
                 *quic_congestion != running.quic_congestion,
+            ),
+            (
+                "audit_retention",
+                *audit_retention != running.audit_retention,
             ),
             ("limits", *limits != running.limits),
             ("tls", *tls != running.tls),
@@ -349,6 +358,11 @@ impl RelayConfig {
         }
         if let Some(otlp) = &self.otlp {
             otlp.validate().map_err(invalid)?;
+        }
+        if self.audit_retention < Duration::from_secs(24 * 3600) {
+            return Err(invalid(
+                "audit_retention must be at least 1d: the audit log is evidence".into(),
+            ));
         }
         if self.store.fail_closed_after < Duration::from_secs(1) {
             return Err(invalid(
@@ -483,6 +497,7 @@ groups = ["eng"]
         assert_eq!(cfg.tls.min_version, TlsVersion::Tls13);
         assert_eq!(cfg.tls.leaves_per_minute, 60);
         assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(30));
+        assert_eq!(cfg.audit_retention, Duration::from_secs(400 * 24 * 3600));
         let text = format!(
             "{GOOD}[tls]\nmin_version = \"1.2\"\nleaves_per_minute = 5\n[store]\nfail_closed_after = \"5s\"\n"
         );
@@ -505,6 +520,9 @@ groups = ["eng"]
             cfg.validate(Path::new("r.toml")).map_err(|e| e.to_string())
         };
         assert!(check(&base).is_ok());
+        let err = check(&format!("audit_retention = \"1h\"\n{base}")).unwrap_err();
+        assert!(err.contains("audit_retention must be at least 1d"), "{err}");
+        assert!(check(&format!("audit_retention = \"90days\"\n{base}")).is_ok());
         let cfg: RelayConfig = parse_str(Path::new("r.toml"), &base).unwrap();
         assert_eq!(cfg.admin, AdminConfig::default());
         assert!(!cfg.admin.metrics_device_ids);

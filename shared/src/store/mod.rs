@@ -213,10 +213,14 @@ pub struct AuditEvent {
     pub subject: String,
     /// Free text for people.
     pub detail: String,
+    /// Who did it: `local:<user>` for an admin command on the relay host, `relay` for the
+    /// running relay's own changes, `client:<address>` for an enrolment or renewal. Empty
+    /// for rows written before the store recorded actors.
+    pub actor: String,
 }
 
-/// Which audit events to read: a time range (Unix seconds, both ends included) and the
-/// most recent `limit`. Subject and action filters are the reader's.
+/// Which audit events to read: a time range (Unix seconds, both ends included). Subject
+/// and action filters are the reader's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AuditQuery {
     /// At or after.
@@ -246,6 +250,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The audit events in `query`'s time range, oldest first.
     fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Deletes the audit events older than `before` (Unix seconds), for `audit_retention`;
+    /// returns how many went.
+    fn prune_audit(&self, before: i64) -> Result<u64, StoreError>;
 
     /// A number that changes whenever identities change, from any process. The relay polls
     /// it to apply revocations within a second.

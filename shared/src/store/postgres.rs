@@ -28,7 +28,9 @@ use super::{
 use crate::identity::Identity;
 
 /// The schema, as numbered migrations (see the SQLite store's, which it mirrors).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    // 1: identities, the audit log, enrolment tokens, settings and the change counter.
+    "
 CREATE TABLE identities (
     role            TEXT NOT NULL,
     id              TEXT NOT NULL,
@@ -61,7 +63,11 @@ CREATE TABLE tokens (
 );
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta (key, value) VALUES ('generation', 0);
-"];
+",
+    // 2: who did what the audit log records; an index for pruning by age.
+    "ALTER TABLE audit ADD COLUMN actor TEXT NOT NULL DEFAULT '';
+CREATE INDEX audit_at ON audit (at);",
+];
 
 /// The newest schema version this release knows.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -454,8 +460,8 @@ impl Store for PostgresStore {
         self.call(move |c| {
             Box::pin(async move {
                 c.execute(
-                    "INSERT INTO audit (at, action, subject, detail) VALUES ($1, $2, $3, $4)",
-                    &[&e.at, &e.action, &e.subject, &e.detail],
+                    "INSERT INTO audit (at, action, subject, detail, actor) VALUES ($1, $2, $3, $4, $5)",
+                    &[&e.at, &e.action, &e.subject, &e.detail, &e.actor],
                 )
                 .await?;
                 Ok(())
@@ -470,7 +476,7 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 let rows = c
                     .query(
-                        "SELECT at, action, subject, detail FROM audit WHERE at >= $1 AND at <= $2 ORDER BY seq",
+                        "SELECT at, action, subject, detail, actor FROM audit WHERE at >= $1 AND at <= $2 ORDER BY seq",
                         &[&since, &until],
                     )
                     .await?;
@@ -481,9 +487,19 @@ impl Store for PostgresStore {
                             action: row.try_get(1)?,
                             subject: row.try_get(2)?,
                             detail: row.try_get(3)?,
+                            actor: row.try_get(4)?,
                         })
                     })
                     .collect()
+            })
+        })
+    }
+
+    fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            Box::pin(async move {
+                Ok(c.execute("DELETE FROM audit WHERE at < $1", &[&before])
+                    .await?)
             })
         })
     }

@@ -54,6 +54,9 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
     "ALTER TABLE identities ADD COLUMN previous_serial TEXT;",
     // 3: settings that are text, such as the CA the store belongs to.
     "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 4: who did what the audit log records; an index for pruning by age.
+    "ALTER TABLE audit ADD COLUMN actor TEXT NOT NULL DEFAULT '';
+CREATE INDEX audit_at ON audit (at);",
 ];
 
 /// The newest schema version this release knows.
@@ -307,8 +310,8 @@ impl Store for SqliteStore {
     fn audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
         self.with(|conn| {
             conn.execute(
-                "INSERT INTO audit (at, action, subject, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![e.at, e.action, e.subject, e.detail],
+                "INSERT INTO audit (at, action, subject, detail, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.at, e.action, e.subject, e.detail, e.actor],
             )?;
             Ok(())
         })
@@ -319,7 +322,7 @@ impl Store for SqliteStore {
         let until = query.until.unwrap_or(i64::MAX);
         self.with(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT at, action, subject, detail FROM audit WHERE at >= ?1 AND at <= ?2 ORDER BY seq",
+                "SELECT at, action, subject, detail, actor FROM audit WHERE at >= ?1 AND at <= ?2 ORDER BY seq",
             )?;
             let rows = stmt.query_map(params![since, until], |row| {
                 Ok(AuditEvent {
@@ -327,9 +330,17 @@ impl Store for SqliteStore {
                     action: row.get(1)?,
                     subject: row.get(2)?,
                     detail: row.get(3)?,
+                    actor: row.get(4)?,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            let n = conn.execute("DELETE FROM audit WHERE at < ?1", params![before])?;
+            Ok(n as u64)
         })
     }
 
