@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use std::sync::{Mutex, RwLock};
@@ -228,15 +228,30 @@ fn build_state(
     let (terminator, terminated) = tokio::sync::mpsc::unbounded_channel();
     let limits = &config.limits;
     let metrics = Arc::new(Metrics::default());
-    let conn_limit = |l: Listener| {
-        let gauge = metrics.open_connections[l as usize].clone();
+    // Per listener: every connection from its arrival, and strangers past their handshake.
+    let caps = |l: Listener, max: usize, gauges: &[Arc<AtomicI64>; 2]| {
         ConnLimit::new(
-            limits.max_connections,
+            max,
             limits.max_connections_per_address,
-            gauge,
+            gauges[l as usize].clone(),
         )
     };
-    let (quic_conns, https_conns) = (conn_limit(Listener::Quic), conn_limit(Listener::Https));
+    let (all, strangers) = (
+        &metrics.open_connections,
+        &metrics.unauthenticated_connections,
+    );
+    let quic_conns = caps(Listener::Quic, limits.max_connections, all);
+    let https_conns = caps(Listener::Https, limits.max_connections, all);
+    let quic_strangers = caps(
+        Listener::Quic,
+        limits.max_unauthenticated_connections,
+        strangers,
+    );
+    let https_strangers = caps(
+        Listener::Https,
+        limits.max_unauthenticated_connections,
+        strangers,
+    );
     let overload = Arc::new(Overload::new(Thresholds {
         memory: limits.overload_memory,
         connections: limits.overload_connections,
@@ -263,6 +278,8 @@ fn build_state(
         refusal_log: Default::default(),
         quic_conns,
         https_conns,
+        quic_strangers,
+        https_strangers,
         quic_pending: Default::default(),
         overload,
         terminator,

@@ -56,6 +56,10 @@ pub(crate) struct State {
     pub(crate) quic_conns: Arc<ConnLimit>,
     /// Open connections on the HTTPS listener (`max_connections`, per address).
     pub(crate) https_conns: Arc<ConnLimit>,
+    /// Connections without a certificate past their handshake, per listener
+    /// (`max_unauthenticated_connections`, per address): strangers' own places.
+    pub(crate) quic_strangers: Arc<ConnLimit>,
+    pub(crate) https_strangers: Arc<ConnLimit>,
     /// QUIC handshakes in progress from unvalidated addresses (`quic_retry_threshold`).
     pub(crate) quic_pending: Pending,
     /// The overload level, set by the sampler.

@@ -293,3 +293,118 @@ async fn at_the_memory_threshold_new_requests_get_503_while_an_open_stream_compl
     })
     .await;
 }
+
+/// Sends `GET path` for `host` every 250 ms on one HTTP/1.1 connection until it closes
+/// (at most `rounds` times); returns how many were answered and when the connection
+/// ended, counted from `start`.
+async fn keep_asking<S>(io: S, host: &str, path: &str, rounds: usize) -> (usize, Option<Duration>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let start = Instant::now();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .unwrap();
+    let mut ended = tokio::spawn(conn);
+    let mut answered = 0;
+    for _ in 0..rounds {
+        let req = http::Request::get(path)
+            .header("host", host)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        if send.send_request(req).await.is_err() {
+            break;
+        }
+        answered += 1;
+        tokio::select! {
+            _ = &mut ended => return (answered, Some(start.elapsed())),
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    let closed = (&mut ended).now_or_never().is_some() || send.is_closed();
+    (answered, closed.then(|| start.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_asking_every_250_ms_is_closed_at_unauthenticated_lifetime_and_a_device_is_not()
+{
+    within(async {
+        let relay = relay("unauthenticated_lifetime = \"2s\"").await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay)
+            .expose(WEB, origin.addr)
+            .run()
+            .await;
+        let https = relay.addrs.https;
+
+        // A stranger keeps its connection busy (the JWKS needs no certificate): closed
+        // at 2 s all the same.
+        let stranger = Arc::new(portcullis_e2e::stranger_tls(&relay.world, &[b"http/1.1"]));
+        let tls = tls_from(loopback(2), https, RELAY_NAME, stranger)
+            .await
+            .unwrap();
+        let (answered, closed) = keep_asking(tls, RELAY_NAME, "/.well-known/jwks.json", 40).await;
+        let closed = closed.expect("the stranger's connection was never closed");
+        assert!(answered >= 4, "{answered} answered before the close");
+        assert!(
+            closed >= Duration::from_millis(1900) && closed < Duration::from_secs(6),
+            "closed after {closed:?}"
+        );
+
+        // A device's connection lives on past it.
+        let alice = Arc::new(client_tls(&relay.world, "alice", &[b"http/1.1"]));
+        let tls = tls_from(loopback(3), https, WEB, alice).await.unwrap();
+        let (answered, closed) = keep_asking(tls, WEB, "/", 14).await;
+        assert_eq!((answered, closed), (14, None));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_strangers_hold_their_own_places_and_a_device_still_connects() {
+    within(async {
+        let relay = relay(
+            "max_connections = 1000\nmax_unauthenticated_connections = 1000\n\
+             max_connections_per_address = 500",
+        )
+        .await;
+        let origin = TestOrigin::start("web").await;
+        let _c1 = TestConnector::new(&relay).expose(WEB, origin.addr).run().await;
+        let https = relay.addrs.https;
+        let stranger = Arc::new(portcullis_e2e::stranger_tls(&relay.world, &[b"http/1.1"]));
+
+        // 1,000 strangers from four addresses, 50 handshakes at a time.
+        let mut held = Vec::new();
+        for batch in 0..20u16 {
+            let dials = (0..50u16).map(|i| {
+                let source = loopback(10 + (batch * 50 + i) % 4);
+                tls_from(source, https, RELAY_NAME, stranger.clone())
+            });
+            for tls in futures_util::future::join_all(dials).await {
+                held.push(tls.unwrap());
+            }
+        }
+        let strangers = "portcullis_relay_unauthenticated_connections{listener=\"https\"}";
+        wait_for_metric(relay.addrs.admin, strangers, "1,000 strangers held", |v| {
+            v == Some(1000)
+        })
+        .await;
+        // They left the listener's places: a device is served.
+        let r = relay.client("alice").from_address(loopback(20)).get(WEB, "/").await;
+        assert_eq!(r.status, 200);
+        // The next stranger is closed after its handshake, and counted.
+        let _next = tls_from(loopback(21), https, RELAY_NAME, stranger.clone()).await;
+        let refused = "portcullis_relay_connections_refused_total{listener=\"https\",reason=\"max_unauthenticated_connections\"}";
+        wait_for_metric(relay.addrs.admin, refused, "the 1,001st stranger refused", |v| {
+            v == Some(1)
+        })
+        .await;
+        // And one stranger leaving makes room for another.
+        held.pop();
+        wait_for_metric(relay.addrs.admin, strangers, "one stranger gone", |v| v == Some(999)).await;
+        let _again = tls_from(loopback(22), https, RELAY_NAME, stranger).await.unwrap();
+        wait_for_metric(relay.addrs.admin, strangers, "a stranger back", |v| v == Some(1000)).await;
+        assert_eq!(origin.requests(), [format!("{WEB} /")]);
+    })
+    .await;
+}

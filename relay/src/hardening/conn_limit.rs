@@ -5,9 +5,11 @@
 //! Owns no IO and reads no clock; the listeners do the refusing.
 //!
 //! An IPv4 client is its address; an IPv6 client controls at least a /64, which counts as
-//! one address. IPv4-mapped IPv6 addresses (a dual-stack socket) count as IPv4. The table
-//! of counts holds only addresses with a connection open, so it is never larger than the
-//! global cap.
+//! one address, and often a whole /48: once the listener is half full, a /48 together
+//! gets no more than one address's places, so a stranger cannot spread over the 65,536
+//! /64s of one site. IPv4-mapped IPv6 addresses (a dual-stack socket) count as IPv4. The
+//! tables of counts hold only addresses with a connection open, so they are never larger
+//! than the global cap.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -47,6 +49,8 @@ pub(crate) struct ConnLimit {
 struct Inner {
     open: usize,
     by_address: HashMap<AddressKey, usize>,
+    /// Open connections per IPv6 /48.
+    by_site: HashMap<u64, usize>,
 }
 
 /// What one client address counts as.
@@ -62,6 +66,14 @@ impl AddressKey {
         match ip.to_canonical() {
             IpAddr::V4(v4) => Self::V4(u32::from(v4)),
             IpAddr::V6(v6) => Self::V6((u128::from(v6) >> 64) as u64),
+        }
+    }
+
+    /// The /48 an IPv6 key is in.
+    fn site(self) -> Option<u64> {
+        match self {
+            Self::V4(_) => None,
+            Self::V6(net) => Some(net >> 16),
         }
     }
 }
@@ -86,11 +98,21 @@ impl ConnLimit {
         if inner.open >= self.max {
             return Err(Refusal::Global);
         }
+        let under_pressure = inner.open >= self.max / 2;
+        if let Some(site) = key.site()
+            && under_pressure
+            && inner.by_site.get(&site).copied().unwrap_or(0) >= self.per_address
+        {
+            return Err(Refusal::Address);
+        }
         let count = inner.by_address.entry(key).or_insert(0);
         if *count >= self.per_address {
             return Err(Refusal::Address);
         }
         *count += 1;
+        if let Some(site) = key.site() {
+            *inner.by_site.entry(site).or_insert(0) += 1;
+        }
         inner.open += 1;
         self.gauge.fetch_add(1, Ordering::Relaxed);
         Ok(ConnGuard {
@@ -112,6 +134,14 @@ impl ConnLimit {
             *count -= 1;
             if *count == 0 {
                 inner.by_address.remove(&key);
+            }
+        }
+        if let Some(site) = key.site()
+            && let Some(count) = inner.by_site.get_mut(&site)
+        {
+            *count -= 1;
+            if *count == 0 {
+                inner.by_site.remove(&site);
             }
         }
     }
@@ -217,6 +247,30 @@ mod tests {
         let _e = limit.try_acquire(v4(1)).unwrap();
         assert_eq!(limit.try_acquire(mapped(1)).unwrap_err(), Refusal::Address);
         let _f = limit.try_acquire(mapped(2)).unwrap();
+    }
+
+    #[test]
+    fn under_pressure_an_ipv6_48_together_gets_one_addresss_places() {
+        let limit = ConnLimit::new(20, 4, Arc::default());
+        let host =
+            |net: u16, iid: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 7, net, 0, 0, 0, iid));
+        // Below half the cap, each /64 of a /48 has its own places.
+        let mut held: Vec<_> = (1..=3)
+            .flat_map(|net| (1..=3).map(move |iid| (net, iid)))
+            .map(|(net, iid)| limit.try_acquire(host(net, iid)).unwrap())
+            .collect();
+        held.push(limit.try_acquire(v4(1)).unwrap());
+        assert_eq!(limit.open(), 10);
+        // From half full, the /48 (already over an address's 4 places) gets no more,
+        // whichever /64 asks; other addresses still do.
+        assert_eq!(limit.try_acquire(host(9, 1)).unwrap_err(), Refusal::Address);
+        held.push(limit.try_acquire(v4(2)).unwrap());
+        let other_site = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 8, 1, 0, 0, 0, 1));
+        held.push(limit.try_acquire(other_site).unwrap());
+        // Places given back are counted out of the /48 too.
+        held.retain(|_| false);
+        assert_eq!(limit.open(), 0);
+        assert!(limit.try_acquire(host(9, 1)).is_ok());
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub(crate) async fn serve(
     state: Arc<State>,
 ) -> anyhow::Result<()> {
     let ip = conn.remote_address().ip();
-    let deadline = tokio::time::Instant::now() + state.config.limits.enroll_timeout;
+    let deadline = deadline(&state, caller.is_some());
     let expired = || {
         state
             .metrics
@@ -154,7 +154,7 @@ pub(crate) async fn serve_tcp<T>(
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + state.config.limits.enroll_timeout;
+    let deadline = deadline(&state, caller.is_some());
     let read = tokio::time::timeout_at(
         deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT),
         read_prefixed(&mut io, MAX_ENROLL_LEN),
@@ -177,6 +177,18 @@ where
     .await
     .context("enrolment answer timed out")??;
     Ok(())
+}
+
+/// When an enrolment connection is closed: `enroll_timeout` from now, and no later than
+/// `unauthenticated_lifetime` for a caller without a certificate.
+fn deadline(state: &State, has_certificate: bool) -> tokio::time::Instant {
+    let limits = &state.config.limits;
+    let allowed = if has_certificate {
+        limits.enroll_timeout
+    } else {
+        limits.enroll_timeout.min(limits.unauthenticated_lifetime)
+    };
+    tokio::time::Instant::now() + allowed
 }
 
 fn refused(reason: &str) -> EnrollResponse {

@@ -140,11 +140,8 @@ async fn serve_connection(
     state: Arc<State>,
     shutdown: Shutdown,
 ) {
-    let Accepted {
-        tcp,
-        peer,
-        place: _place,
-    } = conn;
+    let Accepted { tcp, peer, place } = conn;
+    let accepted = tokio::time::Instant::now();
     let limits = &state.config.limits;
     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
@@ -180,6 +177,23 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|leaf| pki::inspect(leaf).ok());
+    // A stranger leaves the listener's places for strangers' own, so devices never wait
+    // for places strangers hold, and lives at most `unauthenticated_lifetime`.
+    let (_place, lifetime) = if cert.is_none() && alpn != Some(TUNNEL_TCP_ALPN) {
+        match state.https_strangers.try_acquire(peer.ip()) {
+            Ok(stranger) => {
+                drop(place);
+                (stranger, Some(accepted + limits.unauthenticated_lifetime))
+            }
+            Err(why) => {
+                state.metrics.refused_unauthenticated(Listener::Https);
+                tracing::debug!(client.addr = %peer, limit = "max_unauthenticated_connections", per = why.label(), "connection without a certificate closed");
+                return;
+            }
+        }
+    } else {
+        (place, None)
+    };
     match alpn {
         Some(TUNNEL_TCP_ALPN | ENROLL_ALPN) if !tls13 => {
             // Only reachable with `min_version = "1.2"`: tunnels and enrolment are 1.3 only.
@@ -281,7 +295,16 @@ async fn serve_connection(
         .https_connections
         .fetch_add(1, Ordering::Relaxed);
     let grace = state.config.drain_grace;
-    serve_http(tls, h2, state.clone(), info, shutdown.wait(), grace).await;
+    serve_http(
+        tls,
+        h2,
+        state.clone(),
+        info,
+        shutdown.wait(),
+        grace,
+        lifetime,
+    )
+    .await;
     state
         .metrics
         .https_connections
@@ -290,7 +313,8 @@ async fn serve_connection(
 
 /// Serves HTTP/1.1 or HTTP/2 on an established TLS stream, with the relay's limits and
 /// reset-flood guard, until the connection ends, the device is revoked, the client floods
-/// resets, or it idles or `stop` fires (then requests in flight get `grace`).
+/// resets, it reaches `lifetime` (a stranger's: closed at once), or it idles or `stop`
+/// fires (then requests in flight get `grace`).
 pub(crate) async fn serve_http<T>(
     tls: T,
     h2: bool,
@@ -298,6 +322,7 @@ pub(crate) async fn serve_http<T>(
     info: Arc<ConnInfo>,
     stop: impl Future<Output = ()>,
     grace: Duration,
+    lifetime: Option<tokio::time::Instant>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -341,6 +366,10 @@ pub(crate) async fn serve_http<T>(
             false
         }
         () = flood.tripped.cancelled() => false,
+        () = until(lifetime) => {
+            tracing::debug!("closing a connection without a certificate at unauthenticated_lifetime");
+            false
+        }
         () = activity.idle(limits.idle_timeout) => {
             tracing::debug!("closing an idle connection");
             true
@@ -350,6 +379,14 @@ pub(crate) async fn serve_http<T>(
     if graceful {
         conn.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(grace, conn.as_mut()).await;
+    }
+}
+
+/// Waits until `at`, or for ever without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

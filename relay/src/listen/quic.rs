@@ -224,7 +224,7 @@ fn admit(incoming: quinn::Incoming, state: &State) -> Option<Admitted> {
 async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> anyhow::Result<()> {
     let Admitted {
         incoming,
-        place: _place,
+        place,
         pending,
     } = admitted;
     let limits = &state.config.limits;
@@ -263,8 +263,28 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         // limits.
         let caller = peer_identity(&transport).ok();
         let conn = transport.connection().clone();
+        // A stranger leaves the listener's places for strangers' own, so devices never
+        // wait for places strangers hold.
+        let _place = match caller {
+            Some(_) => place,
+            None => match state.quic_strangers.try_acquire(conn.remote_address().ip()) {
+                Ok(stranger) => {
+                    drop(place);
+                    stranger
+                }
+                Err(_) => {
+                    state.metrics.refused_unauthenticated(Listener::Quic);
+                    conn.close(
+                        quinn::VarInt::from_u32(CloseCode::Normal.code()),
+                        b"too many connections without a certificate; try again shortly",
+                    );
+                    bail!("closed over max_unauthenticated_connections");
+                }
+            },
+        };
         return Box::pin(crate::listen::enroll::serve(conn, caller, state)).await;
     }
+    let _place = place;
     let (identity, key_sha256) = match peer_identity(&transport) {
         Ok((identity, cert)) => (identity, cert.key_sha256),
         Err(e) => {

@@ -70,5 +70,5 @@ async fn serve_terminated(
     // The same limits and reset-flood guard as a direct connection; the outer
     // connection's revocation closes this one too.
     let grace = state.config.limits.idle_timeout;
-    serve_http(tls, h2, state, info, std::future::pending(), grace).await;
+    serve_http(tls, h2, state, info, std::future::pending(), grace, None).await;
 }

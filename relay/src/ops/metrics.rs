@@ -45,9 +45,13 @@ pub(crate) struct Metrics {
     pub(crate) config_reload_errors: AtomicU64,
     /// Open connections per [`Listener`], handshakes included (kept by its `ConnLimit`).
     pub(crate) open_connections: [Arc<AtomicI64>; 2],
-    /// Refused before any handshake work, per [`Listener`]: over `max_connections`, over
-    /// `max_connections_per_address`.
-    refused: [[AtomicU64; 2]; 2],
+    /// Refused by a connection cap, per [`Listener`]: over `max_connections`, over
+    /// `max_connections_per_address` (both before any handshake work), over
+    /// `max_unauthenticated_connections` (after a handshake without a certificate).
+    refused: [[AtomicU64; 3]; 2],
+    /// Open connections without a client certificate past their handshake, per
+    /// [`Listener`] (kept by its strangers' `ConnLimit`).
+    pub(crate) unauthenticated_connections: [Arc<AtomicI64>; 2],
     /// New QUIC connections asked to prove their address first.
     pub(crate) quic_retries: AtomicU64,
     /// QUIC handshakes that failed or timed out.
@@ -111,6 +115,11 @@ impl Metrics {
             Refusal::Address => 1,
         };
         self.refused[listener as usize][reason].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection without a certificate closed over `max_unauthenticated_connections`.
+    pub(crate) fn refused_unauthenticated(&self, listener: Listener) {
+        self.refused[listener as usize][2].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connector tunnel on `kind` while the guard is held.
@@ -343,19 +352,36 @@ impl Metrics {
             out,
             "portcullis_relay_connections_refused_total",
             "counter",
-            "New client connections refused before any handshake work by a connection cap.",
+            "New client connections refused by a connection cap: before any handshake work, or after a handshake without a certificate (max_unauthenticated_connections).",
         );
         for l in Listener::ALL {
-            for why in [Refusal::Global, Refusal::Address] {
-                let reason = usize::from(why == Refusal::Address);
+            let reasons = [
+                Refusal::Global.label(),
+                Refusal::Address.label(),
+                "max_unauthenticated_connections",
+            ];
+            for (i, reason) in reasons.iter().enumerate() {
                 let _ = writeln!(
                     out,
-                    "portcullis_relay_connections_refused_total{{listener=\"{}\",reason=\"{}\"}} {}",
+                    "portcullis_relay_connections_refused_total{{listener=\"{}\",reason=\"{reason}\"}} {}",
                     l.label(),
-                    why.label(),
-                    c(&self.refused[l as usize][reason])
+                    c(&self.refused[l as usize][i])
                 );
             }
+        }
+        head(
+            out,
+            "portcullis_relay_unauthenticated_connections",
+            "gauge",
+            "Open client connections without a certificate, past their handshake, in their own places (max_unauthenticated_connections).",
+        );
+        for l in Listener::ALL {
+            let _ = writeln!(
+                out,
+                "portcullis_relay_unauthenticated_connections{{listener=\"{}\"}} {}",
+                l.label(),
+                g(&self.unauthenticated_connections[l as usize])
+            );
         }
         head(
             out,

@@ -103,6 +103,14 @@ pub struct LimitsConfig {
     /// Open connections one client address (IPv4 address, IPv6 /64) may hold on one
     /// listener; beyond it its new ones are refused before any handshake work.
     pub max_connections_per_address: usize,
+    /// Connections without a client certificate (strangers: enrolment, requests that will
+    /// be refused) one listener holds at most, after their handshake, in places of their
+    /// own: past it new ones are closed, and they never take places from devices.
+    pub max_unauthenticated_connections: usize,
+    /// How long a connection without a client certificate may stay open, whatever it
+    /// sends (its enrolment deadline is the smaller of this and `enroll_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub unauthenticated_lifetime: Duration,
     /// QUIC handshakes from unvalidated addresses in progress at which a new one must
     /// first prove its address with a Retry (0: always).
     pub quic_retry_threshold: usize,
@@ -131,6 +139,8 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_connections_per_address: 500,
+            max_unauthenticated_connections: 1_000,
+            unauthenticated_lifetime: Duration::from_secs(30),
             quic_retry_threshold: 64,
             enroll_timeout: Duration::from_secs(30),
             overload_memory: 1024 * 1024 * 1024,
@@ -409,10 +419,16 @@ impl RelayConfig {
         }
         if l.max_connections == 0
             || l.max_connections_per_address == 0
+            || l.max_unauthenticated_connections == 0
             || l.overload_connections == 0
         {
             return Err(invalid(
-                "limits: max_connections, max_connections_per_address and overload_connections must be at least 1".into(),
+                "limits: max_connections, max_connections_per_address, max_unauthenticated_connections and overload_connections must be at least 1".into(),
+            ));
+        }
+        if l.unauthenticated_lifetime < Duration::from_secs(1) {
+            return Err(invalid(
+                "limits.unauthenticated_lifetime must be at least 1s".into(),
             ));
         }
         if l.enroll_timeout < Duration::from_secs(1) {
@@ -545,10 +561,13 @@ groups = ["eng"]
         let path = dir.path().join("relay.toml");
         let base = GOOD.replace("/var/lib/portcullis", "state");
         let limits = "[limits]\nmax_connections = 50\nmax_connections_per_address = 5\n\
+                      max_unauthenticated_connections = 7\nunauthenticated_lifetime = \"9s\"\n\
                       quic_retry_threshold = 0\nenroll_timeout = \"5s\"\n\
                       overload_memory = 268435456\noverload_connections = 40\n";
         std::fs::write(&path, format!("{base}\n{limits}")).unwrap();
         let cfg = RelayConfig::load(&path).unwrap();
+        assert_eq!(cfg.limits.max_unauthenticated_connections, 7);
+        assert_eq!(cfg.limits.unauthenticated_lifetime, Duration::from_secs(9));
         assert_eq!(
             (
                 cfg.limits.max_connections,
@@ -563,6 +582,8 @@ groups = ["eng"]
         for bad in [
             "max_connections = 0",
             "max_connections_per_address = 0",
+            "max_unauthenticated_connections = 0",
+            "unauthenticated_lifetime = \"0s\"",
             "overload_connections = 0",
             "enroll_timeout = \"0s\"",
             "overload_memory = 1024",
