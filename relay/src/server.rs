@@ -327,6 +327,7 @@ fn serve(
         id.resolver.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(tls::premint(id.resolver.clone(), shutdown.clone()));
     tasks.spawn(reload::watch_jwt_keys(state.clone(), shutdown.clone()));
     tasks.spawn(crate::ops::retention::prune_audit(
         id.store.clone(),

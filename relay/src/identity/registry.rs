@@ -51,30 +51,40 @@ impl Snapshot {
     }
 
     /// The name to put in the TLS certificate served for `host`, or `None` if no
-    /// unrevoked connector may publish it. Under a wildcard pattern a certificate covers
-    /// one label, so `host` gets `*.` and its parent name: a name one label below
-    /// `*.suffix` shares the `*.suffix` certificate, one deeper shares its parent's
-    /// (`a.b.suffix` and `c.b.suffix` both get `*.b.suffix`), so random names under a
-    /// wildcard cannot make the relay mint a certificate each.
+    /// unrevoked connector publishes it as a certificate covers it: `host` itself when
+    /// published exactly, `*.suffix` when it is exactly one label below a published
+    /// `*.suffix` (as a wildcard certificate covers one label, RFC 6125 §6.4.3). Any
+    /// deeper name gets none, so no name a stranger makes up, at any depth, costs a
+    /// certificate: every certificate name is one of [`Snapshot::certificate_names`].
     pub(crate) fn certificate_name(&self, host: &Hostname) -> Option<String> {
+        let parent = host.as_str().split_once('.').map(|(_, rest)| rest);
         let mut found = None;
-        let patterns = self
-            .by_identity
-            .values()
-            .filter(|r| r.identity.role() == Role::Connector && r.revoked_at.is_none())
-            .flat_map(|r| r.hostnames.iter());
-        for p in patterns {
+        for p in self.published_patterns() {
             match p {
                 HostPattern::Exact(h) if h == host => return Some(host.to_string()),
-                HostPattern::Wildcard(_) if p.matches(host) => {
-                    // A wildcard match has at least one label above the suffix.
-                    let parent = host.as_str().split_once('.').map_or("", |(_, rest)| rest);
-                    found.get_or_insert_with(|| format!("*.{parent}"));
+                HostPattern::Wildcard(suffix) if parent == Some(suffix.as_str()) => {
+                    found.get_or_insert_with(|| p.to_string());
                 }
                 _ => {}
             }
         }
         found
+    }
+
+    /// Every certificate name a handshake can be served (see [`Self::certificate_name`]):
+    /// each published exact name and `*.suffix` pattern, once.
+    pub(crate) fn certificate_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.published_patterns().map(ToString::to_string).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    fn published_patterns(&self) -> impl Iterator<Item = &HostPattern> {
+        self.by_identity
+            .values()
+            .filter(|r| r.identity.role() == Role::Connector && r.revoked_at.is_none())
+            .flat_map(|r| r.hostnames.iter())
     }
 
     pub(crate) fn records(&self) -> impl Iterator<Item = &IdentityRecord> {

@@ -8,13 +8,23 @@
 //! as for any other name and the request path refuses the request, so the handshake's
 //! outcome says nothing about which names exist.
 //!
-//! What a stranger can make the relay spend here is bounded: leaves are minted only for
-//! published names, one per exact name and one per parent name under a wildcard
-//! (`*.b.example` serves `a.b.example` and every sibling), at most
-//! `[tls] leaves_per_minute` new ones a minute (beyond it a handshake gets the relay's own
-//! certificate), kept in a cache of [`MAX_CACHED`] entries.
+//! What a stranger can make the relay spend here is bounded, and cannot cost a published
+//! name its certificate:
+//! - Leaves exist only for published names: one per exact name, one per `*.suffix`
+//!   pattern, serving names exactly one label below it; a deeper or unknown name gets the
+//!   relay's own certificate and mints nothing. So the names that can ever be minted are
+//!   the registry's, and an operator's choice.
+//! - [`premint`] mints every published name's leaf in the background as soon as it is
+//!   published (and renews it before it ages), outside any budget, so a handshake for a
+//!   published name finds its leaf cached.
+//! - A handshake that finds none (a name published a moment ago) mints within
+//!   `[tls] leaves_per_minute` for the whole relay and a few a minute per client address
+//!   (IPv4, IPv6 /64); past those it gets a cached leaf if there is one, else the relay's
+//!   own certificate until [`premint`] reaches the name.
+//! - At most [`MAX_CACHED`] leaves are kept; the least recently used goes first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,6 +38,7 @@ use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::clock::now;
+use crate::hardening::rate_limit::RateLimit;
 use crate::identity::registry::Registry;
 
 /// Lifetime of minted leaves; re-minted when less than a third remains.
@@ -45,13 +56,55 @@ struct StaticCert {
 /// A minted leaf and its expiry (Unix seconds).
 type Leaf = (i64, Arc<CertifiedKey>);
 
-/// Minted leaves for published names: a map for the lookup, insertion order for evicting
-/// the oldest when full (both O(1)), and the minting budget.
+/// Minted leaves for published names, each with when it was last served (a counter), for
+/// evicting the least recently used when full; and the minting budgets.
 #[derive(Debug)]
 struct Leaves {
-    by_name: HashMap<String, Leaf>,
-    order: VecDeque<String>,
+    by_name: HashMap<String, (Leaf, u64)>,
+    uses: u64,
     budget: MintBudget,
+    /// Leaves minted on demand per client address, a few a minute each.
+    per_source: RateLimit,
+}
+
+impl Leaves {
+    /// The cached leaf for `name`, marked as used now.
+    fn get(&mut self, name: &str) -> Option<Leaf> {
+        self.uses += 1;
+        let uses = self.uses;
+        self.by_name.get_mut(name).map(|(leaf, used)| {
+            *used = uses;
+            leaf.clone()
+        })
+    }
+
+    /// Caches `leaf` for `name`, evicting the least recently used past [`MAX_CACHED`].
+    fn put(&mut self, name: &str, leaf: Leaf) {
+        self.uses += 1;
+        self.by_name.insert(name.to_owned(), (leaf, self.uses));
+        while self.by_name.len() > MAX_CACHED {
+            let Some(oldest) = self
+                .by_name
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(n, _)| n.clone())
+            else {
+                break;
+            };
+            self.by_name.remove(&oldest);
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The client address of the handshake being served, where the listener knows it.
+    static SOURCE: IpAddr;
+}
+
+/// Runs a handshake future knowing its client's address, so on-demand minting is counted
+/// against that address too.
+pub(crate) async fn with_source<F: Future>(source: IpAddr, handshake: F) -> F::Output {
+    SOURCE.scope(source, handshake).await
 }
 
 /// A token bucket: `per_minute` leaves in a burst, refilled evenly over a minute.
@@ -133,8 +186,9 @@ impl CertResolver {
             own: Mutex::default(),
             leaves: Mutex::new(Leaves {
                 by_name: HashMap::new(),
-                order: VecDeque::new(),
+                uses: 0,
                 budget: MintBudget::new(leaves_per_minute),
+                per_source: RateLimit::default(),
             }),
             static_cert: static_files.map(|(cert, key)| StaticCert {
                 cert,
@@ -243,26 +297,29 @@ impl CertResolver {
         Some(ck)
     }
 
-    /// The leaf for the published certificate name `name`: cached, or minted if the budget
-    /// allows, else an ageing cached one, else the relay's own.
-    fn leaf(&self, name: &str, at: Instant) -> Option<Arc<CertifiedKey>> {
+    /// The leaf for the published certificate name `name`: cached, or minted if the
+    /// budgets allow (the relay's, and `source`'s when known), else an ageing cached one,
+    /// else the relay's own until [`premint`] reaches it.
+    fn leaf(&self, name: &str, at: Instant, source: Option<IpAddr>) -> Option<Arc<CertifiedKey>> {
         let now = now();
         let stale = {
             let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-            let cached = leaves.by_name.get(name).cloned();
+            let cached = leaves.get(name);
             match cached {
                 Some((not_after, ck)) if fresh(not_after, now) => return Some(ck),
-                _ if !leaves.budget.take(at) => {
-                    drop(leaves);
-                    self.over_budget.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(name, "certificate minting budget spent");
-                    return match cached {
-                        Some((not_after, ck)) if not_after > now => Some(ck),
-                        _ => self.own(),
-                    };
-                }
-                _ => cached,
+                _ => {}
             }
+            let source_ok = source.is_none_or(|ip| leaves.per_source.check(ip, at).is_ok());
+            if !source_ok || !leaves.budget.take(at) {
+                drop(leaves);
+                self.over_budget.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(name, "certificate minting budget spent");
+                return match cached {
+                    Some((not_after, ck)) if not_after > now => Some(ck),
+                    _ => self.own(),
+                };
+            }
+            cached
         };
         // Signing happens outside the lock; two handshakes racing for a new name may both
         // mint (each within the budget), and the last one is kept.
@@ -271,21 +328,60 @@ impl CertResolver {
         };
         self.minted.fetch_add(1, Ordering::Relaxed);
         let ck = leaf.1.clone();
-        let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-        if leaves.by_name.insert(name.to_owned(), leaf).is_none() {
-            leaves.order.push_back(name.to_owned());
-            while leaves.by_name.len() > MAX_CACHED {
-                let Some(oldest) = leaves.order.pop_front() else {
-                    break;
-                };
-                leaves.by_name.remove(&oldest);
-            }
-        }
+        self.leaves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(name, leaf);
         Some(ck)
     }
 
-    /// The certificate for a handshake that asked for `sni`, at `at`.
-    fn choose(&self, sni: Option<&str>, at: Instant) -> Option<Arc<CertifiedKey>> {
+    /// Mints the leaf of every published certificate name that has none fresh, outside
+    /// the budgets (the names are the registry's, not a stranger's), at most
+    /// [`MAX_CACHED`]; returns how many it minted.
+    pub(crate) fn premint_published(&self) -> usize {
+        if self.static_cert.is_some() {
+            return 0;
+        }
+        let now = now();
+        let mut minted = 0;
+        for name in self
+            .registry
+            .snapshot()
+            .certificate_names()
+            .iter()
+            .take(MAX_CACHED)
+        {
+            let current = self
+                .leaves
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_name
+                .get(name.as_str())
+                .is_some_and(|((not_after, _), _)| fresh(*not_after, now));
+            if current {
+                continue;
+            }
+            let Some(leaf) = self.mint(name) else {
+                continue;
+            };
+            self.minted.fetch_add(1, Ordering::Relaxed);
+            minted += 1;
+            self.leaves
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(name, leaf);
+        }
+        minted
+    }
+
+    /// The certificate for a handshake from `source` (where known) that asked for `sni`,
+    /// at `at`.
+    fn choose(
+        &self,
+        sni: Option<&str>,
+        at: Instant,
+        source: Option<IpAddr>,
+    ) -> Option<Arc<CertifiedKey>> {
         // No SNI (a client dialling an IP), or a name that is not a valid hostname: the
         // relay's own name; requests then fail the SNI/Host check.
         let Some(host) = sni.and_then(|s| Hostname::parse(s).ok()) else {
@@ -308,13 +404,36 @@ impl CertResolver {
         {
             return Some(ck.clone());
         }
-        self.leaf(&cert_name, at)
+        self.leaf(&cert_name, at, source)
     }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.choose(hello.server_name(), Instant::now())
+        let source = SOURCE.try_with(|ip| *ip).ok();
+        self.choose(hello.server_name(), Instant::now(), source)
+    }
+}
+
+/// Keeps every published name's leaf minted: at start, then every 2 s (a look-up per
+/// published name when nothing changed), off the async threads.
+pub(crate) async fn premint(
+    resolver: Arc<CertResolver>,
+    shutdown: portcullis_shared::shutdown::Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let r = resolver.clone();
+                if let Ok(n) = tokio::task::spawn_blocking(move || r.premint_published()).await
+                    && n > 0
+                {
+                    tracing::debug!(minted = n, "minted leaves for published names");
+                }
+            }
+            () = shutdown.wait() => return,
+        }
     }
 }
 
@@ -426,24 +545,30 @@ mod tests {
         Registry::test_record(Role::Connector, name, hostnames)
     }
 
-    /// A resolver for `relay.acme.test` with connector c1 publishing `app.acme.test` and
-    /// `*.wild.acme.test`, minting at most `per_minute` leaves a minute.
+    /// A resolver for `relay.acme.test` with connector c1 publishing `app.acme.test`,
+    /// `*.wild.acme.test` and `p0.acme.test` to `p11.acme.test`, minting at most
+    /// `per_minute` leaves a minute on demand.
     fn resolver(per_minute: u32) -> (tempfile::TempDir, Arc<CertResolver>) {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(Ca::init(dir.path(), "Acme").unwrap());
-        let registry = Registry::with_records(vec![connector(
-            "c1",
-            &["app.acme.test", "*.wild.acme.test"],
-        )]);
+        let mut names = vec!["app.acme.test".to_owned(), "*.wild.acme.test".to_owned()];
+        names.extend((0..12).map(|i| format!("p{i}.acme.test")));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let registry = Registry::with_records(vec![connector("c1", &names)]);
         let name = Hostname::parse("relay.acme.test").unwrap();
         let resolver = CertResolver::new(ca, name, registry, None, per_minute).unwrap();
         (dir, resolver)
     }
 
-    /// The DNS names in the certificate `r` presents for `sni` at `at`.
-    fn names(r: &CertResolver, sni: Option<&str>, at: Instant) -> Vec<String> {
+    /// The DNS names in the certificate `r` presents for `sni` at `at` to `source`.
+    fn names_from(
+        r: &CertResolver,
+        sni: Option<&str>,
+        at: Instant,
+        source: Option<IpAddr>,
+    ) -> Vec<String> {
         let ck = r
-            .choose(sni, at)
+            .choose(sni, at, source)
             .expect("a certificate for every handshake");
         let (_, cert) = x509_parser::parse_x509_certificate(&ck.cert[0]).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
@@ -457,13 +582,18 @@ mod tests {
             .collect()
     }
 
+    fn names(r: &CertResolver, sni: Option<&str>, at: Instant) -> Vec<String> {
+        names_from(r, sni, at, None)
+    }
+
     #[test]
-    fn unknown_and_invalid_names_get_the_relays_own_certificate_and_mint_nothing() {
+    fn unknown_deeper_and_invalid_names_get_the_relays_own_certificate_and_mint_nothing() {
         let (_dir, r) = resolver(60);
         let at = Instant::now();
         for sni in [
             Some("nope.acme.test"),
             Some("wild.acme.test"),
+            Some("x.b.wild.acme.test"),
             Some("not a name"),
             None,
         ] {
@@ -475,59 +605,78 @@ mod tests {
     }
 
     #[test]
-    fn names_under_a_wildcard_share_one_leaf_per_parent_name() {
+    fn names_one_label_under_a_wildcard_share_its_leaf_and_deeper_ones_mint_nothing() {
         let (_dir, r) = resolver(60);
         let at = Instant::now();
-        assert_eq!(
-            names(&r, Some("a.wild.acme.test"), at),
-            ["*.wild.acme.test"]
-        );
-        assert_eq!(
-            names(&r, Some("b.wild.acme.test"), at),
-            ["*.wild.acme.test"]
-        );
-        assert_eq!(r.minted_total(), 1);
-        // Two labels below the wildcard: one leaf for the parent, shared by its children.
-        let deep = names(&r, Some("x.b.wild.acme.test"), at);
-        assert_eq!(deep, ["*.b.wild.acme.test"]);
-        assert_eq!(r.minted_total(), 2);
-        for sni in ["y.b.wild.acme.test", "z.b.wild.acme.test"] {
-            assert_eq!(names(&r, Some(sni), at), ["*.b.wild.acme.test"]);
+        for sni in ["a.wild.acme.test", "b.wild.acme.test"] {
+            assert_eq!(names(&r, Some(sni), at), ["*.wild.acme.test"]);
         }
-        assert_eq!(r.minted_total(), 2);
+        assert_eq!(r.minted_total(), 1);
+        // A wildcard certificate covers one label: deeper names, however many, get the
+        // relay's own certificate and cost nothing.
+        for i in 0..50 {
+            let sni = format!("x.p{i}.wild.acme.test");
+            assert_eq!(names(&r, Some(&sni), at), ["relay.acme.test"]);
+        }
+        assert_eq!((r.minted_total(), r.over_budget_total()), (1, 0));
     }
 
     #[test]
-    fn the_minting_budget_holds_and_refills_over_the_minute() {
+    fn spent_budgets_never_cost_a_published_name_its_leaf_once_preminted() {
         let (_dir, r) = resolver(3);
         let at = Instant::now();
-        let mut got = Vec::new();
-        for i in 0..10 {
-            got.push(names(&r, Some(&format!("x.p{i}.wild.acme.test")), at));
-        }
+        let got: Vec<_> = (0..6)
+            .map(|i| names(&r, Some(&format!("p{i}.acme.test")), at))
+            .collect();
+        // On demand: three, then the relay's own certificate for the moment...
         assert_eq!(r.minted_total(), 3);
-        assert_eq!(r.over_budget_total(), 7);
-        assert_eq!(got[2], ["*.p2.wild.acme.test"]);
+        assert_eq!(got[2], ["p2.acme.test"]);
         assert!(
             got[3..].iter().all(|n| n == &["relay.acme.test"]),
             "{got:?}"
         );
-        // What was minted stays served; the relay's own name is never refused.
+        // ...until the background minting reaches every published name, budget or not.
+        assert_eq!(r.premint_published(), 14 - 3);
+        assert_eq!(r.premint_published(), 0);
+        for i in 0..12 {
+            let name = format!("p{i}.acme.test");
+            assert_eq!(names(&r, Some(&name), at), [name.as_str()]);
+        }
         assert_eq!(
-            names(&r, Some("y.p0.wild.acme.test"), at),
-            ["*.p0.wild.acme.test"]
+            names(&r, Some("z.wild.acme.test"), at),
+            ["*.wild.acme.test"]
         );
         assert_eq!(names(&r, Some("relay.acme.test"), at), ["relay.acme.test"]);
-        // 3 a minute: one more leaf 20 s later, then none again.
-        let later = at + Duration::from_secs(20);
-        assert_eq!(
-            names(&r, Some("x.p3.wild.acme.test"), later),
-            ["*.p3.wild.acme.test"]
-        );
-        assert_eq!(
-            names(&r, Some("x.p4.wild.acme.test"), later),
-            ["relay.acme.test"]
-        );
-        assert_eq!(r.minted_total(), 4);
+    }
+
+    #[test]
+    fn one_address_mints_a_few_leaves_a_minute_on_demand_and_others_go_on() {
+        let (_dir, r) = resolver(1000);
+        let at = Instant::now();
+        let a = Some(IpAddr::from([192, 0, 2, 1]));
+        let b = Some(IpAddr::from([192, 0, 2, 2]));
+        let from = |src, i: usize| names_from(&r, Some(&format!("p{i}.acme.test")), at, src);
+        let first: Vec<_> = (0..11).map(|i| from(a, i)).collect();
+        assert_eq!(r.minted_total(), 10);
+        assert_eq!(first[10], ["relay.acme.test"]);
+        assert_eq!(from(b, 11), ["p11.acme.test"]);
+        // What was minted is served to everyone, the spent address included.
+        assert_eq!(from(a, 0), ["p0.acme.test"]);
+    }
+
+    #[test]
+    fn the_cache_evicts_the_least_recently_used_leaf() {
+        let (_dir, r) = resolver(60);
+        let leaf = r.mint("app.acme.test").unwrap();
+        let mut leaves = r.leaves.lock().unwrap();
+        for i in 0..MAX_CACHED {
+            leaves.put(&format!("n{i}"), leaf.clone());
+        }
+        // n0 is the oldest put, but used since: n1 goes instead.
+        assert!(leaves.get("n0").is_some());
+        leaves.put("new", leaf);
+        assert_eq!(leaves.by_name.len(), MAX_CACHED);
+        assert!(leaves.get("n0").is_some() && leaves.get("new").is_some());
+        assert!(leaves.get("n1").is_none());
     }
 }

@@ -32,6 +32,7 @@ use crate::hardening::h1_framing::{Conflicts, Watched};
 use crate::hardening::idle::Activity;
 use crate::hardening::overload::Shed;
 use crate::hardening::reset_flood::ResetFlood;
+use crate::identity::tls;
 use crate::listen::{enroll, tunnel};
 use crate::ops::metrics::Listener;
 use crate::pipeline::{self, Tunnel};
@@ -143,7 +144,8 @@ async fn serve_connection(
     let Accepted { tcp, peer, place } = conn;
     let accepted = tokio::time::Instant::now();
     let limits = &state.config.limits;
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+    let handshake = tls::with_source(peer.ip(), acceptor.accept(tcp));
+    let tls = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => {
             state.metrics.sli.handshake("https", "ok");
             tls

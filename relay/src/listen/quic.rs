@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::hardening::conn_limit::{ConnGuard, PendingGuard};
 use crate::hardening::overload::Shed;
+use crate::identity::tls;
 use crate::ops::metrics::Listener;
 use crate::state::State;
 
@@ -228,7 +229,9 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         pending,
     } = admitted;
     let limits = &state.config.limits;
-    let handshake = tokio::time::timeout(limits.handshake_timeout, incoming).await;
+    let source = incoming.remote_address().ip();
+    let handshake = tls::with_source(source, incoming.into_future());
+    let handshake = tokio::time::timeout(limits.handshake_timeout, handshake).await;
     drop(pending);
     let conn = match handshake {
         Ok(Ok(conn)) => {
