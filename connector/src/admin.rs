@@ -1,6 +1,8 @@
 //! The connector's optional admin listener (`admin_listen`): `/healthz` (the process
 //! runs), `/readyz` (at least one tunnel is registered with a relay) and `/metrics`, plain
-//! HTTP/1.1 for the kubelet's probes and Prometheus.
+//! HTTP/1.1 for the kubelet's probes and Prometheus; with `admin_token_file`, every
+//! request (the probes optionally excepted) must carry the bearer token, and at most
+//! [`portcullis_shared::admin_gate::MAX_ADMIN_CONNECTIONS`] connections are held.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use portcullis_shared::admin_gate::AdminGate;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
@@ -23,9 +26,22 @@ use crate::relays::{Status, TunnelState};
 pub(crate) struct Admin {
     pub(crate) status: Arc<Status>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The bearer token (if any) and the connection cap.
+    pub(crate) gate: AdminGate,
 }
 
 fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !admin.gate.allows(req.uri().path(), req.headers()) {
+        let mut resp = Response::new(Full::new(Bytes::from_static(
+            b"a bearer token is required\n",
+        )));
+        *resp.status_mut() = StatusCode::UNAUTHORIZED;
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
     let (status, content_type, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => {
@@ -92,9 +108,14 @@ async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Shutdown) {
             },
             () = shutdown.wait() => return,
         };
+        let Some(place) = admin.gate.admit() else {
+            tracing::debug!("admin listener full: connection closed");
+            continue;
+        };
         let admin = admin.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            let _place = place;
             let svc = hyper::service::service_fn(move |req| {
                 let resp = respond(&admin, &req);
                 async move { Ok::<_, Infallible>(resp) }

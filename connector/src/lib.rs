@@ -117,6 +117,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
     if let Some(otlp) = &config.otlp {
         portcullis_shared::otlp::check(otlp).map_err(|e| what(e.into()))?;
     }
+    if let Some(token) = &config.admin_token_file {
+        portcullis_shared::admin_gate::read_token(token).map_err(|e| what(e.into()))?;
+    }
     println!("{}: ok", path.display());
     Ok(())
 }
@@ -199,9 +202,19 @@ async fn run_with(
         shutdown.clone(),
     ));
     if let Some(addr) = config.admin_listen {
+        let token = config
+            .admin_token_file
+            .as_deref()
+            .map(portcullis_shared::admin_gate::read_token)
+            .transpose()?;
         let admin = admin::Admin {
             status: status.clone(),
             metrics,
+            gate: portcullis_shared::admin_gate::AdminGate::new(
+                token,
+                config.admin_probes_without_token,
+                portcullis_shared::admin_gate::MAX_ADMIN_CONNECTIONS,
+            ),
         };
         admin::start(addr, admin, shutdown.clone()).await?;
     }

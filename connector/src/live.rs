@@ -247,7 +247,14 @@ pub(crate) fn leaf(path: &Path) -> Option<pki::CertInfo> {
 
 /// Warns about changed keys a reload does not apply.
 fn warn_restart_only(old: &ConnectorConfig, new: &ConnectorConfig) {
-    let admin = |c: &ConnectorConfig| (c.admin_listen, c.admin_allow_remote);
+    let admin = |c: &ConnectorConfig| {
+        (
+            c.admin_listen,
+            c.admin_allow_remote,
+            c.admin_token_file.clone(),
+            c.admin_probes_without_token,
+        )
+    };
     let changed: Vec<&str> = [
         ("relay", old.relay != new.relay),
         ("relay_tcp_port", old.relay_tcp_port != new.relay_tcp_port),

@@ -36,7 +36,11 @@ use portcullis_shared::config::ConfigError;
 /// Runs the command line's command to completion.
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ca(CaCommand::Init { state, org }) => admin::ca_init(&state, &org),
+        Command::Ca(CaCommand::Init {
+            state,
+            org,
+            permit_dns,
+        }) => admin::ca_init(&state, &org, &permit_dns),
         Command::Issue(IssueCommand::Connector {
             name,
             hostnames,
@@ -120,6 +124,14 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     if let Some(otlp) = &config.otlp {
         portcullis_shared::otlp::check(otlp).with_context(|| path.display().to_string())?;
     }
+    if let Some(token) = &config.admin.token_file {
+        portcullis_shared::admin_gate::read_token(token)
+            .with_context(|| format!("{}: [admin] token_file", path.display()))?;
+    }
+    // A name-constrained CA must cover the relay's own name, or connectors refuse it.
+    portcullis_shared::pki::Ca::load(&config.state_dir)
+        .and_then(|ca| ca.check_server_name(config.server_name.as_str()))
+        .with_context(|| format!("{}: server_name", path.display()))?;
     println!("{}: ok", path.display());
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use std::sync::{Mutex, RwLock};
 
 use anyhow::Context;
+use portcullis_shared::admin_gate::{self, AdminGate, MAX_ADMIN_CONNECTIONS};
 use portcullis_shared::config::RelayConfig;
 use portcullis_shared::pki::Ca;
 use portcullis_shared::proto::CloseCode;
@@ -137,6 +138,9 @@ struct Identity {
 impl Identity {
     fn load(config: &RelayConfig) -> anyhow::Result<Self> {
         let ca = Arc::new(Ca::load(&config.state_dir)?);
+        // Connectors would refuse the relay's own certificate.
+        ca.check_server_name(config.server_name.as_str())
+            .context("server_name")?;
         let store = crate::identity::store::open(&config.state_dir, config.store.url.as_deref())?;
         tracing::info!(store = %store.describe(), "store opened");
         let registry = Registry::load(&*store)?;
@@ -347,9 +351,12 @@ fn serve(
         registry: id.registry.clone(),
         resolver: id.resolver.clone(),
         relay: state.clone(),
-        token: admin_token(&state.config)?,
+        gate: AdminGate::new(
+            admin_token(&state.config)?,
+            state.config.admin.probes_without_token,
+            MAX_ADMIN_CONNECTIONS,
+        ),
         device_ids: state.config.admin.metrics_device_ids,
-        probes_without_token: state.config.admin.probes_without_token,
     });
     if let Some(listener) = listeners.admin {
         tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));
@@ -376,18 +383,13 @@ fn serve(
 
 /// The admin listener's bearer token, from `[admin] token_file`.
 fn admin_token(config: &RelayConfig) -> anyhow::Result<Option<String>> {
-    let Some(path) = &config.admin.token_file else {
-        return Ok(None);
-    };
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the admin token_file {}", path.display()))?;
-    let token = token.trim();
-    anyhow::ensure!(
-        token.len() >= 16,
-        "the admin token_file {} must hold a token of at least 16 characters",
-        path.display()
-    );
-    Ok(Some(token.to_owned()))
+    config
+        .admin
+        .token_file
+        .as_deref()
+        .map(admin_gate::read_token)
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// Where tokens should send devices and connectors, unless an admin says otherwise.

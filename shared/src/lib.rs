@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod access_log;
+pub mod admin_gate;
 pub mod assertion;
 pub mod config;
 pub mod congestion;

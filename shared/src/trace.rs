@@ -114,6 +114,18 @@ impl TraceContext {
         self.flags & SAMPLED != 0
     }
 
+    /// The same context with its sampled flag set or cleared.
+    pub fn with_sampled(self, sampled: bool) -> Self {
+        Self {
+            flags: if sampled {
+                self.flags | SAMPLED
+            } else {
+                self.flags & !SAMPLED
+            },
+            ..self
+        }
+    }
+
     /// A span of our own in the same trace.
     pub fn child(&self) -> Self {
         Self {

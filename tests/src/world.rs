@@ -71,7 +71,21 @@ impl World {
             dir: Self::tempdir(),
             store,
         };
-        w.admin(&["ca", "init", "--org", "Acme"]);
+        // Name-constrained as a careful operator's would be, so every test runs against
+        // such a CA.
+        w.admin(&[
+            "ca",
+            "init",
+            "--org",
+            "Acme",
+            "--permit-dns",
+            ".internal",
+            "--permit-dns",
+            ".test",
+            // Test collectors and origins with org-CA certificates listen on localhost.
+            "--permit-dns",
+            "localhost",
+        ]);
         w
     }
 

@@ -726,3 +726,86 @@ async fn policy_changes_in_relay_toml_apply_without_a_restart() {
         "{metrics}"
     );
 }
+
+/// Runs `openssl` with `args` in `dir`; its combined output, and whether it succeeded.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn the_org_ca_vouches_only_for_its_permitted_domains_and_devices_are_still_served() {
+    // The test world's CA is created with --permit-dns .internal --permit-dns .test.
+    let s = Stack::up().await;
+    assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+
+    // The relay refuses to publish a name outside them, with the reason.
+    let out = relay_cli(&[
+        "issue",
+        "connector",
+        "evil",
+        "--hostname",
+        "www.bank.example",
+        "--state",
+        s.w.state(),
+        "--out",
+        s.w.out(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("outside the organisation CA's permitted domains"),
+        "{err}"
+    );
+
+    // A leaf for another site, signed with the CA's own key anyway (as a thief of the key
+    // could), is refused by OpenSSL; one for a permitted name verifies.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = s.w.path("state/ca.key");
+    let ca_crt = s.w.path("out/ca.crt");
+    for (name, ok) in [("www.bank.example", false), ("anything.internal", true)] {
+        let (made, text) = openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "leaf.key",
+                "-out",
+                "leaf.crt",
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                &format!("subjectAltName=DNS:{name}"),
+                "-CA",
+                ca_crt.to_str().unwrap(),
+                "-CAkey",
+                ca_key.to_str().unwrap(),
+            ],
+        );
+        assert!(made, "{text}");
+        let (verified, text) = openssl(
+            dir.path(),
+            &["verify", "-CAfile", ca_crt.to_str().unwrap(), "leaf.crt"],
+        );
+        assert_eq!(verified, ok, "{name}: {text}");
+        if !ok {
+            assert!(text.contains("permitted subtree violation"), "{text}");
+        }
+    }
+}

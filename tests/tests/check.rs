@@ -101,6 +101,16 @@ fn the_relay_checks_its_configuration_without_starting() {
         "{}",
         text(&out)
     );
+    // Headers (an API key) to a plain http:// collector: refused unless allowed.
+    std::fs::write(
+        &bad,
+        format!("{text_ok}\n[otlp]\nendpoint = \"http://collector:4318\"\n[otlp.headers]\nx-api-key = \"secret\"\n"),
+    )
+    .unwrap();
+    let out = check("portcullis-relay", &bad);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("allow_insecure"), "{}", text(&out));
+    assert!(!text(&out).contains("secret"), "{}", text(&out));
     let junk_ca = w.path("junk-ca.pem");
     std::fs::write(&junk_ca, "not a certificate").unwrap();
     std::fs::write(

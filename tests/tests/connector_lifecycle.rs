@@ -366,3 +366,64 @@ async fn a_connector_enrols_with_its_token_on_first_start_then_renews_and_restar
         "{said}"
     );
 }
+
+/// Beyond loopback the connector's admin listener must ask for a bearer token: a
+/// configuration without one is refused, and with one every request but the probes
+/// (when spared) needs it.
+#[tokio::test]
+async fn a_remote_connector_admin_listener_wants_its_bearer_token() {
+    use portcullis_e2e::admin_get_with;
+    let w = World::new();
+    w.issue_connector("c1", &[APP]);
+    let (_origin, origin_addr) = w.start_origin().await;
+    w.write_relay_config(ANY, ANY, ANY, POLICY);
+    let (_relay, addrs) = w.start_relay().await;
+    let service = format!("http://{origin_addr}");
+    let path = w.write_connector_config("c1", &addrs.quic.to_string(), &[(APP, &service)]);
+    let text = std::fs::read_to_string(&path).unwrap();
+
+    // Remote without a token: refused at the start, with the reason.
+    let remote = "admin_listen = \"0.0.0.0:0\"\nadmin_allow_remote = true\n";
+    std::fs::write(&path, format!("{remote}{text}")).unwrap();
+    let out = std::process::Command::new(portcullis_e2e::bin("portcullis-connector"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("admin_token_file"),
+        "{err}"
+    );
+
+    // With a token (the probes spared): a scrape without it or with a wrong one gets 401.
+    let token = "0123456789abcdef-admin";
+    std::fs::write(w.path("admin.token"), format!("{token}\n")).unwrap();
+    let with_token = format!(
+        "{remote}admin_token_file = {:?}\nadmin_probes_without_token = true\n",
+        w.path("admin.token").display().to_string()
+    );
+    std::fs::write(&path, format!("{with_token}{text}")).unwrap();
+    let connector = w.run_connector(None, "c1", &path);
+    let admin = admin_addr(&connector).await;
+    let admin = std::net::SocketAddr::new([127, 0, 0, 1].into(), admin.port());
+    assert_eq!(
+        admin_get_with(admin, "/metrics", None).await.unwrap().0,
+        401
+    );
+    let wrong = Some("0123456789abcdef-wrong");
+    assert_eq!(
+        admin_get_with(admin, "/metrics", wrong).await.unwrap().0,
+        401
+    );
+    let (status, body) = admin_get_with(admin, "/metrics", Some(token))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("portcullis_connector_tunnels"), "{body}");
+    assert_eq!(
+        admin_get_with(admin, "/healthz", None).await.unwrap().0,
+        200
+    );
+}

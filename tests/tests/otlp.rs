@@ -87,7 +87,7 @@ async fn spans_are_exported_over_otlp_in_the_clients_trace() {
     std::fs::write(
         &path,
         format!(
-            "{text}[otlp]\nendpoint = \"http://127.0.0.1:{}/v1/traces\"\n[otlp.headers]\nx-tenant = \"acme\"\n",
+            "{text}[otlp]\nendpoint = \"http://127.0.0.1:{}/v1/traces\"\nallow_insecure = true\n[otlp.headers]\nx-tenant = \"acme\"\n",
             connector_collector.addr.port()
         ),
     )
@@ -100,6 +100,14 @@ async fn spans_are_exported_over_otlp_in_the_clients_trace() {
     cmd.arg("-H")
         .arg(format!("traceparent: 00-{UNSAMPLED}-{CLIENT_SPAN}-00"));
     assert_eq!(run_curl(cmd).await.status, 200);
+
+    // Sampled by a caller the relay refuses (no device certificate): a stranger cannot
+    // make the relay export spans.
+    let refused = "0badc0de0badc0de0badc0de0badc0de";
+    let mut cmd = curl_cmd(&w, &addrs, APP, "/refused", None);
+    cmd.arg("-H")
+        .arg(format!("traceparent: 00-{refused}-{CLIENT_SPAN}-01"));
+    assert_eq!(run_curl(cmd).await.status, 403);
 
     // Sampled by the client: both hops export their span, each the child of the last.
     let headers = w.path("headers.txt");
@@ -199,6 +207,10 @@ async fn spans_are_exported_over_otlp_in_the_clients_trace() {
         assert!(
             spans.iter().all(|s| s.trace_id != UNSAMPLED),
             "an unsampled trace was exported"
+        );
+        assert!(
+            spans.iter().all(|s| s.trace_id != refused),
+            "a refused caller's sampled trace was exported"
         );
     }
 

@@ -100,6 +100,20 @@ fn systemd_units_verify_run_as_declared_users_and_are_hardened() {
             assert!(u.contains_key(key), "{name}: no {key}");
         }
     }
+    // The agent's user unit gets what a user manager can enforce without namespaces.
+    let agent = unit("portcullis-agent.service");
+    for key in [
+        "NoNewPrivileges",
+        "RestrictAddressFamilies",
+        "SystemCallFilter",
+        "MemoryDenyWriteExecute",
+        "UMask",
+    ] {
+        assert!(
+            agent.contains_key(key),
+            "portcullis-agent.service: no {key}"
+        );
+    }
     if !have("systemd-analyze") {
         skip(
             "PORTCULLIS_REQUIRE_SYSTEMD_ANALYZE",
@@ -363,6 +377,20 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
         let path = out.path().join(format!("{name}.yaml"));
         let rendered = run_ok(&mut cmd);
         // Connector pods enrol with their own token unless they run from a Secret of keys.
+        // No pod gets a Kubernetes API token, and each half has its NetworkPolicy.
+        let pods = rendered.matches("kind: StatefulSet").count();
+        assert_eq!(
+            rendered
+                .matches("automountServiceAccountToken: false")
+                .count(),
+            pods,
+            "{name}:\n{rendered}"
+        );
+        assert_eq!(
+            rendered.matches("kind: NetworkPolicy").count(),
+            pods,
+            "{name}"
+        );
         if name != "relay-only" {
             let enrols = rendered.contains("- /etc/portcullis/tokens/$(POD_NAME)");
             assert_eq!(enrols, name != "connector-keys", "{name}:\n{rendered}");
@@ -395,7 +423,12 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             .env("PYTHONPATH", &tools),
     );
     assert!(!text.contains("ERROR"), "{text}");
-    for kind in ["statefulset", "poddisruptionbudget", "service"] {
+    for kind in [
+        "statefulset",
+        "poddisruptionbudget",
+        "service",
+        "networkpolicy",
+    ] {
         assert!(
             text.contains(&format!("passed for resource {kind}/")),
             "{text}"

@@ -66,18 +66,49 @@ fn emit(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
     writeln!(std::io::stdout().lock(), "{line}")
 }
 
+/// The hostname patterns a connector asks to publish, each checked against the CA's name
+/// constraints (a name outside them would get a certificate no device accepts).
+fn publishable(at: &StateArgs, hostnames: &[String]) -> anyhow::Result<Vec<HostPattern>> {
+    let ca = Ca::load(&at.state)?;
+    hostnames
+        .iter()
+        .map(|h| {
+            let pattern = HostPattern::parse(h)?;
+            ca.check_server_name(&pattern.to_string())?;
+            Ok(pattern)
+        })
+        .collect()
+}
+
 /// `ca init`.
-pub fn ca_init(at: &StateArgs, org: &str) -> anyhow::Result<()> {
+pub fn ca_init(at: &StateArgs, org: &str, permit_dns: &[String]) -> anyhow::Result<()> {
     let state = &at.state;
-    let ca = Ca::init(state, org)?;
+    let ca = Ca::init_constrained(state, org, permit_dns)?;
     let store = open_store(at)?;
-    audit(&*store, "ca.init", "ca", format!("organisation {org}"))?;
-    let _ = ca;
+    let constraints = match ca.permitted_dns() {
+        Some(domains) => format!("; server names only under {}", domains.join(", ")),
+        None => String::new(),
+    };
+    audit(
+        &*store,
+        "ca.init",
+        "ca",
+        format!("organisation {org}{constraints}"),
+    )?;
     out!(
         "created the {org} CA in {}; clients and connectors trust {}",
         state.display(),
         state.join(pki::CA_CERT_FILE).display()
     );
+    match ca.permitted_dns() {
+        Some(domains) => out!(
+            "the CA vouches for server names under {} only, and for no IP address",
+            domains.join(", ")
+        ),
+        None => eprintln!(
+            "note: this CA is not name-constrained, so a device that trusts it trusts it for every name on the internet; create it with --permit-dns DOMAIN (repeatable) to limit it to your private domains"
+        ),
+    }
     Ok(())
 }
 
@@ -132,10 +163,7 @@ pub fn issue_connector(
     out: &Path,
 ) -> anyhow::Result<()> {
     let identity = Identity::new(Role::Connector, name)?;
-    let patterns = hostnames
-        .iter()
-        .map(|h| HostPattern::parse(h))
-        .collect::<Result<Vec<_>, _>>()?;
+    let patterns = publishable(at, hostnames)?;
     issue(at, &identity, ttl, out, |i| IdentityRecord {
         identity: identity.clone(),
         user: None,
@@ -459,10 +487,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
             state,
         } => {
             Identity::new(Role::Connector, name)?;
-            let patterns = hostnames
-                .iter()
-                .map(|h| HostPattern::parse(h))
-                .collect::<Result<Vec<_>, _>>()?;
+            let patterns = publishable(state, hostnames)?;
             (
                 state,
                 ttl,

@@ -123,6 +123,13 @@ pub enum CaCommand {
         /// Organisation name written into the CA certificate.
         #[arg(long, default_value = "Portcullis")]
         org: String,
+        /// A domain the CA may vouch for server names under (`.internal`,
+        /// `.corp.example.com`), written into the CA as an X.509 name constraint: devices
+        /// that trust the CA then trust it for these domains only, and for no IP address.
+        /// Repeat for more. Include the relay's own server_name. Without it the CA is not
+        /// constrained.
+        #[arg(long = "permit-dns", value_name = "DOMAIN")]
+        permit_dns: Vec<String>,
     },
 }
 

@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz` and `/metrics`, plain HTTP/1.1 on a private
 //! address (loopback unless `[admin] allow_remote`, checked with the configuration), with
-//! a bearer token on every request when `[admin] token_file` is set.
+//! a bearer token on every request when `[admin] token_file` is set, and at most
+//! [`portcullis_shared::admin_gate::MAX_ADMIN_CONNECTIONS`] connections open.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use portcullis_shared::admin_gate::AdminGate;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
@@ -26,36 +28,14 @@ pub(crate) struct AdminState {
     pub(crate) resolver: Arc<CertResolver>,
     /// The relay's state, for the routing table (the replicas each published name has).
     pub(crate) relay: Arc<crate::state::State>,
-    /// The bearer token every request must present, if one is configured.
-    pub(crate) token: Option<String>,
+    /// The bearer token (if any) and the connection cap.
+    pub(crate) gate: AdminGate,
     /// Whether `/metrics` lists device ids.
     pub(crate) device_ids: bool,
-    /// Whether `/healthz` and `/readyz` answer without the token.
-    pub(crate) probes_without_token: bool,
-}
-
-/// Whether `req` carries `Authorization: Bearer <token>`, compared in constant time.
-fn authorized(token: &str, req: &Request<Incoming>) -> bool {
-    let Some(given) = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, given)| given)
-    else {
-        return false;
-    };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
-    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
-    if let Some(token) = &state.token
-        && !(probe && state.probes_without_token)
-        && !authorized(token, req)
-    {
+    if !state.gate.allows(req.uri().path(), req.headers()) {
         let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required");
         resp.headers_mut().insert(
             http::header::WWW_AUTHENTICATE,
@@ -94,9 +74,14 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdow
             },
             () = shutdown.wait() => return,
         };
+        let Some(place) = state.gate.admit() else {
+            tracing::debug!("admin listener full: connection closed");
+            continue;
+        };
         let state = state.clone();
         let stop = shutdown.clone();
         shutdown.tracker().spawn(async move {
+            let _place = place;
             let svc = hyper::service::service_fn(move |req| {
                 let resp = respond(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }

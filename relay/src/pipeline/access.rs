@@ -50,6 +50,8 @@ pub(super) struct Access {
     pub(super) trace: TraceContext,
     /// The client's span, when it sent a `traceparent`.
     parent: Option<[u8; 8]>,
+    /// Whether the caller's `traceparent` asked for sampling (honoured once authorised).
+    caller_sampled: bool,
     /// The connection stays busy for as long as this request, its response body or its
     /// tunnel holds these permits (and the device's and connector's stream slots).
     pub(super) permits: Vec<OwnedSemaphorePermit>,
@@ -72,8 +74,10 @@ impl Access {
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse);
+        // A caller's sampled flag makes the relay export spans for it: taken only once the
+        // request is authorised ([`Access::authorised`]), so a stranger cannot.
         let trace = match (caller, &state.spans) {
-            (Some(caller), _) => caller.child(),
+            (Some(caller), _) => caller.child().with_sampled(false),
             (None, Some(spans)) => spans.new_trace(),
             (None, None) => TraceContext::root(),
         };
@@ -90,9 +94,17 @@ impl Access {
             routed: false,
             trace,
             parent: caller.map(|c| c.span_id),
+            caller_sampled: caller.is_some_and(|c| c.sampled()),
             bytes_in: Arc::default(),
             head: None,
             permits: info.activity.begin().into_iter().collect(),
+        }
+    }
+
+    /// The request was authorised: a caller's sampled flag now counts.
+    pub(super) fn authorised(&mut self) {
+        if self.caller_sampled {
+            self.trace = self.trace.with_sampled(true);
         }
     }
 

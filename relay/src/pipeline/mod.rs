@@ -84,6 +84,9 @@ async fn serve(
         },
     );
     access.user = decision.user;
+    if matches!(decision.outcome, Ok(Route::Forward(_) | Route::Services)) {
+        access.authorised();
+    }
     match decision.outcome {
         Ok(Route::Jwks) => Ok(respond::json(StatusCode::OK, &state.jwt.jwks())),
         Ok(Route::Services) => services::list(state, &registry, info),

@@ -55,6 +55,15 @@ pub struct ConnectorConfig {
     /// no way to change anything.
     #[serde(default)]
     pub admin_allow_remote: bool,
+    /// A file holding the bearer token every admin request must carry
+    /// (`Authorization: Bearer …`, at least 16 characters); required with
+    /// `admin_allow_remote`.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Let `/healthz` and `/readyz` answer without the token (for a kubelet's probes);
+    /// `/metrics` still wants it.
+    #[serde(default)]
+    pub admin_probes_without_token: bool,
     /// Where to append the access log (JSON lines, one per proxied request, with the
     /// relay's request id and the trace id); `-` for standard output; absent, the lines go
     /// to the daemon's log. Reopened on SIGUSR2.
@@ -307,6 +316,9 @@ impl ConnectorConfig {
         if let Some(p) = &mut cfg.access_log {
             *p = resolve(path, p);
         }
+        if let Some(p) = &mut cfg.admin_token_file {
+            *p = resolve(path, p);
+        }
         if let Some(ca) = cfg.otlp.as_mut().and_then(|o| o.ca.as_mut()) {
             *ca = resolve(path, ca);
         }
@@ -375,6 +387,11 @@ impl ConnectorConfig {
             return Err(invalid(format!(
                 "admin_listen {addr} is not a loopback address: bind it to 127.0.0.1, or set admin_allow_remote = true"
             )));
+        }
+        if self.admin_allow_remote && self.admin_token_file.is_none() {
+            return Err(invalid(
+                "admin_allow_remote needs admin_token_file: a listener beyond loopback must ask every scraper for a bearer token".into(),
+            ));
         }
         if self.ingress.is_empty() {
             return Err(invalid("no [[ingress]] rules: nothing to publish".into()));

@@ -34,6 +34,10 @@ pub struct OtlpConfig {
     /// `service.name` of the exported spans; default the binary's name.
     #[serde(default)]
     pub service_name: Option<String>,
+    /// Allow `headers` (often an API key) to an `http://` endpoint, where they travel in
+    /// the clear; refused otherwise.
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 fn one() -> SampleRatio {
@@ -77,6 +81,13 @@ impl OtlpEndpoint {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether it is a plain `http://` URL (the scheme in any case).
+    pub fn is_plaintext(&self) -> bool {
+        self.0
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+    }
 }
 
 impl<'de> Deserialize<'de> for OtlpEndpoint {
@@ -110,7 +121,8 @@ impl<'de> Deserialize<'de> for SampleRatio {
 }
 
 impl OtlpConfig {
-    /// Checks what serde cannot: header names and values an HTTP request can carry.
+    /// Checks what serde cannot: header names and values an HTTP request can carry, and
+    /// no headers over plain `http://` without `allow_insecure`.
     pub fn validate(&self) -> Result<(), String> {
         for (name, value) in &self.headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -124,6 +136,12 @@ impl OtlpConfig {
         }
         if self.timeout < Duration::from_millis(100) {
             return Err("otlp.timeout must be at least 100ms".into());
+        }
+        if !self.headers.is_empty() && self.endpoint.is_plaintext() && !self.allow_insecure {
+            return Err(format!(
+                "otlp.headers would be sent in the clear to {}: use an https:// endpoint, or set otlp.allow_insecure = true",
+                self.endpoint.as_str()
+            ));
         }
         Ok(())
     }
@@ -176,5 +194,23 @@ mod tests {
             parse("[otlp]\nendpoint = \"http://c:4318\"\n[otlp.headers]\n\"bad name\" = \"v\"\n")
                 .unwrap();
         assert!(c.validate().unwrap_err().contains("not a header name"));
+    }
+
+    #[test]
+    fn headers_in_the_clear_need_allow_insecure() {
+        let plain = "[otlp]\nendpoint = \"HTTP://c:4318\"\n";
+        let c = parse(&format!("{plain}[otlp.headers]\nx-api-key = \"k\"\n")).unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.contains("in the clear") && e.contains("allow_insecure"),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{plain}allow_insecure = true\n[otlp.headers]\nx-api-key = \"k\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        // Without headers, plain HTTP is fine (a collector beside the daemon).
+        parse(plain).unwrap().validate().unwrap();
     }
 }

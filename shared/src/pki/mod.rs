@@ -68,6 +68,20 @@ pub enum PkiError {
     /// The requested validity ends after the year 9999.
     #[error("the requested lifetime is too long: choose a --ttl that ends before the year 9999")]
     TtlTooLong,
+    /// A server name outside the CA's name constraints: clients would refuse the
+    /// certificate, so it is not issued.
+    #[error(
+        "{name} is outside the organisation CA's permitted domains ({permitted}): devices would refuse its certificate; publish names under them, or create the CA with --permit-dns for this domain"
+    )]
+    NameNotPermitted {
+        /// The name asked for.
+        name: String,
+        /// The CA's permitted DNS subtrees, comma-separated.
+        permitted: String,
+    },
+    /// A `--permit-dns` domain that is not a DNS name.
+    #[error("--permit-dns {0}: not a DNS domain (give it as .example.com or example.com)")]
+    BadPermittedDomain(String),
     /// An id or hostname is not valid.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -109,6 +123,63 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
+    /// The DNS subtrees the CA's name constraints permit (no leading dot); `None` for a
+    /// CA without name constraints.
+    permitted_dns: Option<Vec<String>>,
+}
+
+/// The X.509 name constraints of a CA limited to `domains`: server names only under them,
+/// and no IP address at all (IPv4 and IPv6 excluded whole), so a device that trusts the
+/// CA cannot be impersonated for any other site. Client identities (SAN URIs) are not
+/// constrained.
+fn name_constraints(domains: &[String]) -> rcgen::NameConstraints {
+    rcgen::NameConstraints {
+        permitted_subtrees: domains
+            .iter()
+            .map(|d| rcgen::GeneralSubtree::DnsName(d.clone()))
+            .collect(),
+        excluded_subtrees: vec![
+            rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+            rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    }
+}
+
+/// `--permit-dns` domains as they go into the certificate: lower case, without the
+/// leading dot (an RFC 5280 DNS constraint covers the domain and every name below it).
+fn permitted_domains(domains: &[String]) -> Result<Vec<String>, PkiError> {
+    let mut out = Vec::new();
+    for d in domains {
+        let bare = d.strip_prefix('.').unwrap_or(d).to_ascii_lowercase();
+        crate::identity::Hostname::parse(&bare)
+            .map_err(|_| PkiError::BadPermittedDomain(d.clone()))?;
+        if !out.contains(&bare) {
+            out.push(bare);
+        }
+    }
+    Ok(out)
+}
+
+/// The permitted DNS subtrees in a CA certificate's name constraints, if it has any.
+fn read_permitted_dns(cert_der: &[u8]) -> Result<Option<Vec<String>>, PkiError> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    for ext in cert.extensions() {
+        if let ParsedExtension::NameConstraints(nc) = ext.parsed_extension() {
+            let dns = nc
+                .permitted_subtrees
+                .iter()
+                .flatten()
+                .filter_map(|s| match &s.base {
+                    GeneralName::DNSName(d) => Some(d.trim_start_matches('.').to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect();
+            return Ok(Some(dns));
+        }
+    }
+    Ok(None)
 }
 
 impl std::fmt::Debug for Ca {
@@ -121,6 +192,19 @@ impl Ca {
     /// Creates a new CA in `state_dir` (created if missing, and made 0700 either way).
     /// Refuses if one exists.
     pub fn init(state_dir: &Path, org: &str) -> Result<Self, PkiError> {
+        Self::init_constrained(state_dir, org, &[])
+    }
+
+    /// Like [`Ca::init`], with X.509 name constraints when `permit_dns` names domains
+    /// (`.internal`, `corp.example.com`): the CA then vouches for server names only under
+    /// them, and for no IP address. Fails with [`PkiError::BadPermittedDomain`] for a
+    /// domain that is not a DNS name.
+    pub fn init_constrained(
+        state_dir: &Path,
+        org: &str,
+        permit_dns: &[String],
+    ) -> Result<Self, PkiError> {
+        let permitted = permitted_domains(permit_dns)?;
         let key_path = state_dir.join(CA_KEY_FILE);
         if key_path.exists() || state_dir.join(CA_CERT_FILE).exists() {
             return Err(PkiError::CaExists(state_dir.to_owned()));
@@ -145,6 +229,9 @@ impl Ca {
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
         params.serial_number = Some(random_serial().0);
+        if !permitted.is_empty() {
+            params.name_constraints = Some(name_constraints(&permitted));
+        }
         let cert = params.self_signed(&key)?;
         // create_new: two concurrent `ca init` runs cannot overwrite each other's key.
         files::write_new_private_file(&key_path, key.serialize_pem().as_bytes()).map_err(|e| {
@@ -162,6 +249,7 @@ impl Ca {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
             issuer: Issuer::new(params, key),
+            permitted_dns: (!permitted.is_empty()).then_some(permitted),
         })
     }
 
@@ -188,6 +276,7 @@ impl Ca {
                     path: cert_path.clone(),
                     what: "no certificate in file".into(),
                 })?;
+        let permitted_dns = read_permitted_dns(&cert_der)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadFile {
             path: cert_path,
             what: format!("not a usable CA certificate ({e})"),
@@ -196,6 +285,7 @@ impl Ca {
             issuer,
             cert_pem,
             cert_der,
+            permitted_dns,
         })
     }
 
@@ -207,6 +297,32 @@ impl Ca {
     /// The CA certificate, DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
+    }
+
+    /// The domains the CA's name constraints permit server names under; `None` for a CA
+    /// without name constraints (it vouches for any name).
+    pub fn permitted_dns(&self) -> Option<&[String]> {
+        self.permitted_dns.as_deref()
+    }
+
+    /// Checks that a server name (or `*.pattern`) is one the CA may vouch for.
+    ///
+    /// # Errors
+    /// [`PkiError::NameNotPermitted`] when the CA's name constraints leave it out.
+    pub fn check_server_name(&self, name: &str) -> Result<(), PkiError> {
+        let Some(permitted) = &self.permitted_dns else {
+            return Ok(());
+        };
+        let bare = name.strip_prefix("*.").unwrap_or(name).to_ascii_lowercase();
+        let under = |d: &String| bare == *d || bare.ends_with(&format!(".{d}"));
+        if permitted.iter().any(under) {
+            Ok(())
+        } else {
+            Err(PkiError::NameNotPermitted {
+                name: name.to_owned(),
+                permitted: permitted.join(", "),
+            })
+        }
     }
 
     /// Issues a client certificate for `identity`, valid for `ttl`, with a new P-256 key.
@@ -248,6 +364,9 @@ impl Ca {
     /// Mints a server certificate for `hostnames` (the relay's own name and the published
     /// names it terminates TLS for).
     pub fn issue_server(&self, hostnames: &[String], ttl: Duration) -> Result<Issued, PkiError> {
+        for name in hostnames {
+            self.check_server_name(name)?;
+        }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(hostnames.to_vec())?;
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -575,5 +694,109 @@ mod tests {
         )
         .unwrap();
         assert!(back.private_key_chain().is_some());
+    }
+}
+
+#[cfg(test)]
+mod name_constraint_tests {
+    use std::sync::Arc;
+
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// Whether a client trusting only `ca` accepts `leaf` for `name`, as rustls does.
+    fn accepted(ca: &Ca, leaf: &Issued, name: &str) -> Result<(), rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_server_cert(
+                &leaf.cert_der,
+                &[],
+                &ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .map(drop)
+    }
+
+    /// A server certificate for `names`, signed with the CA's key without the CA's own
+    /// check: what a thief of the key could make.
+    fn forged(ca: &Ca, names: &[&str]) -> Issued {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        ca.sign(params, &key, DAY).unwrap()
+    }
+
+    #[test]
+    fn a_name_constrained_ca_vouches_only_for_its_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let permit = [".internal".to_owned(), "Corp.Example.com".to_owned()];
+        Ca::init_constrained(dir.path(), "Acme", &permit).unwrap();
+        // The constraints are in the certificate: a reload reads them back.
+        let ca = Ca::load(dir.path()).unwrap();
+        assert_eq!(
+            ca.permitted_dns(),
+            Some(&["internal".to_owned(), "corp.example.com".to_owned()][..])
+        );
+        // Inside: issued, and accepted.
+        for (name, sni) in [
+            ("app.internal", "app.internal"),
+            ("*.eng.internal", "ci.eng.internal"),
+            ("git.corp.example.com", "git.corp.example.com"),
+        ] {
+            let leaf = ca.issue_server(&[name.into()], DAY).unwrap();
+            accepted(&ca, &leaf, sni).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        // Outside: the CA refuses to issue...
+        for name in ["www.bank.example", "example.com", "internal.evil.test"] {
+            let err = ca.issue_server(&[name.into()], DAY).unwrap_err();
+            assert!(
+                matches!(err, PkiError::NameNotPermitted { .. }),
+                "{name}: {err}"
+            );
+        }
+        // ...and a certificate made with its key anyway is refused by clients.
+        for (names, sni) in [
+            (&["www.bank.example"][..], "www.bank.example"),
+            (&["app.internal", "www.bank.example"], "app.internal"),
+            (&["*.bank.example"], "www.bank.example"),
+        ] {
+            let err = accepted(&ca, &forged(&ca, names), sni).unwrap_err();
+            assert!(
+                format!("{err:?}").contains("NameConstraint"),
+                "{names:?}: {err:?}"
+            );
+        }
+        // No IP address, ever.
+        let ip = forged(&ca, &["10.0.0.1"]);
+        assert!(accepted(&ca, &ip, "10.0.0.1").is_err());
+        // Client identities (SAN URIs) are not constrained.
+        let device = Identity::new(crate::identity::Role::Device, "alice").unwrap();
+        assert!(ca.issue_client(&device, DAY).is_ok());
+        // A domain that is not one is refused at init.
+        let other = tempfile::tempdir().unwrap();
+        let err = Ca::init_constrained(other.path(), "Acme", &["not a domain".into()]);
+        assert!(matches!(err, Err(PkiError::BadPermittedDomain(_))));
+    }
+
+    #[test]
+    fn a_ca_without_constraints_issues_for_any_name_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "Acme").unwrap();
+        assert_eq!(ca.permitted_dns(), None);
+        let leaf = ca.issue_server(&["www.bank.example".into()], DAY).unwrap();
+        accepted(&ca, &leaf, "www.bank.example").unwrap();
     }
 }
