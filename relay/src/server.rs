@@ -227,8 +227,11 @@ fn build_state(
         Some(otlp) => Some(Arc::new(Spans::start(otlp, "portcullis-relay")?)),
         None => None,
     };
-    let jwt =
-        JwtSigner::load_or_create(&config.state_dir, format!("https://{}", config.server_name))?;
+    let jwt = JwtSigner::load_or_create(
+        &config.state_dir,
+        format!("https://{}", config.server_name),
+        config.jwt_prepublish,
+    )?;
     let (terminator, terminated) = tokio::sync::mpsc::unbounded_channel();
     let limits = &config.limits;
     let metrics = Arc::new(Metrics::default());

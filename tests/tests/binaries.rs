@@ -463,24 +463,47 @@ async fn jwks_is_served_rotates_with_an_overlap_and_pkcs12_bundle_works_with_cur
             .collect();
         kids
     };
-    // Rotation: the new key signs, the old one stays published for the overlap...
-    relay_ok(&["jwt", "rotate", "--state", s.w.state()]);
-    let rotated = portcullis_e2e::eventually(Duration::from_secs(10), || async {
+    // Rotation: the new key is published first, while the old one still signs...
+    let config = s.w.path("relay.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let prepublished = config.with_file_name("prepublish.toml");
+    std::fs::write(&prepublished, format!("jwt_prepublish = \"4s\"\n{text}")).unwrap();
+    let rotated_at = Instant::now();
+    let prepublish = ["--config", prepublished.to_str().unwrap()];
+    let out = relay_ok(&[&["jwt", "rotate", "--state", s.w.state()][..], &prepublish].concat());
+    assert!(out.contains("signs from"), "{out}");
+    let published = portcullis_e2e::eventually(Duration::from_secs(10), || async {
         let kids = kids().await;
         (kids.len() == 2).then_some(kids)
     })
     .await
-    .expect("the running relay must publish both keys after a rotation");
-    assert_eq!(rotated[1], first);
-    assert_eq!(signed_with().await, rotated[0]);
-    // ...until it is retired.
-    relay_ok(&["jwt", "retire", "--state", s.w.state()]);
+    .expect("the running relay must publish the next key after a rotation");
+    assert_eq!(
+        published[0], first,
+        "the old key still signs, so it comes first"
+    );
+    if rotated_at.elapsed() < Duration::from_secs(3) {
+        assert_eq!(signed_with().await, first);
+    }
+    // ...and signs once its pre-publication is over: a second rotation waits for it,
+    // and `jwt retire` after the 4 s makes it the signing key in the files (this relay
+    // runs with the default hour, so it would otherwise promote it only then) and stops
+    // publishing the old one.
+    let next = published[1].clone();
+    let err = relay_cli(&[&["jwt", "rotate", "--state", s.w.state()][..], &prepublish].concat());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("still being pre-published"),
+        "{err:?}"
+    );
+    tokio::time::sleep_until((rotated_at + Duration::from_secs(4)).into()).await;
+    relay_ok(&[&["jwt", "retire", "--state", s.w.state()][..], &prepublish].concat());
     let retired = portcullis_e2e::eventually(Duration::from_secs(10), || async {
         let kids = kids().await;
         (kids.len() == 1).then_some(kids)
     })
     .await;
-    assert_eq!(retired, Some(vec![rotated[0].clone()]));
+    assert_eq!(retired, Some(vec![next.clone()]));
+    assert_eq!(signed_with().await, next);
     // The browser bundle is a working PKCS#12 (empty password).
     let out = s.w.out();
     let mut cmd = tokio::process::Command::new("curl");

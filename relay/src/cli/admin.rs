@@ -230,25 +230,41 @@ pub fn revoke(at: &StateArgs, role: Role, id: &str) -> anyhow::Result<()> {
 }
 
 /// `jwt rotate`.
-pub fn jwt_rotate(at: &StateArgs) -> anyhow::Result<()> {
+pub fn jwt_rotate(at: &StateArgs, config: Option<&Path>) -> anyhow::Result<()> {
     let store = open_store(at)?;
-    let kid = crate::identity::jwt::rotate(&at.state)?;
+    let prepublish = jwt_prepublish(config)?;
+    let rotation = crate::identity::jwt::rotate(&at.state, prepublish, now())?;
+    let (kid, from) = (&rotation.kid, rfc3339(rotation.signs_from));
     audit(
         &*store,
         "jwt.rotate",
         "jwt",
-        format!("new signing key {kid}"),
+        format!("next signing key {kid}, published now, signing from {from}"),
     )?;
     out!(
-        "JWTs are signed with key {kid} from now on (a running relay follows within 2 s); the previous key stays in the JWKS until `portcullis-relay jwt retire`"
+        "key {kid} is in the JWKS now (a running relay follows within 2 s) and signs from {from} (jwt_prepublish {}); the key it replaces stays published until `portcullis-relay jwt retire`",
+        humantime::format_duration(prepublish)
     );
     Ok(())
 }
 
+/// `jwt_prepublish` from the relays' relay.toml, or its default.
+fn jwt_prepublish(config: Option<&Path>) -> anyhow::Result<Duration> {
+    Ok(match config {
+        Some(path) => {
+            portcullis_shared::config::RelayConfig::load(path)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .jwt_prepublish
+        }
+        None => Duration::from_secs(3600),
+    })
+}
+
 /// `jwt retire`.
-pub fn jwt_retire(at: &StateArgs) -> anyhow::Result<()> {
+pub fn jwt_retire(at: &StateArgs, config: Option<&Path>) -> anyhow::Result<()> {
     let store = open_store(at)?;
-    if crate::identity::jwt::retire(&at.state)? {
+    let prepublish = jwt_prepublish(config)?;
+    if crate::identity::jwt::retire(&at.state, prepublish, now())? {
         audit(&*store, "jwt.retire", "jwt", String::new())?;
         out!("the previous JWT signing key is no longer published");
     } else {

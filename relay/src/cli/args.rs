@@ -100,16 +100,24 @@ pub enum Command {
 /// `jwt` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum JwtCommand {
-    /// Sign with a new key from now on; the old key stays in the JWKS (so tokens it
-    /// signed still verify) until `jwt retire`. A running relay follows within 2 s.
+    /// Make a new signing key: published in the JWKS at once (a running relay follows
+    /// within 2 s), signing once `jwt_prepublish` (default 1h) has passed, so origins that
+    /// cache the JWKS know it first; the key it replaces stays published (tokens it signed
+    /// still verify) until `jwt retire`.
     Rotate {
         #[command(flatten)]
         state: StateArgs,
+        /// The relays' relay.toml, for its `jwt_prepublish` (default 1h without it).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Stop publishing the previous key, ending the overlap `jwt rotate` began.
     Retire {
         #[command(flatten)]
         state: StateArgs,
+        /// The relays' relay.toml, for its `jwt_prepublish` (default 1h without it).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 

@@ -91,6 +91,10 @@ pub(crate) mod defaults {
         Duration::from_secs(10)
     }
 
+    pub(crate) fn jwt_prepublish() -> Duration {
+        Duration::from_secs(3600)
+    }
+
     pub(crate) fn audit_retention() -> Duration {
         Duration::from_secs(400 * 24 * 3600)
     }

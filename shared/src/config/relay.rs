@@ -47,6 +47,11 @@ pub struct RelayConfig {
     /// default) or `cubic`.
     #[serde(default)]
     pub quic_congestion: super::QuicCongestion,
+    /// How long a key made by `jwt rotate` is published in the JWKS before it signs, so
+    /// origins that cache the JWKS know it first (default 1h). The same on every relay
+    /// sharing the key files.
+    #[serde(default = "defaults::jwt_prepublish", with = "humantime_serde")]
+    pub jwt_prepublish: Duration,
     /// How long audit rows are kept: the running relay deletes older ones every hour
     /// (default 400 days; at least a day).
     #[serde(default = "defaults::audit_retention", with = "humantime_serde")]
@@ -273,6 +278,7 @@ impl RelayConfig {
             drain_grace,
             shutdown_delay,
             quic_congestion,
+            jwt_prepublish,
             audit_retention,
             limits,
             tls,
@@ -296,6 +302,7 @@ impl RelayConfig {
                 "quic_congestion",
                 *quic_congestion != running.quic_congestion,
             ),
+            ("jwt_prepublish", *jwt_prepublish != running.jwt_prepublish),
             (
                 "audit_retention",
                 *audit_retention != running.audit_retention,
@@ -514,6 +521,7 @@ groups = ["eng"]
         assert_eq!(cfg.tls.leaves_per_minute, 60);
         assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(30));
         assert_eq!(cfg.audit_retention, Duration::from_secs(400 * 24 * 3600));
+        assert_eq!(cfg.jwt_prepublish, Duration::from_secs(3600));
         let text = format!(
             "{GOOD}[tls]\nmin_version = \"1.2\"\nleaves_per_minute = 5\n[store]\nfail_closed_after = \"5s\"\n"
         );
