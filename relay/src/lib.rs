@@ -81,12 +81,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             json,
         ),
         Command::Token(cmd) => admin::token(cmd),
-        Command::Jwt(JwtCommand::Rotate { state, config }) => {
-            admin::jwt_rotate(&state, config.as_deref())
-        }
-        Command::Jwt(JwtCommand::Retire { state, config }) => {
-            admin::jwt_retire(&state, config.as_deref())
-        }
+        Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state),
+        Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state),
         Command::Check { config } => check(&config),
         Command::Run { config, ready_file } => {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -15,7 +15,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The role and password the tests' relays use.
 const USER: &str = "portcullis";
-const PASSWORD: &str = "s3cret-for-tests";
+/// The role's password, which no output may ever show.
+pub const PG_PASSWORD: &str = "s3cret-for-tests";
+const PASSWORD: &str = PG_PASSWORD;
 
 /// A running PostgreSQL server with a `portcullis` database.
 pub struct TestPostgres {
@@ -26,12 +28,24 @@ pub struct TestPostgres {
     run_as: Option<(u32, u32)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The server's certificate chain and key files when it speaks TLS.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl TestPostgres {
     /// Initialises and starts a server; `None` (the test should skip) if PostgreSQL is
     /// not installed and `PORTCULLIS_REQUIRE_POSTGRES` is unset.
     pub async fn start() -> Option<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Like [`TestPostgres::start`], with TLS offered (`ssl=on`) with this certificate
+    /// chain and key (PEM); clients may still connect without it.
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Option<Self> {
+        Self::start_with(Some((cert_pem, key_pem))).await
+    }
+
+    async fn start_with(tls: Option<(&str, &str)>) -> Option<Self> {
         let Some(bin) = find_bin() else {
             assert!(
                 std::env::var_os("PORTCULLIS_REQUIRE_POSTGRES").is_none(),
@@ -84,6 +98,20 @@ impl TestPostgres {
             "initdb failed: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+        // The key must be the server user's and private, or PostgreSQL refuses it.
+        let tls = tls.map(|(cert, key)| {
+            let (cert_path, key_path) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_path, cert).unwrap();
+            std::fs::write(&key_path, key).unwrap();
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = run_as {
+                for p in [&cert_path, &key_path] {
+                    std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            (cert_path, key_path)
+        });
         let port = free_port();
         let mut pg = Self {
             url: format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{port}/portcullis"),
@@ -92,6 +120,7 @@ impl TestPostgres {
             run_as,
             dir,
             child: None,
+            tls,
         };
         pg.start_server().await;
         pg.admin("CREATE DATABASE portcullis").await;
@@ -133,7 +162,15 @@ impl TestPostgres {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = command(&self.bin, "postgres", self.run_as)
+        let mut cmd = command(&self.bin, "postgres", self.run_as);
+        if let Some((cert, key)) = &self.tls {
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+        }
+        let child = cmd
             .arg("-D")
             .arg(self.dir.path().join("data"))
             .arg("-k")

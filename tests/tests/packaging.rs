@@ -368,6 +368,10 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             "connector-keys",
             vec!["connector.keysSecret=portcullis-connector-keys"],
         ),
+        (
+            "shared-store",
+            vec!["relay.store=postgres://relay:s3cret-in-values@db.internal:5432/portcullis"],
+        ),
     ] {
         let mut cmd = Command::new(&helm);
         cmd.args(["template", "pc"]).arg(&chart);
@@ -377,6 +381,16 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
         let path = out.path().join(format!("{name}.yaml"));
         let rendered = run_ok(&mut cmd);
         // Connector pods enrol with their own token unless they run from a Secret of keys.
+        // The store's URL (its password) is only ever in a Secret.
+        if name == "shared-store" {
+            assert!(rendered.contains("store_file = \"/etc/portcullis/store/url\""));
+            let config_maps = rendered
+                .split("\n---")
+                .filter(|doc| doc.contains("kind: ConfigMap"))
+                .collect::<String>();
+            assert!(!config_maps.contains("s3cret-in-values"), "{rendered}");
+            assert!(rendered.contains("kind: Secret"), "{rendered}");
+        }
         // No pod gets a Kubernetes API token, and each half has its NetworkPolicy.
         let pods = rendered.matches("kind: StatefulSet").count();
         assert_eq!(
@@ -471,6 +485,14 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
                 "{text}"
             );
             let text = text.replace("/var/lib/portcullis/state", &state.display().to_string());
+            // The store URL's Secret, as mounted.
+            let url_file = out.path().join("store.url");
+            std::fs::write(
+                &url_file,
+                "postgres://relay:pw@db.internal:5432/portcullis\n",
+            )
+            .unwrap();
+            let text = text.replace("/etc/portcullis/store/url", &url_file.display().to_string());
             std::fs::write(&path, text).unwrap();
             portcullis_shared::config::RelayConfig::load(&path)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

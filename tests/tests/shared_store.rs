@@ -393,3 +393,69 @@ async fn a_connector_keeps_a_tunnel_to_every_relay_and_serves_through_each() {
     })
     .await;
 }
+
+/// A certificate authority for the database server, and its chain and key for `names`.
+fn database_pki(
+    dir: &std::path::Path,
+    org: &str,
+    names: &[&str],
+) -> (std::path::PathBuf, String, String) {
+    let ca = portcullis_shared::pki::Ca::init(dir, org).unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let leaf = ca.issue_server(&names, Duration::from_secs(3600)).unwrap();
+    let chain = format!("{}{}", leaf.cert_pem, ca.cert_pem());
+    (dir.join("ca.crt"), chain, leaf.key.unwrap().pem)
+}
+
+#[tokio::test]
+async fn the_store_over_tls_verifies_its_server_refuses_a_wrong_ca_and_never_shows_the_password() {
+    within(async {
+        let pki = tempfile::tempdir().unwrap();
+        let (ca, chain, key) = database_pki(&pki.path().join("db-ca"), "Database", &["localhost"]);
+        let (other_ca, _, _) = database_pki(&pki.path().join("other-ca"), "Impostor", &["localhost"]);
+        let Some(pg) = TestPostgres::start_tls(&chain, &key).await else {
+            return;
+        };
+        let over_tls = |root: &std::path::Path, mode: &str| {
+            format!(
+                "{}?sslmode={mode}&sslrootcert={}",
+                pg.url.replace("@127.0.0.1:", "@localhost:"),
+                root.display()
+            )
+        };
+
+        // verify-full: the relay's admin commands and the relay itself use the store.
+        let w = World::with_store(&over_tls(&ca, "verify-full"));
+        w.issue_device("alice", "alice", &["eng"], None);
+        assert!(w.admin(&["list"]).contains("alice"));
+        let relay = relay_in(w, "").await;
+        assert!(relay.metric("portcullis_relay_store_unreadable").await == Some(0));
+
+        // Another CA: refused, with a line that says why, and no password anywhere.
+        for mode in ["verify-full", "verify-ca"] {
+            let out = relay_cli(&[
+                "list",
+                "--state",
+                relay.world.state(),
+                "--store",
+                &over_tls(&other_ca, mode),
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{mode}: {err}");
+            assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{mode}: {err}");
+            assert!(!err.contains(portcullis_e2e::PG_PASSWORD), "{mode}: {err}");
+            assert_eq!(err.lines().count(), 1, "{mode}: one line: {err}");
+        }
+        // A password given as a query parameter is masked too.
+        let query_password = format!(
+            "postgres://portcullis@localhost:9/portcullis?password={}&sslmode=verify-full&sslrootcert={}",
+            portcullis_e2e::PG_PASSWORD,
+            ca.display()
+        );
+        let out = relay_cli(&["list", "--state", relay.world.state(), "--store", &query_password]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("password=***"), "{err}");
+        assert!(!err.contains(portcullis_e2e::PG_PASSWORD), "{err}");
+    })
+    .await;
+}

@@ -19,9 +19,15 @@ use portcullis_shared::token::{self, EnrollToken, sha256_hex};
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
 use crate::clock::now;
 
-/// Opens the store the command names: `--store URL`, or the state directory's SQLite file.
+/// Opens the store the command names: `--store URL` (or `PORTCULLIS_STORE`), else the
+/// one `--config`'s relay.toml names, else the state directory's SQLite file.
 pub fn open_store(at: &StateArgs) -> anyhow::Result<Arc<dyn Store>> {
-    crate::identity::store::open(&at.state, at.store.as_deref())
+    let from_config = match (&at.store, &at.config) {
+        (None, Some(path)) => portcullis_shared::config::RelayConfig::store_url_of(path)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        _ => None,
+    };
+    crate::identity::store::open(&at.state, at.store.as_deref().or(from_config.as_deref()))
 }
 
 fn audit(store: &dyn Store, action: &str, subject: &str, detail: String) -> anyhow::Result<()> {
@@ -230,9 +236,9 @@ pub fn revoke(at: &StateArgs, role: Role, id: &str) -> anyhow::Result<()> {
 }
 
 /// `jwt rotate`.
-pub fn jwt_rotate(at: &StateArgs, config: Option<&Path>) -> anyhow::Result<()> {
+pub fn jwt_rotate(at: &StateArgs) -> anyhow::Result<()> {
     let store = open_store(at)?;
-    let prepublish = jwt_prepublish(config)?;
+    let prepublish = jwt_prepublish(at.config.as_deref())?;
     let rotation = crate::identity::jwt::rotate(&at.state, prepublish, now())?;
     let (kid, from) = (&rotation.kid, rfc3339(rotation.signs_from));
     audit(
@@ -261,9 +267,9 @@ fn jwt_prepublish(config: Option<&Path>) -> anyhow::Result<Duration> {
 }
 
 /// `jwt retire`.
-pub fn jwt_retire(at: &StateArgs, config: Option<&Path>) -> anyhow::Result<()> {
+pub fn jwt_retire(at: &StateArgs) -> anyhow::Result<()> {
     let store = open_store(at)?;
-    let prepublish = jwt_prepublish(config)?;
+    let prepublish = jwt_prepublish(at.config.as_deref())?;
     if crate::identity::jwt::retire(&at.state, prepublish, now())? {
         audit(&*store, "jwt.retire", "jwt", String::new())?;
         out!("the previous JWT signing key is no longer published");

@@ -25,8 +25,17 @@ pub struct StateArgs {
     pub state: PathBuf,
     /// The shared store several relays use, `postgres://user:password@host:port/db`;
     /// without it, the SQLite file in the state directory.
-    #[arg(long, env = "PORTCULLIS_STORE", value_name = "URL")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub store: Option<String>,
+    /// The relays' relay.toml: its store (`store`, `store_file`) where `--store` is not
+    /// given, and its `jwt_prepublish` for `jwt rotate` and `jwt retire`.
+    #[arg(long, env = "PORTCULLIS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Top-level commands.
@@ -107,17 +116,11 @@ pub enum JwtCommand {
     Rotate {
         #[command(flatten)]
         state: StateArgs,
-        /// The relays' relay.toml, for its `jwt_prepublish` (default 1h without it).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
     },
     /// Stop publishing the previous key, ending the overlap `jwt rotate` began.
     Retire {
         #[command(flatten)]
         state: StateArgs,
-        /// The relays' relay.toml, for its `jwt_prepublish` (default 1h without it).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
     },
 }
 

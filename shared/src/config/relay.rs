@@ -63,9 +63,14 @@ pub struct RelayConfig {
     #[serde(default)]
     pub tls: TlsConfig,
     /// Where the store is (`store = "postgres://..."`, or `url` in a `[store]` table), and
-    /// how the relay behaves when it cannot read it.
+    /// how the relay behaves when it cannot read it. Without a URL here, `store_file` or
+    /// the environment's `PORTCULLIS_STORE` gives it.
     #[serde(default)]
     pub store: StoreConfig,
+    /// A file holding the store's URL (a Kubernetes Secret, so the password is in no
+    /// ConfigMap); instead of a URL in `store`.
+    #[serde(default)]
+    pub store_file: Option<PathBuf>,
     /// Who may reach the admin listener, and what `/metrics` names.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -283,6 +288,7 @@ impl RelayConfig {
             limits,
             tls,
             store,
+            store_file: _,
             admin,
             otlp,
             policy: _,
@@ -321,6 +327,7 @@ impl RelayConfig {
     /// Reads, parses and validates `path`; relative paths become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut cfg: Self = parse_file(path)?;
+        cfg.resolve_store(path)?;
         cfg.state_dir = resolve(path, &cfg.state_dir);
         for p in [
             &mut cfg.tls_cert,
@@ -338,6 +345,44 @@ impl RelayConfig {
         }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The store URL `path` names (`store`, `store_file` or `PORTCULLIS_STORE`), without
+    /// checking the rest of the file: what the admin commands need, before a CA exists.
+    pub fn store_url_of(path: &Path) -> Result<Option<String>, ConfigError> {
+        let mut cfg: Self = parse_file(path)?;
+        cfg.resolve_store(path)?;
+        Ok(cfg.store.url)
+    }
+
+    /// Fills `store.url` from `store_file` (relative to `path`) or, when neither gives
+    /// one, from `PORTCULLIS_STORE`.
+    fn resolve_store(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if let Some(file) = &mut self.store_file {
+            *file = resolve(path, file);
+            if self.store.url.is_some() {
+                return Err(invalid(
+                    "set the store's URL in store or in store_file, not both".into(),
+                ));
+            }
+            let url = std::fs::read_to_string(&*file)
+                .map_err(|e| invalid(format!("store_file {}: {e}", file.display())))?;
+            let url = url.trim();
+            if url.is_empty() {
+                return Err(invalid(format!("store_file {} is empty", file.display())));
+            }
+            self.store.url = Some(url.to_owned());
+        } else if self.store.url.is_none()
+            && let Ok(url) = std::env::var("PORTCULLIS_STORE")
+            && !url.trim().is_empty()
+        {
+            self.store.url = Some(url.trim().to_owned());
+        }
+        Ok(())
     }
 
     /// Checks values that serde cannot: paired options and required files.
@@ -531,6 +576,29 @@ groups = ["eng"]
         assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(5));
         let text = format!("{GOOD}[tls]\nmin_version = \"1.1\"\n");
         assert!(parse_str::<RelayConfig>(Path::new("relay.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn the_store_url_can_come_from_a_file_but_not_from_two_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = "postgres://relay:s3cret@db.internal:5432/portcullis";
+        std::fs::write(dir.path().join("store.url"), format!("{url}\n")).unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, format!("store_file = \"store.url\"\n{GOOD}")).unwrap();
+        assert_eq!(
+            RelayConfig::store_url_of(&path).unwrap().as_deref(),
+            Some(url)
+        );
+        std::fs::write(
+            &path,
+            format!("store = \"{url}\"\nstore_file = \"store.url\"\n{GOOD}"),
+        )
+        .unwrap();
+        let err = RelayConfig::store_url_of(&path).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        std::fs::write(&path, format!("store_file = \"missing.url\"\n{GOOD}")).unwrap();
+        let err = RelayConfig::store_url_of(&path).unwrap_err().to_string();
+        assert!(err.contains("missing.url"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, Config, Row};
+
+use super::pg_tls;
 
 use super::{
     AuditEvent, AuditQuery, IdentityRecord, Store, StoreError, TokenRecord, grant_row,
@@ -100,6 +102,8 @@ pub struct PostgresStore {
 
 struct Shared {
     config: Config,
+    /// TLS as the URL's `sslmode` says (see [`pg_tls`]).
+    tls: pg_tls::MakeRustls,
     url: String,
     client: tokio::sync::Mutex<Option<Client>>,
     changes: Arc<Notify>,
@@ -123,9 +127,18 @@ impl PostgresStore {
             url: masked.clone(),
             why,
         };
-        let mut config: Config = url
+        let parts = pg_tls::split_url(url).map_err(&unavailable)?;
+        let mut config: Config = parts
+            .url
             .parse()
             .map_err(|e: tokio_postgres::Error| unavailable(format!("not a valid URL: {e}")))?;
+        let mode = parts
+            .mode
+            .unwrap_or_else(|| pg_tls::default_mode(config.get_hosts()));
+        config.ssl_mode(pg_tls::ssl_mode(mode));
+        let tls = pg_tls::MakeRustls::new(
+            pg_tls::client_config(mode, parts.root_cert.as_deref()).map_err(&unavailable)?,
+        );
         config.connect_timeout(CALL_TIMEOUT);
         config.application_name("portcullis-relay");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -136,6 +149,7 @@ impl PostgresStore {
             .map_err(|e| unavailable(format!("cannot start its client: {e}")))?;
         let shared = Arc::new(Shared {
             config,
+            tls,
             url: masked,
             client: tokio::sync::Mutex::new(None),
             changes: Arc::new(Notify::new()),
@@ -208,15 +222,14 @@ impl Drop for PostgresStore {
 
 /// A new connection, driven on the current runtime until its client is dropped.
 async fn connect(shared: &Shared) -> Result<Client, StoreError> {
-    let (client, connection) =
-        shared
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                url: shared.url.clone(),
-                why: e.to_string(),
-            })?;
+    let (client, connection) = shared
+        .config
+        .connect(shared.tls.clone())
+        .await
+        .map_err(|e| StoreError::Unavailable {
+            url: shared.url.clone(),
+            why: with_causes(&e),
+        })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "the connection to the store broke");
@@ -225,12 +238,25 @@ async fn connect(shared: &Shared) -> Result<Client, StoreError> {
     Ok(client)
 }
 
+/// An error and its causes, `: `-joined: tokio-postgres names only the kind of failure
+/// ("error performing TLS handshake"), the cause says which (an unknown issuer, say).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Listens for changes on a connection of its own, waking `changes` for each, for as
 /// long as the store lives; wakes it too after every reconnection, since changes may
 /// have been missed meanwhile.
 async fn listen(shared: Arc<Shared>) {
     loop {
-        match shared.config.connect(NoTls).await {
+        match shared.config.connect(shared.tls.clone()).await {
             Ok((client, mut connection)) => {
                 let changes = shared.changes.clone();
                 let mut messages =
@@ -256,7 +282,9 @@ async fn listen(shared: Arc<Shared>) {
                 }
                 drop(client);
             }
-            Err(e) => tracing::debug!(error = %e, "cannot connect to listen for store changes"),
+            Err(e) => {
+                tracing::debug!(error = %with_causes(&e), "cannot connect to listen for store changes")
+            }
         }
         tokio::time::sleep(RELISTEN_AFTER).await;
     }
@@ -647,6 +675,10 @@ mod tests {
         );
         assert_eq!(mask_url("postgres://db/p@x"), "postgres://db/p@x");
         assert_eq!(mask_url("host=db user=relay"), "host=db user=relay");
+        assert_eq!(
+            mask_url("postgres://relay@db/p?sslmode=require&password=hunter2&PassWord=x"),
+            "postgres://relay@db/p?sslmode=require&password=***&PassWord=***"
+        );
     }
 
     #[test]
