@@ -21,11 +21,36 @@ struct Enrolled {
     hostnames: Vec<String>,
 }
 
+/// The key an enrolment uses, kept beside where the key goes (`<key>.pending`, 0600)
+/// before the token is spent: a connector that crashes before it has written its
+/// certificate finds the same key at its next start and asks again with the same token,
+/// which the relay answers again for that key (instead of a second token).
+fn pending_key(key: &Path) -> anyhow::Result<Vec<u8>> {
+    let pending = pending_path(key);
+    if pending.exists() {
+        let der = pki::load_key(&pending)?;
+        return Ok(der.secret_der().to_vec());
+    }
+    let (key_der, _) = pki::generate_enrolment_csr()?;
+    if let Some(dir) = pending.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    pki::write_private_file(&pending, pki::pkcs8_pem(&key_der).as_bytes())?;
+    Ok(key_der)
+}
+
+fn pending_path(key: &Path) -> std::path::PathBuf {
+    let mut name = key.file_name().unwrap_or_default().to_os_string();
+    name.push(".pending");
+    key.with_file_name(name)
+}
+
 /// Redeems the token from `token_file` (or `PORTCULLIS_TOKEN`, or standard input) for a
-/// certificate of a key made here.
-async fn redeem(token_file: Option<&Path>) -> anyhow::Result<Enrolled> {
+/// certificate of the enrolment key for `key_path` (see [`pending_key`]).
+async fn redeem(token_file: Option<&Path>, key_path: &Path) -> anyhow::Result<Enrolled> {
     let token = enroll_client::read_token(token_file)?;
-    let (key, csr) = pki::generate_enrolment_csr()?;
+    let key = pending_key(key_path)?;
+    let csr = pki::enrolment_csr_for_key(&key)?;
     let request = EnrollRequest::Enroll {
         token_id: token.id.clone(),
         secret: token.secret.clone(),
@@ -69,9 +94,12 @@ fn write_credentials(e: &Enrolled, key: &Path, cert: &Path, ca: &Path) -> anyhow
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
     }
-    pki::write_private_file(key, pki::pkcs8_pem(&e.key).as_bytes())?;
+    // The certificate and CA first, then the key moves into place: a crash leaves either
+    // the pending key (asked again at the next start) or all three.
     pki::write_public_file(cert, e.cert.as_bytes())?;
     pki::write_public_file(ca, e.ca.as_bytes())?;
+    pki::write_private_file(key, pki::pkcs8_pem(&e.key).as_bytes())?;
+    let _ = std::fs::remove_file(pending_path(key));
     Ok(())
 }
 
@@ -94,7 +122,7 @@ pub(crate) async fn enroll_if_new(
         tracing::debug!(key = %config.key.display(), "already enrolled; the token is not used");
         return Ok(());
     }
-    let enrolled = redeem(Some(token_file)).await?;
+    let enrolled = redeem(Some(token_file), &config.key).await?;
     write_credentials(&enrolled, &config.key, &config.cert, &config.ca)?;
     tracing::info!(
         identity = %enrolled.identity,
@@ -113,7 +141,7 @@ pub(crate) async fn enroll(token_file: Option<&Path>, state: &Path) -> anyhow::R
             state.display()
         );
     }
-    let enrolled = redeem(token_file).await?;
+    let enrolled = redeem(token_file, &state.join("connector.key")).await?;
     write_credentials(
         &enrolled,
         &state.join("connector.key"),

@@ -1147,3 +1147,108 @@ async fn get_over(addr: std::net::SocketAddr, server_closes: bool, hold: Option<
         while c.read(&mut buf).await.unwrap() > 0 {}
     }
 }
+
+/// A connector whose enrolment answer was lost (it crashed, or its connection broke,
+/// after the relay spent the token and before it wrote its certificate) finds its pending
+/// key at the next start and is answered again for it with the same token; another key
+/// with that token is still refused.
+#[tokio::test]
+async fn a_connector_that_lost_its_enrolment_answer_enrols_again_with_the_same_token_and_key() {
+    use portcullis_shared::enroll_client::exchange;
+    use portcullis_shared::proto::{EnrollRequest, EnrollResponse};
+    use portcullis_shared::token::EnrollToken;
+    let s = Stack::up().await;
+    let relay = s.addrs.quic.to_string();
+    let out = relay_ok(&[
+        "token",
+        "create",
+        "connector",
+        "c8",
+        "--hostname",
+        "c8.eng.internal",
+        "--relay",
+        &relay,
+        "--server-name",
+        "relay.acme.test",
+        "--state",
+        s.w.state(),
+    ]);
+    let text = out.lines().last().unwrap().to_owned();
+    let token_path = s.w.path("c8.token");
+    std::fs::write(&token_path, &text).unwrap();
+    let token = EnrollToken::decode(&text).unwrap();
+
+    // The first attempt: the key is kept where the connector keeps a pending key, the
+    // token is spent, and the answer never arrives.
+    let state = s.w.path("c8-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (key, _) = portcullis_shared::pki::generate_enrolment_csr().unwrap();
+    let pending = state.join("connector.key.pending");
+    portcullis_shared::pki::write_private_file(
+        &pending,
+        portcullis_shared::pki::pkcs8_pem(&key).as_bytes(),
+    )
+    .unwrap();
+    let request = |key: &[u8]| EnrollRequest::Enroll {
+        token_id: token.id.clone(),
+        secret: token.secret.clone(),
+        csr: portcullis_shared::pki::enrolment_csr_for_key(key).unwrap(),
+        name: None,
+    };
+    let ask = |request| {
+        let token = token.clone();
+        async move {
+            exchange(
+                &token.relay,
+                None,
+                &token.server_name,
+                &token.ca_sha256,
+                None,
+                &request,
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    assert!(matches!(
+        ask(request(&key)).await,
+        EnrollResponse::Issued { .. }
+    ));
+
+    // The next start: the same token and key are answered again.
+    let enrol = |state: PathBuf| {
+        let token_path = token_path.clone();
+        async move {
+            Command::new(bin("portcullis-connector"))
+                .args(["enroll", "--token-file"])
+                .arg(&token_path)
+                .arg("--state")
+                .arg(&state)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = enrol(state.clone()).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pending.exists(), "the pending key moved into place");
+    let written = std::fs::read_to_string(state.join("connector.key")).unwrap();
+    assert_eq!(written, portcullis_shared::pki::pkcs8_pem(&key));
+    let cert = portcullis_shared::pki::load_certs(&state.join("connector.crt")).unwrap();
+    let info = portcullis_shared::pki::inspect(&cert[0]).unwrap();
+    assert_eq!(info.identity.unwrap().to_string(), "connector:c8");
+
+    // Another key with the spent token: refused, as before.
+    let (other, _) = portcullis_shared::pki::generate_enrolment_csr().unwrap();
+    match ask(request(&other)).await {
+        EnrollResponse::Refused { reason } => assert!(reason.contains("already used"), "{reason}"),
+        other => panic!("a second key must not be enrolled with a used token: {other:?}"),
+    }
+    let out = enrol(s.w.path("c8-elsewhere")).await;
+    assert!(!out.status.success());
+}

@@ -337,6 +337,9 @@ fn enroll(
     {
         Ok(t) => t,
         Err(StoreError::TokenRefused(why)) => {
+            if let Some(resp) = answer_again(state, ip, token_id, secret, csr) {
+                return resp;
+            }
             reject(state, ip, Refused::Token, "enroll.refused", &subject, &why);
             return refused(&format!("{why}: ask your administrator for a new one"));
         }
@@ -389,6 +392,72 @@ fn enroll(
             refused(&format!("{e:#}"))
         }
     }
+}
+
+/// How long after a connector's token was used the same request (same token, same key)
+/// is answered again: its first answer was lost (the connector crashed or its
+/// connection broke before it wrote its certificate).
+const ANSWER_AGAIN_SECS: i64 = 3600;
+
+/// A connector token already used, presented again with its secret and a CSR for the key
+/// the connector it named holds now, within [`ANSWER_AGAIN_SECS`]: the connector lost the
+/// answer, so it gets a certificate for that key again (a new serial; the one it never
+/// received is replaced). Anything else is `None`, and refused as before.
+fn answer_again(
+    state: &State,
+    ip: IpAddr,
+    token_id: &str,
+    secret: &str,
+    csr: &str,
+) -> Option<EnrollResponse> {
+    let token = state
+        .store
+        .tokens()
+        .ok()?
+        .into_iter()
+        .find(|t| t.id == token_id)?;
+    let secret_ok = token.secret_sha256 == sha256_hex(secret.as_bytes());
+    let used = token.used_at?;
+    if !secret_ok || token.revoked_at.is_some() || now() - used > ANSWER_AGAIN_SECS {
+        return None;
+    }
+    let identity = match (token.grant.role, token.grant.name.as_deref()) {
+        (Role::Connector, Some(name)) => Identity::new(Role::Connector, name).ok()?,
+        _ => return None,
+    };
+    let current = state.registry.snapshot().active(&identity).cloned()?;
+    if current.issued_at < used {
+        return None;
+    }
+    let lifetime = Duration::from_secs(token.grant.cert_ttl_secs);
+    let issued = state.ca.issue_for_csr(&identity, csr, lifetime).ok()?;
+    if issued.key_sha256 != current.key_sha256 {
+        return None;
+    }
+    let rec = IdentityRecord {
+        serial: issued.serial.clone(),
+        previous_serial: Some(current.serial.clone()),
+        not_after: issued.not_after,
+        issued_at: now(),
+        ..current
+    };
+    state.store.put_identity(&rec).ok()?;
+    state.registry.reload(&*state.store).ok()?;
+    audit(
+        state,
+        ip,
+        "enroll",
+        &identity.to_string(),
+        &format!("from {ip} with token:{token_id}, answered again (the first answer was lost)"),
+    );
+    let hostnames = rec.hostnames.iter().map(ToString::to_string).collect();
+    Some(EnrollResponse::Issued {
+        identity: identity.to_string(),
+        cert: issued.cert_pem,
+        ca: state.ca.cert_pem().to_owned(),
+        not_after: issued.not_after,
+        hostnames,
+    })
 }
 
 fn record(

@@ -463,6 +463,19 @@ pub fn generate_enrolment_csr() -> Result<(Vec<u8>, String), PkiError> {
     Ok((key.serialize_der(), csr))
 }
 
+/// An enrolment CSR (naming no identity) signed with an existing PKCS#8 key: a retried
+/// enrolment asks with the key it made before.
+pub fn enrolment_csr_for_key(key_der: &[u8]) -> Result<String, PkiError> {
+    let key = KeyPair::try_from(key_der)
+        .map_err(|e| PkiError::Csr(format!("unusable private key ({e})")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "portcullis enrolment");
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
 /// A CSR for `identity` signed with an existing PKCS#8 key (renewal keeps the key).
 pub fn csr_for_existing_key(identity: &Identity, key_der: &[u8]) -> Result<String, PkiError> {
     let key = KeyPair::try_from(key_der)
