@@ -41,6 +41,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             org,
             permit_dns,
         }) => admin::ca_init(&state, &org, &permit_dns),
+        Command::Ca(CaCommand::ExportRoot { state, out }) => admin::ca_export_root(&state, &out),
+        Command::Ca(CaCommand::RemoveRootKey { state }) => admin::ca_remove_root_key(&state),
+        Command::Ca(CaCommand::RotateIntermediate { state, root_key }) => {
+            admin::ca_rotate_intermediate(&state, root_key.as_deref())
+        }
         Command::Issue(IssueCommand::Connector {
             name,
             hostnames,

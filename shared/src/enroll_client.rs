@@ -71,7 +71,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(format!("verifier: {e}")))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
     }
 
     fn verify_tls12_signature(

@@ -792,7 +792,9 @@ async fn the_org_ca_vouches_only_for_its_permitted_domains_and_devices_are_still
     // A leaf for another site, signed with the CA's own key anyway (as a thief of the key
     // could), is refused by OpenSSL; one for a permitted name verifies.
     let dir = tempfile::tempdir().unwrap();
+    // The relay's online signer: the intermediate and its key (the root trusts it).
     let ca_key = s.w.path("state/ca.key");
+    let signer = s.w.path("state/ca-intermediate.crt");
     let ca_crt = s.w.path("out/ca.crt");
     for (name, ok) in [("www.bank.example", false), ("anything.internal", true)] {
         let (made, text) = openssl(
@@ -816,7 +818,7 @@ async fn the_org_ca_vouches_only_for_its_permitted_domains_and_devices_are_still
                 "-addext",
                 &format!("subjectAltName=DNS:{name}"),
                 "-CA",
-                ca_crt.to_str().unwrap(),
+                signer.to_str().unwrap(),
                 "-CAkey",
                 ca_key.to_str().unwrap(),
             ],
@@ -824,11 +826,60 @@ async fn the_org_ca_vouches_only_for_its_permitted_domains_and_devices_are_still
         assert!(made, "{text}");
         let (verified, text) = openssl(
             dir.path(),
-            &["verify", "-CAfile", ca_crt.to_str().unwrap(), "leaf.crt"],
+            &[
+                "verify",
+                "-CAfile",
+                ca_crt.to_str().unwrap(),
+                "-untrusted",
+                signer.to_str().unwrap(),
+                "leaf.crt",
+            ],
         );
         assert_eq!(verified, ok, "{name}: {text}");
         if !ok {
             assert!(text.contains("permitted subtree violation"), "{text}");
         }
     }
+}
+
+#[tokio::test]
+async fn the_root_key_leaves_the_host_and_a_new_intermediate_keeps_every_device_served() {
+    let mut s = Stack::up().await;
+    assert_eq!(s.get(APP, "/", Some("alice")).await.status, 200);
+    let offline = s.w.path("offline-root.key");
+    let state = s.w.state().to_owned();
+    // The root key goes offline; the relay keeps signing with the intermediate.
+    relay_ok(&[
+        "ca",
+        "export-root",
+        "--state",
+        &state,
+        "--out",
+        offline.to_str().unwrap(),
+    ]);
+    relay_ok(&["ca", "remove-root-key", "--state", &state]);
+    assert!(!s.w.path("state/ca-root.key").exists());
+    let out = relay_cli(&["ca", "export-root", "--state", &state, "--out", "/dev/null"]);
+    assert!(!out.status.success());
+    // A new intermediate from the offline key; after a restart the relay signs with it.
+    relay_ok(&[
+        "ca",
+        "rotate-intermediate",
+        "--state",
+        &state,
+        "--root-key",
+        offline.to_str().unwrap(),
+    ]);
+    s.restart_relay(Duration::from_millis(100)).await;
+    wait_for_connectors(s.addrs.admin, 1).await;
+    // alice's certificate came from the old intermediate, carol's from the new one: both
+    // are served, and nobody enrolled again.
+    s.w.issue_device("carol", "carol", &["eng"], None);
+    portcullis_e2e::wait_for_identity(s.addrs.admin, "device", "carol", true).await;
+    for device in ["alice", "carol"] {
+        let r = s.get(APP, "/", Some(device)).await;
+        assert_eq!(r.status, 200, "{device}: {}", r.stderr);
+    }
+    let audit = s.w.admin(&["audit", "--action", "ca.rotate-intermediate"]);
+    assert!(audit.lines().count() >= 2, "{audit}");
 }

@@ -86,6 +86,64 @@ fn publishable(at: &StateArgs, hostnames: &[String]) -> anyhow::Result<Vec<HostP
         .collect()
 }
 
+/// `ca export-root`: the root's key, to a file of the operator's (0600, never replacing
+/// one), to keep offline.
+pub fn ca_export_root(at: &StateArgs, out: &Path) -> anyhow::Result<()> {
+    let key = at.state.join(pki::CA_ROOT_KEY_FILE);
+    let pem = std::fs::read(&key).with_context(|| {
+        format!(
+            "reading {} (a CA made before the root was split off has none; a removed one is gone)",
+            key.display()
+        )
+    })?;
+    pki::write_new_private_file(out, &pem)?;
+    let store = open_store(at)?;
+    audit(
+        &*store,
+        "ca.export-root",
+        "ca",
+        format!("to {}", out.display()),
+    )?;
+    out!(
+        "wrote the root key to {}: keep it offline, then `portcullis-relay ca remove-root-key`",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `ca remove-root-key`: deletes the root's key from the state directory; the relay
+/// keeps signing with the intermediate.
+pub fn ca_remove_root_key(at: &StateArgs) -> anyhow::Result<()> {
+    let key = at.state.join(pki::CA_ROOT_KEY_FILE);
+    if !key.exists() {
+        bail!(
+            "{} does not exist: there is no root key here to remove",
+            key.display()
+        );
+    }
+    std::fs::remove_file(&key).with_context(|| format!("removing {}", key.display()))?;
+    let store = open_store(at)?;
+    audit(&*store, "ca.remove-root-key", "ca", String::new())?;
+    out!(
+        "removed the root key from {}; `ca rotate-intermediate --root-key FILE` needs your offline copy",
+        at.state.display()
+    );
+    Ok(())
+}
+
+/// `ca rotate-intermediate`.
+pub fn ca_rotate_intermediate(at: &StateArgs, root_key: Option<&Path>) -> anyhow::Result<()> {
+    let in_state = at.state.join(pki::CA_ROOT_KEY_FILE);
+    let root_key = root_key.unwrap_or(&in_state);
+    Ca::rotate_intermediate(&at.state, root_key)?;
+    let store = open_store(at)?;
+    audit(&*store, "ca.rotate-intermediate", "ca", String::new())?;
+    out!(
+        "a new intermediate signs from the next relay start (restart the relays); devices and connectors trust the root, so none enrols again"
+    );
+    Ok(())
+}
+
 /// `ca init`.
 pub fn ca_init(at: &StateArgs, org: &str, permit_dns: &[String]) -> anyhow::Result<()> {
     let state = &at.state;
@@ -102,9 +160,13 @@ pub fn ca_init(at: &StateArgs, org: &str, permit_dns: &[String]) -> anyhow::Resu
         format!("organisation {org}{constraints}"),
     )?;
     out!(
-        "created the {org} CA in {}; clients and connectors trust {}",
+        "created the {org} CA in {}; clients and connectors trust its root, {}",
         state.display(),
         state.join(pki::CA_CERT_FILE).display()
+    );
+    out!(
+        "the relay signs with an intermediate; keep the root key offline: `portcullis-relay ca export-root --state {} --out FILE`, then `ca remove-root-key`",
+        state.display()
     );
     match ca.permitted_dns() {
         Some(domains) => out!(
@@ -154,7 +216,9 @@ fn issue(
     pki::write_private_file(&out.join(format!("{id}.key")), key.pem.as_bytes())?;
     pki::write_public_file(&out.join(pki::CA_CERT_FILE), ca.cert_pem().as_bytes())?;
     if identity.role() == Role::Device {
-        let p12 = pki::pkcs12(id, &issued.cert_der, &key.der, ca.cert_der())?;
+        let mut cas = ca.chain_der().to_vec();
+        cas.push(ca.cert_der().clone());
+        let p12 = pki::pkcs12(id, &issued.cert_der, &key.der, &cas)?;
         pki::write_private_file(&out.join(format!("{id}.p12")), &p12)?;
     }
     Ok(issued)

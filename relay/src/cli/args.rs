@@ -142,6 +142,29 @@ pub enum CaCommand {
         #[arg(long = "permit-dns", value_name = "DOMAIN")]
         permit_dns: Vec<String>,
     },
+    /// Copy the root CA's key to FILE, to keep offline (then `ca remove-root-key`).
+    ExportRoot {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Where to write the key (0600); refuses to replace a file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Delete the root CA's key from the state directory; the relay signs with the
+    /// intermediate, and devices and connectors trust the root.
+    RemoveRootKey {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Make a new intermediate, signed with the root key (from FILE once it was removed);
+    /// restart the relays to sign with it. Nothing enrols again.
+    RotateIntermediate {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The root key, where it is kept offline; default the state directory's.
+        #[arg(long, value_name = "FILE")]
+        root_key: Option<PathBuf>,
+    },
 }
 
 /// `issue` subcommands.

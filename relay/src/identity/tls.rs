@@ -273,7 +273,10 @@ impl CertResolver {
         };
         let key = issued.key?;
         let ck = certified_key(
-            vec![issued.cert_der, self.ca.cert_der().clone()],
+            std::iter::once(issued.cert_der)
+                .chain(self.ca.chain_der().iter().cloned())
+                .chain(std::iter::once(self.ca.cert_der().clone()))
+                .collect(),
             &pki::pkcs8(key.der),
         )
         .inspect_err(|e| tracing::warn!(error = %e, "cannot load a minted certificate"))
@@ -445,7 +448,13 @@ fn base_config(
     mandatory: bool,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> anyhow::Result<ServerConfig> {
-    let verifier = RoleVerifier::new(ca.cert_der(), roles, registry.clone(), mandatory)?;
+    let verifier = RoleVerifier::new(
+        ca.cert_der(),
+        ca.chain_der(),
+        roles,
+        registry.clone(),
+        mandatory,
+    )?;
     let mut cfg =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(versions)?

@@ -57,7 +57,7 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
 
 /// Like [`write_private_file`], but fails with `AlreadyExists` instead of replacing a file
 /// (or a symbolic link, even a dangling one).
-pub(crate) fn write_new_private_file(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+pub fn write_new_private_file(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     write_with(path, bytes, 0o600, true)
 }
 

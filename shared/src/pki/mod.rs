@@ -24,7 +24,7 @@ use crate::identity::{Identity, IdentityError};
 
 pub use files::{
     force_private_dir, load_certs, load_key, server_verifying_client, system_roots,
-    write_private_file, write_public_file,
+    write_new_private_file, write_private_file, write_public_file,
 };
 pub use verify::{IdentityCheck, RoleVerifier};
 
@@ -87,10 +87,17 @@ pub enum PkiError {
     Identity(#[from] IdentityError),
 }
 
-/// File names inside the state directory.
+/// File names inside the state directory. The root certificate devices and connectors
+/// trust (the only CA certificate of a state directory made before the root was split
+/// off).
 pub const CA_CERT_FILE: &str = "ca.crt";
-/// The CA's private key, mode 0600.
+/// The online signer's private key, mode 0600: the intermediate's (the CA's own in a
+/// state directory made before the split).
 pub const CA_KEY_FILE: &str = "ca.key";
+/// The intermediate certificate the relay signs with, issued by the root.
+pub const CA_INTERMEDIATE_FILE: &str = "ca-intermediate.crt";
+/// The root's private key, mode 0600, until `ca remove-root-key` takes it off the host.
+pub const CA_ROOT_KEY_FILE: &str = "ca-root.key";
 
 /// A freshly issued certificate.
 #[derive(Debug)]
@@ -118,11 +125,16 @@ pub struct GeneratedKey {
     pub der: Vec<u8>,
 }
 
-/// The organisation CA, loaded from the state directory.
+/// The organisation CA, loaded from the state directory: a root (which devices and
+/// connectors trust, its key kept offline once removed) and an intermediate the relay
+/// signs with; or, in a state directory made before the split, one CA that is both.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
+    /// The intermediate between issued certificates and the root (empty without one).
+    chain: Vec<CertificateDer<'static>>,
+    chain_pem: String,
     /// The DNS subtrees the CA's name constraints permit (no leading dot); `None` for a
     /// CA without name constraints.
     permitted_dns: Option<Vec<String>>,
@@ -210,47 +222,105 @@ impl Ca {
             return Err(PkiError::CaExists(state_dir.to_owned()));
         }
         files::create_private_dir(state_dir)?;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{org} Portcullis CA"));
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, org);
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(3650);
-        params.serial_number = Some(random_serial().0);
-        if !permitted.is_empty() {
-            params.name_constraints = Some(name_constraints(&permitted));
-        }
-        let cert = params.self_signed(&key)?;
+        let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let root_params = ca_params(
+            &format!("{org} Portcullis Root CA"),
+            org,
+            1,
+            &permitted,
+            time::Duration::days(3650),
+        );
+        let root = root_params.self_signed(&root_key)?;
         // create_new: two concurrent `ca init` runs cannot overwrite each other's key.
-        files::write_new_private_file(&key_path, key.serialize_pem().as_bytes()).map_err(|e| {
-            match e {
-                PkiError::Io { source, .. }
-                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
-                {
-                    PkiError::CaExists(state_dir.to_owned())
-                }
-                other => other,
+        write_new_private_file(
+            &state_dir.join(CA_ROOT_KEY_FILE),
+            root_key.serialize_pem().as_bytes(),
+        )
+        .map_err(|e| match e {
+            PkiError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                PkiError::CaExists(state_dir.to_owned())
+            }
+            other => other,
+        })?;
+        write_public_file(&state_dir.join(CA_CERT_FILE), root.pem().as_bytes())?;
+        let root_issuer = Issuer::new(root_params, root_key);
+        Self::make_intermediate(state_dir, &root_issuer, org, &permitted)?;
+        Self::load(state_dir)
+    }
+
+    /// A new intermediate signed by `root`, written as the online signer (its key
+    /// [`CA_KEY_FILE`], its certificate [`CA_INTERMEDIATE_FILE`]).
+    fn make_intermediate(
+        state_dir: &Path,
+        root: &Issuer<'_, KeyPair>,
+        org: &str,
+        permitted: &[String],
+    ) -> Result<(), PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = ca_params(
+            &format!("{org} Portcullis Intermediate CA"),
+            org,
+            0,
+            permitted,
+            time::Duration::days(5 * 365),
+        );
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, root)?;
+        write_private_file(&state_dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes())?;
+        write_public_file(&state_dir.join(CA_INTERMEDIATE_FILE), cert.pem().as_bytes())?;
+        Ok(())
+    }
+
+    /// `ca rotate-intermediate`: a new intermediate signed with the root key in
+    /// `root_key` (PEM), keeping the root's name constraints. Devices and connectors trust
+    /// the root, so nothing needs enrolling again; certificates already issued keep
+    /// verifying through the intermediate they carry. Restart the relays to sign with it.
+    ///
+    /// # Errors
+    /// A key that is not the root's, a state directory without a split root, I/O.
+    pub fn rotate_intermediate(state_dir: &Path, root_key: &Path) -> Result<(), PkiError> {
+        let root_path = state_dir.join(CA_CERT_FILE);
+        if !state_dir.join(CA_INTERMEDIATE_FILE).exists() {
+            return Err(PkiError::BadFile {
+                path: root_path,
+                what: "this CA has no intermediate (it was made before the root was split off): there is nothing to rotate".into(),
+            });
+        }
+        let key = KeyPair::from_pem(&files::read_to_string(root_key)?).map_err(|e| {
+            PkiError::BadFile {
+                path: root_key.to_owned(),
+                what: format!("not a usable private key ({e})"),
             }
         })?;
-        write_public_file(&state_dir.join(CA_CERT_FILE), cert.pem().as_bytes())?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            cert_der: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-            permitted_dns: (!permitted.is_empty()).then_some(permitted),
-        })
+        let root_der =
+            load_certs(&root_path)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| PkiError::BadFile {
+                    path: root_path.clone(),
+                    what: "no certificate in file".into(),
+                })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&root_der)
+            .map_err(|e| PkiError::Parse(e.to_string()))?;
+        if *parsed.public_key().subject_public_key.data != *key.public_key_raw() {
+            return Err(PkiError::BadFile {
+                path: root_key.to_owned(),
+                what: format!("not the key of the root in {}", root_path.display()),
+            });
+        }
+        let org = parsed
+            .subject()
+            .iter_organization()
+            .next()
+            .and_then(|o| o.as_str().ok())
+            .unwrap_or("Portcullis")
+            .to_owned();
+        let permitted = read_permitted_dns(&root_der)?.unwrap_or_default();
+        let root = Issuer::from_ca_cert_der(&root_der, key).map_err(|e| PkiError::BadFile {
+            path: root_path,
+            what: format!("not a usable CA certificate ({e})"),
+        })?;
+        Self::make_intermediate(state_dir, &root, &org, &permitted)
     }
 
     /// Loads the CA from `state_dir`, and makes the directory private (0700) if it is
@@ -277,14 +347,31 @@ impl Ca {
                     what: "no certificate in file".into(),
                 })?;
         let permitted_dns = read_permitted_dns(&cert_der)?;
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadFile {
-            path: cert_path,
-            what: format!("not a usable CA certificate ({e})"),
+        // The online signer: the intermediate where there is one, else the CA itself.
+        let intermediate_path = state_dir.join(CA_INTERMEDIATE_FILE);
+        let (signer_path, signer_der, chain, chain_pem) = if intermediate_path.exists() {
+            let pem = files::read_to_string(&intermediate_path)?;
+            let der = load_certs(&intermediate_path)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| PkiError::BadFile {
+                    path: intermediate_path.clone(),
+                    what: "no certificate in file".into(),
+                })?;
+            (intermediate_path, der.clone(), vec![der], pem)
+        } else {
+            (cert_path, cert_der.clone(), Vec::new(), String::new())
+        };
+        let issuer = Issuer::from_ca_cert_der(&signer_der, key).map_err(|e| PkiError::BadFile {
+            path: signer_path,
+            what: format!("not a usable CA certificate, or not the key's ({e})"),
         })?;
         Ok(Self {
             issuer,
             cert_pem,
             cert_der,
+            chain,
+            chain_pem,
             permitted_dns,
         })
     }
@@ -297,6 +384,18 @@ impl Ca {
     /// The CA certificate, DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
+    }
+
+    /// The certificates between an issued certificate and the root (the intermediate),
+    /// DER: sent with every certificate the relay presents, and added to every chain it
+    /// verifies. Empty for a CA made before the root was split off.
+    pub fn chain_der(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// Whether the root's key is still in the state directory.
+    pub fn root_key_present(state_dir: &Path) -> bool {
+        state_dir.join(CA_ROOT_KEY_FILE).exists()
     }
 
     /// The domains the CA's name constraints permit server names under; `None` for a CA
@@ -402,7 +501,8 @@ impl Ca {
         let cert = params.signed_by(key, &self.issuer)?;
         let info = inspect(cert.der())?;
         Ok(Issued {
-            cert_pem: cert.pem(),
+            // The leaf and the intermediate: what a client presents, and what a file holds.
+            cert_pem: format!("{}{}", cert.pem(), self.chain_pem),
             cert_der: cert.der().clone(),
             key: None,
             serial: serial_hex,
@@ -410,6 +510,38 @@ impl Ca {
             not_after: params.not_after.unix_timestamp(),
         })
     }
+}
+
+/// The parameters of a CA certificate: `cn` and `org` as its name, `path_len` CAs
+/// allowed below it, valid for `validity`, with name constraints when `permitted` names
+/// domains.
+fn ca_params(
+    cn: &str,
+    org: &str,
+    path_len: u8,
+    permitted: &[String],
+    validity: time::Duration,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, org);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + validity;
+    params.serial_number = Some(random_serial().0);
+    if !permitted.is_empty() {
+        params.name_constraints = Some(name_constraints(permitted));
+    }
+    params
 }
 
 /// How far before its issue every certificate's validity starts, for clocks a little
@@ -569,13 +701,15 @@ pub fn pkcs12(
     alias: &str,
     cert: &CertificateDer<'_>,
     key_der: &[u8],
-    ca: &CertificateDer<'_>,
+    cas: &[CertificateDer<'_>],
 ) -> Result<Vec<u8>, PkiError> {
     let err = |e: p12_keystore::error::Error| PkiError::Pkcs12(e.to_string());
     let key = p12_keystore::PrivateKey::from_der(key_der).map_err(err)?;
-    let leaf = p12_keystore::Certificate::from_der(cert).map_err(err)?;
-    let root = p12_keystore::Certificate::from_der(ca).map_err(err)?;
-    let chain = p12_keystore::PrivateKeyChain::new(alias, key, [leaf, root]);
+    let mut certs = vec![p12_keystore::Certificate::from_der(cert).map_err(err)?];
+    for ca in cas {
+        certs.push(p12_keystore::Certificate::from_der(ca).map_err(err)?);
+    }
+    let chain = p12_keystore::PrivateKeyChain::new(alias, key, certs);
     let mut store = p12_keystore::KeyStore::new();
     store.add_entry(alias, p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
     store.writer("").write().map_err(err)
@@ -699,7 +833,13 @@ mod tests {
         let id = Identity::new(Role::Device, "alice").unwrap();
         let issued = ca.issue_client(&id, Duration::from_secs(60)).unwrap();
         let key = issued.key.as_ref().unwrap();
-        let p12 = pkcs12("alice", &issued.cert_der, &key.der, ca.cert_der()).unwrap();
+        let p12 = pkcs12(
+            "alice",
+            &issued.cert_der,
+            &key.der,
+            std::slice::from_ref(ca.cert_der()),
+        )
+        .unwrap();
         let back = p12_keystore::KeyStore::from_pkcs12(
             &p12,
             "",
@@ -734,7 +874,7 @@ mod name_constraint_tests {
         verifier
             .verify_server_cert(
                 &leaf.cert_der,
-                &[],
+                ca.chain_der(),
                 &ServerName::try_from(name.to_owned()).unwrap(),
                 &[],
                 UnixTime::now(),
@@ -811,5 +951,112 @@ mod name_constraint_tests {
         assert_eq!(ca.permitted_dns(), None);
         let leaf = ca.issue_server(&["www.bank.example".into()], DAY).unwrap();
         accepted(&ca, &leaf, "www.bank.example").unwrap();
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use std::sync::Arc;
+
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// Whether a client trusting only the root in `root_pem` accepts the chain in
+    /// `chain_pem` (leaf first, as the relay presents it) for `name`.
+    fn accepted(root: &CertificateDer<'static>, chain_pem: &str, name: &str) -> bool {
+        let chain: Vec<CertificateDer<'static>> =
+            rustls_pki_types::pem::PemObject::pem_slice_iter(chain_pem.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.clone()).unwrap();
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap()
+        .verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &ServerName::try_from(name.to_owned()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn the_relay_signs_with_an_intermediate_the_root_can_replace_without_reenrolment() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init_constrained(dir.path(), "Acme", &[".internal".into()]).unwrap();
+        for f in [
+            CA_CERT_FILE,
+            CA_KEY_FILE,
+            CA_INTERMEDIATE_FILE,
+            CA_ROOT_KEY_FILE,
+        ] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+        let root = ca.cert_der().clone();
+        assert_eq!(ca.chain_der().len(), 1);
+        let old = ca.issue_server(&["app.internal".into()], DAY).unwrap();
+        assert!(accepted(&root, &old.cert_pem, "app.internal"));
+        // Only the leaf: not enough for a client that trusts the root alone.
+        let leaf_only = old
+            .cert_pem
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .next()
+            .unwrap();
+        assert!(!accepted(&root, leaf_only, "app.internal"));
+
+        // The root key goes offline; the relay still signs.
+        let offline = dir.path().join("offline-root.key");
+        std::fs::copy(dir.path().join(CA_ROOT_KEY_FILE), &offline).unwrap();
+        std::fs::remove_file(dir.path().join(CA_ROOT_KEY_FILE)).unwrap();
+        let ca = Ca::load(dir.path()).unwrap();
+        assert!(ca.issue_server(&["db.internal".into()], DAY).is_ok());
+
+        // A new intermediate from the offline root: the same root, new leaves and old ones
+        // both accepted, and the constraints kept.
+        let stranger = dir.path().join("not-the-root.key");
+        let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(&stranger, other.serialize_pem()).unwrap();
+        assert!(Ca::rotate_intermediate(dir.path(), &stranger).is_err());
+        Ca::rotate_intermediate(dir.path(), &offline).unwrap();
+        let rotated = Ca::load(dir.path()).unwrap();
+        assert_eq!(rotated.cert_der(), &root);
+        assert_ne!(rotated.chain_der(), ca.chain_der());
+        let new = rotated.issue_server(&["app.internal".into()], DAY).unwrap();
+        assert!(accepted(&root, &new.cert_pem, "app.internal"));
+        assert!(accepted(&root, &old.cert_pem, "app.internal"));
+        assert!(
+            rotated
+                .issue_server(&["www.bank.example".into()], DAY)
+                .is_err()
+        );
+        assert_eq!(rotated.permitted_dns(), Some(&["internal".to_owned()][..]));
+    }
+
+    #[test]
+    fn a_state_directory_with_one_ca_keeps_working_as_root_and_signer() {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::init(dir.path(), "Acme").unwrap();
+        // What an earlier release made: the root's key as ca.key, no intermediate.
+        std::fs::rename(
+            dir.path().join(CA_ROOT_KEY_FILE),
+            dir.path().join(CA_KEY_FILE),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join(CA_INTERMEDIATE_FILE)).unwrap();
+        let ca = Ca::load(dir.path()).unwrap();
+        assert!(ca.chain_der().is_empty());
+        let leaf = ca.issue_server(&["app.internal".into()], DAY).unwrap();
+        assert!(accepted(ca.cert_der(), &leaf.cert_pem, "app.internal"));
+        assert!(Ca::rotate_intermediate(dir.path(), &dir.path().join(CA_KEY_FILE)).is_err());
     }
 }

@@ -45,6 +45,9 @@ fn refuse(reason: String) -> Error {
 #[derive(Debug)]
 pub struct RoleVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// The CA's intermediates, added to what a client presents (a browser's PKCS#12 may
+    /// hold only its leaf).
+    intermediates: Vec<CertificateDer<'static>>,
     roles: Vec<Role>,
     check: Arc<dyn IdentityCheck>,
     mandatory: bool,
@@ -56,6 +59,7 @@ impl RoleVerifier {
     /// answers 403 to everything but public endpoints).
     pub fn new(
         ca: &CertificateDer<'static>,
+        intermediates: &[CertificateDer<'static>],
         roles: &[Role],
         check: Arc<dyn IdentityCheck>,
         mandatory: bool,
@@ -73,6 +77,7 @@ impl RoleVerifier {
         .map_err(|e| PkiError::Parse(format!("client verifier: {e}")))?;
         Ok(Arc::new(Self {
             inner,
+            intermediates: intermediates.to_vec(),
             roles: roles.to_vec(),
             check,
             mandatory,
@@ -99,9 +104,11 @@ impl ClientCertVerifier for RoleVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        let mut chain: Vec<CertificateDer<'_>> = intermediates.to_vec();
+        chain.extend(self.intermediates.iter().cloned());
         let verified = self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)
+            .verify_client_cert(end_entity, &chain, now)
             .inspect_err(|e| tracing::info!(reason = %e, "client certificate refused"))?;
         let info = inspect(end_entity).map_err(|e| refuse(e.to_string()))?;
         let result = match &info.identity {
