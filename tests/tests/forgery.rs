@@ -2,8 +2,8 @@
 //! h2c upgrades (as Go's h2c handler does), as separate processes. A device's h2c upgrade,
 //! with or without a malformed `Connection` line, never reaches the origin as HTTP/2, and
 //! forged `portcullis-*` / `x-forwarded-*` headers never reach it over any protocol path:
-//! HTTP/1.1, HTTP/2, HTTP/3, WebSocket over each, and HTTPS inside a CONNECT. Every path
-//! writes its access-log line.
+//! HTTP/1.1, HTTP/2, HTTP/3, WebSocket over each, and HTTPS inside a CONNECT. Every path,
+//! a TCP forward included, writes its access-log line.
 
 #![allow(clippy::unwrap_used)]
 
@@ -252,4 +252,25 @@ async fn forged_identity_never_reaches_a_websocket_origin_over_any_http_version(
         .filter(|l| l.starts_with("origin websocket"))
         .collect();
     assert_eq!(lines, [want; 3], "{origin}");
+}
+
+#[tokio::test]
+async fn a_tcp_forward_is_in_the_access_log_with_the_device_that_asked() {
+    let s = Stack::up().await;
+    let port = s.w.echo_addr().rsplit(':').next().unwrap().to_owned();
+    let target = format!("{}:{port}", portcullis_e2e::DB);
+    let (status, echoed) =
+        portcullis_e2e::h1_connect(&s.w, &s.addrs, "alice", &target, b"ping").await;
+    assert!(status.contains(" 200"), "{status}");
+    assert_eq!(echoed, b"ping");
+    let line = eventually(Duration::from_secs(10), || async {
+        let log = std::fs::read_to_string(s.w.path("state/access.log")).unwrap_or_default();
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["method"] == "CONNECT" && l["hostname"] == portcullis_e2e::DB)
+    })
+    .await
+    .expect("an access-log line for the TCP forward");
+    assert_eq!(line["device"], "alice", "{line}");
+    assert_eq!(line["user"], "alice", "{line}");
 }
