@@ -109,9 +109,20 @@ pub fn fold(trailers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Whether a trailer could pass for a claim about identity or the client's address (an
+/// origin that merges trailers into headers would read it as one): never carried.
+fn is_claim(name: &HeaderName) -> bool {
+    let lower = name.as_str().replace('_', "-");
+    crate::assertion::is_portcullis_header(name)
+        || lower.starts_with("x-forwarded-")
+        || lower == "forwarded"
+        || lower == "x-real-ip"
+}
+
 /// Unfolds the tunnel field back into trailers; other fields pass through. A malformed
 /// field is dropped (and logged): trailers are advisory to the hop, never a reason to fail
-/// a body that has already been delivered.
+/// a body that has already been delivered. Trailers that could pass for a claim about
+/// identity (`portcullis-*`, `x-forwarded-*`, `forwarded`, `x-real-ip`) are dropped.
 pub fn unfold(mut trailers: HeaderMap) -> HeaderMap {
     let Some(folded) = trailers.remove(TRAILERS_FIELD) else {
         return trailers;
@@ -122,7 +133,8 @@ pub fn unfold(mut trailers: HeaderMap) -> HeaderMap {
                 if let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(name.as_bytes()),
                     HeaderValue::from_bytes(&value),
-                ) {
+                ) && !is_claim(&n)
+                {
                     trailers.append(n, v);
                 }
             }
@@ -181,5 +193,24 @@ mod tests {
         let folded = fold(&t);
         assert_eq!(folded.len(), 1);
         assert_eq!(unfold(folded), t);
+    }
+
+    #[test]
+    fn trailers_that_could_pass_for_identity_are_not_carried() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        for forged in [
+            "portcullis-user",
+            "portcullis_groups",
+            "x-forwarded-for",
+            "forwarded",
+        ] {
+            t.insert(
+                HeaderName::from_bytes(forged.as_bytes()).unwrap(),
+                HeaderValue::from_static("ceo"),
+            );
+        }
+        let names: Vec<String> = unfold(fold(&t)).keys().map(|k| k.to_string()).collect();
+        assert_eq!(names, ["grpc-status"]);
     }
 }

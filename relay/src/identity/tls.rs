@@ -101,6 +101,12 @@ tokio::task_local! {
     static SOURCE: IpAddr;
 }
 
+/// Runs `start` (quinn's accept, which reads the first Initial packet and so the
+/// ClientHello right away) knowing its client's address.
+pub(crate) fn with_source_sync<R>(source: IpAddr, start: impl FnOnce() -> R) -> R {
+    SOURCE.sync_scope(source, start)
+}
+
 /// Runs a handshake future knowing its client's address, so on-demand minting is counted
 /// against that address too.
 pub(crate) async fn with_source<F: Future>(source: IpAddr, handshake: F) -> F::Output {

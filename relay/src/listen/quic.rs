@@ -229,8 +229,11 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         pending,
     } = admitted;
     let limits = &state.config.limits;
+    // quinn reads the ClientHello as it accepts; a ClientHello that spans more than one
+    // packet is read by its driver, outside this scope, and counts only globally.
     let source = incoming.remote_address().ip();
-    let handshake = tls::with_source(source, incoming.into_future());
+    let connecting = tls::with_source_sync(source, || incoming.into_future());
+    let handshake = tls::with_source(source, connecting);
     let handshake = tokio::time::timeout(limits.handshake_timeout, handshake).await;
     drop(pending);
     let conn = match handshake {

@@ -119,9 +119,13 @@ pub fn split_url(url: &str) -> Result<TlsUrl, String> {
     })
 }
 
-/// The mode in force for `hosts` when the URL names none: `disable` when every host is
-/// on loopback or a Unix socket, `verify-full` otherwise.
-pub fn default_mode(hosts: &[Host]) -> TlsMode {
+/// The mode in force for `hosts` (and the `hostaddr` addresses, which are what is dialled
+/// when given) when the URL names none: `disable` when every one is on loopback or a Unix
+/// socket, `verify-full` otherwise.
+pub fn default_mode(hosts: &[Host], hostaddrs: &[std::net::IpAddr]) -> TlsMode {
+    if hostaddrs.iter().any(|a| !a.is_loopback()) {
+        return TlsMode::VerifyFull;
+    }
     let local = |h: &Host| match h {
         Host::Unix(_) => true,
         Host::Tcp(name) => {
@@ -390,6 +394,7 @@ mod tests {
     #[test]
     fn a_host_beyond_loopback_gets_verify_full_by_default() {
         let tcp = |h: &str| Host::Tcp(h.to_owned());
+        let default_mode = |hosts: &[Host]| default_mode(hosts, &[]);
         assert_eq!(default_mode(&[tcp("db.internal")]), TlsMode::VerifyFull);
         assert_eq!(default_mode(&[tcp("10.0.0.5")]), TlsMode::VerifyFull);
         assert_eq!(

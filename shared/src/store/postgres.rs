@@ -134,7 +134,7 @@ impl PostgresStore {
             .map_err(|e: tokio_postgres::Error| unavailable(format!("not a valid URL: {e}")))?;
         let mode = parts
             .mode
-            .unwrap_or_else(|| pg_tls::default_mode(config.get_hosts()));
+            .unwrap_or_else(|| pg_tls::default_mode(config.get_hosts(), config.get_hostaddrs()));
         config.ssl_mode(pg_tls::ssl_mode(mode));
         let tls = pg_tls::MakeRustls::new(
             pg_tls::client_config(mode, parts.root_cert.as_deref()).map_err(&unavailable)?,
