@@ -17,7 +17,7 @@ use portcullis_shared::text::printable;
 use portcullis_shared::token::{self, EnrollToken, sha256_hex};
 
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
-use crate::clock::now;
+use crate::clock::{now, rfc3339};
 
 /// Opens the store the command names: `--store URL` (or `PORTCULLIS_STORE`), else the
 /// one `--config`'s relay.toml names, else the state directory's SQLite file.
@@ -402,11 +402,6 @@ pub fn audit_list(at: &StateArgs, filter: &AuditFilter, json: bool) -> anyhow::R
         );
     }
     Ok(())
-}
-
-fn rfc3339(at: i64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64))
-        .to_string()
 }
 
 /// `list`.

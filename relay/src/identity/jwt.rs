@@ -23,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
-use crate::clock::now;
+use crate::clock::{now, rfc3339};
 
 /// File in the state directory holding the signing key (PKCS#8, 0600).
 pub(crate) const KEY_FILE: &str = "jwt-signing.key";
@@ -189,13 +189,6 @@ fn remove_if_present(path: &Path) -> anyhow::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
     }
-}
-
-fn rfc3339(at: i64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0)),
-    )
-    .to_string()
 }
 
 /// `jwt rotate`: a new key, published at once and signing from `prepublish` after `now`;

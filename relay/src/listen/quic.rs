@@ -233,8 +233,7 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
     // packet is read by its driver, outside this scope, and counts only globally.
     let source = incoming.remote_address().ip();
     let connecting = tls::with_source_sync(source, || incoming.into_future());
-    let handshake = tls::with_source(source, connecting);
-    let handshake = tokio::time::timeout(limits.handshake_timeout, handshake).await;
+    let handshake = tokio::time::timeout(limits.handshake_timeout, connecting).await;
     drop(pending);
     let conn = match handshake {
         Ok(Ok(conn)) => {

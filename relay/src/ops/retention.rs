@@ -9,7 +9,7 @@ use std::time::Duration;
 use portcullis_shared::shutdown::Shutdown;
 use portcullis_shared::store::{AuditEvent, Store};
 
-use crate::clock::now;
+use crate::clock::{now, rfc3339};
 
 /// How often the relay prunes.
 const EVERY: Duration = Duration::from_secs(3600);
@@ -46,9 +46,7 @@ fn prune_once(
             subject: "audit".into(),
             detail: format!(
                 "deleted {deleted} rows older than {} (audit_retention {})",
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + Duration::from_secs(before.max(0) as u64)
-                ),
+                rfc3339(before),
                 humantime::format_duration(retention)
             ),
             actor: "relay".into(),

@@ -136,9 +136,8 @@ pub fn system_roots() -> Vec<CertificateDer<'static>> {
     .unwrap_or_default()
 }
 
-/// TLS client settings for a server with a public certificate (an origin, a collector):
-/// verified against the CAs in `ca`, or the system's without it; no client certificate.
-pub fn server_verifying_client(ca: Option<&Path>) -> Result<rustls::ClientConfig, PkiError> {
+/// The CAs in the PEM file `ca`, or the system's without it.
+pub fn root_store(ca: Option<&Path>) -> Result<rustls::RootCertStore, PkiError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -153,6 +152,13 @@ pub fn server_verifying_client(ca: Option<&Path>) -> Result<rustls::ClientConfig
             roots.add_parsable_certificates(system_roots());
         }
     }
+    Ok(roots)
+}
+
+/// TLS client settings for a server with a public certificate (an origin, a collector):
+/// verified against the CAs in `ca`, or the system's without it; no client certificate.
+pub fn server_verifying_client(ca: Option<&Path>) -> Result<rustls::ClientConfig, PkiError> {
+    let roots = root_store(ca)?;
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use crate::identity::{Identity, IdentityError};
 
 pub use files::{
-    force_private_dir, load_certs, load_key, server_verifying_client, system_roots,
+    force_private_dir, load_certs, load_key, root_store, server_verifying_client, system_roots,
     write_new_private_file, write_private_file, write_public_file,
 };
 pub use verify::{IdentityCheck, RoleVerifier};
@@ -393,11 +393,6 @@ impl Ca {
         &self.chain
     }
 
-    /// Whether the root's key is still in the state directory.
-    pub fn root_key_present(state_dir: &Path) -> bool {
-        state_dir.join(CA_ROOT_KEY_FILE).exists()
-    }
-
     /// The domains the CA's name constraints permit server names under; `None` for a CA
     /// without name constraints (it vouches for any name).
     pub fn permitted_dns(&self) -> Option<&[String]> {
@@ -585,14 +580,9 @@ pub fn check_enrolment_csr(csr_pem: &str) -> Result<(), PkiError> {
 /// A new P-256 key and a CSR naming nobody: for enrolment, where the relay decides the
 /// identity from the token. Returns (key PKCS#8 DER, CSR PEM).
 pub fn generate_enrolment_csr() -> Result<(Vec<u8>, String), PkiError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "portcullis enrolment");
-    let csr = params.serialize_request(&key)?.pem()?;
-    Ok((key.serialize_der(), csr))
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?.serialize_der();
+    let csr = enrolment_csr_for_key(&key)?;
+    Ok((key, csr))
 }
 
 /// An enrolment CSR (naming no identity) signed with an existing PKCS#8 key: a retried

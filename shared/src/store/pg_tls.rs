@@ -228,33 +228,23 @@ pub fn client_config(
     mode: TlsMode,
     root_cert: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, String> {
-    let mut config =
-        crate::pki::server_verifying_client(root_cert).map_err(|e| format!("sslrootcert: {e}"))?;
+    let roots =
+        Arc::new(crate::pki::root_store(root_cert).map_err(|e| format!("sslrootcert: {e}"))?);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings refused: {e}"))?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
     let check = match mode {
         TlsMode::VerifyFull => return Ok(config),
         TlsMode::VerifyCa => Check::Chain,
         TlsMode::Require if root_cert.is_some() => Check::Chain,
         TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => Check::Nothing,
     };
-    let roots = match root_cert {
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in crate::pki::load_certs(path).map_err(|e| format!("sslrootcert: {e}"))? {
-                roots.add(cert).map_err(|e| format!("sslrootcert: {e}"))?;
-            }
-            roots
-        }
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(crate::pki::system_roots());
-            roots
-        }
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| format!("sslrootcert: {e}"))?;
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|e| format!("sslrootcert: {e}"))?;
     config
         .dangerous()
         .set_certificate_verifier(Arc::new(Verifier { inner, check }));
