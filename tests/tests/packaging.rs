@@ -341,6 +341,45 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Every connector StatefulSet that enrols runs one pod, reads the token named after it
+/// and mounts only that key of the tokens Secret: no pod can read another's token. Returns
+/// how many enrol.
+fn each_connector_mounts_only_its_own_token(rendered: &str) -> usize {
+    let mut enrolling = 0;
+    for doc in rendered.split("\n---") {
+        if !doc.contains("kind: StatefulSet") || !doc.contains("component: connector") {
+            continue;
+        }
+        assert!(doc.contains("replicas: 1"), "{doc}");
+        assert!(!doc.contains("POD_NAME"), "{doc}");
+        let Some(tokens) = doc.find("--enroll-token-file") else {
+            assert!(!doc.contains("tokens"), "{doc}");
+            continue;
+        };
+        let name = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("  name: "))
+            .expect("a StatefulSet has a name")
+            .trim();
+        assert!(
+            doc[tokens..].contains(&format!("- /etc/portcullis/tokens/{name}\n")),
+            "{doc}"
+        );
+        // The Secret volume lists exactly one key: this connector's.
+        let volume = &doc[doc
+            .find("secretName: portcullis-connector-tokens")
+            .expect(doc)..];
+        let items: Vec<&str> = volume.lines().filter(|l| l.contains("key:")).collect();
+        assert_eq!(items.len(), 1, "{doc}");
+        assert!(
+            items[0].contains(&format!("key: {name}, path: {name}")),
+            "{doc}"
+        );
+        enrolling += 1;
+    }
+    enrolling
+}
+
 #[test]
 fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
     let Some(tools) = deploy_tools() else {
@@ -380,7 +419,6 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
         }
         let path = out.path().join(format!("{name}.yaml"));
         let rendered = run_ok(&mut cmd);
-        // Connector pods enrol with their own token unless they run from a Secret of keys.
         // The store's URL (its password) is only ever in a Secret.
         if name == "shared-store" {
             assert!(rendered.contains("store_file = \"/etc/portcullis/store/url\""));
@@ -400,14 +438,22 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             pods,
             "{name}:\n{rendered}"
         );
+        let halves = ["relay", "connector"]
+            .iter()
+            .filter(|half| rendered.contains(&format!("name: pc-{half}\n")))
+            .count();
         assert_eq!(
             rendered.matches("kind: NetworkPolicy").count(),
-            pods,
+            halves,
             "{name}"
         );
         if name != "relay-only" {
-            let enrols = rendered.contains("- /etc/portcullis/tokens/$(POD_NAME)");
-            assert_eq!(enrols, name != "connector-keys", "{name}:\n{rendered}");
+            let enrolling = each_connector_mounts_only_its_own_token(&rendered);
+            assert_eq!(
+                enrolling,
+                if name == "connector-keys" { 0 } else { 2 },
+                "{name}"
+            );
             assert!(rendered.contains("volumeClaimTemplates"), "{name}");
         }
         std::fs::write(&path, rendered).unwrap();
@@ -420,6 +466,8 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             files.push(path);
         }
     }
+    let plain = std::fs::read_to_string(deploy("kubernetes/connector.yaml")).unwrap();
+    assert_eq!(each_connector_mounts_only_its_own_token(&plain), 2);
     if have("kubectl") {
         let path = out.path().join("kustomized.yaml");
         let text = run_ok(
