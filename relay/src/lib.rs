@@ -40,11 +40,17 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             state,
             org,
             permit_dns,
-        }) => admin::ca_init(&state, &org, &permit_dns),
-        Command::Ca(CaCommand::ExportRoot { state, out }) => admin::ca_export_root(&state, &out),
-        Command::Ca(CaCommand::RemoveRootKey { state }) => admin::ca_remove_root_key(&state),
+        }) => admin::with_place(&state, |at| admin::ca_init(at, &org, &permit_dns)),
+        Command::Ca(CaCommand::ExportRoot { state, out }) => {
+            admin::with_place(&state, |at| admin::ca_export_root(at, &out))
+        }
+        Command::Ca(CaCommand::RemoveRootKey { state }) => {
+            admin::with_place(&state, admin::ca_remove_root_key)
+        }
         Command::Ca(CaCommand::RotateIntermediate { state, root_key }) => {
-            admin::ca_rotate_intermediate(&state, root_key.as_deref())
+            admin::with_place(&state, |at| {
+                admin::ca_rotate_intermediate(at, root_key.as_deref())
+            })
         }
         Command::Issue(IssueCommand::Connector {
             name,
@@ -52,7 +58,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             ttl,
             state,
             out,
-        }) => admin::issue_connector(&state, &name, &hostnames, ttl, &out),
+        }) => admin::with_place(&state, |at| {
+            admin::issue_connector(at, &name, &hostnames, ttl, &out)
+        }),
         Command::Issue(IssueCommand::Device {
             id,
             user,
@@ -60,14 +68,19 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             ttl,
             state,
             out,
-        }) => admin::issue_device(&state, &id, &user, &groups, ttl, &out),
+        }) => admin::with_place(&state, |at| {
+            admin::issue_device(at, &id, &user, &groups, ttl, &out)
+        }),
         Command::Revoke(RevokeCommand::Device { id, state }) => {
-            admin::revoke(&state, Role::Device, &id)
+            admin::with_place(&state, |at| admin::revoke(at, Role::Device, &id))
         }
         Command::Revoke(RevokeCommand::Connector { name, state }) => {
-            admin::revoke(&state, Role::Connector, &name)
+            admin::with_place(&state, |at| admin::revoke(at, Role::Connector, &name))
         }
-        Command::List { state, json } => admin::list(&state, json),
+        Command::Revoke(RevokeCommand::User { user, state }) => {
+            admin::with_place(&state, |at| admin::revoke_user(at, &user))
+        }
+        Command::List { state, json } => admin::with_place(&state, |at| admin::list(at, json)),
         Command::Audit {
             state,
             identity,
@@ -75,19 +88,21 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             since,
             until,
             json,
-        } => admin::audit_list(
-            &state,
-            &admin::AuditFilter {
-                identity,
-                action,
-                since,
-                until,
-            },
-            json,
-        ),
+        } => admin::with_place(&state, |at| {
+            admin::audit_list(
+                at,
+                &admin::AuditFilter {
+                    identity,
+                    action,
+                    since,
+                    until,
+                },
+                json,
+            )
+        }),
         Command::Token(cmd) => admin::token(cmd),
-        Command::Jwt(JwtCommand::Rotate { state }) => admin::jwt_rotate(&state),
-        Command::Jwt(JwtCommand::Retire { state }) => admin::jwt_retire(&state),
+        Command::Jwt(JwtCommand::Rotate { state }) => admin::with_place(&state, admin::jwt_rotate),
+        Command::Jwt(JwtCommand::Retire { state }) => admin::with_place(&state, admin::jwt_retire),
         Command::Check { config } => check(&config),
         Command::Run { config, ready_file } => {
             let rt = tokio::runtime::Builder::new_multi_thread()

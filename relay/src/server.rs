@@ -28,6 +28,7 @@ use crate::hardening::overload::{Overload, Thresholds};
 use crate::hardening::rate_limit::RateLimit;
 use crate::identity::jwt::JwtSigner;
 use crate::identity::registry::Registry;
+use crate::identity::state_dir::{RunLock, StoreRecord};
 use crate::identity::tls::{self, CertResolver};
 use crate::listen::admin_http::{self, AdminState};
 use crate::listen::{https, quic, terminate};
@@ -90,7 +91,10 @@ pub async fn run(
     // triggered after `shutdown_delay`.
     let stop = shutdown;
     let shutdown = Shutdown::new();
-    let identity = Identity::load(&config)?;
+    // Held until the relay exits: a second relay on this directory would overwrite the
+    // first one's endpoint.json and fight over its files.
+    let _lock = RunLock::acquire(&config.state_dir)?;
+    let identity = Identity::load(&config, source)?;
     let listeners = Listeners::bind(&config, &identity).await?;
     let bound = listeners.bound()?;
     let endpoint = listeners.quic.clone();
@@ -136,13 +140,17 @@ struct Identity {
 }
 
 impl Identity {
-    fn load(config: &RelayConfig) -> anyhow::Result<Self> {
+    fn load(config: &RelayConfig, source: Option<&Path>) -> anyhow::Result<Self> {
         let ca = Arc::new(Ca::load(&config.state_dir)?);
         // Connectors would refuse the relay's own certificate.
         ca.check_server_name(config.server_name.as_str())
             .context("server_name")?;
         let store = crate::identity::store::open(&config.state_dir, config.store.url.as_deref())?;
         tracing::info!(store = %store.describe(), "store opened");
+        // Admin commands given only the state directory find this store from here.
+        StoreRecord::new(config.store.url.as_deref(), source)
+            .write(&config.state_dir)
+            .with_context(|| format!("recording the store in {}", config.state_dir.display()))?;
         let registry = Registry::load(&*store)?;
         let static_files = config.tls_cert.clone().zip(config.tls_key.clone());
         let resolver = CertResolver::new(

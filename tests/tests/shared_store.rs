@@ -459,3 +459,158 @@ async fn the_store_over_tls_verifies_its_server_refuses_a_wrong_ca_and_never_sho
     })
     .await;
 }
+
+/// `portcullis-relay args` with only `env` of the variables that name a relay or a store
+/// (none inherited from the test's environment).
+fn relay_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(bin("portcullis-relay"));
+    cmd.args(args).stdin(Stdio::null());
+    for var in ["PORTCULLIS_STORE", "PORTCULLIS_CONFIG", "PORTCULLIS_STATE"] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn token_ids(url: &str) -> Vec<String> {
+    let store = PostgresStore::connect(url).unwrap();
+    store.tokens().unwrap().into_iter().map(|t| t.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_reach_the_relays_postgres_store_from_its_config_or_its_state_dir_and_the_lost_laptop_runbook_cuts_the_device()
+ {
+    within(async {
+        let Some(pg) = TestPostgres::start().await else {
+            return;
+        };
+        let world = World::with_store(&pg.url);
+        let state = world.state();
+        world.issue_device("erin-laptop", "erin", &["eng"], None);
+        world.issue_device("erin-phone", "erin", &["eng"], None);
+        world.issue_device("frank-laptop", "frank", &["eng"], None);
+        let sqlite = std::path::Path::new(state).join("portcullis.db");
+        let token = [
+            "token",
+            "create",
+            "device",
+            "--user",
+            "dave",
+            "--relay",
+            "relay.acme.test:4433",
+        ];
+
+        // Before the relay has run, nothing says where its relay.toml is: the state
+        // directory alone is refused, naming the store without its password, and
+        // nothing is written anywhere.
+        let before = token_ids(&pg.url);
+        let out = relay_env(&[&token[..], &["--state", state]].concat(), &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("belongs to a relay on the shared store postgres://portcullis:***@")
+                && err.contains("--config"),
+            "{err}"
+        );
+        assert!(!err.contains(portcullis_e2e::PG_PASSWORD), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(token_ids(&pg.url), before);
+        assert!(!sqlite.exists());
+
+        let config = world.write_relay_config("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "");
+        let config = config.to_str().unwrap();
+        let (mut relay, addrs) = world.start_relay().await;
+
+        // `--config` alone: the state directory and the store from relay.toml.
+        let created = succeeded(&relay_env(
+            &[&token[..], &["--config", config]].concat(),
+            &[],
+        ));
+        let by_config = created.trim().lines().last().unwrap().to_owned();
+        // The state directory alone, now that the relay has run: through the relay.toml
+        // it ran with.
+        let created = succeeded(&relay_env(&[&token[..], &["--state", state]].concat(), &[]));
+        let by_state = created.trim().lines().last().unwrap().to_owned();
+        let in_store = token_ids(&pg.url);
+        for token in [&by_config, &by_state] {
+            let id = EnrollToken::decode(token).unwrap().id;
+            assert!(in_store.contains(&id), "{id} not in {in_store:?}");
+            assert!(!id.starts_with('-'));
+        }
+        let listed = succeeded(&relay_env(&["token", "list", "--state", state], &[]));
+        assert_eq!(listed.matches("dave").count(), 2, "{listed}");
+        // Another database than the relay's is refused.
+        let other = pg.url.replace("/portcullis", "/elsewhere");
+        let out = relay_env(&["list", "--state", state, "--store", &other], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("not postgres://"),
+            "{err}"
+        );
+        assert!(!sqlite.exists(), "a stray SQLite store was made");
+
+        // The lost-laptop runbook, command for command (docs/operations.md).
+        let mut laptop = H3Client::connect(&world, &addrs, "erin-laptop", RELAY_NAME).await;
+        assert_eq!(
+            laptop
+                .get(RELAY_NAME, "/.well-known/jwks.json")
+                .await
+                .status,
+            200
+        );
+        let runbook = [("PORTCULLIS_CONFIG", config)];
+        let listed = succeeded(&relay_env(&["list"], &runbook));
+        assert!(listed.contains("erin-laptop"), "{listed}");
+        succeeded(&relay_env(&["revoke", "device", "erin-laptop"], &runbook));
+        assert!(laptop.closed_within(Duration::from_secs(2)).await);
+        assert!(
+            H3Client::try_connect(&world, &addrs, "erin-laptop", RELAY_NAME)
+                .await
+                .is_err()
+        );
+        let audit = succeeded(&relay_env(
+            &["audit", "--identity", "erin-laptop"],
+            &runbook,
+        ));
+        assert!(audit.contains("revoke"), "{audit}");
+
+        // Every device of a user; another user's untouched.
+        let mut phone = H3Client::connect(&world, &addrs, "erin-phone", RELAY_NAME).await;
+        let mut frank = H3Client::connect(&world, &addrs, "frank-laptop", RELAY_NAME).await;
+        let said = succeeded(&relay_env(&["revoke", "user", "erin"], &runbook));
+        assert!(said.contains("revoked 1 device(s) of user erin"), "{said}");
+        assert!(phone.closed_within(Duration::from_secs(2)).await);
+        assert_eq!(
+            frank.get(RELAY_NAME, "/.well-known/jwks.json").await.status,
+            200
+        );
+
+        // A second relay on the same state directory is refused while the first runs.
+        let second = relay_env(&["run", "--config", config], &[]);
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(!second.status.success());
+        assert!(err.contains("another relay is running on"), "{err}");
+        assert!(
+            relay.child.try_wait().unwrap().is_none(),
+            "the first relay died"
+        );
+        assert_eq!(
+            frank.get(RELAY_NAME, "/.well-known/jwks.json").await.status,
+            200
+        );
+        relay.signal("TERM");
+        relay.wait(Duration::from_secs(30)).await;
+    })
+    .await;
+}

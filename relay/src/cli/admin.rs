@@ -2,7 +2,7 @@
 //! revocation and listing. They share the state directory (and its SQLite store) with a
 //! running relay, which picks their changes up within a second.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,16 +18,96 @@ use portcullis_shared::token::{self, EnrollToken, sha256_hex};
 
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
 use crate::clock::{now, rfc3339};
+use crate::identity::state_dir::{check_caller, hand_back};
+use crate::identity::store::{AdminOpen, open_for_admin};
 
-/// Opens the store the command names: `--store URL` (or `PORTCULLIS_STORE`), else the
-/// one `--config`'s relay.toml names, else the state directory's SQLite file.
-pub fn open_store(at: &StateArgs) -> anyhow::Result<Arc<dyn Store>> {
-    let from_config = match (&at.store, &at.config) {
-        (None, Some(path)) => portcullis_shared::config::RelayConfig::store_url_of(path)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-        _ => None,
-    };
-    crate::identity::store::open(&at.state, at.store.as_deref().or(from_config.as_deref()))
+/// Where an admin command works: the state directory and the store, resolved once from
+/// `--state`, `--store`, `--config` (or their environment variables) and the directory's
+/// record of its relay's store.
+#[derive(Debug)]
+pub struct Place {
+    /// The relay's state directory.
+    pub state: PathBuf,
+    /// The shared store's URL, when one was named.
+    store: Option<String>,
+    /// The relay.toml given, if any.
+    config: Option<PathBuf>,
+    /// Its `jwt_prepublish`, or the default.
+    jwt_prepublish: Duration,
+}
+
+impl Place {
+    /// Resolves `at`: the state directory is `--state` or `state_dir` of `--config`'s
+    /// file (both given: they must agree); the store is `--store`, else the file's.
+    pub fn resolve(at: &StateArgs) -> anyhow::Result<Self> {
+        let view = match &at.config {
+            Some(path) => Some(
+                portcullis_shared::config::RelayConfig::for_admin(path)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            None => None,
+        };
+        let state = match (&at.state, &view) {
+            (Some(state), Some(view)) if !same_dir(state, &view.state_dir) => bail!(
+                "--state {} is not the state_dir of {} ({}): give one of them",
+                state.display(),
+                at.config.as_deref().unwrap_or(Path::new("")).display(),
+                view.state_dir.display()
+            ),
+            (Some(state), _) => state.clone(),
+            (None, Some(view)) => view.state_dir.clone(),
+            (None, None) => bail!(
+                "which relay? give its relay.toml with --config FILE (or PORTCULLIS_CONFIG), or its state directory with --state DIR"
+            ),
+        };
+        check_caller(&state)?;
+        let store = at
+            .store
+            .clone()
+            .or_else(|| view.as_ref().and_then(|v| v.store_url.clone()));
+        Ok(Self {
+            state,
+            store,
+            config: at.config.clone(),
+            jwt_prepublish: view.map_or(Duration::from_secs(3600), |v| v.jwt_prepublish),
+        })
+    }
+
+    /// Opens the relay's store (never a stray SQLite file: [`open_for_admin`]).
+    fn open(&self, mode: AdminOpen) -> anyhow::Result<Arc<dyn Store>> {
+        open_for_admin(
+            &self.state,
+            self.store.as_deref(),
+            self.config.as_deref(),
+            mode,
+        )
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Runs `command` on the relay `at` names. Run as a user who neither owns the state
+/// directory nor is root, it is refused before anything happens; run as root, what it
+/// wrote there is given back to the directory's owner, so the relay can read it.
+pub fn with_place(
+    at: &StateArgs,
+    command: impl FnOnce(&Place) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let place = Place::resolve(at)?;
+    let result = command(&place);
+    let handed = hand_back(&place.state);
+    result?;
+    Ok(handed?)
+}
+
+/// Opens the store of an existing relay.
+fn open_store(at: &Place) -> anyhow::Result<Arc<dyn Store>> {
+    at.open(AdminOpen::Existing)
 }
 
 fn audit(store: &dyn Store, action: &str, subject: &str, detail: String) -> anyhow::Result<()> {
@@ -74,7 +154,7 @@ fn emit(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
 
 /// The hostname patterns a connector asks to publish, each checked against the CA's name
 /// constraints (a name outside them would get a certificate no device accepts).
-fn publishable(at: &StateArgs, hostnames: &[String]) -> anyhow::Result<Vec<HostPattern>> {
+fn publishable(at: &Place, hostnames: &[String]) -> anyhow::Result<Vec<HostPattern>> {
     let ca = Ca::load(&at.state)?;
     hostnames
         .iter()
@@ -88,7 +168,7 @@ fn publishable(at: &StateArgs, hostnames: &[String]) -> anyhow::Result<Vec<HostP
 
 /// `ca export-root`: the root's key, to a file of the operator's (0600, never replacing
 /// one), to keep offline.
-pub fn ca_export_root(at: &StateArgs, out: &Path) -> anyhow::Result<()> {
+pub fn ca_export_root(at: &Place, out: &Path) -> anyhow::Result<()> {
     let key = at.state.join(pki::CA_ROOT_KEY_FILE);
     let pem = std::fs::read(&key).with_context(|| {
         format!(
@@ -113,7 +193,7 @@ pub fn ca_export_root(at: &StateArgs, out: &Path) -> anyhow::Result<()> {
 
 /// `ca remove-root-key`: deletes the root's key from the state directory; the relay
 /// keeps signing with the intermediate.
-pub fn ca_remove_root_key(at: &StateArgs) -> anyhow::Result<()> {
+pub fn ca_remove_root_key(at: &Place) -> anyhow::Result<()> {
     let key = at.state.join(pki::CA_ROOT_KEY_FILE);
     if !key.exists() {
         bail!(
@@ -132,7 +212,7 @@ pub fn ca_remove_root_key(at: &StateArgs) -> anyhow::Result<()> {
 }
 
 /// `ca rotate-intermediate`.
-pub fn ca_rotate_intermediate(at: &StateArgs, root_key: Option<&Path>) -> anyhow::Result<()> {
+pub fn ca_rotate_intermediate(at: &Place, root_key: Option<&Path>) -> anyhow::Result<()> {
     let in_state = at.state.join(pki::CA_ROOT_KEY_FILE);
     let root_key = root_key.unwrap_or(&in_state);
     Ca::rotate_intermediate(&at.state, root_key)?;
@@ -145,10 +225,10 @@ pub fn ca_rotate_intermediate(at: &StateArgs, root_key: Option<&Path>) -> anyhow
 }
 
 /// `ca init`.
-pub fn ca_init(at: &StateArgs, org: &str, permit_dns: &[String]) -> anyhow::Result<()> {
+pub fn ca_init(at: &Place, org: &str, permit_dns: &[String]) -> anyhow::Result<()> {
     let state = &at.state;
     let ca = Ca::init_constrained(state, org, permit_dns)?;
-    let store = open_store(at)?;
+    let store = at.open(AdminOpen::Create)?;
     let constraints = match ca.permitted_dns() {
         Some(domains) => format!("; server names only under {}", domains.join(", ")),
         None => String::new(),
@@ -181,7 +261,7 @@ pub fn ca_init(at: &StateArgs, org: &str, permit_dns: &[String]) -> anyhow::Resu
 }
 
 fn issue(
-    at: &StateArgs,
+    at: &Place,
     identity: &Identity,
     ttl: Duration,
     out: &Path,
@@ -226,7 +306,7 @@ fn issue(
 
 /// `issue connector`.
 pub fn issue_connector(
-    at: &StateArgs,
+    at: &Place,
     name: &str,
     hostnames: &[String],
     ttl: Duration,
@@ -256,7 +336,7 @@ pub fn issue_connector(
 
 /// `issue device`.
 pub fn issue_device(
-    at: &StateArgs,
+    at: &Place,
     id: &str,
     user: &str,
     groups: &[String],
@@ -290,7 +370,7 @@ pub fn issue_device(
 }
 
 /// `revoke device|connector`.
-pub fn revoke(at: &StateArgs, role: Role, id: &str) -> anyhow::Result<()> {
+pub fn revoke(at: &Place, role: Role, id: &str) -> anyhow::Result<()> {
     let identity = Identity::new(role, id)?;
     let store = open_store(at)?;
     store.revoke(&identity, now())?;
@@ -299,10 +379,50 @@ pub fn revoke(at: &StateArgs, role: Role, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `jwt rotate`.
-pub fn jwt_rotate(at: &StateArgs) -> anyhow::Result<()> {
+/// `revoke user`: every device of `user` that is not revoked yet.
+pub fn revoke_user(at: &Place, user: &str) -> anyhow::Result<()> {
+    check_plain("user", user)?;
     let store = open_store(at)?;
-    let prepublish = jwt_prepublish(at.config.as_deref())?;
+    let devices: Vec<IdentityRecord> = store
+        .identities()?
+        .into_iter()
+        .filter(|r| r.identity.role() == Role::Device && r.user.as_deref() == Some(user))
+        .collect();
+    if devices.is_empty() {
+        bail!(
+            "no device belongs to user {user}: `portcullis-relay list` shows who has which; nothing was changed"
+        );
+    }
+    let active: Vec<&IdentityRecord> = devices.iter().filter(|r| r.revoked_at.is_none()).collect();
+    if active.is_empty() {
+        out!(
+            "every device of user {user} was already revoked ({})",
+            devices.len()
+        );
+        return Ok(());
+    }
+    let at_time = now();
+    for record in &active {
+        store.revoke(&record.identity, at_time)?;
+        audit(
+            &*store,
+            "revoke",
+            &record.identity.to_string(),
+            format!("every device of user {user}"),
+        )?;
+        out!("revoked {}", record.identity);
+    }
+    out!(
+        "revoked {} device(s) of user {user}; a running relay drops their connections within a second",
+        active.len()
+    );
+    Ok(())
+}
+
+/// `jwt rotate`.
+pub fn jwt_rotate(at: &Place) -> anyhow::Result<()> {
+    let store = open_store(at)?;
+    let prepublish = at.jwt_prepublish;
     let rotation = crate::identity::jwt::rotate(&at.state, prepublish, now())?;
     let (kid, from) = (&rotation.kid, rfc3339(rotation.signs_from));
     audit(
@@ -318,22 +438,10 @@ pub fn jwt_rotate(at: &StateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `jwt_prepublish` from the relays' relay.toml, or its default.
-fn jwt_prepublish(config: Option<&Path>) -> anyhow::Result<Duration> {
-    Ok(match config {
-        Some(path) => {
-            portcullis_shared::config::RelayConfig::load(path)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .jwt_prepublish
-        }
-        None => Duration::from_secs(3600),
-    })
-}
-
 /// `jwt retire`.
-pub fn jwt_retire(at: &StateArgs) -> anyhow::Result<()> {
+pub fn jwt_retire(at: &Place) -> anyhow::Result<()> {
     let store = open_store(at)?;
-    let prepublish = jwt_prepublish(at.config.as_deref())?;
+    let prepublish = at.jwt_prepublish;
     if crate::identity::jwt::retire(&at.state, prepublish, now())? {
         audit(&*store, "jwt.retire", "jwt", String::new())?;
         out!("the previous JWT signing key is no longer published");
@@ -352,7 +460,7 @@ pub struct AuditFilter {
 }
 
 /// `audit`.
-pub fn audit_list(at: &StateArgs, filter: &AuditFilter, json: bool) -> anyhow::Result<()> {
+pub fn audit_list(at: &Place, filter: &AuditFilter, json: bool) -> anyhow::Result<()> {
     let store = open_store(at)?;
     let events = store.audit_log(&AuditQuery {
         since: filter.since,
@@ -405,7 +513,7 @@ pub fn audit_list(at: &StateArgs, filter: &AuditFilter, json: bool) -> anyhow::R
 }
 
 /// `list`.
-pub fn list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
+pub fn list(at: &Place, json: bool) -> anyhow::Result<()> {
     let store = open_store(at)?;
     let records = store.identities()?;
     if json {
@@ -524,29 +632,33 @@ fn endpoint(
 /// `token create|list|revoke`.
 pub fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create(create) => token_create(&create),
-        TokenCommand::List { state, json } => token_list(&state, json),
-        TokenCommand::Revoke { id, state } => token_revoke(&state, &id),
+        TokenCommand::Create(create) => {
+            let state = match &create {
+                TokenCreate::Device { state, .. } | TokenCreate::Connector { state, .. } => state,
+            };
+            with_place(state, |at| token_create(at, &create))
+        }
+        TokenCommand::List { state, json } => with_place(&state, |at| token_list(at, json)),
+        TokenCommand::Revoke { id, state } => with_place(&state, |at| token_revoke(at, &id)),
     }
 }
 
 /// Creates a one-time enrolment token and prints it (last line of standard output).
-fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
-    let (state, ttl, endpoint_args, grant) = match &create {
+fn token_create(state: &Place, create: &TokenCreate) -> anyhow::Result<()> {
+    let (ttl, endpoint_args, grant) = match &create {
         TokenCreate::Device {
             user,
             groups,
             ttl,
             cert_ttl,
             endpoint,
-            state,
+            ..
         } => {
             check_plain("--user", user)?;
             for g in groups {
                 check_plain("--group", g)?;
             }
             (
-                state,
                 ttl,
                 endpoint,
                 TokenGrant {
@@ -565,12 +677,11 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
             ttl,
             cert_ttl,
             endpoint,
-            state,
+            ..
         } => {
             Identity::new(Role::Connector, name)?;
             let patterns = publishable(state, hostnames)?;
             (
-                state,
                 ttl,
                 endpoint,
                 TokenGrant {
@@ -587,7 +698,13 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
     let store = open_store(state)?;
     let ca = Ca::load(&state.state)?;
     let (relays, server_name, tcp_port) = endpoint(&state.state, endpoint_args)?;
-    let id = random_b64(token::ID_BYTES)?;
+    // An id that began with `-` would read as a flag in `token revoke ID`.
+    let id = loop {
+        let id = random_b64(token::ID_BYTES)?;
+        if !id.starts_with('-') {
+            break id;
+        }
+    };
     let secret = random_b64(token::SECRET_BYTES)?;
     let created = now();
     store.create_token(&TokenRecord {
@@ -625,7 +742,7 @@ fn token_create(create: &TokenCreate) -> anyhow::Result<()> {
 }
 
 /// Lists tokens with their status, as a table or JSON.
-fn token_list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
+fn token_list(at: &Place, json: bool) -> anyhow::Result<()> {
     let store = open_store(at)?;
     let tokens = store.tokens()?;
     let now = now();
@@ -693,8 +810,13 @@ fn token_list(at: &StateArgs, json: bool) -> anyhow::Result<()> {
 }
 
 /// Revokes an unused token.
-fn token_revoke(at: &StateArgs, id: &str) -> anyhow::Result<()> {
+fn token_revoke(at: &Place, id: &str) -> anyhow::Result<()> {
     let store = open_store(at)?;
+    let used = store
+        .tokens()?
+        .into_iter()
+        .find(|t| t.id == id)
+        .and_then(|t| t.used_at);
     store.revoke_token(id, now())?;
     audit(
         &*store,
@@ -703,7 +825,44 @@ fn token_revoke(at: &StateArgs, id: &str) -> anyhow::Result<()> {
         String::new(),
     )?;
     out!("revoked token {id}");
+    if let Some(used_at) = used {
+        let enrolled = enrolled_with(&*store, id, used_at)?;
+        let (who, how) = match &enrolled {
+            Some(identity) => (
+                identity.to_string(),
+                format!(
+                    "`portcullis-relay revoke {} {}`",
+                    identity.role(),
+                    identity.id()
+                ),
+            ),
+            None => (
+                "its identity".to_owned(),
+                "`portcullis-relay revoke device|connector ID`".to_owned(),
+            ),
+        };
+        eprintln!(
+            "note: token {id} was used at {}: revoking it does not revoke {who}, which it enrolled; do that with {how}",
+            rfc3339(used_at)
+        );
+    }
     Ok(())
+}
+
+/// The identity a used token enrolled, from the audit log.
+fn enrolled_with(store: &dyn Store, id: &str, used_at: i64) -> anyhow::Result<Option<Identity>> {
+    let mark = format!("with token:{id}");
+    Ok(store
+        .audit_log(&AuditQuery {
+            since: Some(used_at - 60),
+            until: Some(used_at + 60),
+        })?
+        .into_iter()
+        .filter(|e| e.action == "enroll" && e.detail.contains(&mark))
+        .find_map(|e| {
+            let (role, id) = e.subject.split_once(':')?;
+            Identity::new(Role::parse(role)?, id).ok()
+        }))
 }
 
 fn check_plain(flag: &str, s: &str) -> anyhow::Result<()> {

@@ -20,9 +20,10 @@ pub struct Cli {
 /// Where the CA, the store and the logs live.
 #[derive(Debug, Args)]
 pub struct StateArgs {
-    /// The relay's state directory (the one given to `ca init`).
+    /// The relay's state directory (the one given to `ca init`); without it, `state_dir`
+    /// of `--config`'s file.
     #[arg(long, env = "PORTCULLIS_STATE")]
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
     /// The shared store several relays use, `postgres://user:password@host:port/db`;
     /// without it, the SQLite file in the state directory.
     #[arg(
@@ -32,8 +33,10 @@ pub struct StateArgs {
         hide_env_values = true
     )]
     pub store: Option<String>,
-    /// The relays' relay.toml: its store (`store`, `store_file`) where `--store` is not
-    /// given, and its `jwt_prepublish` for `jwt rotate` and `jwt retire`.
+    /// The relay's relay.toml: its state directory where `--state` is not given, its store
+    /// (`store`, `store_file`) where `--store` is not, and its `jwt_prepublish` for `jwt
+    /// rotate` and `jwt retire`. Without a store from either, a state directory whose
+    /// relay uses a shared store is reached through the relay.toml it last ran with.
     #[arg(long, env = "PORTCULLIS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -221,6 +224,14 @@ pub enum RevokeCommand {
     Connector {
         /// The connector's name.
         name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Revoke every device of a user (a person who left, or whose devices are all in
+    /// doubt); their certificates stop working at once.
+    User {
+        /// The user, as in `token create device --user`.
+        user: String,
         #[command(flatten)]
         state: StateArgs,
     },

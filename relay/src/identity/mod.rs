@@ -4,5 +4,6 @@
 
 pub(crate) mod jwt;
 pub(crate) mod registry;
+pub(crate) mod state_dir;
 pub(crate) mod store;
 pub(crate) mod tls;

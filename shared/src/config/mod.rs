@@ -14,7 +14,9 @@ pub use connector::{
     ConnectorConfig, HealthCheck, IngressRule, RelayList, RelayTarget, Scheme, ServiceUrl,
 };
 pub use otlp::{OtlpConfig, OtlpEndpoint, SampleRatio};
-pub use relay::{AdminConfig, LimitsConfig, RelayConfig, StoreConfig, TlsConfig, TlsVersion};
+pub use relay::{
+    AdminConfig, AdminView, LimitsConfig, RelayConfig, StoreConfig, TlsConfig, TlsVersion,
+};
 
 /// Why a configuration file was refused. Binaries exit with status 64 on these.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,17 @@ use super::{ConfigError, defaults, parse_file, resolve};
 use crate::identity::Hostname;
 use crate::policy::PolicyRule;
 
+/// What the admin commands read from a relay.toml: [`RelayConfig::for_admin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminView {
+    /// `state_dir`, relative to the file's directory when it is relative.
+    pub state_dir: PathBuf,
+    /// The shared store's URL, when the relay uses one.
+    pub store_url: Option<String>,
+    /// `jwt_prepublish`.
+    pub jwt_prepublish: Duration,
+}
+
 /// The relay's configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,12 +358,17 @@ impl RelayConfig {
         Ok(cfg)
     }
 
-    /// The store URL `path` names (`store`, `store_file` or `PORTCULLIS_STORE`), without
-    /// checking the rest of the file: what the admin commands need, before a CA exists.
-    pub fn store_url_of(path: &Path) -> Result<Option<String>, ConfigError> {
+    /// What the admin commands need from `path`: its state directory, the store URL it
+    /// names (`store`, `store_file` or `PORTCULLIS_STORE`) and `jwt_prepublish`, without
+    /// checking the rest of the file (the CA and the files it names may not exist yet).
+    pub fn for_admin(path: &Path) -> Result<AdminView, ConfigError> {
         let mut cfg: Self = parse_file(path)?;
         cfg.resolve_store(path)?;
-        Ok(cfg.store.url)
+        Ok(AdminView {
+            state_dir: resolve(path, &cfg.state_dir),
+            store_url: cfg.store.url,
+            jwt_prepublish: cfg.jwt_prepublish,
+        })
     }
 
     /// Fills `store.url` from `store_file` (relative to `path`) or, when neither gives
@@ -585,19 +601,18 @@ groups = ["eng"]
         std::fs::write(dir.path().join("store.url"), format!("{url}\n")).unwrap();
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, format!("store_file = \"store.url\"\n{GOOD}")).unwrap();
-        assert_eq!(
-            RelayConfig::store_url_of(&path).unwrap().as_deref(),
-            Some(url)
-        );
+        let view = RelayConfig::for_admin(&path).unwrap();
+        assert_eq!(view.store_url.as_deref(), Some(url));
+        assert_eq!(view.state_dir, Path::new("/var/lib/portcullis"));
         std::fs::write(
             &path,
             format!("store = \"{url}\"\nstore_file = \"store.url\"\n{GOOD}"),
         )
         .unwrap();
-        let err = RelayConfig::store_url_of(&path).unwrap_err().to_string();
+        let err = RelayConfig::for_admin(&path).unwrap_err().to_string();
         assert!(err.contains("not both"), "{err}");
         std::fs::write(&path, format!("store_file = \"missing.url\"\n{GOOD}")).unwrap();
-        let err = RelayConfig::store_url_of(&path).unwrap_err().to_string();
+        let err = RelayConfig::for_admin(&path).unwrap_err().to_string();
         assert!(err.contains("missing.url"), "{err}");
     }
 
