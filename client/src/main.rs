@@ -10,7 +10,10 @@ fn main() -> ExitCode {
     match portcullis::main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("portcullis: {e:#}");
+            eprintln!(
+                "portcullis: {}",
+                portcullis_shared::text::error_line(e.chain())
+            );
             ExitCode::from(1)
         }
     }

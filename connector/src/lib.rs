@@ -114,6 +114,24 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
     origin::Origins::new(&config, Arc::default(), origin::Reports::default()).map_err(what)?;
     tunnel::Dialer::new(&config).map_err(what)?;
+    // The relay takes only a connector's certificate on the tunnel.
+    let chain = portcullis_shared::pki::load_certs(&config.cert).map_err(|e| what(e.into()))?;
+    if let Some(leaf) = chain.first() {
+        let info = portcullis_shared::pki::inspect(leaf).map_err(|e| what(e.into()))?;
+        match info.identity {
+            Some(identity) if identity.role() == portcullis_shared::Role::Connector => {}
+            Some(identity) => anyhow::bail!(
+                "{}: cert {} is {identity}'s certificate, not a connector's: the relay refuses it on the tunnel; enrol with a connector token (`portcullis-relay token create connector NAME ...`)",
+                path.display(),
+                config.cert.display()
+            ),
+            None => anyhow::bail!(
+                "{}: cert {} names no Portcullis identity: use the certificate `portcullis-connector enroll` or `portcullis-relay issue connector` made",
+                path.display(),
+                config.cert.display()
+            ),
+        }
+    }
     if let Some(otlp) = &config.otlp {
         portcullis_shared::otlp::check(otlp).map_err(|e| what(e.into()))?;
     }

@@ -10,7 +10,10 @@ fn main() -> ExitCode {
     match portcullis_connector::main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("portcullis-connector: {e:#}");
+            eprintln!(
+                "portcullis-connector: {}",
+                portcullis_shared::text::error_line(e.chain())
+            );
             ExitCode::from(portcullis_connector::exit_code(&e))
         }
     }

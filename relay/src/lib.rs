@@ -125,6 +125,26 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let chain = portcullis_shared::pki::load_certs(cert)
             .with_context(|| format!("{}: tls_cert", path.display()))?;
+        // The public certificate is what devices get for every published name.
+        if let Some(leaf) = chain.first() {
+            let names = portcullis_shared::pki::inspect(leaf)
+                .with_context(|| format!("{}: tls_cert {}", path.display(), cert.display()))?
+                .dns_names;
+            for pattern in config.policy.iter().flat_map(|rule| &rule.hostnames) {
+                if !portcullis_shared::pki::certificate_covers(&names, pattern) {
+                    anyhow::bail!(
+                        "{}: tls_cert {} is not valid for {pattern}, which a [[policy]] rule publishes (it is for {}): devices would refuse it; add the name to the certificate, or leave tls_cert out and the relay mints certificates from the organisation CA",
+                        path.display(),
+                        cert.display(),
+                        if names.is_empty() {
+                            "no DNS name".to_owned()
+                        } else {
+                            names.join(", ")
+                        }
+                    );
+                }
+            }
+        }
         let key = portcullis_shared::pki::load_key(key)
             .with_context(|| format!("{}: tls_key", path.display()))?;
         rustls::crypto::ring::sign::any_supported_type(&key)
@@ -148,6 +168,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         portcullis_shared::admin_gate::read_token(token)
             .with_context(|| format!("{}: [admin] token_file", path.display()))?;
     }
+    // Files in the state directory the relay's user could not read.
+    identity::state_dir::check_owners(&config.state_dir)
+        .with_context(|| format!("{}: state_dir", path.display()))?;
     // A name-constrained CA must cover the relay's own name, or connectors refuse it.
     portcullis_shared::pki::Ca::load(&config.state_dir)
         .and_then(|ca| ca.check_server_name(config.server_name.as_str()))

@@ -11,7 +11,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if portcullis_relay::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("portcullis-relay: {e:#}");
+            eprintln!(
+                "portcullis-relay: {}",
+                portcullis_shared::text::error_line(e.chain())
+            );
             ExitCode::from(portcullis_relay::exit_code(&e))
         }
     }

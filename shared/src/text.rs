@@ -28,9 +28,69 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An error and its causes as one line for a person: each cause after the one before it,
+/// `: `-separated, leaving out a cause whose words are already there (errors that print
+/// their source themselves would otherwise say `No such file or directory` twice), with
+/// line breaks and control characters escaped.
+pub fn error_line<'a>(
+    causes: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut line = String::new();
+    for cause in causes {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    printable(&line).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Self>>);
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = "No such file or directory (os error 2)";
+        let e = Layer(
+            "tls_cert",
+            Some(Box::new(Layer(
+                "nope.crt: No such file or directory (os error 2)",
+                Some(Box::new(Layer(io, None))),
+            ))),
+        );
+        let mut chain: Vec<&(dyn std::error::Error + 'static)> = vec![&e];
+        while let Some(next) = chain.last().and_then(|c| c.source()) {
+            chain.push(next);
+        }
+        assert_eq!(
+            error_line(chain),
+            "tls_cert: nope.crt: No such file or directory (os error 2)"
+        );
+        let odd = Layer("bad\nline", None);
+        assert_eq!(
+            error_line([&odd as &(dyn std::error::Error + 'static)]),
+            "bad\\nline"
+        );
+    }
 
     #[test]
     fn control_characters_and_bidi_overrides_are_escaped_and_nothing_else() {

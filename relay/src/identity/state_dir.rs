@@ -120,18 +120,19 @@ fn my_uid() -> io::Result<u32> {
     Ok(std::fs::metadata("/proc/self")?.uid())
 }
 
-/// The account name of `uid`, from /etc/passwd, else `uid N`.
+/// The account name of `uid`, from /etc/passwd.
+fn account(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)? == uid.to_string()).then(|| name.to_owned())
+    })
+}
+
+/// `uid`'s account name, else `uid N`.
 fn user_name(uid: u32) -> String {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|passwd| {
-            passwd.lines().find_map(|l| {
-                let mut f = l.split(':');
-                let name = f.next()?;
-                (f.nth(1)? == uid.to_string()).then(|| name.to_owned())
-            })
-        })
-        .unwrap_or_else(|| format!("uid {uid}"))
+    account(uid).unwrap_or_else(|| format!("uid {uid}"))
 }
 
 /// Refuses, before anything is read or written, an admin command run as neither the
@@ -169,6 +170,37 @@ pub(crate) enum OwnerError {
     /// Ownership could not be read or changed.
     #[error("{0}")]
     Io(String),
+}
+
+/// Refuses a state directory holding a file its owner (the user the relay runs as) does
+/// not own: left by a command run as root, it is one the relay cannot read.
+pub(crate) fn check_owners(state_dir: &Path) -> Result<(), OwnerError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |e: io::Error| OwnerError::Io(format!("{}: {e}", state_dir.display()));
+    let dir = std::fs::metadata(state_dir).map_err(io)?;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(state_dir)
+        .map_err(io)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    for path in names {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() && meta.uid() != dir.uid() {
+            let owner = user_name(dir.uid());
+            let chown = account(dir.uid()).unwrap_or_else(|| dir.uid().to_string());
+            return Err(OwnerError::Io(format!(
+                "{} belongs to {} but the directory (and the relay) to {owner}: the relay \
+                 cannot read it; `chown {chown}: {}`",
+                path.display(),
+                user_name(meta.uid()),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// After an admin command run as root on a directory another user owns: gives every file

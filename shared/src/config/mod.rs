@@ -66,12 +66,60 @@ pub(crate) fn parse_str<T: serde::de::DeserializeOwned>(
         let line = e.span().map_or(1, |span| {
             text[..span.start.min(text.len())].matches('\n').count() + 1
         });
+        let message = e.message().trim().replace('\n', " ");
         ConfigError::Parse {
             path: path.to_owned(),
             line,
-            message: e.message().trim().replace('\n', " "),
+            message: in_words(&message, key_at(text, line).as_deref()),
         }
     })
+}
+
+/// The dotted key set on `line` (1-based) of `text`, with its table: `limits.max_connections`.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let mut table = String::new();
+    for (n, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if let Some(header) = l.strip_prefix('[') {
+            table = header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
+        }
+        if n + 1 == line {
+            let key = l.split_once('=')?.0.trim().trim_matches('"');
+            return Some(if table.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+    }
+    None
+}
+
+/// A parser's message about `key` in words a person acts on: what the value must look
+/// like, not the type the program stores it in.
+fn in_words(message: &str, key: Option<&str>) -> String {
+    const NUMBERS: [&str; 8] = ["usize", "u64", "u32", "u16", "u8", "i64", "i32", "f64"];
+    let expected_number = NUMBERS
+        .iter()
+        .any(|t| message.ends_with(&format!("expected {t}")));
+    let said = if message == "invalid socket address syntax" {
+        "expected an address and port, such as \"0.0.0.0:443\" or \"[::]:443\"".to_owned()
+    } else if expected_number && let Some(rest) = message.strip_prefix("invalid type: ") {
+        let found = rest.split(", expected").next().unwrap_or(rest);
+        format!("expected a number, found {found}")
+    } else if expected_number && let Some(rest) = message.strip_prefix("invalid value: ") {
+        let found = rest.split(", expected").next().unwrap_or(rest);
+        format!("expected a number of 0 or more that fits, found {found}")
+    } else {
+        return message.to_owned();
+    };
+    match key {
+        Some(key) => format!("{key}: {said}"),
+        None => said,
+    }
 }
 
 /// Resolves `p` against the directory of the config file it came from.
@@ -116,6 +164,28 @@ pub enum QuicCongestion {
 #[cfg(test)]
 mod example_tests {
     use super::*;
+
+    #[test]
+    fn a_wrong_value_is_named_by_its_key_in_words() {
+        let path = Path::new("relay.toml");
+        let text = "state_dir = \"/s\"\nserver_name = \"relay.example.com\"\nquic_listen = \"4433\"\nhttps_listen = \"0.0.0.0:8443\"\n";
+        let err = parse_str::<RelayConfig>(path, text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "relay.toml:3: quic_listen: expected an address and port, such as \"0.0.0.0:443\" or \"[::]:443\""
+        );
+        let text = "state_dir = \"/s\"\nserver_name = \"relay.example.com\"\nquic_listen = \"0.0.0.0:4433\"\nhttps_listen = \"0.0.0.0:8443\"\n[limits]\nmax_connections = \"many\"\n";
+        let err = parse_str::<RelayConfig>(path, text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "relay.toml:6: limits.max_connections: expected a number, found string \"many\""
+        );
+        assert!(!err.contains("usize"));
+    }
 
     /// Every example config shipped in `deploy/examples` parses and validates (file
     /// existence aside, which depends on the host).

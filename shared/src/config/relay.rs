@@ -10,6 +10,14 @@ use super::{ConfigError, defaults, parse_file, resolve};
 use crate::identity::Hostname;
 use crate::policy::PolicyRule;
 
+/// Whether two TCP listeners would take the same port: equal ports (not 0, which asks
+/// for any) on the same address, or where either is the unspecified address.
+fn same_tcp_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// What the admin commands read from a relay.toml: [`RelayConfig::for_admin`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminView {
@@ -410,6 +418,15 @@ impl RelayConfig {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("set both tls_cert and tls_key, or neither".into()));
         }
+        if let Some(admin) = self.admin_listen
+            && same_tcp_port(admin, self.https_listen)
+        {
+            return Err(invalid(format!(
+                "admin_listen {admin} and https_listen {} are one TCP port: give the admin \
+                 listener a port of its own (e.g. \"127.0.0.1:9090\")",
+                self.https_listen
+            )));
+        }
         if let Some(addr) = self.admin_listen
             && !addr.ip().is_loopback()
             && !self.admin.allow_remote
@@ -592,6 +609,34 @@ groups = ["eng"]
         assert_eq!(cfg.store.fail_closed_after, Duration::from_secs(5));
         let text = format!("{GOOD}[tls]\nmin_version = \"1.1\"\n");
         assert!(parse_str::<RelayConfig>(Path::new("relay.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn the_admin_and_https_listeners_cannot_share_a_port() {
+        let text = GOOD.replace("127.0.0.1:9090", "127.0.0.1:8443");
+        let cfg: RelayConfig = parse_str(Path::new("relay.toml"), &text).unwrap();
+        let err = cfg
+            .validate(Path::new("relay.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "admin_listen 127.0.0.1:8443 and https_listen 0.0.0.0:8443 are one TCP port"
+            ),
+            "{err}"
+        );
+        assert!(!same_tcp_port(
+            "127.0.0.1:0".parse().unwrap(),
+            "0.0.0.0:0".parse().unwrap()
+        ));
+        assert!(!same_tcp_port(
+            "127.0.0.1:9090".parse().unwrap(),
+            "127.0.0.2:9090".parse().unwrap()
+        ));
+        assert!(same_tcp_port(
+            "[::]:9090".parse().unwrap(),
+            "127.0.0.1:9090".parse().unwrap()
+        ));
     }
 
     #[test]

@@ -642,6 +642,8 @@ pub fn push_hex(out: &mut String, bytes: &[u8]) {
 pub struct CertInfo {
     /// The identity named by the certificate's SAN URI, if it has exactly one valid one.
     pub identity: Option<Identity>,
+    /// The DNS names it is for (subject alternative names), lower case.
+    pub dns_names: Vec<String>,
     /// Whether the EKU extension is present and includes client authentication.
     pub client_auth: bool,
     /// Serial number, lower-case hex without leading zero bytes.
@@ -652,6 +654,28 @@ pub struct CertInfo {
     pub not_before: i64,
     /// Expiry, Unix seconds.
     pub not_after: i64,
+}
+
+/// Whether a server certificate for `dns_names` is valid for every name `pattern` stands
+/// for, as a TLS client judges: an exact name by an equal name or a wildcard one label
+/// above it, `*.suffix` by the same wildcard.
+pub fn certificate_covers(dns_names: &[String], pattern: &crate::identity::HostPattern) -> bool {
+    use crate::identity::HostPattern;
+    match pattern {
+        HostPattern::Exact(host) => {
+            let host = host.as_str();
+            dns_names.iter().any(|n| {
+                n == host
+                    || n.strip_prefix("*.").is_some_and(|suffix| {
+                        host.split_once('.').is_some_and(|(_, rest)| rest == suffix)
+                    })
+            })
+        }
+        HostPattern::Wildcard(suffix) => {
+            let wildcard = format!("*.{}", suffix.as_str());
+            dns_names.contains(&wildcard)
+        }
+    }
 }
 
 /// Parses the fields of a certificate that decide what it may be used for.
@@ -673,8 +697,26 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
     let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
     let raw = cert.raw_serial();
     let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    let dns_names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        Some(d.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(CertInfo {
         identity,
+        dns_names,
         client_auth,
         serial: hex(&raw[first..]),
         key_sha256: hex(
