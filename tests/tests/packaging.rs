@@ -411,6 +411,13 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             "shared-store",
             vec!["relay.store=postgres://relay:s3cret-in-values@db.internal:5432/portcullis"],
         ),
+        (
+            "monitoring",
+            vec![
+                "monitoring.podMonitor.enabled=true",
+                "monitoring.prometheusRule.enabled=true",
+            ],
+        ),
     ] {
         let mut cmd = Command::new(&helm);
         cmd.args(["template", "pc"]).arg(&chart);
@@ -428,6 +435,23 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
                 .collect::<String>();
             assert!(!config_maps.contains("s3cret-in-values"), "{rendered}");
             assert!(rendered.contains("kind: Secret"), "{rendered}");
+        }
+        // With the Prometheus Operator: each half scraped with its bearer token, and the
+        // shipped rules, every one of them, as a PrometheusRule.
+        if name == "monitoring" {
+            assert_eq!(
+                rendered.matches("kind: PodMonitor").count(),
+                2,
+                "{rendered}"
+            );
+            assert_eq!(rendered.matches("type: Bearer").count(), 2, "{rendered}");
+            let shipped = std::fs::read_to_string(deploy("prometheus/portcullis-rules.yaml"))
+                .unwrap()
+                .matches("- alert: ")
+                .count();
+            assert_eq!(rendered.matches("- alert: ").count(), shipped, "{rendered}");
+        } else {
+            assert!(!rendered.contains("kind: PodMonitor"), "{name}");
         }
         // No pod gets a Kubernetes API token, and each half has its NetworkPolicy.
         let pods = rendered.matches("kind: StatefulSet").count();
@@ -645,11 +669,61 @@ fn the_dashboard_and_the_alert_rules_use_only_series_the_daemons_export_and_the_
         "PortcullisHandshakeFailures",
         "PortcullisNoConnector",
         "PortcullisCertificateExpiring",
+        "PortcullisRelayDown",
+        "PortcullisRelayAbsent",
+        "PortcullisConnectorDown",
+        "PortcullisRelayReloadFailed",
+        "PortcullisConnectorRenewalFailing",
+        "PortcullisOverloaded",
+        "PortcullisStoreFailedClosed",
     ] {
         assert!(rules.contains(&format!("alert: {alert}")), "no {alert}");
+    }
+    // Every rule: explained in the docs, a severity of warning or critical, and a
+    // runbook link to a heading of docs/operations.md.
+    let anchors: Vec<String> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(|h| {
+            h.to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let blocks: Vec<&str> = rules.split("- alert: ").skip(1).collect();
+    assert!(blocks.len() >= 15, "{}", blocks.len());
+    for block in blocks {
+        let alert = block.lines().next().unwrap().trim();
         assert!(
             docs.contains(alert),
             "docs/operations.md does not explain {alert}"
+        );
+        assert!(
+            block.contains("severity: warning}") || block.contains("severity: critical}"),
+            "{alert}: severity must be warning or critical"
+        );
+        let anchor = block
+            .split("runbook_url: \"docs/operations.md#")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("{alert} has no runbook_url into docs/operations.md"));
+        assert!(
+            anchors.iter().any(|a| a == anchor),
+            "{alert}: no heading #{anchor} in docs/operations.md"
+        );
+    }
+    // The dashboard: a relay selector, and overload, memory and the store shown.
+    assert!(dashboard.contains("$relay"), "no relay selector");
+    for series in [
+        "portcullis_relay_overload_shed_total",
+        "portcullis_relay_resident_memory_bytes",
+        "portcullis_relay_store_failed_closed",
+    ] {
+        assert!(
+            dashboard.contains(series),
+            "the dashboard does not show {series}"
         );
     }
     let used = series_names(&format!("{dashboard}\n{rules}"));

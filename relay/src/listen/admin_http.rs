@@ -52,13 +52,35 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
             state.metrics.render(
                 &state.registry,
                 &state.resolver,
-                &state.relay.router.replicas(),
+                &hostname_replicas(state),
                 state.device_ids,
             ),
             "text/plain; version=0.0.4",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// Every name a connector may publish (registered connectors' certificates) or the policy
+/// opens, with how many connectors may take a stream for it now: 0 when none, so that a
+/// name's last connector going reads 0 instead of the series vanishing.
+fn hostname_replicas(state: &AdminState) -> Vec<(String, usize)> {
+    let mut all: std::collections::BTreeMap<String, usize> = state
+        .registry
+        .snapshot()
+        .certificate_names()
+        .into_iter()
+        .chain(
+            state
+                .relay
+                .policy()
+                .iter()
+                .flat_map(|rule| rule.hostnames.iter().map(ToString::to_string)),
+        )
+        .map(|name| (name, 0))
+        .collect();
+    all.extend(state.relay.router.replicas());
+    all.into_iter().collect()
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Shutdown) {

@@ -286,7 +286,7 @@ impl Metrics {
             i64::from(registry.is_failed_closed()),
         );
         self.render_abuse(&mut out);
-        out.push_str("# HELP portcullis_relay_hostname_replicas Connectors that may take a new stream for each published hostname now (not draining, not silent, origin healthy).\n");
+        out.push_str("# HELP portcullis_relay_hostname_replicas Connectors that may take a new stream for each hostname a registered connector may publish or the policy opens (not draining, not silent, origin healthy); 0 when none can.\n");
         out.push_str("# TYPE portcullis_relay_hostname_replicas gauge\n");
         for (hostname, n) in replicas {
             let _ = writeln!(

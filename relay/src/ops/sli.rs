@@ -4,8 +4,8 @@
 //! statuses that mean "refused for load or size" (429, 431, 503); and the expiry of the
 //! CA and of the public certificate.
 //!
-//! Hostnames are labels only once a request was routed to a connector (the name is
-//! published and the device allowed); everything refused before that is `hostname="-"`,
+//! Hostnames are labels once a device was allowed a name some connector may publish;
+//! everything refused before that (unknown names, denied devices) is `hostname="-"`,
 //! so strangers cannot grow the label set, and past [`MAX_HOSTNAMES`] names the rest are
 //! `hostname="other"`.
 
@@ -230,7 +230,7 @@ impl Sli {
             out,
             "portcullis_relay_refused_responses_total",
             "counter",
-            "Responses that refuse for load or size: 429 (a device over its stream limit), 431 (headers too large), 503 (overload, no connector).",
+            "Responses that refuse for load or size: 429 (a device over its stream limit), 431 (headers too large), 503 (overload, or every connector for the name at its stream limit).",
         );
         for (i, status) in ["429", "431", "503"].iter().enumerate() {
             let _ = writeln!(
@@ -275,8 +275,15 @@ impl Sli {
 pub(crate) fn tls_failure(e: &std::io::Error) -> &'static str {
     match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        // The relay's own verifier refuses a revoked, unknown or replaced identity, or a
+        // certificate of the wrong role; webpki refuses an expired one.
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_))) => {
+            "refused_certificate"
+        }
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) => "expired_certificate",
         Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
-        Some(rustls::Error::General(_)) => "refused_certificate",
         Some(rustls::Error::NoApplicationProtocol) => "no_common_alpn",
         Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
         Some(rustls::Error::AlertReceived(_)) => "client_alert",

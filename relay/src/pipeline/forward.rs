@@ -41,6 +41,14 @@ pub(super) async fn forward(
     access: &mut Access,
 ) -> Result<Response<RespBody>, RequestError> {
     let device = info.device.as_ref().ok_or(RequestError::NoDevice)?;
+    // A name some connector may publish is a label of the SLI series from here on, so
+    // that its 502s (no connector, a failed tunnel) count against it; other names stay
+    // `-`, which keeps the label set to what connectors publish.
+    access.routed = state
+        .registry
+        .snapshot()
+        .certificate_name(&grant.host)
+        .is_some();
     let (connector, io) = open_stream(state, device, &grant.host, access).await?;
     access.routed = true;
     let jwt = state.jwt.token(&Claims {
