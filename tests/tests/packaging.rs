@@ -418,6 +418,19 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
                 "monitoring.prometheusRule.enabled=true",
             ],
         ),
+        (
+            "three-relays",
+            vec![
+                "relay.replicas=3",
+                "relay.storeSecret=portcullis-relay-store",
+                "relay.keysSecret=portcullis-relay-keys",
+                "image.registry=registry.example.com/acme",
+                "image.tag=0.1.0",
+                "image.pullSecrets={regcred}",
+                "serviceAccount.create=true",
+                "relay.service.loadBalancerSourceRanges={203.0.113.0/24}",
+            ],
+        ),
     ] {
         let mut cmd = Command::new(&helm);
         cmd.args(["template", "pc"]).arg(&chart);
@@ -435,6 +448,21 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
                 .collect::<String>();
             assert!(!config_maps.contains("s3cret-in-values"), "{rendered}");
             assert!(rendered.contains("kind: Secret"), "{rendered}");
+        }
+        // Three relays from values alone: every pod copies the keys made once from their
+        // Secret into its own writable state directory; none makes a CA of its own.
+        if name == "three-relays" {
+            assert!(rendered.contains("replicas: 3"), "{rendered}");
+            assert!(
+                rendered.contains("secretName: portcullis-relay-keys"),
+                "{rendered}"
+            );
+            assert!(rendered.contains("install -m 0600"), "{rendered}");
+            assert!(!rendered.contains("ca init"), "{rendered}");
+            assert!(
+                rendered.contains("image: registry.example.com/acme/portcullis-relay:0.1.0"),
+                "{rendered}"
+            );
         }
         // With the Prometheus Operator: each half scraped with its bearer token, and the
         // shipped rules, every one of them, as a PrometheusRule.
@@ -455,11 +483,12 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
         }
         // No pod gets a Kubernetes API token, and each half has its NetworkPolicy.
         let pods = rendered.matches("kind: StatefulSet").count();
+        let accounts = rendered.matches("kind: ServiceAccount").count();
         assert_eq!(
             rendered
                 .matches("automountServiceAccountToken: false")
                 .count(),
-            pods,
+            pods + accounts,
             "{name}:\n{rendered}"
         );
         let halves = ["relay", "connector"]
@@ -482,6 +511,27 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
         }
         std::fs::write(&path, rendered).unwrap();
         files.push(path);
+    }
+    // More relays than one without a shared store and shared keys is refused, saying why.
+    for (sets, says) in [
+        (vec!["relay.replicas=3"], "needs a shared PostgreSQL store"),
+        (
+            vec![
+                "relay.replicas=3",
+                "relay.store=postgres://relay@db/portcullis",
+            ],
+            "relay.keysSecret",
+        ),
+    ] {
+        let mut cmd = Command::new(&helm);
+        cmd.args(["template", "pc"]).arg(&chart);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
     }
     // The plain manifests, as `kubectl apply -k` assembles them.
     for entry in std::fs::read_dir(deploy("kubernetes")).unwrap() {

@@ -228,6 +228,7 @@ pub fn ca_rotate_intermediate(at: &Place, root_key: Option<&Path>) -> anyhow::Re
 pub fn ca_init(at: &Place, org: &str, permit_dns: &[String]) -> anyhow::Result<()> {
     let state = &at.state;
     let ca = Ca::init_constrained(state, org, permit_dns)?;
+    crate::identity::jwt::create_key(state)?;
     let store = at.open(AdminOpen::Create)?;
     let constraints = match ca.permitted_dns() {
         Some(domains) => format!("; server names only under {}", domains.join(", ")),

@@ -219,6 +219,17 @@ pub(crate) fn retire(state_dir: &Path, prepublish: Duration, now: i64) -> anyhow
     remove_if_present(&state_dir.join(PREVIOUS_KEY_FILE))
 }
 
+/// Makes the signing key in `state_dir` unless it holds one (`ca init` makes it, so that a
+/// new state directory is complete and relays given copies of it sign alike from the
+/// start; a relay makes it on first start otherwise).
+pub(crate) fn create_key(state_dir: &Path) -> anyhow::Result<()> {
+    let path = state_dir.join(KEY_FILE);
+    if read(&path)?.is_none() {
+        portcullis_shared::pki::write_private_file(&path, &new_key(&SystemRandom::new())?)?;
+    }
+    Ok(())
+}
+
 impl JwtSigner {
     /// Loads the signing keys from the state directory, creating the signing key on first
     /// use; a next key signs from `prepublish` after it was made.
@@ -228,10 +239,7 @@ impl JwtSigner {
         prepublish: Duration,
     ) -> anyhow::Result<Self> {
         let rng = SystemRandom::new();
-        let path = state_dir.join(KEY_FILE);
-        if read(&path)?.is_none() {
-            portcullis_shared::pki::write_private_file(&path, &new_key(&rng)?)?;
-        }
+        create_key(state_dir)?;
         let keys = Self::load_keys(state_dir, &rng, prepublish, now())?;
         Ok(Self {
             state_dir: state_dir.to_owned(),
