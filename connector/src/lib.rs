@@ -2,17 +2,15 @@
 //! QUIC (it never listens), registers its ingress rules, and serves each stream the relay
 //! opens by proxying one HTTP exchange to the origin.
 
-mod admin;
-mod enroll;
-mod health;
+mod dial;
+mod identity;
 mod live;
-mod metrics;
+mod ops;
 mod origin;
-mod relays;
-mod renew;
+mod status;
 mod tunnel;
 
-pub use relays::{TunnelState, TunnelStatus};
+pub use status::{TunnelState, TunnelStatus};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,14 +90,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         } => rt.block_on(async {
             if let Some(token) = &enroll_token_file {
                 let loaded = ConnectorConfig::load(&config)?;
-                enroll::enroll_if_new(token, &loaded).await?;
+                identity::enroll::enroll_if_new(token, &loaded).await?;
             }
             run_from_file(config).await
         }),
         Command::Check { config } => check(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Enroll { token_file, state } => {
-            rt.block_on(enroll::enroll(token_file.as_deref(), &state))
+            rt.block_on(identity::enroll::enroll(token_file.as_deref(), &state))
         }
     }
 }
@@ -113,7 +111,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let config = ConnectorConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
     origin::Origins::new(&config, Arc::default(), origin::Reports::default()).map_err(what)?;
-    tunnel::Dialer::new(&config).map_err(what)?;
+    dial::Dialer::new(&config).map_err(what)?;
     // The relay takes only a connector's certificate on the tunnel.
     let chain = portcullis_shared::pki::load_certs(&config.cert).map_err(|e| what(e.into()))?;
     if let Some(leaf) = chain.first() {
@@ -149,7 +147,7 @@ fn status(config: &Path, json: bool) -> anyhow::Result<()> {
     let path = config
         .status_file
         .context("the configuration names no status file")?;
-    let tunnels = relays::read_status(&path)?;
+    let tunnels = status::read_status(&path)?;
     if json {
         println!("{}", serde_json::json!({ "tunnels": tunnels }));
         return Ok(());
@@ -206,8 +204,8 @@ async fn run_with(
     config: ConnectorConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(metrics::Metrics::default());
-    let (checkers, withdrawn) = health::Checkers::new(&shutdown);
+    let metrics = Arc::new(ops::metrics::Metrics::default());
+    let (checkers, withdrawn) = origin::health::Checkers::new(&shutdown);
     let watched = path.is_some();
     let live = Arc::new(live::Live::new(
         path,
@@ -215,7 +213,7 @@ async fn run_with(
         metrics.clone(),
         checkers,
     )?);
-    let status = Arc::new(relays::Status::new(
+    let status = Arc::new(status::Status::new(
         config.status_file.clone(),
         shutdown.clone(),
     ));
@@ -225,7 +223,7 @@ async fn run_with(
             .as_deref()
             .map(portcullis_shared::admin_gate::read_token)
             .transpose()?;
-        let admin = admin::Admin {
+        let admin = ops::admin::Admin {
             status: status.clone(),
             metrics,
             gate: portcullis_shared::admin_gate::AdminGate::new(
@@ -234,7 +232,7 @@ async fn run_with(
                 portcullis_shared::admin_gate::MAX_ADMIN_CONNECTIONS,
             ),
         };
-        admin::start(addr, admin, shutdown.clone()).await?;
+        ops::admin::start(addr, admin, shutdown.clone()).await?;
     }
     if watched {
         tokio::spawn(live.clone().watch(shutdown.clone()));
@@ -242,9 +240,9 @@ async fn run_with(
     if let Some(log) = &live.reports.access {
         tokio::spawn(log.clone().reopen_on_sigusr2(shutdown.clone()));
     }
-    tokio::spawn(renew::run(live.clone(), shutdown.clone()));
+    tokio::spawn(identity::renew::run(live.clone(), shutdown.clone()));
     let spans = live.reports.spans.clone();
-    relays::run(config.clone(), live, shutdown.clone(), status, withdrawn).await?;
+    tunnel::relays::run(config.clone(), live, shutdown.clone(), status, withdrawn).await?;
     if !shutdown.drain(config.drain_grace).await {
         tracing::warn!(grace = ?config.drain_grace, "drain grace expired with streams in flight");
     }

@@ -17,10 +17,10 @@ use portcullis_shared::pki;
 use portcullis_shared::shutdown::{Hangups, Shutdown};
 use tokio::sync::watch;
 
-use crate::health::Checkers;
-use crate::metrics::Metrics;
+use crate::dial::Dialer;
+use crate::ops::metrics::Metrics;
+use crate::origin::health::Checkers;
 use crate::origin::{Origins, Reports};
-use crate::tunnel::Dialer;
 
 /// How often the configuration and credential files are looked at for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);

@@ -25,6 +25,7 @@ pub mod policy;
 pub mod proto;
 pub mod pump;
 pub mod shutdown;
+#[cfg(feature = "store")]
 pub mod store;
 pub mod tcp_transport;
 pub mod telemetry;

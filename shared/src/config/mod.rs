@@ -165,6 +165,46 @@ pub enum QuicCongestion {
 mod example_tests {
     use super::*;
 
+    /// The README's quickstart relay.toml and connector.toml are ones the daemons take,
+    /// and the connector publishes with `tcp://` what the agent's `portcullis tcp` and
+    /// `ssh-proxy` examples reach.
+    #[test]
+    fn the_readme_quickstart_configs_parse() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let relay = readme
+            .split("<<'TOML'\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\nTOML\n").next())
+            .expect("the README's relay.toml");
+        let relay: RelayConfig = parse_str(&path, relay).unwrap();
+        let connector = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the README's connector.toml");
+        let connector: ConnectorConfig = parse_str(&path, connector).unwrap();
+        for host in ["db.internal", "build.internal"] {
+            let rule = connector
+                .ingress
+                .iter()
+                .find(|r| r.hostname.to_string() == host)
+                .unwrap_or_else(|| panic!("{host} is not published"));
+            assert!(
+                format!("{:?}", rule.service).to_lowercase().contains("tcp"),
+                "{rule:?}"
+            );
+            assert!(
+                relay
+                    .policy
+                    .iter()
+                    .any(|p| p.hostnames.iter().any(|h| h.to_string() == host)),
+                "{host} is not in the policy"
+            );
+            assert!(readme.contains(host));
+        }
+    }
+
     #[test]
     fn a_wrong_value_is_named_by_its_key_in_words() {
         let path = Path::new("relay.toml");

@@ -448,7 +448,7 @@ impl RelayConfig {
         {
             return Err(invalid(format!(
                 "store {:?} is not a PostgreSQL URL: write store = \"postgres://user:password@host:port/db\", or leave it out for the SQLite file in state_dir",
-                crate::store::mask_url(url)
+                crate::text::mask_url(url)
             )));
         }
         if let Some(otlp) = &self.otlp {

@@ -19,8 +19,8 @@ use portcullis_shared::admin_gate::AdminGate;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
-use crate::relays::{Status, TunnelState};
+use crate::ops::metrics::Metrics;
+use crate::status::{Status, TunnelState};
 
 /// What the admin listener reads.
 pub(crate) struct Admin {
@@ -63,7 +63,7 @@ fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            admin.metrics.render(&admin.status),
+            admin.metrics.render(&admin.status.tunnels()),
         ),
         _ => (
             StatusCode::NOT_FOUND,

@@ -1,6 +1,8 @@
 //! Serving one tunnel stream: HTTP/1.1 from the relay on the stream, proxied to the
 //! ingress rule's origin through a pooled client, bodies streamed both ways.
 
+pub(crate) mod health;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use portcullis_shared::pump;
 use portcullis_shared::transport::{BiStream, JoinedStream};
 use portcullis_shared::tunnel_body::{Fold, TunnelBody, text_response};
 
-use crate::metrics::{Metrics, OriginStats, Outcome};
+use crate::ops::metrics::{Metrics, OriginStats, Outcome};
 use portcullis_shared::access_log::AccessLog;
 use portcullis_shared::otlp::{FinishedSpan, KeyValue, SpanKind, Spans};
 use portcullis_shared::trace::{TRACEPARENT, TraceContext};

@@ -3,151 +3,18 @@
 //! own, an address that leaves a name has its tunnel drained and closed, and the state of
 //! every tunnel is logged and written to the status file (`portcullis-connector status`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use portcullis_shared::config::{ConnectorConfig, RelayTarget};
 use portcullis_shared::shutdown::Shutdown;
-use serde::{Deserialize, Serialize};
 
+use crate::dial::{self, Backoff};
 use crate::live::Live;
-use crate::tunnel;
-
-/// The state of one tunnel, as the status file shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
-pub enum TunnelState {
-    /// Dialling.
-    Connecting,
-    /// Registered: the relay routes requests here.
-    Up {
-        /// The hostnames the relay accepted.
-        published: Vec<String>,
-        /// Unix seconds.
-        since: i64,
-        /// `quic`, or `tcp` where UDP to the relay is blocked.
-        #[serde(default)]
-        transport: String,
-    },
-    /// Lost or refused; a retry follows.
-    Down {
-        /// Why, for a person.
-        error: String,
-        /// Unix seconds.
-        since: i64,
-    },
-    /// Draining before it closes (shutdown, or the address left the relay's name).
-    Draining,
-}
-
-/// One tunnel in the status file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TunnelStatus {
-    /// The relay as configured (`host:port`).
-    pub relay: String,
-    /// The address dialled.
-    pub address: SocketAddr,
-    /// Its state.
-    #[serde(flatten)]
-    pub state: TunnelState,
-}
-
-/// Every tunnel's state, written to `path` (atomically) on each change.
-#[derive(Debug)]
-pub(crate) struct Status {
-    path: Option<PathBuf>,
-    /// The process's shutdown: once triggered, the status is closed at the next change.
-    shutdown: Shutdown,
-    /// The tunnels, or `None` once the connector is shutting down: the file is then
-    /// removed and never written again, so nothing appears in its directory after the
-    /// signal (a script may be removing it) and no stale file outlives the process.
-    tunnels: Mutex<Option<BTreeMap<SocketAddr, TunnelStatus>>>,
-}
-
-impl Status {
-    pub(crate) fn new(path: Option<PathBuf>, shutdown: Shutdown) -> Self {
-        Self {
-            path,
-            shutdown,
-            tunnels: Mutex::new(Some(BTreeMap::new())),
-        }
-    }
-
-    /// Removes the status file for good (the connector is shutting down).
-    pub(crate) fn close(&self) {
-        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        *tunnels = None;
-        if let Some(path) = &self.path {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-
-    /// Records `address`'s state and rewrites the status file.
-    pub(crate) fn set(&self, relay: &RelayTarget, address: SocketAddr, state: TunnelState) {
-        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tunnels) = tunnels.as_mut() else {
-            return;
-        };
-        tunnels.insert(
-            address,
-            TunnelStatus {
-                relay: relay.to_string(),
-                address,
-                state,
-            },
-        );
-        self.write(tunnels);
-    }
-
-    /// Every tunnel's state now (none once shutting down).
-    pub(crate) fn tunnels(&self) -> Vec<TunnelStatus> {
-        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        tunnels
-            .as_ref()
-            .map(|t| t.values().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Forgets `address` (its tunnel has ended for good).
-    pub(crate) fn remove(&self, address: SocketAddr) {
-        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tunnels) = tunnels.as_mut() else {
-            return;
-        };
-        tunnels.remove(&address);
-        self.write(tunnels);
-    }
-
-    fn write(&self, tunnels: &BTreeMap<SocketAddr, TunnelStatus>) {
-        let Some(path) = &self.path else { return };
-        if self.shutdown.is_triggered() {
-            let _ = std::fs::remove_file(path);
-            return;
-        }
-        let list: Vec<_> = tunnels.values().collect();
-        let body = serde_json::json!({ "tunnels": list }).to_string();
-        if let Err(e) = portcullis_shared::pki::write_public_file(path, body.as_bytes()) {
-            tracing::debug!(path = %path.display(), error = %e, "cannot write the status file");
-        }
-    }
-}
-
-/// Reads the status file a running connector writes.
-pub(crate) fn read_status(path: &Path) -> anyhow::Result<Vec<TunnelStatus>> {
-    #[derive(Deserialize)]
-    struct File {
-        tunnels: Vec<TunnelStatus>,
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read {}: {e}; is the connector running with this config?",
-            path.display()
-        )
-    })?;
-    Ok(serde_json::from_str::<File>(&text)?.tunnels)
-}
+use crate::status::Status;
+use crate::tunnel::context::{self, TunnelContext};
+use crate::tunnel::session;
 
 /// Keeps a tunnel to every relay address until shutdown; returns once every tunnel has
 /// drained and closed.
@@ -156,7 +23,7 @@ pub(crate) async fn run(
     live: Arc<Live>,
     shutdown: Shutdown,
     status: Arc<Status>,
-    withdrawn: crate::health::Withdrawn,
+    withdrawn: crate::origin::health::Withdrawn,
 ) -> anyhow::Result<()> {
     let targets = config
         .relays()
@@ -167,7 +34,7 @@ pub(crate) async fn run(
     let mut tick = tokio::time::interval(config.relay_resolve_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Until every name has resolved once, retry sooner than the interval.
-    let mut backoff = tunnel::Backoff::default();
+    let mut backoff = Backoff::default();
     loop {
         let mut all_resolved = true;
         // A resolver built afresh each round reads the system's configuration and hosts
@@ -216,15 +83,15 @@ pub(crate) async fn run(
                 continue;
             }
             let stop = shutdown.child();
-            let endpoint = tunnel::endpoint_for(*addr)?;
-            let task = tokio::spawn(tunnel::supervise(
-                tunnel::TunnelContext {
+            let endpoint = dial::endpoint_for(*addr)?;
+            let task = tokio::spawn(session::supervise(
+                TunnelContext {
                     endpoint,
                     config: config.clone(),
                     live: live.clone(),
                     shutdown: stop.clone(),
                 },
-                tunnel::Tunnel::new((*target).clone(), *addr, status.clone(), withdrawn.clone()),
+                context::Tunnel::new((*target).clone(), *addr, status.clone(), withdrawn.clone()),
             ));
             tunnels.insert(
                 *addr,

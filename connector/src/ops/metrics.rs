@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use portcullis_shared::histogram::{Histogram, label};
 
-use crate::relays::{Status, TunnelState};
+use crate::status::{TunnelState, TunnelStatus};
 
 /// What happened to one request to an origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +69,9 @@ impl Metrics {
             .clone()
     }
 
-    /// The text exposition of every series; `status` gives the tunnels' states.
-    pub(crate) fn render(&self, status: &Status) -> String {
+    /// The text exposition of every series, with `tunnels`, the tunnels' states as their
+    /// owners last recorded them.
+    pub(crate) fn render(&self, tunnels: &[TunnelStatus]) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -100,7 +101,6 @@ impl Metrics {
             "# HELP portcullis_connector_tunnels Tunnels to relay addresses, by state.\n\
              # TYPE portcullis_connector_tunnels gauge"
         );
-        let tunnels = status.tunnels();
         for state in ["up", "connecting", "down", "draining"] {
             let n = tunnels
                 .iter()
@@ -113,7 +113,7 @@ impl Metrics {
             "# HELP portcullis_connector_tunnel_up Whether the tunnel to a relay address is registered (1) or not (0).\n\
              # TYPE portcullis_connector_tunnel_up gauge"
         );
-        for t in &tunnels {
+        for t in tunnels {
             let up = u8::from(matches!(t.state, TunnelState::Up { .. }));
             let transport = match &t.state {
                 TunnelState::Up { transport, .. } => transport.as_str(),
@@ -246,8 +246,7 @@ mod tests {
         app.record(Outcome::Status(503), Duration::from_millis(3));
         m.origin_stats("app.internal")
             .record(Outcome::Error, Duration::from_secs(10));
-        let status = Status::new(None, portcullis_shared::shutdown::Shutdown::new());
-        let text = m.render(&status);
+        let text = m.render(&[]);
         for line in [
             "portcullis_connector_origin_responses_total{rule=\"app.internal\",class=\"2xx\"} 1",
             "portcullis_connector_origin_responses_total{rule=\"app.internal\",class=\"5xx\"} 1",
