@@ -225,7 +225,7 @@ async fn run_with(
             .transpose()?;
         let admin = ops::admin::Admin {
             status: status.clone(),
-            metrics,
+            exposition: ops::admin::exposition(&metrics, &status),
             gate: portcullis_shared::admin_gate::AdminGate::new(
                 token,
                 config.admin_probes_without_token,

@@ -144,3 +144,54 @@ pub(crate) fn read_status(path: &Path) -> anyhow::Result<Vec<TunnelStatus>> {
     })?;
     Ok(serde_json::from_str::<File>(&text)?.tunnels)
 }
+
+impl prometheus_client::collector::Collector for Status {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use portcullis_shared::metrics::{gauges, label};
+        let tunnels = self.tunnels();
+        let e = &mut encoder;
+        gauges(
+            e,
+            "tunnels",
+            "Tunnels to relay addresses, by state.",
+            ["up", "connecting", "down", "draining"].map(|state| {
+                let n = tunnels.iter().filter(|t| t.state.name() == state).count();
+                ([("state", state)], i64::try_from(n).unwrap_or(i64::MAX))
+            }),
+        )?;
+        gauges(
+            e,
+            "tunnel_up",
+            "Whether the tunnel to a relay address is registered (1) or not (0).",
+            tunnels.iter().map(|t| {
+                let transport = match &t.state {
+                    TunnelState::Up { transport, .. } => transport.clone(),
+                    _ => String::new(),
+                };
+                (
+                    [
+                        ("relay", label(&t.relay)),
+                        ("address", t.address.to_string()),
+                        ("transport", transport),
+                    ],
+                    i64::from(matches!(t.state, TunnelState::Up { .. })),
+                )
+            }),
+        )
+    }
+}
+
+impl TunnelState {
+    /// The state's name, as the metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Up { .. } => "up",
+            Self::Down { .. } => "down",
+            Self::Draining => "draining",
+        }
+    }
+}

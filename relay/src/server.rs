@@ -358,16 +358,17 @@ fn serve(
     }
     let admin = Arc::new(AdminState {
         ready: false.into(),
-        metrics: state.metrics.clone(),
-        registry: id.registry.clone(),
-        resolver: id.resolver.clone(),
-        relay: state.clone(),
+        exposition: admin_http::exposition(
+            state,
+            &id.registry,
+            &id.resolver,
+            state.config.admin.metrics_device_ids,
+        ),
         gate: AdminGate::new(
             admin_token(&state.config)?,
             state.config.admin.probes_without_token,
             MAX_ADMIN_CONNECTIONS,
         ),
-        device_ids: state.config.admin.metrics_device_ids,
     });
     if let Some(listener) = listeners.admin {
         tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));

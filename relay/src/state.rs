@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use portcullis_shared::config::RelayConfig;
@@ -106,12 +105,10 @@ impl State {
                     );
                     *policy = Arc::new(new.policy);
                 }
-                self.metrics.config_reloads.fetch_add(1, Ordering::Relaxed);
+                self.metrics.config_reload(true);
             }
             Err(e) => {
-                self.metrics
-                    .config_reload_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.config_reload(false);
                 tracing::error!(error = %e, "keeping the running configuration");
                 self.audit("policy.reload.refused", e.to_string());
             }

@@ -15,9 +15,10 @@ pub mod config;
 pub mod congestion;
 pub mod enroll_client;
 pub mod h3wire;
-pub mod histogram;
 pub mod hop_by_hop;
 pub mod identity;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod pki;

@@ -37,7 +37,7 @@ pub const RELAY_NAME: &str = "relay.acme.test";
 /// How long a daemon may take to stop once its shutdown is triggered (its drain grace is
 /// 5 s).
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
-const CONNECTORS: &str = "portcullis_relay_connectors";
+const CONNECTORS: &str = "portcullis_relay_connector_tunnels";
 
 /// Logs of everything in process go to the test's captured output, filtered by
 /// `PORTCULLIS_LOG` (default `info`).

@@ -65,13 +65,34 @@ pub async fn metrics_text(admin: SocketAddr) -> Option<String> {
 }
 
 /// The value of the sample `series` (a metric name with its labels, exactly as rendered,
-/// e.g. `portcullis_relay_connectors`) in the relay's `/metrics`, if present.
+/// e.g. `portcullis_relay_tunnel_streams`) in the relay's `/metrics`, if present; for a
+/// family name whose samples all carry labels (`portcullis_relay_connector_tunnels`), the
+/// sum of its samples.
 pub async fn metric(admin: SocketAddr, series: &str) -> Option<i64> {
     let text = metrics_text(admin).await?;
-    text.lines().find_map(|l| {
+    sample(&text, series)
+}
+
+/// [`metric`] on an exposition already read.
+pub fn sample(text: &str, series: &str) -> Option<i64> {
+    let samples = text.lines().filter_map(|l| {
         let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
+        Some((name, value.parse::<f64>().ok()? as i64))
+    });
+    let mut family = None;
+    for (name, value) in samples {
+        if name == series {
+            return Some(value);
+        }
+        if !series.contains('{')
+            && name
+                .strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with('{'))
+        {
+            *family.get_or_insert(0) += value;
+        }
+    }
+    family
 }
 
 /// Waits until the sample `series` satisfies `ok`; panics after 15 s naming `what` and the
@@ -107,12 +128,13 @@ pub async fn wait_for_tunnel_streams(admin: SocketAddr, n: u32) {
     .await;
 }
 
-/// Waits until the relay's `portcullis_relay_connectors` gauge reads `n`: that many
-/// connectors have registered (their names are routed from then on).
+/// Waits until the relay's connector tunnels (`portcullis_relay_connector_tunnels`, over
+/// every transport) number `n`: that many connectors have registered (their names are
+/// routed from then on).
 pub async fn wait_for_connectors(admin: SocketAddr, n: u32) {
     wait_for_metric(
         admin,
-        "portcullis_relay_connectors",
+        "portcullis_relay_connector_tunnels",
         "connectors registered",
         |v| v == Some(i64::from(n)),
     )
@@ -122,7 +144,9 @@ pub async fn wait_for_connectors(admin: SocketAddr, n: u32) {
 /// The `/metrics` series of an identity's certificate expiry: present while the relay's
 /// registry holds the identity as active (issued and not revoked).
 pub fn identity_series(role: &str, id: &str) -> String {
-    format!("portcullis_certificate_expiry_timestamp_seconds{{role=\"{role}\",id=\"{id}\"}}")
+    format!(
+        "portcullis_relay_identity_certificate_expiry_timestamp_seconds{{role=\"{role}\",id=\"{id}\"}}"
+    )
 }
 
 /// Waits until the running relay's registry holds `role`/`id` as active (`true`) or no

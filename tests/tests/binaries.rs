@@ -395,6 +395,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 #[tokio::test]
 async fn admin_endpoints_report_health_and_metrics() {
     let s = Stack::up().await;
+    let r = s.get(APP, "/", Some("alice")).await;
+    assert_eq!(r.status, 200, "{}", r.stderr);
     let admin = s.addrs.admin;
     let get = |path: &'static str| async move {
         let out = tokio::process::Command::new("curl")
@@ -412,15 +414,29 @@ async fn admin_endpoints_report_health_and_metrics() {
     assert!(get("/healthz").await.ends_with("\n200"));
     assert!(get("/readyz").await.ends_with("\n200"));
     let m = get("/metrics").await;
-    assert!(m.contains("portcullis_relay_connectors 1"), "{m}");
-    assert!(
-        m.contains("portcullis_relay_responses_total{class=\"2xx\"}"),
+    // Written by the Prometheus client library: OpenMetrics, the build and process
+    // families, counters as `_total`.
+    assert_eq!(
+        portcullis_e2e::sample(&m, "portcullis_relay_connector_tunnels"),
+        Some(1),
         "{m}"
     );
     assert!(
-        m.contains("portcullis_certificate_expiry_timestamp_seconds{role=\"device\",id=\"alice\"}"),
+        m.lines().any(|l| l
+            .starts_with("portcullis_relay_requests_total{hostname=\"app.internal\"")
+            && l.contains("class=\"2xx\"")),
         "{m}"
     );
+    for line in [
+        "portcullis_relay_identity_certificate_expiry_timestamp_seconds{role=\"device\",id=\"alice\"}",
+        "portcullis_relay_build_info{version=\"",
+        "\nprocess_resident_memory_bytes ",
+        "\nprocess_open_fds ",
+        "# TYPE portcullis_relay_requests counter",
+    ] {
+        assert!(m.contains(line), "{line} not in {m}");
+    }
+    assert!(m.contains("\n# EOF\n"), "{m}");
 }
 
 #[tokio::test]
@@ -745,7 +761,7 @@ async fn policy_changes_in_relay_toml_apply_without_a_restart() {
         .unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.contains("portcullis_relay_config_reload_errors_total 1"),
+        metrics.contains("portcullis_relay_config_reloads_total{result=\"refused\"} 1"),
         "{metrics}"
     );
 }

@@ -16,8 +16,8 @@ use portcullis_e2e::{
 use portcullis_shared::proto::TUNNEL_TCP_ALPN;
 
 const APP: &str = "app.internal";
-const TCP: &str = "portcullis_relay_tunnels{transport=\"tcp\"}";
-const QUIC: &str = "portcullis_relay_tunnels{transport=\"quic\"}";
+const TCP: &str = "portcullis_relay_connector_tunnels{transport=\"tcp\"}";
+const QUIC: &str = "portcullis_relay_connector_tunnels{transport=\"quic\"}";
 
 /// Whether a request to APP is answered 200 within `within`.
 async fn served(client: &TestClient, within: Duration) -> Option<()> {
@@ -283,7 +283,7 @@ async fn the_tunnel_over_tcp_takes_only_a_connector_certificate_and_its_own_alpn
     );
     assert!(
         relay
-            .metric("portcullis_relay_tls_handshake_failures_total")
+            .metric("portcullis_relay_handshakes_total{listener=\"https\",outcome=\"failed\",reason=\"no_common_alpn\"}")
             .await
             >= Some(1),
         "the unknown ALPN failed the handshake"

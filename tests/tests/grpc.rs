@@ -176,7 +176,7 @@ async fn grpc_through(tunnel_over_tcp: bool) {
     let _connector = Daemon::spawn_logged(cmd, w.path("c1.log"));
     wait_for_connectors(addrs.admin, 1).await;
     let transport = if tunnel_over_tcp { "tcp" } else { "quic" };
-    let series = format!("portcullis_relay_tunnels{{transport=\"{transport}\"}}");
+    let series = format!("portcullis_relay_connector_tunnels{{transport=\"{transport}\"}}");
     assert_eq!(portcullis_e2e::metric(addrs.admin, &series).await, Some(1));
     curl_expect(&w, &addrs, "app.internal", "alice", 200).await;
 

@@ -530,7 +530,7 @@ async fn the_admin_listener_wants_its_token_and_metrics_name_no_device_unless_as
         assert_eq!(status, 200);
         // Device ids carry user names: only counted, not listed, by default.
         assert!(
-            text.contains("portcullis_identities{role=\"device\"} 1"),
+            text.contains("portcullis_relay_identities{role=\"device\"} 1"),
             "{text}"
         );
         assert!(!text.contains("alice"), "{text}");

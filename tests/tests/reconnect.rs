@@ -13,7 +13,7 @@ use portcullis_shared::shutdown::Shutdown;
 
 const ANY: &str = "127.0.0.1:0";
 const TUNNELS: i64 = 500;
-const CONNECTORS: &str = "portcullis_relay_connectors";
+const CONNECTORS: &str = "portcullis_relay_connector_tunnels";
 
 // Slow and CPU-hungry (500 debug-build handshakes): run alone, by name, after the rest
 // (see tests/run).

@@ -84,7 +84,7 @@ async fn a_connector_follows_relays_added_to_and_removed_from_its_relay_name() {
     .await;
     assert!(log.is_some(), "{}", connector.log_text());
     assert_eq!(
-        portcullis_e2e::metric(a2.admin, "portcullis_relay_connectors").await,
+        portcullis_e2e::metric(a2.admin, "portcullis_relay_connector_tunnels").await,
         Some(1)
     );
 }

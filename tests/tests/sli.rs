@@ -44,7 +44,7 @@ async fn the_relay_exports_its_slis_after_real_traffic() {
         (format!("portcullis_relay_response_head_seconds_count{{{app}}}"), 3.0),
         (format!("portcullis_relay_request_duration_seconds_count{{{app}}}"), 3.0),
         (
-            format!("portcullis_relay_request_duration_seconds_bucket{{{app},le=\"+Inf\"}}"),
+            format!("portcullis_relay_request_duration_seconds_bucket{{le=\"+Inf\",{app}}}"),
             3.0,
         ),
         (format!("portcullis_relay_response_bytes_total{{{app}}}"), 1.0),

@@ -19,8 +19,8 @@ use portcullis_e2e::{
 use tokio::process::Command;
 
 const APP: &str = "app.internal";
-const TCP: &str = "portcullis_relay_tunnels{transport=\"tcp\"}";
-const QUIC: &str = "portcullis_relay_tunnels{transport=\"quic\"}";
+const TCP: &str = "portcullis_relay_connector_tunnels{transport=\"tcp\"}";
+const QUIC: &str = "portcullis_relay_connector_tunnels{transport=\"quic\"}";
 
 /// `program` run inside the namespace.
 fn inside(ns: &NetNs, program: &std::path::Path) -> Command {

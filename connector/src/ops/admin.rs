@@ -19,15 +19,29 @@ use portcullis_shared::admin_gate::AdminGate;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
+use portcullis_shared::metrics::{self as exposition, Registry as Exposition};
+
 use crate::ops::metrics::Metrics;
 use crate::status::{Status, TunnelState};
 
 /// What the admin listener reads.
 pub(crate) struct Admin {
     pub(crate) status: Arc<Status>,
-    pub(crate) metrics: Arc<Metrics>,
+    /// What `/metrics` shows: every family, registered by the part that owns it.
+    pub(crate) exposition: Exposition,
     /// The bearer token (if any) and the connection cap.
     pub(crate) gate: AdminGate,
+}
+
+/// The connector's `/metrics`: the process and build families, then under
+/// `portcullis_connector_` the counters [`Metrics`] keeps and the tunnels' states
+/// [`Status`] keeps.
+pub(crate) fn exposition(metrics: &Arc<Metrics>, status: &Arc<Status>) -> Exposition {
+    let mut root = exposition::daemon_registry("portcullis_connector");
+    let prefixed = exposition::prefixed(&mut root, "portcullis_connector");
+    prefixed.register_collector(Box::new(metrics.clone()));
+    prefixed.register_collector(Box::new(status.clone()));
+    root
 }
 
 fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -62,8 +76,8 @@ fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4",
-            admin.metrics.render(&admin.status.tunnels()),
+            exposition::CONTENT_TYPE,
+            exposition::encode(&admin.exposition),
         ),
         _ => (
             StatusCode::NOT_FOUND,

@@ -1,16 +1,19 @@
-//! The connector's Prometheus metrics, rendered as text on the admin listener's `/metrics`:
-//! tunnels by state, streams, origin answers, errors and latency by ingress rule, reloads,
-//! renewals and the certificate's expiry.
+//! The connector's counters: streams, origin answers, errors and latency by ingress rule,
+//! reloads, renewals and the certificate's expiry, kept where they are counted and written
+//! by the Prometheus client library on the admin listener's `/metrics` ([`Metrics`] is
+//! their collector; the tunnels' states are [`crate::status::Status`]'s).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use portcullis_shared::histogram::{Histogram, label};
-
-use crate::status::{TunnelState, TunnelStatus};
+use portcullis_shared::metrics::{counter, counters, gauge, label, latency_histogram};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// What happened to one request to an origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,13 +26,23 @@ pub(crate) enum Outcome {
 
 /// One ingress rule's origin: looked up once per rule (see [`Metrics::origin_stats`]),
 /// then recorded into without a lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct OriginStats {
     /// Answers by status class, index 1..=5 for 1xx..5xx.
     responses: [AtomicU64; 6],
     errors: AtomicU64,
     /// Time to the origin's response head (or, for `tcp://`, to the connection).
     latency: Histogram,
+}
+
+impl Default for OriginStats {
+    fn default() -> Self {
+        Self {
+            responses: Default::default(),
+            errors: AtomicU64::default(),
+            latency: latency_histogram(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -68,145 +81,86 @@ impl Metrics {
             .or_default()
             .clone()
     }
+}
 
-    /// The text exposition of every series, with `tunnels`, the tunnels' states as their
-    /// owners last recorded them.
-    pub(crate) fn render(&self, tunnels: &[TunnelStatus]) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let e = &mut encoder;
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
         counter(
-            "portcullis_connector_streams_total",
-            "Streams the relays opened on this connector's tunnels.",
-            self.streams.load(Ordering::Relaxed),
-        );
+            e,
+            "streams",
+            "Streams the relays opened on any tunnel.",
+            c(&self.streams),
+        )?;
+        gauge(
+            e,
+            "streams_active",
+            "Streams being served now.",
+            self.streams_active.load(Ordering::Relaxed),
+        )?;
         counter(
-            "portcullis_connector_tunnel_replacements_total",
+            e,
+            "tunnel_replacements",
             "Tunnel connections replaced without a break (after a reload or a renewal).",
-            self.tunnel_replacements.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_streams_active Streams being served now.\n\
-             # TYPE portcullis_connector_streams_active gauge\n\
-             portcullis_connector_streams_active {}",
-            self.streams_active.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_tunnels Tunnels to relay addresses, by state.\n\
-             # TYPE portcullis_connector_tunnels gauge"
-        );
-        for state in ["up", "connecting", "down", "draining"] {
-            let n = tunnels
-                .iter()
-                .filter(|t| state_name(&t.state) == state)
-                .count();
-            let _ = writeln!(out, "portcullis_connector_tunnels{{state=\"{state}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_tunnel_up Whether the tunnel to a relay address is registered (1) or not (0).\n\
-             # TYPE portcullis_connector_tunnel_up gauge"
-        );
-        for t in tunnels {
-            let up = u8::from(matches!(t.state, TunnelState::Up { .. }));
-            let transport = match &t.state {
-                TunnelState::Up { transport, .. } => transport.as_str(),
-                _ => "",
-            };
-            let _ = writeln!(
-                out,
-                "portcullis_connector_tunnel_up{{relay=\"{}\",address=\"{}\",transport=\"{}\"}} {up}",
-                label(&t.relay),
-                t.address,
-                transport
-            );
-        }
+            c(&self.tunnel_replacements),
+        )?;
         let origins: Vec<(String, std::sync::Arc<OriginStats>)> = self
             .origins
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (label(k), v.clone()))
             .collect();
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_origin_responses_total Origin answers by ingress rule and status class.\n\
-             # TYPE portcullis_connector_origin_responses_total counter"
-        );
+        counters(
+            e,
+            "origin_responses",
+            "Origin answers by ingress rule and status class.",
+            origins.iter().flat_map(|(rule, s)| {
+                (1..=5).map(move |class| {
+                    (
+                        [("rule", rule.clone()), ("class", format!("{class}xx"))],
+                        s.responses[class].load(Ordering::Relaxed),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            e,
+            "origin_errors",
+            "Requests whose origin could not be reached or did not answer.",
+            origins
+                .iter()
+                .map(|(rule, s)| ([("rule", rule.clone())], c(&s.errors))),
+        )?;
+        let mut family = e.encode_descriptor(
+            "origin_latency_seconds",
+            "Time from the request to the origin's response head (tcp://: to the connection).",
+            None,
+            MetricType::Histogram,
+        )?;
         for (rule, s) in &origins {
-            for class in 1..=5 {
-                let _ = writeln!(
-                    out,
-                    "portcullis_connector_origin_responses_total{{rule=\"{}\",class=\"{class}xx\"}} {}",
-                    label(rule),
-                    s.responses[class].load(Ordering::Relaxed)
-                );
-            }
+            s.latency
+                .encode(family.encode_family(&[("rule", rule.clone())])?)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_origin_errors_total Requests whose origin could not be reached or did not answer.\n\
-             # TYPE portcullis_connector_origin_errors_total counter"
-        );
-        for (rule, s) in &origins {
-            let _ = writeln!(
-                out,
-                "portcullis_connector_origin_errors_total{{rule=\"{}\"}} {}",
-                label(rule),
-                s.errors.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_origin_latency_seconds Time from the request to the origin's response head (tcp://: to the connection).\n\
-             # TYPE portcullis_connector_origin_latency_seconds histogram"
-        );
-        for (rule, s) in &origins {
-            s.latency.render(
-                &mut out,
-                "portcullis_connector_origin_latency_seconds",
-                &format!("rule=\"{}\"", label(rule)),
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_reloads_total Reloads of connector.toml and the credentials, by result.\n\
-             # TYPE portcullis_connector_reloads_total counter\n\
-             portcullis_connector_reloads_total{{result=\"applied\"}} {}\n\
-             portcullis_connector_reloads_total{{result=\"refused\"}} {}",
-            self.reloads[0].load(Ordering::Relaxed),
-            self.reloads[1].load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_renewals_total Certificate renewals, by result.\n\
-             # TYPE portcullis_connector_renewals_total counter\n\
-             portcullis_connector_renewals_total{{result=\"ok\"}} {}\n\
-             portcullis_connector_renewals_total{{result=\"failed\"}} {}",
-            self.renewals[0].load(Ordering::Relaxed),
-            self.renewals[1].load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_certificate_expiry_timestamp_seconds When the connector's certificate expires.\n\
-             # TYPE portcullis_connector_certificate_expiry_timestamp_seconds gauge\n\
-             portcullis_connector_certificate_expiry_timestamp_seconds {}",
-            self.cert_not_after.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connector_build_info The running version.\n\
-             # TYPE portcullis_connector_build_info gauge\n\
-             portcullis_connector_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        out
+        counters(
+            e,
+            "reloads",
+            "Reloads of connector.toml and the credentials, by result.",
+            [("applied", 0), ("refused", 1)].map(|(r, i)| ([("result", r)], c(&self.reloads[i]))),
+        )?;
+        counters(
+            e,
+            "renewals",
+            "Certificate renewals, by result.",
+            [("ok", 0), ("failed", 1)].map(|(r, i)| ([("result", r)], c(&self.renewals[i]))),
+        )?;
+        gauge(
+            e,
+            "certificate_expiry_timestamp_seconds",
+            "When the connector's certificate expires.",
+            self.cert_not_after.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -216,21 +170,12 @@ impl OriginStats {
         match outcome {
             Outcome::Status(code) => {
                 self.responses[usize::from(code / 100).min(5)].fetch_add(1, Ordering::Relaxed);
-                self.latency.observe(took);
+                self.latency.observe(took.as_secs_f64());
             }
             Outcome::Error => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
-}
-
-fn state_name(state: &TunnelState) -> &'static str {
-    match state {
-        TunnelState::Connecting => "connecting",
-        TunnelState::Up { .. } => "up",
-        TunnelState::Down { .. } => "down",
-        TunnelState::Draining => "draining",
     }
 }
 
@@ -246,13 +191,16 @@ mod tests {
         app.record(Outcome::Status(503), Duration::from_millis(3));
         m.origin_stats("app.internal")
             .record(Outcome::Error, Duration::from_secs(10));
-        let text = m.render(&[]);
+        let mut registry =
+            portcullis_shared::metrics::Registry::with_prefix("portcullis_connector");
+        registry.register_collector(Box::new(std::sync::Arc::new(m)));
+        let text = portcullis_shared::metrics::encode(&registry);
         for line in [
             "portcullis_connector_origin_responses_total{rule=\"app.internal\",class=\"2xx\"} 1",
             "portcullis_connector_origin_responses_total{rule=\"app.internal\",class=\"5xx\"} 1",
             "portcullis_connector_origin_errors_total{rule=\"app.internal\"} 1",
             "portcullis_connector_origin_latency_seconds_count{rule=\"app.internal\"} 2",
-            "portcullis_connector_tunnels{state=\"up\"} 0",
+            "portcullis_connector_renewals_total{result=\"failed\"} 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -405,6 +405,72 @@ impl IdentityCheck for Registry {
     }
 }
 
+/// The registry's families for `/metrics`: active identities by role, each active
+/// certificate's expiry (devices only when `device_ids`: a device's id names its user),
+/// and whether the store can be read.
+#[derive(Debug)]
+pub(crate) struct RegistryMetrics {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) device_ids: bool,
+}
+
+impl prometheus_client::collector::Collector for RegistryMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use portcullis_shared::metrics::{gauge, gauges, label};
+        let e = &mut encoder;
+        let snapshot = self.registry.snapshot();
+        let mut records: Vec<_> = snapshot
+            .records()
+            .filter(|r| r.revoked_at.is_none())
+            .collect();
+        records.sort_by(|a, b| a.identity.cmp(&b.identity));
+        gauges(
+            e,
+            "identities",
+            "Active (issued, unrevoked) identities, by role.",
+            [Role::Connector, Role::Device].map(|role| {
+                let n = records.iter().filter(|r| r.identity.role() == role).count();
+                (
+                    [("role", role.as_str())],
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                )
+            }),
+        )?;
+        gauges(
+            e,
+            "identity_certificate_expiry_timestamp_seconds",
+            "Expiry of each active issued certificate (devices only with [admin] metrics_device_ids).",
+            records
+                .iter()
+                .filter(|r| self.device_ids || r.identity.role() != Role::Device)
+                .map(|r| {
+                    (
+                        [
+                            ("role", r.identity.role().as_str().to_owned()),
+                            ("id", label(r.identity.id())),
+                        ],
+                        r.not_after,
+                    )
+                }),
+        )?;
+        gauge(
+            e,
+            "store_unreadable",
+            "1 while the relay's last read of its store failed: it serves with the identities it read last and refuses enrolment and renewal.",
+            i64::from(self.registry.is_store_unreadable()),
+        )?;
+        gauge(
+            e,
+            "store_failed_closed",
+            "1 while the store has been unreadable for longer than [store] fail_closed_after: every certificate is refused.",
+            i64::from(self.registry.is_failed_closed()),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicBool;
@@ -412,6 +478,39 @@ mod tests {
     use portcullis_shared::store::{AuditEvent, AuditQuery, SqliteStore, StoreError, TokenRecord};
 
     use super::*;
+
+    #[test]
+    fn device_ids_are_listed_only_when_asked_for() {
+        let record = |role, id: &str| IdentityRecord {
+            user: Some("alice".into()),
+            not_after: 1234,
+            ..Registry::test_record(role, id, &[])
+        };
+        let registry = Registry::with_records(vec![
+            record(Role::Device, "alice_laptop"),
+            record(Role::Connector, "c1"),
+        ]);
+        let text = |device_ids| {
+            let mut r = portcullis_shared::metrics::Registry::with_prefix("portcullis_relay");
+            r.register_collector(Box::new(RegistryMetrics {
+                registry: registry.clone(),
+                device_ids,
+            }));
+            portcullis_shared::metrics::encode(&r)
+        };
+        let without = text(false);
+        assert!(!without.contains("alice"), "{without}");
+        for line in [
+            "portcullis_relay_identities{role=\"device\"} 1",
+            "portcullis_relay_identity_certificate_expiry_timestamp_seconds{role=\"connector\",id=\"c1\"} 1234",
+            "portcullis_relay_store_failed_closed 0",
+        ] {
+            assert!(without.contains(line), "{line} not in {without}");
+        }
+        assert!(text(true).contains(
+            "portcullis_relay_identity_certificate_expiry_timestamp_seconds{role=\"device\",id=\"alice_laptop\"} 1234"
+        ));
+    }
 
     /// A store whose reads of identities fail while `broken` is set.
     #[derive(Debug)]

@@ -549,6 +549,36 @@ pub(crate) fn inner_config(resolver: Arc<CertResolver>) -> anyhow::Result<Server
     Ok(cfg)
 }
 
+impl prometheus_client::collector::Collector for CertResolver {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use portcullis_shared::metrics::{counter, gauges};
+        let e = &mut encoder;
+        counter(
+            e,
+            "tls_leaves_minted",
+            "Certificates minted for published names (bounded by [tls] leaves_per_minute).",
+            self.minted_total(),
+        )?;
+        counter(
+            e,
+            "tls_mint_budget_exhausted",
+            "Handshakes answered with the relay's own certificate because the minting budget was spent.",
+            self.over_budget_total(),
+        )?;
+        gauges(
+            e,
+            "certificate_expiry_timestamp_seconds",
+            "When the relay's own certificates expire: the organisation CA, and the public certificate (tls_cert) when one is configured.",
+            self.expiries()
+                .into_iter()
+                .map(|(which, at)| ([("certificate", which)], at)),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
 

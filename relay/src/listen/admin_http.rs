@@ -14,24 +14,74 @@ use portcullis_shared::admin_gate::AdminGate;
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
+use portcullis_shared::metrics::{self as exposition, Registry as Exposition};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
 use crate::conn::RespBody;
-use crate::identity::registry::Registry;
+use crate::identity::registry::{Registry, RegistryMetrics};
 use crate::identity::tls::CertResolver;
-use crate::ops::metrics::Metrics;
 use crate::pipeline::{body, text};
+use crate::state::State;
 
 #[derive(Debug)]
 pub(crate) struct AdminState {
     pub(crate) ready: AtomicBool,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) resolver: Arc<CertResolver>,
-    /// The relay's state, for the routing table (the replicas each published name has).
-    pub(crate) relay: Arc<crate::state::State>,
+    /// What `/metrics` shows: every family, registered by the part that owns it.
+    pub(crate) exposition: Exposition,
     /// The bearer token (if any) and the connection cap.
     pub(crate) gate: AdminGate,
-    /// Whether `/metrics` lists device ids.
-    pub(crate) device_ids: bool,
+}
+
+/// The relay's `/metrics`: the process and build families, then under
+/// `portcullis_relay_` the relay's counters and SLIs, its identities and store, its
+/// certificates, and the connectors able to take each name. `device_ids`: list devices'
+/// certificates one by one (their ids name their users).
+pub(crate) fn exposition(
+    relay: &Arc<State>,
+    registry: &Arc<Registry>,
+    resolver: &Arc<CertResolver>,
+    device_ids: bool,
+) -> Exposition {
+    let mut root = exposition::daemon_registry("portcullis_relay");
+    let prefixed = exposition::prefixed(&mut root, "portcullis_relay");
+    prefixed.register_collector(Box::new(relay.metrics.clone()));
+    prefixed.register_collector(Box::new(RegistryMetrics {
+        registry: registry.clone(),
+        device_ids,
+    }));
+    prefixed.register_collector(Box::new(resolver.clone()));
+    prefixed.register_collector(Box::new(Replicas {
+        relay: relay.clone(),
+        registry: registry.clone(),
+    }));
+    root
+}
+
+/// `hostname_replicas`: every name a registered connector may publish, or the policy
+/// opens, with how many connectors may take a stream for it now (0 when none).
+#[derive(Debug)]
+struct Replicas {
+    relay: Arc<State>,
+    registry: Arc<Registry>,
+}
+
+impl Collector for Replicas {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        exposition::gauges(
+            &mut encoder,
+            "hostname_replicas",
+            "Connectors that may take a new stream for each hostname a registered connector may publish or the policy opens (not draining, not silent, origin healthy); 0 when none can.",
+            hostname_replicas(&self.relay, &self.registry)
+                .into_iter()
+                .map(|(name, n)| {
+                    (
+                        [("hostname", exposition::label(&name))],
+                        i64::try_from(n).unwrap_or(i64::MAX),
+                    )
+                }),
+        )
+    }
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
@@ -49,13 +99,8 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         "/metrics" => body(
             StatusCode::OK,
-            state.metrics.render(
-                &state.registry,
-                &state.resolver,
-                &hostname_replicas(state),
-                state.device_ids,
-            ),
-            "text/plain; version=0.0.4",
+            exposition::encode(&state.exposition),
+            exposition::CONTENT_TYPE,
         ),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
@@ -64,22 +109,20 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<RespBody> {
 /// Every name a connector may publish (registered connectors' certificates) or the policy
 /// opens, with how many connectors may take a stream for it now: 0 when none, so that a
 /// name's last connector going reads 0 instead of the series vanishing.
-fn hostname_replicas(state: &AdminState) -> Vec<(String, usize)> {
-    let mut all: std::collections::BTreeMap<String, usize> = state
-        .registry
+fn hostname_replicas(relay: &State, registry: &Registry) -> Vec<(String, usize)> {
+    let mut all: std::collections::BTreeMap<String, usize> = registry
         .snapshot()
         .certificate_names()
         .into_iter()
         .chain(
-            state
-                .relay
+            relay
                 .policy()
                 .iter()
                 .flat_map(|rule| rule.hostnames.iter().map(ToString::to_string)),
         )
         .map(|name| (name, 0))
         .collect();
-    all.extend(state.relay.router.replicas());
+    all.extend(relay.router.replicas());
     all.into_iter().collect()
 }
 

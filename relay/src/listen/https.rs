@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Method, Request, header};
@@ -153,20 +152,12 @@ async fn serve_connection(
         Ok(Err(e)) => {
             state
                 .metrics
-                .tls_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
-            state
-                .metrics
                 .sli
                 .handshake("https", crate::ops::sli::tls_failure(&e));
             tracing::info!(client.addr = %peer, reason = %e, "TLS handshake refused");
             return;
         }
         Err(_) => {
-            state
-                .metrics
-                .tls_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
             state.metrics.sli.handshake("https", "timeout");
             tracing::debug!(client.addr = %peer, "TLS handshake timed out");
             return;
@@ -292,10 +283,6 @@ async fn serve_connection(
         protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
         activity: Activity::new(),
     });
-    state
-        .metrics
-        .https_connections
-        .fetch_add(1, Ordering::Relaxed);
     let grace = state.config.drain_grace;
     serve_http(
         tls,
@@ -307,10 +294,6 @@ async fn serve_connection(
         lifetime,
     )
     .await;
-    state
-        .metrics
-        .https_connections
-        .fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on an established TLS stream, with the relay's limits and

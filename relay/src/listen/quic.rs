@@ -243,20 +243,12 @@ async fn serve(admitted: Admitted, state: Arc<State>, shutdown: Shutdown) -> any
         Ok(Err(e)) => {
             state
                 .metrics
-                .quic_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
-            state
-                .metrics
                 .sli
                 .handshake("quic", crate::ops::sli::quic_failure(&e));
             return Err(e).context("handshake");
         }
         Err(_) => {
             // Dropping the handshake's future closes the connection.
-            state
-                .metrics
-                .quic_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
             state.metrics.sli.handshake("quic", "timeout");
             bail!("handshake timed out after {:?}", limits.handshake_timeout);
         }

@@ -4,7 +4,6 @@
 //! unroute, close). Revocation and the transport closing end it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -68,7 +67,6 @@ pub(crate) async fn serve_connector(
     let result = driver.run(&live).await;
     state.router.remove(&handle);
     if driver.up {
-        state.metrics.connectors.fetch_sub(1, Ordering::Relaxed);
         tracing::info!("connector down");
     }
     result
@@ -239,10 +237,6 @@ impl Driver {
                         tracing::warn!(hostname = %r.hostname, reason = %r.reason, "refused a connector's hostname");
                     }
                     self.state.router.add(&self.handle, &patterns);
-                    self.state
-                        .metrics
-                        .connectors
-                        .fetch_add(1, Ordering::Relaxed);
                     self.up = true;
                     let transport = self.handle.transport.kind();
                     self.gauge = Some(self.state.metrics.tunnel(transport));

@@ -43,10 +43,6 @@ fn sample_once(s: &Sampled) {
         connections: quic + https,
     });
     let m = &s.metrics;
-    m.resident_bytes.store(
-        resident.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-        Ordering::Relaxed,
-    );
     m.overload_level.store(after as i64, Ordering::Relaxed);
     if after > before {
         tracing::warn!(level = ?after, resident, connections = quic + https, "relay overloaded: shedding new work");

@@ -1,8 +1,9 @@
 //! The service-level indicators of the relay, as Prometheus series: requests by hostname,
 //! method class and status class; latency to the response head and in total, by hostname
 //! and protocol; bytes in and out; TLS and QUIC handshakes by outcome and reason; the
-//! statuses that mean "refused for load or size" (429, 431, 503); and the expiry of the
-//! CA and of the public certificate.
+//! statuses that mean "refused for load or size" (429, 431, 503); and how long TCP
+//! tunnels and WebSocket sessions last (their own family: request latencies hold requests
+//! only). Written by the Prometheus client library, through [`crate::ops::metrics`].
 //!
 //! Hostnames are labels once a device was allowed a name some connector may publish;
 //! everything refused before that (unknown names, denied devices) is `hostname="-"`,
@@ -10,12 +11,15 @@
 //! `hostname="other"`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use portcullis_shared::histogram::{Histogram, label};
+use portcullis_shared::metrics::{counters, label, latency_histogram, session_histogram};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Distinct (hostname, protocol) label pairs kept; beyond, `other`.
 const MAX_HOSTNAMES: usize = 2_000;
@@ -34,15 +38,47 @@ pub(crate) fn method_class(method: &str) -> usize {
     }
 }
 
+/// The kinds of session whose duration is its own family: an HTTP/1.1 upgrade
+/// (WebSocket) answered 101, and a CONNECT answered 2xx (TCP, and WebSocket over HTTP/2
+/// and HTTP/3).
+const SESSION_KINDS: [&str; 2] = ["upgrade", "connect"];
+
 /// One (hostname, protocol)'s figures.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Host {
     /// By method class, then status class (1..=5).
     requests: [[AtomicU64; 6]; 4],
     head: Histogram,
+    /// Requests only (not sessions).
     total: Histogram,
+    /// Session durations, by [`SESSION_KINDS`], and how many (only the kinds seen are shown).
+    sessions: [Histogram; 2],
+    session_counts: [AtomicU64; 2],
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Self {
+            requests: Default::default(),
+            head: latency_histogram(),
+            total: latency_histogram(),
+            sessions: [session_histogram(), session_histogram()],
+            session_counts: Default::default(),
+            bytes_in: AtomicU64::default(),
+            bytes_out: AtomicU64::default(),
+        }
+    }
+}
+
+/// Which of [`SESSION_KINDS`] a finished exchange was, if it was a session.
+fn session_kind(method: &str, status: u16) -> Option<usize> {
+    match (method, status) {
+        (_, 101) => Some(0),
+        ("CONNECT", 200..=299) => Some(1),
+        _ => None,
+    }
 }
 
 /// One finished request, as the SLIs see it.
@@ -111,8 +147,14 @@ impl Sli {
         let host = self.host(r.hostname.unwrap_or("-"), r.protocol);
         let class = usize::from(r.status / 100).clamp(1, 5);
         host.requests[method_class(r.method)][class].fetch_add(1, Ordering::Relaxed);
-        host.head.observe(r.head);
-        host.total.observe(r.total);
+        host.head.observe(r.head.as_secs_f64());
+        match session_kind(r.method, r.status) {
+            Some(kind) => {
+                host.sessions[kind].observe(r.total.as_secs_f64());
+                host.session_counts[kind].fetch_add(1, Ordering::Relaxed);
+            }
+            None => host.total.observe(r.total.as_secs_f64()),
+        }
         host.bytes_in.fetch_add(r.bytes_in, Ordering::Relaxed);
         host.bytes_out.fetch_add(r.bytes_out, Ordering::Relaxed);
         let refusal = match r.status {
@@ -150,8 +192,8 @@ impl Sli {
             .or_default() += 1;
     }
 
-    /// Appends every series; `expiries` are (certificate, Unix seconds).
-    pub(crate) fn render(&self, out: &mut String, expiries: &[(&str, i64)]) {
+    /// Writes every family with the library's encoder.
+    pub(crate) fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let mut hosts: Vec<((String, &'static str), Arc<Host>)> = self
             .hosts
             .read()
@@ -160,114 +202,122 @@ impl Sli {
             .flat_map(|(name, v)| v.iter().map(|(p, h)| ((name.clone(), *p), h.clone())))
             .collect();
         hosts.sort_by(|a, b| a.0.cmp(&b.0));
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let e = &mut encoder;
+        let host_labels = |host: &str, protocol: &str| {
+            [("hostname", label(host)), ("protocol", protocol.to_owned())]
         };
-        head(
-            out,
-            "portcullis_relay_requests_total",
-            "counter",
-            "Requests by routed hostname (- when refused before routing), protocol, method class and status class.",
-        );
+        counters(
+            e,
+            "requests",
+            "Requests by hostname (- when refused before a name some connector may publish was allowed), protocol, method class and status class.",
+            hosts.iter().flat_map(|((host, protocol), h)| {
+                METHOD_CLASSES
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(m, method)| {
+                        (1..=5).filter_map(move |class| {
+                            let n = h.requests[m][class].load(Ordering::Relaxed);
+                            (n > 0).then(|| {
+                                (
+                                    [
+                                        ("hostname", label(host)),
+                                        ("protocol", (*protocol).to_owned()),
+                                        ("method", (*method).to_owned()),
+                                        ("class", format!("{class}xx")),
+                                    ],
+                                    n,
+                                )
+                            })
+                        })
+                    })
+            }),
+        )?;
+        for (name, help, pick) in [
+            (
+                "response_head_seconds",
+                "Time from the request to the response head, by hostname and protocol (sessions included: the time to set them up).",
+                (|h: &Host| &h.head) as fn(&Host) -> &Histogram,
+            ),
+            (
+                "request_duration_seconds",
+                "Time from the request to the end of the response, by hostname and protocol; requests only (sessions are tunnel_session_duration_seconds).",
+                |h: &Host| &h.total,
+            ),
+        ] {
+            let mut family = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for ((host, protocol), h) in &hosts {
+                pick(h).encode(family.encode_family(&host_labels(host, protocol))?)?;
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "tunnel_session_duration_seconds",
+            "How long sessions lasted, by hostname, protocol and kind: upgrade (an HTTP/1.1 WebSocket), connect (a CONNECT: TCP, or WebSocket over HTTP/2 and HTTP/3).",
+            None,
+            MetricType::Histogram,
+        )?;
         for ((host, protocol), h) in &hosts {
-            for (m, method) in METHOD_CLASSES.iter().enumerate() {
-                for class in 1..=5 {
-                    let n = h.requests[m][class].load(Ordering::Relaxed);
-                    if n > 0 {
-                        let _ = writeln!(
-                            out,
-                            "portcullis_relay_requests_total{{hostname=\"{}\",protocol=\"{protocol}\",method=\"{method}\",class=\"{class}xx\"}} {n}",
-                            label(host)
-                        );
-                    }
+            for (i, (kind, histogram)) in SESSION_KINDS.iter().zip(&h.sessions).enumerate() {
+                if h.session_counts[i].load(Ordering::Relaxed) > 0 {
+                    let [hostname, protocol] = host_labels(host, protocol);
+                    let labels = [hostname, protocol, ("kind", (*kind).to_owned())];
+                    histogram.encode(family.encode_family(&labels)?)?;
                 }
             }
         }
         for (name, help, pick) in [
             (
-                "portcullis_relay_response_head_seconds",
-                "Time from the request to the response head, by hostname and protocol.",
-                (|h: &Host| &h.head) as fn(&Host) -> &Histogram,
-            ),
-            (
-                "portcullis_relay_request_duration_seconds",
-                "Time from the request to the end of the response, by hostname and protocol.",
-                |h: &Host| &h.total,
-            ),
-        ] {
-            head(out, name, "histogram", help);
-            for ((host, protocol), h) in &hosts {
-                pick(h).render(
-                    out,
-                    name,
-                    &format!("hostname=\"{}\",protocol=\"{protocol}\"", label(host)),
-                );
-            }
-        }
-        for (name, help, pick) in [
-            (
-                "portcullis_relay_request_bytes_total",
+                "request_bytes",
                 "Request body bytes received from clients, by hostname and protocol.",
                 (|h: &Host| &h.bytes_in) as fn(&Host) -> &AtomicU64,
             ),
             (
-                "portcullis_relay_response_bytes_total",
+                "response_bytes",
                 "Response body bytes sent to clients, by hostname and protocol.",
                 |h: &Host| &h.bytes_out,
             ),
         ] {
-            head(out, name, "counter", help);
-            for ((host, protocol), h) in &hosts {
-                let _ = writeln!(
-                    out,
-                    "{name}{{hostname=\"{}\",protocol=\"{protocol}\"}} {}",
-                    label(host),
-                    pick(h).load(Ordering::Relaxed)
-                );
-            }
+            counters(
+                e,
+                name,
+                help,
+                hosts.iter().map(|((host, protocol), h)| {
+                    (host_labels(host, protocol), pick(h).load(Ordering::Relaxed))
+                }),
+            )?;
         }
-        head(
-            out,
-            "portcullis_relay_refused_responses_total",
-            "counter",
+        counters(
+            e,
+            "refused_responses",
             "Responses that refuse for load or size: 429 (a device over its stream limit), 431 (headers too large), 503 (overload, or every connector for the name at its stream limit).",
-        );
-        for (i, status) in ["429", "431", "503"].iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "portcullis_relay_refused_responses_total{{status=\"{status}\"}} {}",
-                self.refusals[i].load(Ordering::Relaxed)
-            );
-        }
-        head(
-            out,
-            "portcullis_relay_handshakes_total",
-            "counter",
-            "TLS (https) and QUIC handshakes by outcome and reason.",
-        );
-        for ((listener, outcome, reason), n) in self
+            ["429", "431", "503"].iter().enumerate().map(|(i, status)| {
+                (
+                    [("status", *status)],
+                    self.refusals[i].load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        let handshakes = self
             .handshakes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "portcullis_relay_handshakes_total{{listener=\"{listener}\",outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
-            );
-        }
-        head(
-            out,
-            "portcullis_relay_certificate_expiry_timestamp_seconds",
-            "gauge",
-            "When the relay's own certificates expire: the organisation CA, and the public certificate (tls_cert) when one is configured.",
-        );
-        for (which, at) in expiries {
-            let _ = writeln!(
-                out,
-                "portcullis_relay_certificate_expiry_timestamp_seconds{{certificate=\"{which}\"}} {at}"
-            );
-        }
+            .clone();
+        counters(
+            e,
+            "handshakes",
+            "TLS (https) and QUIC handshakes by outcome and reason.",
+            handshakes
+                .into_iter()
+                .map(|((listener, outcome, reason), n)| {
+                    (
+                        [
+                            ("listener", listener),
+                            ("outcome", outcome),
+                            ("reason", reason),
+                        ],
+                        n,
+                    )
+                }),
+        )
     }
 }
 
@@ -312,6 +362,20 @@ pub(crate) fn quic_failure(e: &quinn::ConnectionError) -> &'static str {
 mod tests {
     use super::*;
 
+    /// `s`'s families as the library writes them under the relay's prefix.
+    fn encoded(s: &Arc<Sli>) -> String {
+        #[derive(Debug)]
+        struct View(Arc<Sli>);
+        impl prometheus_client::collector::Collector for View {
+            fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+                self.0.encode(encoder)
+            }
+        }
+        let mut registry = portcullis_shared::metrics::Registry::with_prefix("portcullis_relay");
+        registry.register_collector(Box::new(View(s.clone())));
+        portcullis_shared::metrics::encode(&registry)
+    }
+
     fn finished(hostname: Option<&str>, status: u16) -> Finished<'_> {
         Finished {
             hostname,
@@ -327,14 +391,19 @@ mod tests {
 
     #[test]
     fn requests_are_counted_by_hostname_class_and_refusal() {
-        let s = Sli::default();
+        let s = Arc::new(Sli::default());
         s.request(&finished(Some("app.internal"), 200));
         s.request(&finished(Some("app.internal"), 503));
         s.request(&finished(None, 403));
         s.handshake("https", "ok");
         s.handshake("https", "no_certificate");
-        let mut out = String::new();
-        s.render(&mut out, &[("ca", 42)]);
+        // A TCP tunnel (CONNECT) is a session: its duration is not a request latency.
+        s.request(&Finished {
+            method: "CONNECT",
+            total: Duration::from_secs(12),
+            ..finished(Some("db.internal"), 200)
+        });
+        let out = encoded(&s);
         for line in [
             "portcullis_relay_requests_total{hostname=\"app.internal\",protocol=\"h2\",method=\"read\",class=\"2xx\"} 1",
             "portcullis_relay_requests_total{hostname=\"app.internal\",protocol=\"h2\",method=\"read\",class=\"5xx\"} 1",
@@ -344,7 +413,10 @@ mod tests {
             "portcullis_relay_refused_responses_total{status=\"503\"} 1",
             "portcullis_relay_handshakes_total{listener=\"https\",outcome=\"failed\",reason=\"no_certificate\"} 1",
             "portcullis_relay_handshakes_total{listener=\"https\",outcome=\"ok\",reason=\"ok\"} 1",
-            "portcullis_relay_certificate_expiry_timestamp_seconds{certificate=\"ca\"} 42",
+            "portcullis_relay_tunnel_session_duration_seconds_count{hostname=\"db.internal\",protocol=\"h2\",kind=\"connect\"} 1",
+            "portcullis_relay_tunnel_session_duration_seconds_bucket{le=\"60.0\",hostname=\"db.internal\",protocol=\"h2\",kind=\"connect\"} 1",
+            "portcullis_relay_request_duration_seconds_count{hostname=\"db.internal\",protocol=\"h2\"} 0",
+            "portcullis_relay_request_duration_seconds_count{hostname=\"app.internal\",protocol=\"h2\"} 2",
         ] {
             assert!(out.contains(line), "missing {line} in\n{out}");
         }
@@ -352,14 +424,12 @@ mod tests {
 
     #[test]
     fn hostnames_beyond_the_cap_are_other() {
-        let s = Sli::default();
+        let s = Arc::new(Sli::default());
         for i in 0..MAX_HOSTNAMES + 5 {
             s.request(&finished(Some(&format!("h{i}.internal")), 200));
         }
         assert_eq!(s.pairs.load(Ordering::Relaxed), MAX_HOSTNAMES + 1);
         assert_eq!(s.hosts.read().unwrap().len(), MAX_HOSTNAMES + 1);
-        let mut out = String::new();
-        s.render(&mut out, &[]);
-        assert!(out.contains("hostname=\"other\""));
+        assert!(encoded(&s).contains("hostname=\"other\""));
     }
 }

@@ -147,7 +147,6 @@ impl Access {
     }
 
     fn write(&self, state: &State, status: u16, bytes: u64) {
-        state.metrics.response(status);
         let total = self.start.elapsed();
         state.metrics.sli.request(&Finished {
             hostname: self.routed.then_some(self.hostname.as_str()),

@@ -702,7 +702,10 @@ async fn abuse(s: &Stack, conns: usize) -> anyhow::Result<String> {
     out.push_str(&format!(
         "  relay counters: QUIC retries {}, handshake failures {}; refused by caps: quic {} https {}; overload level {}, shed quic {} https {}\n",
         sample("portcullis_relay_quic_retries_total"),
-        sample("portcullis_relay_quic_handshake_failures_total"),
+        text.lines()
+            .filter(|l| l.starts_with("portcullis_relay_handshakes_total{listener=\"quic\",outcome=\"failed\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum::<u64>(),
         sample("portcullis_relay_connections_refused_total{listener=\"quic\",reason=\"max_connections\"}"),
         sample("portcullis_relay_connections_refused_total{listener=\"https\",reason=\"max_connections\"}"),
         sample("portcullis_relay_overload_level"),
