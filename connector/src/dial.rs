@@ -151,11 +151,11 @@ fn tls_config(config: &ConnectorConfig, alpn: &[u8]) -> anyhow::Result<rustls::C
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_root_certificates(roots)
     .with_client_auth_cert(certs, key)
-    .with_context(|| {
-        format!(
-            "{} and {} do not form a usable certificate and key",
-            config.cert.display(),
-            config.key.display()
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "{} is not the key of {}: give the key the certificate was issued for (or enrol again)",
+            config.key.display(),
+            config.cert.display()
         )
     })?;
     tls.alpn_protocols = vec![alpn.to_vec()];

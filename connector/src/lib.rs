@@ -112,6 +112,31 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let what = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
     origin::Origins::new(&config, Arc::default(), origin::Reports::default()).map_err(what)?;
     dial::Dialer::new(&config).map_err(what)?;
+    // Hostnames the certificate may not publish: the relay would refuse them.
+    let granted_file = portcullis_shared::config::granted_hostnames_path(&config.cert);
+    if let Ok(text) = std::fs::read_to_string(&granted_file) {
+        let granted = portcullis_shared::config::parse_granted_hostnames(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", granted_file.display()))?;
+        let source = std::fs::read_to_string(path).unwrap_or_default();
+        for rule in &config.ingress {
+            if !granted.iter().any(|g| g.covers(&rule.hostname)) {
+                let quoted = format!("\"{}\"", rule.hostname);
+                let line = source
+                    .lines()
+                    .position(|l| l.trim_start().starts_with("hostname") && l.contains(&quoted))
+                    .map_or(String::new(), |n| format!(":{}", n + 1));
+                let list: Vec<String> = granted.iter().map(ToString::to_string).collect();
+                anyhow::bail!(
+                    "{}{line}: this connector's certificate may not publish {} (it may publish {}, as {} says): the relay would refuse it; enrol with a token for that name (`token create connector NAME --hostname {}`) or remove the rule",
+                    path.display(),
+                    rule.hostname,
+                    list.join(", "),
+                    granted_file.display(),
+                    rule.hostname
+                );
+            }
+        }
+    }
     // The relay takes only a connector's certificate on the tunnel.
     let chain = portcullis_shared::pki::load_certs(&config.cert).map_err(|e| what(e.into()))?;
     if let Some(leaf) = chain.first() {

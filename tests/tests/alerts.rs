@@ -203,3 +203,115 @@ async fn a_stopped_connector_fires_the_shipped_alerts_from_the_relays_real_serie
     let _ = promtool;
     promtool_ok(&["check", "config", "prometheus.yml"], dir.path());
 }
+
+/// Every other shipped rule fires on the series, named and labelled as the daemons export
+/// them and as Prometheus scrapes them, that its runbook describes.
+#[test]
+fn each_shipped_rule_fires_on_the_series_it_watches() {
+    if promtool().is_none() {
+        return;
+    }
+    let relay = "instance: relay-1, job: portcullis-relay";
+    let connector = "instance: connector-1, job: portcullis-connector";
+    let r = "instance=\"relay-1\",job=\"portcullis-relay\"";
+    let c = "instance=\"connector-1\",job=\"portcullis-connector\"";
+    // (alert, input series, expected labels, summary, runbook anchor)
+    let cases = [
+        (
+            "PortcullisRelayAbsent",
+            format!("      - series: 'up{{{r}}}'\n        values: '0x20'\n"),
+            // absent() of a comparison keeps no label of the series.
+            String::new(),
+            "no relay answers its scrape".to_owned(),
+            "a-relay-does-not-answer",
+        ),
+        (
+            "PortcullisConnectorDown",
+            format!("      - series: 'up{{{c}}}'\n        values: '0x20'\n"),
+            connector.to_owned(),
+            "connector connector-1 does not answer its scrape".to_owned(),
+            "a-connector-is-down",
+        ),
+        (
+            "PortcullisStoreFailedClosed",
+            format!("      - series: 'portcullis_relay_store_failed_closed{{{r}}}'\n        values: '1x20'\n"),
+            relay.to_owned(),
+            "relay relay-1 has failed closed: it refuses every device and connector until it reads its store".to_owned(),
+            "the-store-is-unreachable",
+        ),
+        (
+            "PortcullisStoreUnreadable",
+            format!("      - series: 'portcullis_relay_store_unreadable{{{r}}}'\n        values: '1x20'\n"),
+            relay.to_owned(),
+            "relay relay-1 cannot read its store (enrolment and renewal refused)".to_owned(),
+            "the-store-is-unreachable",
+        ),
+        (
+            "PortcullisRelayReloadFailed",
+            format!("      - series: 'portcullis_relay_config_reloads_total{{{r},result=\"refused\"}}'\n        values: '0 0 1 1 1 1 1 1 1 1 1'\n"),
+            format!("{relay}, result: refused"),
+            "relay relay-1 refused a new relay.toml and runs the previous one".to_owned(),
+            "a-reload-was-refused",
+        ),
+        (
+            "PortcullisConnectorReloadFailed",
+            format!("      - series: 'portcullis_connector_reloads_total{{{c},result=\"refused\"}}'\n        values: '0 0 1 1 1 1 1 1 1 1 1'\n"),
+            format!("{connector}, result: refused"),
+            "connector connector-1 refused a new connector.toml or certificate and runs the previous one".to_owned(),
+            "a-reload-was-refused",
+        ),
+        (
+            "PortcullisConnectorRenewalFailing",
+            format!(
+                "      - series: 'portcullis_connector_renewals_total{{{c},result=\"failed\"}}'\n        values: '0+1x90'\n\
+                 \x20     - series: 'portcullis_connector_renewals_total{{{c},result=\"ok\"}}'\n        values: '3x90'\n"
+            ),
+            format!("{connector}, result: failed"),
+            "connector connector-1 cannot renew its certificate".to_owned(),
+            "a-certificate-is-about-to-expire",
+        ),
+        (
+            "PortcullisOverloaded",
+            format!("      - series: 'portcullis_relay_overload_shed_total{{{r},work=\"request\"}}'\n        values: '0+5x20'\n"),
+            "instance: relay-1, work: request".to_owned(),
+            "relay relay-1 is overloaded and turns request away".to_owned(),
+            "the-relay-is-overloaded",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        deploy("prometheus/portcullis-rules.yaml"),
+        dir.path().join("rules.yaml"),
+    )
+    .unwrap();
+    let mut tests = String::from("rule_files: [rules.yaml]\nevaluation_interval: 1m\ntests:\n");
+    for (alert, series, labels, summary, anchor) in &cases {
+        let severity = if matches!(
+            *alert,
+            "PortcullisRelayAbsent" | "PortcullisStoreFailedClosed" | "PortcullisStoreUnreadable"
+        ) {
+            "critical"
+        } else {
+            "warning"
+        };
+        let labels = if labels.is_empty() {
+            format!("severity: {severity}")
+        } else {
+            format!("severity: {severity}, {labels}")
+        };
+        let eval = if *alert == "PortcullisConnectorRenewalFailing" {
+            "75m"
+        } else {
+            "10m"
+        };
+        tests.push_str(&format!(
+            "  - interval: 1m\n    input_series:\n{series}    alert_rule_test:\n\
+             \x20     - eval_time: {eval}\n        alertname: {alert}\n        exp_alerts:\n\
+             \x20         - exp_labels: {{{labels}}}\n            exp_annotations:\n\
+             \x20             summary: \"{summary}\"\n\
+             \x20             runbook_url: \"docs/operations.md#{anchor}\"\n"
+        ));
+    }
+    std::fs::write(dir.path().join("each.yaml"), &tests).unwrap();
+    promtool_ok(&["test", "rules", "each.yaml"], dir.path());
+}

@@ -184,6 +184,23 @@ fn the_connector_checks_its_configuration_without_starting() {
     fails_at_the_line_of("portcullis-connector", &good, "hostname", "hostnam");
     let text_ok = std::fs::read_to_string(&good).unwrap();
 
+    // A hostname its certificate may not publish (issue connector granted app.internal).
+    assert!(w.path("out/c1.hostnames").exists());
+    let other = w.path("other-host.toml");
+    std::fs::write(
+        &other,
+        text_ok.replace("hostname = \"app.internal\"", "hostname = \"db.internal\""),
+    )
+    .unwrap();
+    let out = check("portcullis-connector", &other);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let line = line_of(&other, "db.internal");
+    assert!(
+        text(&out).contains(&format!("other-host.toml:{line}: this connector's certificate may not publish db.internal (it may publish app.internal")),
+        "{}",
+        text(&out)
+    );
+
     // A device's certificate and key configured as the connector's.
     w.issue_device("alice", "alice", &["eng"], None);
     let key_line = text_ok.lines().find(|l| l.starts_with("key")).unwrap();

@@ -98,6 +98,13 @@ fn write_credentials(e: &Enrolled, key: &Path, cert: &Path, ca: &Path) -> anyhow
     // the pending key (asked again at the next start) or all three.
     pki::write_public_file(cert, e.cert.as_bytes())?;
     pki::write_public_file(ca, e.ca.as_bytes())?;
+    // What the relay granted, for `check` (the relay's registry decides; this is a copy).
+    let mut granted = e.hostnames.join("\n");
+    granted.push('\n');
+    pki::write_public_file(
+        &portcullis_shared::config::granted_hostnames_path(cert),
+        granted.as_bytes(),
+    )?;
     pki::write_private_file(key, pki::pkcs8_pem(&e.key).as_bytes())?;
     let _ = std::fs::remove_file(pending_path(key));
     Ok(())

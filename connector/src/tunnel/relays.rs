@@ -138,7 +138,10 @@ async fn resolve(
         return Ok(vec![SocketAddr::new(ip, target.port)]);
     }
     let resolver = resolver.ok_or_else(|| anyhow::anyhow!("no resolver"))?;
-    let ips = resolver.lookup_ip(target.host.as_str()).await?;
+    let ips = resolver
+        .lookup_ip(target.host.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot resolve {}: {}", target.host, dns_failure(&e)))?;
     let mut addrs: Vec<_> = ips
         .iter()
         .map(|ip| SocketAddr::new(ip, target.port))
@@ -147,4 +150,22 @@ async fn resolve(
     addrs.dedup();
     anyhow::ensure!(!addrs.is_empty(), "the name has no address");
     Ok(addrs)
+}
+
+/// Why a name did not resolve, in words (the resolver's own errors print the whole query).
+fn dns_failure(e: &hickory_resolver::net::NetError) -> String {
+    use hickory_resolver::net::NetError;
+    if e.is_nx_domain() {
+        "the name does not exist (NXDOMAIN): check `relay` in connector.toml".to_owned()
+    } else if e.is_no_records_found() {
+        "the name has no address (A or AAAA record)".to_owned()
+    } else if matches!(e, NetError::Timeout) {
+        "no DNS server answered in time".to_owned()
+    } else {
+        let text = e.to_string();
+        match text.split_once(" Query {") {
+            Some((head, _)) => head.trim_end_matches([':', ' ']).to_owned(),
+            None => text,
+        }
+    }
 }

@@ -327,10 +327,17 @@ pub fn issue_connector(
         issued_at: now(),
         revoked_at: None,
     })?;
+    let cert = out.join(format!("{name}.crt"));
+    let granted: String = patterns.iter().map(|p| format!("{p}\n")).collect();
+    pki::write_public_file(
+        &portcullis_shared::config::granted_hostnames_path(&cert),
+        granted.as_bytes(),
+    )?;
     out!(
-        "issued connector {name} for {}: {}",
+        "issued connector {name} for {}: {} (keep {} beside it: `portcullis-connector check` reads it)",
         hostnames.join(", "),
-        out.join(format!("{name}.crt")).display()
+        cert.display(),
+        portcullis_shared::config::granted_hostnames_path(&cert).display()
     );
     Ok(())
 }

@@ -258,8 +258,12 @@ impl CertResolver {
         let certs = pki::load_certs(&s.cert)?;
         let key = pki::load_key(&s.key)?;
         let ck = certified_key(certs, &key)?;
-        ck.keys_match().map_err(|e| {
-            anyhow::anyhow!("tls_key {} does not match tls_cert: {e}", s.key.display())
+        ck.keys_match().map_err(|_| {
+            anyhow::anyhow!(
+                "tls_key {} is not the key of tls_cert {}: give the key the certificate was issued for",
+                s.key.display(),
+                s.cert.display()
+            )
         })?;
         *s.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some((mtime, ck));
         if current.is_some() {

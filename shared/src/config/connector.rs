@@ -298,6 +298,23 @@ impl<'de> Deserialize<'de> for ServiceUrl {
     }
 }
 
+/// The file beside a connector's certificate that lists the hostname patterns the relay
+/// granted it (one per line; `<cert>` with the extension `hostnames`): written by
+/// `portcullis-connector enroll` and `portcullis-relay issue connector`, read by `check`
+/// to catch an ingress rule the relay would refuse.
+pub fn granted_hostnames_path(cert: &Path) -> PathBuf {
+    cert.with_extension("hostnames")
+}
+
+/// The patterns in a granted-hostnames file ([`granted_hostnames_path`]).
+pub fn parse_granted_hostnames(text: &str) -> Result<Vec<HostPattern>, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| HostPattern::parse(l).map_err(|e| format!("{l:?}: {e}")))
+        .collect()
+}
+
 impl ConnectorConfig {
     /// Reads, parses and validates `path`; relative paths become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub use connector::{
     ConnectorConfig, HealthCheck, IngressRule, RelayList, RelayTarget, Scheme, ServiceUrl,
+    granted_hostnames_path, parse_granted_hostnames,
 };
 pub use otlp::{OtlpConfig, OtlpEndpoint, SampleRatio};
 pub use relay::{
