@@ -226,6 +226,13 @@ fn each_shipped_rule_fires_on_the_series_it_watches() {
             "a-relay-does-not-answer",
         ),
         (
+            "PortcullisConnectorAbsent",
+            format!("      - series: 'up{{{c}}}'\n        values: '0x20'\n"),
+            String::new(),
+            "no connector answers its scrape".to_owned(),
+            "a-connector-is-down",
+        ),
+        (
             "PortcullisConnectorDown",
             format!("      - series: 'up{{{c}}}'\n        values: '0x20'\n"),
             connector.to_owned(),

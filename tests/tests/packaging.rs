@@ -416,6 +416,7 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
             vec![
                 "monitoring.podMonitor.enabled=true",
                 "monitoring.prometheusRule.enabled=true",
+                "monitoring.scrapeConfig.enabled=true",
             ],
         ),
         (
@@ -478,6 +479,15 @@ fn the_kubernetes_manifests_and_the_chart_validate_and_their_configs_load() {
                 .matches("- alert: ")
                 .count();
             assert_eq!(rendered.matches("- alert: ").count(), shipped, "{rendered}");
+            // And the plain scrape jobs, each with its bearer token's file.
+            assert!(
+                rendered.contains("job_name: portcullis-relay"),
+                "{rendered}"
+            );
+            assert!(
+                rendered.contains("/etc/prometheus/secrets/portcullis-connector-admin/token"),
+                "{rendered}"
+            );
         } else {
             assert!(!rendered.contains("kind: PodMonitor"), "{name}");
         }
