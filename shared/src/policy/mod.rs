@@ -7,6 +7,8 @@ use serde::Deserialize;
 
 use crate::identity::{HostPattern, Hostname};
 
+pub mod reevaluate;
+
 /// One `[[policy]]` table: these users, groups or devices may reach these hostnames.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
