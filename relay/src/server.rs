@@ -371,7 +371,7 @@ fn serve(
         ),
     });
     if let Some(listener) = listeners.admin {
-        tasks.spawn(admin_http::serve(listener, admin.clone(), shutdown.clone()));
+        tasks.spawn(admin_gate::serve(listener, admin.clone(), shutdown.clone()));
     }
     let https_tls = tls::https_config(
         &id.ca,

@@ -96,6 +96,67 @@ impl AdminGate {
     }
 }
 
+/// What an admin listener answers: its gate, and the response to each request (which
+/// checks [`AdminGate::allows`] itself, to answer 401).
+#[cfg(feature = "metrics")]
+pub trait AdminService: Send + Sync + 'static {
+    /// The response body.
+    type Body: http_body::Body<Data = bytes::Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static;
+    /// The listener's gate (connection cap).
+    fn gate(&self) -> &AdminGate;
+    /// The response to `req`.
+    fn respond(&self, req: &http::Request<hyper::body::Incoming>) -> http::Response<Self::Body>;
+}
+
+/// Serves `service` on `listener` (plain HTTP/1.1, a 10 s header deadline, at most
+/// [`MAX_ADMIN_CONNECTIONS`] connections) until `shutdown`; a scraper's keep-alive
+/// connection never holds up the drain.
+#[cfg(feature = "metrics")]
+pub async fn serve<S: AdminService>(
+    listener: tokio::net::TcpListener,
+    service: Arc<S>,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use std::time::Duration;
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => return,
+        };
+        let Some(place) = service.gate().admit() else {
+            tracing::debug!("admin listener full: connection closed");
+            continue;
+        };
+        let service = service.clone();
+        let stop = shutdown.clone();
+        shutdown.tracker().spawn(async move {
+            let _place = place;
+            let svc = hyper::service::service_fn(move |req| {
+                let resp = service.respond(&req);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                () = stop.wait() => {}
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,9 +22,11 @@ pub const JWT: &str = "portcullis-jwt-assertion";
 /// Whether `name` is one of Portcullis's own headers, in either spelling (`_` read as
 /// `-`, as CGI, WSGI, Rack and PHP do).
 pub fn is_portcullis_header(name: &HeaderName) -> bool {
-    name.as_str()
-        .get(..11)
-        .is_some_and(|p| p.replace('_', "-") == "portcullis-")
+    name.as_str().get(..11).is_some_and(|p| {
+        p.bytes()
+            .zip(b"portcullis-")
+            .all(|(a, b)| a == *b || (a, *b) == (b'_', b'-'))
+    })
 }
 
 /// Removes every header whose name `matches`.

@@ -6,13 +6,16 @@
 //! values made safe, and the encoding.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 pub use prometheus_client::registry::Registry;
 
@@ -40,14 +43,77 @@ pub const SESSION_BUCKETS: [f64; 10] = [
     24.0 * 3600.0,
 ];
 
+/// A histogram recorded from every request without a lock (the library's own takes a
+/// write lock per observation): one atomic per bucket, plus count and sum, read and
+/// handed to the library's encoder at scrape time.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations per bucket (not cumulative); the last is above every bound.
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    /// The sum in microseconds.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How many observations there were.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> fmt::Result {
+        let buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(self.buckets.iter().map(|n| n.load(Ordering::Relaxed)))
+            .collect();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, self.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// A histogram of request latencies, bucketed by [`LATENCY_BUCKETS`].
 pub fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+    Histogram::new(&LATENCY_BUCKETS)
 }
 
 /// A histogram of session durations, bucketed by [`SESSION_BUCKETS`].
 pub fn session_histogram() -> Histogram {
-    Histogram::new(SESSION_BUCKETS)
+    Histogram::new(&SESSION_BUCKETS)
 }
 
 /// A label value safe for the text exposition: backslash, quote and line break escaped
@@ -297,6 +363,40 @@ mod tests {
         assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
         assert!(text.contains("process_cpu_seconds_total "), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_histogram_is_written_cumulative_with_its_count_and_sum() {
+        #[derive(Debug)]
+        struct One(Histogram);
+        impl Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+                self.0.encode(encoder.encode_descriptor(
+                    "x_seconds",
+                    "x",
+                    None,
+                    MetricType::Histogram,
+                )?)
+            }
+        }
+        let h = latency_histogram();
+        for d in [300, 20_000, 20_000, 60_000_000] {
+            h.observe(Duration::from_micros(d));
+        }
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(One(h)));
+        let text = encode(&registry);
+        for line in [
+            "x_seconds_bucket{le=\"0.0005\"} 1\n",
+            "x_seconds_bucket{le=\"0.01\"} 1\n",
+            "x_seconds_bucket{le=\"0.025\"} 3\n",
+            "x_seconds_bucket{le=\"10.0\"} 3\n",
+            "x_seconds_bucket{le=\"+Inf\"} 4\n",
+            "x_seconds_count 4\n",
+            "x_seconds_sum 60.0403\n",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
     }
 
     #[test]

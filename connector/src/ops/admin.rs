@@ -4,18 +4,15 @@
 //! request (the probes optionally excepted) must carry the bearer token, and at most
 //! [`portcullis_shared::admin_gate::MAX_ADMIN_CONNECTIONS`] connections are held.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use portcullis_shared::admin_gate::AdminGate;
+use portcullis_shared::admin_gate::{AdminGate, AdminService};
 use portcullis_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
@@ -105,43 +102,22 @@ pub(crate) async fn start(
         .with_context(|| format!("cannot listen on admin_listen {addr}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(admin = %bound, "admin listener: /healthz, /readyz, /metrics");
-    tokio::spawn(serve(listener, Arc::new(admin), shutdown));
+    tokio::spawn(portcullis_shared::admin_gate::serve(
+        listener,
+        Arc::new(admin),
+        shutdown,
+    ));
     Ok(bound)
 }
 
-async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Shutdown) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => return,
-        };
-        let Some(place) = admin.gate.admit() else {
-            tracing::debug!("admin listener full: connection closed");
-            continue;
-        };
-        let admin = admin.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _place = place;
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = respond(&admin, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                () = stop.wait() => {}
-            }
-        });
+impl AdminService for Admin {
+    type Body = Full<Bytes>;
+
+    fn gate(&self) -> &AdminGate {
+        &self.gate
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        respond(self, req)
     }
 }

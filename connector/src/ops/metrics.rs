@@ -9,11 +9,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use portcullis_shared::metrics::{counter, counters, gauge, label, latency_histogram};
+use portcullis_shared::metrics::{Histogram, counter, counters, gauge, label, latency_histogram};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::histogram::Histogram;
 
 /// What happened to one request to an origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +169,7 @@ impl OriginStats {
         match outcome {
             Outcome::Status(code) => {
                 self.responses[usize::from(code / 100).min(5)].fetch_add(1, Ordering::Relaxed);
-                self.latency.observe(took.as_secs_f64());
+                self.latency.observe(took);
             }
             Outcome::Error => {
                 self.errors.fetch_add(1, Ordering::Relaxed);

@@ -18,7 +18,7 @@ use portcullis_shared::token::{self, EnrollToken, sha256_hex};
 
 use crate::cli::{StateArgs, TokenCommand, TokenCreate};
 use crate::clock::{now, rfc3339};
-use crate::identity::state_dir::{check_caller, hand_back};
+use crate::identity::state_dir::{check_caller, hand_back, same_dir};
 use crate::identity::store::{AdminOpen, open_for_admin};
 
 /// Where an admin command works: the state directory and the store, resolved once from
@@ -81,13 +81,6 @@ impl Place {
             self.config.as_deref(),
             mode,
         )
-    }
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
     }
 }
 

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use portcullis_shared::store::{STORE_FILE, mask_url};
+use portcullis_shared::store::mask_url;
 use serde::{Deserialize, Serialize};
 
 /// The file recording which store the directory's relay uses.
@@ -61,11 +61,6 @@ impl StoreRecord {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &path)
     }
-
-    /// The SQLite file a directory without a shared store keeps.
-    pub(crate) fn sqlite_path(state_dir: &Path) -> PathBuf {
-        state_dir.join(STORE_FILE)
-    }
 }
 
 /// A relay's hold on its state directory, released when the relay exits (however it
@@ -111,6 +106,14 @@ impl RunLock {
             }),
             Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
         }
+    }
+}
+
+/// Whether two paths name one directory (resolved when both exist).
+pub(crate) fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 

@@ -9,7 +9,7 @@ use portcullis_shared::pki;
 use portcullis_shared::store::{PostgresStore, STORE_FILE, SqliteStore, Store, mask_url};
 use portcullis_shared::token::sha256_hex;
 
-use super::state_dir::StoreRecord;
+use super::state_dir::{StoreRecord, same_dir};
 
 /// Opens the store of the relay whose state directory is `state_dir`: the database at
 /// `url` if one is given (`postgres://...`), else `state_dir/portcullis.db`. The store is
@@ -86,7 +86,7 @@ pub(crate) fn open_for_admin(
         }
         (None, None) => {
             if mode == AdminOpen::Existing
-                && !StoreRecord::sqlite_path(state_dir).exists()
+                && !state_dir.join(STORE_FILE).exists()
                 && state_dir.join(pki::CA_KEY_FILE).exists()
             {
                 bail!(
@@ -112,12 +112,8 @@ pub(crate) fn open_for_admin(
 /// and the `recorded` store.
 fn url_from_relay_config(config: &Path, state_dir: &Path, recorded: &str) -> Option<String> {
     let view = portcullis_shared::config::RelayConfig::for_admin(config).ok()?;
-    let same_dir = match (view.state_dir.canonicalize(), state_dir.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
     let url = view.store_url?;
-    (same_dir && same_store(&mask_url(&url), recorded)).then_some(url)
+    (same_dir(&view.state_dir, state_dir) && same_store(&mask_url(&url), recorded)).then_some(url)
 }
 
 /// Whether two masked store URLs name one database: equal but for their query (TLS

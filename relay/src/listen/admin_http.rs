@@ -3,16 +3,12 @@
 //! a bearer token on every request when `[admin] token_file` is set, and at most
 //! [`portcullis_shared::admin_gate::MAX_ADMIN_CONNECTIONS`] connections open.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use portcullis_shared::admin_gate::AdminGate;
-use portcullis_shared::shutdown::Shutdown;
-use tokio::net::TcpListener;
+use portcullis_shared::admin_gate::{AdminGate, AdminService};
 
 use portcullis_shared::metrics::{self as exposition, Registry as Exposition};
 use prometheus_client::collector::Collector;
@@ -126,40 +122,14 @@ fn hostname_replicas(relay: &State, registry: &Registry) -> Vec<(String, usize)>
     all.into_iter().collect()
 }
 
-pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Shutdown) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => return,
-        };
-        let Some(place) = state.gate.admit() else {
-            tracing::debug!("admin listener full: connection closed");
-            continue;
-        };
-        let state = state.clone();
-        let stop = shutdown.clone();
-        shutdown.tracker().spawn(async move {
-            let _place = place;
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = respond(&state, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            // A scraper's keep-alive connection must not hold up the drain.
-            tokio::select! {
-                _ = conn => {}
-                () = stop.wait() => {}
-            }
-        });
+impl AdminService for AdminState {
+    type Body = RespBody;
+
+    fn gate(&self) -> &AdminGate {
+        &self.gate
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<RespBody> {
+        respond(self, req)
     }
 }

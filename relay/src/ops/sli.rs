@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use portcullis_shared::metrics::{counters, label, latency_histogram, session_histogram};
+use portcullis_shared::metrics::{
+    Histogram, counters, label, latency_histogram, session_histogram,
+};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::histogram::Histogram;
 
 /// Distinct (hostname, protocol) label pairs kept; beyond, `other`.
 const MAX_HOSTNAMES: usize = 2_000;
@@ -51,9 +52,8 @@ struct Host {
     head: Histogram,
     /// Requests only (not sessions).
     total: Histogram,
-    /// Session durations, by [`SESSION_KINDS`], and how many (only the kinds seen are shown).
+    /// Session durations, by [`SESSION_KINDS`] (only the kinds seen are shown).
     sessions: [Histogram; 2],
-    session_counts: [AtomicU64; 2],
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -65,7 +65,6 @@ impl Default for Host {
             head: latency_histogram(),
             total: latency_histogram(),
             sessions: [session_histogram(), session_histogram()],
-            session_counts: Default::default(),
             bytes_in: AtomicU64::default(),
             bytes_out: AtomicU64::default(),
         }
@@ -147,13 +146,12 @@ impl Sli {
         let host = self.host(r.hostname.unwrap_or("-"), r.protocol);
         let class = usize::from(r.status / 100).clamp(1, 5);
         host.requests[method_class(r.method)][class].fetch_add(1, Ordering::Relaxed);
-        host.head.observe(r.head.as_secs_f64());
+        host.head.observe(r.head);
         match session_kind(r.method, r.status) {
             Some(kind) => {
-                host.sessions[kind].observe(r.total.as_secs_f64());
-                host.session_counts[kind].fetch_add(1, Ordering::Relaxed);
+                host.sessions[kind].observe(r.total);
             }
-            None => host.total.observe(r.total.as_secs_f64()),
+            None => host.total.observe(r.total),
         }
         host.bytes_in.fetch_add(r.bytes_in, Ordering::Relaxed);
         host.bytes_out.fetch_add(r.bytes_out, Ordering::Relaxed);
@@ -256,8 +254,8 @@ impl Sli {
             MetricType::Histogram,
         )?;
         for ((host, protocol), h) in &hosts {
-            for (i, (kind, histogram)) in SESSION_KINDS.iter().zip(&h.sessions).enumerate() {
-                if h.session_counts[i].load(Ordering::Relaxed) > 0 {
+            for (kind, histogram) in SESSION_KINDS.iter().zip(&h.sessions) {
+                if histogram.count() > 0 {
                     let [hostname, protocol] = host_labels(host, protocol);
                     let labels = [hostname, protocol, ("kind", (*kind).to_owned())];
                     histogram.encode(family.encode_family(&labels)?)?;

@@ -41,15 +41,21 @@ pub(super) async fn forward(
     access: &mut Access,
 ) -> Result<Response<RespBody>, RequestError> {
     let device = info.device.as_ref().ok_or(RequestError::NoDevice)?;
-    // A name some connector may publish is a label of the SLI series from here on, so
-    // that its 502s (no connector, a failed tunnel) count against it; other names stay
-    // `-`, which keeps the label set to what connectors publish.
-    access.routed = state
-        .registry
-        .snapshot()
-        .certificate_name(&grant.host)
-        .is_some();
-    let (connector, io) = open_stream(state, device, &grant.host, access).await?;
+    let (connector, io) = match open_stream(state, device, &grant.host, access).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            // A name some connector may publish is a label of the SLI series even when
+            // no stream opened, so that its 502s (no connector, a failed tunnel) count
+            // against it; other names stay `-`, which keeps the label set to what
+            // connectors publish. Looked up on this failure path only.
+            access.routed = state
+                .registry
+                .snapshot()
+                .certificate_name(&grant.host)
+                .is_some();
+            return Err(e);
+        }
+    };
     access.routed = true;
     let jwt = state.jwt.token(&Claims {
         user: &grant.user,
